@@ -1,0 +1,29 @@
+"""ditkit: Diffusion Transformers (DiT) — models, diffusion, training, sampling and evaluation.
+
+    import ditkit
+    model = ditkit.create_model("DiT-XL/2", input_size=32, num_classes=1000)
+    model = ditkit.load_model("DiT-XL-2-256x256.pt")   # official, train.py or ditkit checkpoints
+"""
+
+from ditkit.checkpoints import load_model, save_model
+from ditkit.errors import UserError
+from ditkit.models import CONDITIONINGS, MODEL_NAMES, DiT, DiTConfig, create_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONDITIONINGS",
+    "MODEL_NAMES",
+    "DiT",
+    "DiTConfig",
+    "UserError",
+    "create_model",
+    "load_model",
+    "save_model",
+    "list_models",
+]
+
+
+def list_models() -> list[str]:
+    """The paper's 12 model names, `DiT-S/8` … `DiT-XL/2`."""
+    return list(MODEL_NAMES)

@@ -1,0 +1,5 @@
+"""`python -m ditkit` is the `ditkit` command."""
+
+from ditkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Reading and writing model weights: the official `.pt` layouts and ditkit's safetensors format.
+
+Security: `.pt` files are pickles, which can run code when loaded. They are read only with
+`torch.load(weights_only=True)` (plus `argparse.Namespace`, which the official train.py stores as `args` and
+which carries plain values), so a file with a code payload is refused and its payload never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditkit.errors import UserError
+from ditkit.models.config import SIZES, DiTConfig
+from ditkit.models.dit import DiT
+
+CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+# ----------------------------------------------------------------------------------------------- atomic I/O
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file so that `path` is either the old complete file or the new complete one, never a part.
+
+    `write(tmp_path)` writes the content to a temporary file in the same folder; it is flushed to disk
+    (fsync) and renamed over `path`, and the folder entry is synced too. On any error the temp file is removed
+    and the old file stays. A full disk becomes a one-line UserError.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        _remove_quietly(tmp)
+        if err.errno == 28:  # ENOSPC
+            raise UserError(f"disk full while writing {path}; the previous file is intact. Free space and retry") from err
+        raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` restricted to tensors and plain containers; anything else is refused with one line."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unknown object"
+        raise UserError(
+            f"refusing to load {path}: it holds pickled objects other than tensors ({first[:160]}); "
+            "only weight files load. Re-save the state_dict as safetensors if you trust its source"
+        ) from None
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {msg[:200]}") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with a clear error for a truncated or malformed file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+        return tensors, metadata
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} is not a valid safetensors file ({str(err)[:160]}); is it truncated?") from None
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside a loaded checkpoint: the EMA ones when present (as the authors sample).
+
+    Accepts a bare state_dict (the released files), the official train.py dict {"model","ema","opt","args"},
+    and ditkit training checkpoints; strips DDP's `module.` and torch.compile's `_orig_mod.` prefixes.
+    """
+    if isinstance(obj, Mapping):
+        for key in ("ema", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise UserError(f"{path} holds no model weights (expected a state_dict or a dict with 'ema' or 'model')")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        for prefix in _STRIP_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTConfig:
+    """Recover a model config from tensor shapes (heads from the paper sizes, else width/64)."""
+    try:
+        pos = state_dict["pos_embed"]
+        proj = state_dict["x_embedder.proj.weight"]
+        final = state_dict["final_layer.linear.weight"]
+        table = state_dict["y_embedder.embedding_table.weight"]
+    except KeyError as err:
+        raise UserError(f"not a DiT checkpoint: tensor {err.args[0]!r} is missing") from None
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = round(pos.shape[1] ** 0.5)
+    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+    out_channels = final.shape[0] // (patch * patch)
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    mod = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    if mod is not None:
+        conditioning = "adaln-zero" if mod.shape[0] == 6 * hidden else "adaln"
+    elif "blocks.0.cross_attn.q.weight" in state_dict:
+        conditioning = "cross-attention"
+    else:
+        conditioning = "in-context"
+    heads = next((h for (dep, w, h) in SIZES.values() if (dep, w) == (depth, hidden)), max(1, hidden // 64))
+    guess = dict(
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=heads,
+        patch_size=patch,
+        input_size=grid * patch,
+        in_channels=in_channels,
+        # The null-label row exists whenever the model was trained with label dropout (the official setting).
+        num_classes=table.shape[0] - 1 if table.shape[0] > 1 else 1,
+        learn_sigma=out_channels == 2 * in_channels,
+        class_dropout_prob=0.1 if table.shape[0] > 1 else 0.0,
+        mlp_ratio=(fc1.shape[0] / hidden) if fc1 is not None else 4.0,
+        conditioning=conditioning,
+    )
+    guess.update(known)
+    return DiTConfig(**guess)
+
+
+def check_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """One line naming the first tensor that is missing, unexpected, or of the wrong shape."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise UserError(f"{path} does not fit {model.config.name}: tensor {key!r} is missing from the checkpoint")
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{path} does not fit {model.config.name}: tensor {key!r} has shape {tuple(state_dict[key].shape)} "
+                f"in the checkpoint but {tuple(tensor.shape)} in the model; check --model, --image-size, "
+                "--num-classes"
+            )
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        raise UserError(f"{path} does not fit {model.config.name}: unexpected tensor {extra[0]!r} in the checkpoint")
+
+
+def _config_from_official_args(args: Any) -> dict[str, Any]:
+    """Settings recorded by the official train.py (`args.model`, `args.image_size`, `args.num_classes`)."""
+    found: dict[str, Any] = {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if isinstance(args, Mapping):
+        if isinstance(args.get("image_size"), int):
+            found["input_size"] = args["image_size"] // 8
+        if isinstance(args.get("num_classes"), int):
+            found["num_classes"] = args["num_classes"]
+    return found
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTConfig | None, dict[str, Any]]:
+    """(state_dict, stored config or None, hints) from any supported file; hints are settings the file states."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        from ditkit import convert  # a diffusers transformer or pipeline folder
+
+        return convert.read_diffusers_folder(path)
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path)
+        config = None
+        if CONFIG_KEY in metadata:
+            try:
+                config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: the stored model config is not valid JSON") from None
+        return extract_state_dict(tensors, path), config, {}
+    obj = safe_torch_load(path)
+    hints = _config_from_official_args(obj.get("args")) if isinstance(obj, Mapping) else {}
+    config = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
+        config = DiTConfig.from_dict(dict(obj["config"]))
+    return extract_state_dict(obj, path), config, hints
+
+
+def load_model(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> DiT:
+    """Load any supported checkpoint into a DiT on the CPU, in eval mode.
+
+    `model` (e.g. "DiT-XL/2") and `overrides` (input_size, num_classes, ...) state the expected config; a
+    checkpoint that does not fit gets one line naming the first mismatched tensor. Without them the stored
+    config is used, or one inferred from the tensor shapes.
+    """
+    state_dict, stored, hints = load_weights(path)
+    if model is not None:
+        config = DiTConfig.from_name(model, **overrides)
+    elif stored is not None:
+        config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
+    else:
+        config = infer_config(state_dict, **{**hints, **overrides})
+    net = DiT(config)
+    check_shapes(net, state_dict, path)
+    net.load_state_dict(state_dict, strict=True)
+    return net.eval()
+
+
+def save_model(model: DiT, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write weights and config as one safetensors file (atomically)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "ditkit", **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

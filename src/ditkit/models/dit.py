@@ -1,0 +1,293 @@
+"""The Diffusion Transformer (Peebles & Xie, 2023) and the four conditioning blocks of its ablation.
+
+Shapes: x is N×C×H×W (latents or pixels), t is N (float or int timesteps), y is N (int labels; `num_classes`
+is the null label). The forward pass returns N×C_out×H×W where C_out = 2C when the variance is learned
+(first C channels ε, the rest the variance interpolation values).
+
+For the default adaLN-Zero block the module tree and parameter names are exactly the official ones, so the
+released checkpoints load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ditkit.models.config import DiTConfig
+from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+
+LN_EPS = 1e-6  # the official code's LayerNorm epsilon; diffusers' port must be told this value
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x·(1 + scale) + shift with per-sample (N×D) shift and scale broadcast over the tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient on GPU)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the image tokens (queries) to the conditioning tokens (keys, values)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, dim * 2, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h = self.num_heads
+        q = self.q(x).view(n, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """Pointwise feed-forward: Linear → GELU (tanh approximation, as the official code) → Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaptive LayerNorm conditioning.
+
+    adaLN-Zero (`gated=True`, the paper's default): the conditioning vector regresses shift, scale and a
+    residual gate for attention and MLP (6·D values), the regression layer starts at zero, so each block starts
+    as the identity. adaLN (`gated=False`): shift and scale only (4·D values).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True):
+        super().__init__()
+        self.gated = gated
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm ViT block with a cross-attention layer (to the timestep and class tokens) after self-attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=LN_EPS)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=LN_EPS)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=LN_EPS)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+class PlainBlock(nn.Module):
+    """Pre-norm ViT block; the in-context variant feeds it the conditioning as two extra tokens."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=LN_EPS)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=LN_EPS)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """Final norm (adaptive for the adaLN variants, plain otherwise) and per-token linear decoder to p·p·C_out."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
+        super().__init__()
+        self.adaptive = adaptive
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=LN_EPS)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.adaptive:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.norm_final(x))
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone. Build one with `ditkit.create_model(name, **overrides)`."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+        self.num_classes = config.num_classes
+        self.learn_sigma = config.learn_sigma
+        self.grad_checkpointing = False
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        # Fixed, not trained; a buffer-like parameter because the official files store it in the state_dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d), requires_grad=False)
+        kind = config.conditioning
+        if kind in ("adaln-zero", "adaln"):
+            gated = kind == "adaln-zero"
+            blocks: list[nn.Module] = [
+                DiTBlock(d, config.num_heads, config.mlp_ratio, gated=gated) for _ in range(config.depth)
+            ]
+        elif kind == "cross-attention":
+            blocks = [CrossAttentionBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
+        else:
+            blocks = [PlainBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(d, config.patch_size, self.out_channels, adaptive=kind.startswith("adaln"))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers."""
+
+        def xavier(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier)
+        pos = sincos_2d(self.config.hidden_size, self.config.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            if isinstance(block, DiTBlock):
+                # Zero modulation: adaLN-Zero blocks start as the identity (gate 0); adaLN blocks start
+                # with scale 0 and shift 0, i.e. a plain (non-affine) LayerNorm.
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.final_layer.adaptive:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
+        self.grad_checkpointing = enabled
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """N×T×(p·p·C) tokens → N×C×H×W, the inverse of patch extraction in row-major token order."""
+        c, p, g = self.out_channels, self.patch_size, self.config.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **_: Any) -> torch.Tensor:
+        """Predict ε (and the variance values) for noisy input x at timesteps t with labels y."""
+        tokens = self.x_embedder(x) + self.pos_embed
+        t_emb = self.t_embedder(t)
+        y_emb = self.y_embedder(y, self.training)
+        kind = self.config.conditioning
+        if kind in ("adaln-zero", "adaln"):
+            c = t_emb + y_emb
+            for block in self.blocks:
+                tokens = self._run_block(block, tokens, c)
+            out = self.final_layer(tokens, c)
+        elif kind == "cross-attention":
+            context = torch.stack([t_emb, y_emb], dim=1)
+            for block in self.blocks:
+                tokens = self._run_block(block, tokens, context)
+            out = self.final_layer(tokens)
+        else:
+            tokens = torch.cat([t_emb.unsqueeze(1), y_emb.unsqueeze(1), tokens], dim=1)
+            for block in self.blocks:
+                tokens = self._run_block(block, tokens)
+            out = self.final_layer(tokens[:, 2:])  # the two conditioning tokens are dropped before decoding
+        return self.unpatchify(out)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guide_channels: int | str = 3,
+    ) -> torch.Tensor:
+        """Classifier-free guidance as the authors define it: one forward over [cond; uncond].
+
+        x, t and y hold the conditional half first and the unconditional half (labels = num_classes) second;
+        only the first half of x is used, duplicated. ε ← ε_u + s·(ε_c − ε_u) is applied to the first
+        `guide_channels` output channels: 3 reproduces the official code (and its FID 2.27 for DiT-XL/2),
+        "all" guides every ε channel (the paper's appendix variant). The remaining channels (and the
+        variance values) pass through from each half unchanged, as in the official code.
+        """
+        if guide_channels == "all":
+            guide_channels = self.in_channels
+        if not isinstance(guide_channels, int) or guide_channels < 1:
+            raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def create_model(name: str, **overrides: Any) -> DiT:
+    """Build a paper model by its exact name, e.g. `create_model("DiT-XL/2", input_size=32, num_classes=1000)`.
+
+    Overrides: input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, mlp_ratio,
+    conditioning ("adaln-zero" | "adaln" | "cross-attention" | "in-context").
+    """
+    return DiT(DiTConfig.from_name(name, **overrides))
