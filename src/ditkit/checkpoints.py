@@ -54,7 +54,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except OSError as err:
         _remove_quietly(tmp)
         if err.errno == 28:  # ENOSPC
-            raise UserError(f"disk full while writing {path}; the previous file is intact. Free space and retry") from err
+            msg = f"disk full while writing {path}; the previous file is intact; free space and retry"
+            raise UserError(msg) from None
         raise
     except BaseException:
         _remove_quietly(tmp)

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'model':<10} {'params (M)':>11} {'Gflops':>9}   ({args.image_size}x{args.image_size}, {args.conditioning})")
+    size = f"{args.image_size}x{args.image_size}"
+    print(f"{'model':<10} {'params (M)':>11} {'Gflops':>9}   ({size}, {args.conditioning})")
     for row in rows:
         print(f"{row['model']:<10} {row['params'] / 1e6:>11.1f} {row['gflops']:>9.2f}")
     return 0
