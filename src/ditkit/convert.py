@@ -1,0 +1,619 @@
+"""`ditkit convert`: DiT checkpoints to and from Hugging Face diffusers (`DiTTransformer2DModel`, `DiTPipeline`).
+
+    ditkit convert --to diffusers DiT-XL-2-256x256.pt out/ --vae sd-vae-ft-ema/ --labels imagenet.json
+    ditkit convert --to ditkit facebook-DiT-XL-2-256/ dit-xl-2.safetensors
+
+The two layouts hold the same weights with different names:
+
+    ditkit / official                      diffusers (one copy per block i, except the final layer)
+    x_embedder.proj                        pos_embed.proj
+    t_embedder.mlp.0 / .2                  transformer_blocks.i.norm1.emb.timestep_embedder.linear_1 / linear_2
+    y_embedder.embedding_table             transformer_blocks.i.norm1.emb.class_embedder.embedding_table
+    blocks.i.adaLN_modulation.1            transformer_blocks.i.norm1.linear
+    blocks.i.attn.qkv (fused)              transformer_blocks.i.attn1.to_q / to_k / to_v (or a fused to_qkv)
+    blocks.i.attn.proj                     transformer_blocks.i.attn1.to_out.0
+    blocks.i.mlp.fc1 / fc2                 transformer_blocks.i.ff.net.0.proj / ff.net.2
+    final_layer.adaLN_modulation.1         proj_out_1
+    final_layer.linear                     proj_out_2
+    pos_embed (fixed 2D sin-cos)           recomputed by diffusers at load time, not stored
+
+Where diffusers' port computes something else than the original DiT (and ditkit):
+- Timestep frequencies. DiT uses f_i = 10000^(-i/128), i < 128; diffusers' `CombinedTimestepLabelEmbeddings`
+  hard-codes `downscale_freq_shift=1`, i.e. f_i = 10000^(-i/127). No config key changes it, so a stock
+  diffusers load of any DiT differs from the original by this; `match_dit_timesteps(model)` sets the shift to 0
+  on a loaded diffusers model, after which it computes what ditkit computes to float32 round-off.
+- LayerNorm epsilon before the MLP. DiT uses 1e-6 everywhere; diffusers takes that norm's epsilon from
+  `norm_eps`, whose default is 1e-5 (the released diffusers DiT configs leave it at the default). ditkit writes
+  `norm_eps: 1e-6`, so this one is exact in the folders it writes.
+- `DiTPipeline` guidance hard-codes null label 1000 and guides all latent channels (the official sampler
+  guides the first 3), and it drops the learned variance before its scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditkit.checkpoints import (
+    atomic_write,
+    load_model,
+    read_safetensors,
+    safe_torch_load,
+    save_model,
+)
+from ditkit.errors import UserError
+from ditkit.models.config import DiTConfig
+from ditkit.models.dit import LN_EPS, DiT
+from ditkit.models.embeddings import sincos_2d
+
+SIDECAR = "ditkit_config.json"  # written next to config.json: the settings diffusers' config cannot express
+WEIGHTS = "diffusion_pytorch_model"
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+# Two copies of the same float32 tensor agree exactly; anything above this means they were trained apart.
+EMBEDDER_TOLERANCE = 1e-6
+# Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+DIFFERENCES_NOTE = (
+    "diffusers' DiT port uses timestep frequencies 10000^(-i/127) where DiT uses 10000^(-i/128) "
+    "(call ditkit.convert.match_dit_timesteps(pipe.transformer) after loading to compute exactly what ditkit "
+    "computes)"
+)
+
+
+# ----------------------------------------------------------------------------------------------- key mapping
+
+
+def _emb_prefix(i: int) -> str:
+    return f"transformer_blocks.{i}.norm1.emb."
+
+
+def diffusers_config(config: DiTConfig) -> dict[str, Any]:
+    """`DiTTransformer2DModel` init arguments that reproduce `config`, every norm epsilon 1e-6 as in DiT."""
+    if config.conditioning != "adaln-zero":
+        raise UserError(
+            f"only adaLN-Zero models convert to diffusers (it has no {config.conditioning!r} variant); "
+            "convert a model trained with --conditioning adaln-zero"
+        )
+    if float(config.mlp_ratio) != 4.0:
+        raise UserError(f"diffusers' DiT has MLP ratio 4 only; this model has mlp_ratio {config.mlp_ratio}")
+    return dict(
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.hidden_size // config.num_heads,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.depth,
+        dropout=0.0,
+        attention_bias=True,
+        sample_size=config.input_size,
+        patch_size=config.patch_size,
+        activation_fn="gelu-approximate",  # DiT's GELU is the tanh approximation
+        num_embeds_ada_norm=config.num_classes,
+        upcast_attention=False,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        norm_eps=LN_EPS,  # diffusers' default 1e-5 would differ from DiT's MLP pre-norm
+    )
+
+
+def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: DiTConfig) -> dict[str, torch.Tensor]:
+    """Rename an official/ditkit adaLN-Zero state_dict to diffusers' `DiTTransformer2DModel` keys.
+
+    The shared timestep and label embedders are copied into every block (diffusers keeps one per block). A
+    model without a null label row (class_dropout_prob 0) gets a zero row, since diffusers always has one.
+    """
+    diffusers_config(config)  # refuses what diffusers cannot express
+    sd = state_dict
+    table = sd["y_embedder.embedding_table.weight"]
+    if table.shape[0] == config.num_classes:
+        table = torch.cat([table, torch.zeros_like(table[:1])], dim=0)
+    expected_pos = torch.from_numpy(sincos_2d(config.hidden_size, config.grid_size)).float().unsqueeze(0)
+    if (sd["pos_embed"].float() - expected_pos).abs().max().item() > 1e-5:
+        raise UserError(
+            "this model's pos_embed is not the fixed 2D sin-cos table, and diffusers recomputes that table "
+            "at load time; it cannot be converted"
+        )
+    out: dict[str, torch.Tensor] = {
+        "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": sd["final_layer.linear.weight"],
+        "proj_out_2.bias": sd["final_layer.linear.bias"],
+    }
+    for i in range(config.depth):
+        emb, blk, dst = _emb_prefix(i), f"blocks.{i}.", f"transformer_blocks.{i}."
+        for name in ("weight", "bias"):
+            out[emb + f"timestep_embedder.linear_1.{name}"] = sd[f"t_embedder.mlp.0.{name}"]
+            out[emb + f"timestep_embedder.linear_2.{name}"] = sd[f"t_embedder.mlp.2.{name}"]
+            out[dst + f"norm1.linear.{name}"] = sd[blk + f"adaLN_modulation.1.{name}"]
+            q, k, v = sd[blk + f"attn.qkv.{name}"].chunk(3, dim=0)  # the fused layout is [q; k; v]
+            out[dst + f"attn1.to_q.{name}"], out[dst + f"attn1.to_k.{name}"], out[dst + f"attn1.to_v.{name}"] = q, k, v
+            out[dst + f"attn1.to_out.0.{name}"] = sd[blk + f"attn.proj.{name}"]
+            out[dst + f"ff.net.0.proj.{name}"] = sd[blk + f"mlp.fc1.{name}"]
+            out[dst + f"ff.net.2.{name}"] = sd[blk + f"mlp.fc2.{name}"]
+        out[emb + "class_embedder.embedding_table.weight"] = table
+    # Every value is its own tensor: safetensors refuses tensors that share memory.
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _take(sd: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
+    if key not in sd:
+        raise UserError(f"{where}: tensor {key!r} is missing; is this a diffusers DiT transformer?")
+    return sd[key]
+
+
+def from_diffusers_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    config: DiTConfig,
+    where: str = "diffusers folder",
+    allow_embedder_mismatch: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Rename a diffusers DiT state_dict to the official/ditkit layout (the inverse of `to_diffusers_state_dict`).
+
+    The per-block embedder copies must agree (they do in any converted model); the first block's copy becomes
+    the shared embedder, which is also the one diffusers uses for its final layer. Models whose copies were
+    trained apart raise UserError unless `allow_embedder_mismatch`.
+    """
+    emb_keys = [
+        "timestep_embedder.linear_1.weight",
+        "timestep_embedder.linear_1.bias",
+        "timestep_embedder.linear_2.weight",
+        "timestep_embedder.linear_2.bias",
+        "class_embedder.embedding_table.weight",
+    ]
+    first = {k: _take(sd, _emb_prefix(0) + k, where) for k in emb_keys}
+    if not allow_embedder_mismatch:
+        for i in range(1, config.depth):
+            for k in emb_keys:
+                gap = (_take(sd, _emb_prefix(i) + k, where).float() - first[k].float()).abs().max().item()
+                if gap > EMBEDDER_TOLERANCE:
+                    raise UserError(
+                        f"{where}: block {i}'s {k.split('.')[0]} differs from block 0's by {gap:.3g} (trained "
+                        "apart in diffusers); ditkit shares one embedder; pass --use-first-embedder to keep block 0's"
+                    )
+    table = first["class_embedder.embedding_table.weight"]
+    if config.class_dropout_prob == 0 and table.shape[0] == config.num_classes + 1:
+        table = table[: config.num_classes]  # the zero null row diffusers needs, which this model never had
+    out: dict[str, torch.Tensor] = {
+        "pos_embed": torch.from_numpy(sincos_2d(config.hidden_size, config.grid_size)).float().unsqueeze(0),
+        "x_embedder.proj.weight": _take(sd, "pos_embed.proj.weight", where),
+        "x_embedder.proj.bias": _take(sd, "pos_embed.proj.bias", where),
+        "t_embedder.mlp.0.weight": first["timestep_embedder.linear_1.weight"],
+        "t_embedder.mlp.0.bias": first["timestep_embedder.linear_1.bias"],
+        "t_embedder.mlp.2.weight": first["timestep_embedder.linear_2.weight"],
+        "t_embedder.mlp.2.bias": first["timestep_embedder.linear_2.bias"],
+        "y_embedder.embedding_table.weight": table,
+        "final_layer.adaLN_modulation.1.weight": _take(sd, "proj_out_1.weight", where),
+        "final_layer.adaLN_modulation.1.bias": _take(sd, "proj_out_1.bias", where),
+        "final_layer.linear.weight": _take(sd, "proj_out_2.weight", where),
+        "final_layer.linear.bias": _take(sd, "proj_out_2.bias", where),
+    }
+    for i in range(config.depth):
+        src, blk = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for name in ("weight", "bias"):
+            fused = src + f"attn1.to_qkv.{name}"  # present after diffusers' fuse_qkv_projections()
+            if fused in sd:
+                qkv = sd[fused]
+            else:
+                qkv = torch.cat([_take(sd, src + f"attn1.to_{c}.{name}", where) for c in "qkv"], dim=0)
+            out[blk + f"attn.qkv.{name}"] = qkv
+            out[blk + f"attn.proj.{name}"] = _take(sd, src + f"attn1.to_out.0.{name}", where)
+            out[blk + f"adaLN_modulation.1.{name}"] = _take(sd, src + f"norm1.linear.{name}", where)
+            out[blk + f"mlp.fc1.{name}"] = _take(sd, src + f"ff.net.0.proj.{name}", where)
+            out[blk + f"mlp.fc2.{name}"] = _take(sd, src + f"ff.net.2.{name}", where)
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {str(err)[:160]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return data
+
+
+def transformer_folder(path: str | os.PathLike) -> Path:
+    """The folder holding the transformer's config.json: `path` itself or a pipeline's `transformer/`."""
+    path = Path(path)
+    for candidate in (path, path / "transformer"):
+        if (candidate / "config.json").is_file():
+            cfg = _read_json(candidate / "config.json")
+            if cfg.get("_class_name") in DIFFUSERS_CLASSES or "num_embeds_ada_norm" in cfg:
+                return candidate
+    raise UserError(
+        f"{path} is not a diffusers DiT folder: expected config.json of a DiTTransformer2DModel there or in "
+        f"{path / 'transformer'}"
+    )
+
+
+def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DiTConfig:
+    """The DiTConfig of a diffusers DiT config; refuses what is not a class-conditional adaLN-Zero DiT."""
+    if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise UserError(f"{where}: norm_type {cfg.get('norm_type')!r} is not DiT's ada_norm_zero")
+    if cfg.get("patch_size") is None or cfg.get("num_embeds_ada_norm") is None:
+        raise UserError(f"{where}: not a class-conditional patch DiT (patch_size or num_embeds_ada_norm missing)")
+    if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        raise UserError(f"{where}: activation_fn {cfg['activation_fn']!r} differs from DiT's tanh GELU")
+    if cfg.get("norm_elementwise_affine", False):
+        raise UserError(f"{where}: norm_elementwise_affine is true; DiT's norms have no affine parameters")
+    heads, head_dim = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 72)
+    in_channels = cfg.get("in_channels", 4)
+    out_channels = cfg.get("out_channels") or in_channels
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise UserError(f"{where}: out_channels {out_channels} is neither in_channels nor twice it")
+    return DiTConfig(
+        depth=cfg.get("num_layers", 28),
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        patch_size=cfg["patch_size"],
+        input_size=cfg.get("sample_size", 32),
+        in_channels=in_channels,
+        num_classes=cfg["num_embeds_ada_norm"],
+        learn_sigma=out_channels == 2 * in_channels,
+        class_dropout_prob=0.1,  # diffusers always keeps the null row (and drops labels with p = 0.1)
+        mlp_ratio=4.0,
+        conditioning="adaln-zero",
+    )
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The transformer's tensors: single or sharded safetensors, else a `.bin` read with weights_only."""
+    single = folder / f"{WEIGHTS}.safetensors"
+    index = folder / f"{WEIGHTS}.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)[0]
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(folder / shard)[0])
+        return tensors
+    variants = sorted(folder.glob(f"{WEIGHTS}.*.safetensors"))  # e.g. the fp16 variant
+    if variants:
+        return read_safetensors(variants[0])[0]
+    binary = folder / f"{WEIGHTS}.bin"
+    if binary.is_file():
+        obj = safe_torch_load(binary)
+        if isinstance(obj, Mapping):
+            return dict(obj)
+    raise UserError(f"{folder} has no {WEIGHTS}.safetensors (or .bin) weights file")
+
+
+def differences(cfg: Mapping[str, Any]) -> list[str]:
+    """Plain statements of where the diffusers model described by `cfg` computes something else than DiT."""
+    notes = ["timestep frequencies 10000^(-i/127) (diffusers' downscale_freq_shift=1) where DiT uses 10000^(-i/128)"]
+    eps = float(cfg.get("norm_eps", 1e-5))
+    if eps != LN_EPS:
+        notes.append(f"MLP pre-norm epsilon {eps:g} where DiT uses {LN_EPS:g}")
+    return notes
+
+
+def read_diffusers_folder(
+    path: str | os.PathLike, allow_embedder_mismatch: bool = False
+) -> tuple[dict[str, torch.Tensor], DiTConfig | None, dict[str, Any]]:
+    """(state_dict in the official key layout, config, hints) of a diffusers DiT transformer or pipeline folder.
+
+    This is what `ditkit.load_model(folder)` calls. The result computes the original DiT, which differs from
+    diffusers' port of it as `differences()` states; a warning says so once per call.
+    """
+    folder = transformer_folder(path)
+    cfg = _read_json(folder / "config.json")
+    config = config_from_diffusers(cfg, str(folder / "config.json"))
+    sidecar = folder / SIDECAR
+    if sidecar.is_file():
+        # Settings diffusers has no key for (label dropout, ...); trusted only when they fit the tensors' config.
+        stored = DiTConfig.from_dict(_read_json(sidecar).get("config", {}))
+        if {**stored.to_dict(), "class_dropout_prob": 0.1} != config.to_dict():
+            raise UserError(f"{sidecar} does not match {folder / 'config.json'}; delete {sidecar} and retry")
+        config = stored
+    state_dict = from_diffusers_state_dict(_read_weights(folder), config, str(folder), allow_embedder_mismatch)
+    warnings.warn(
+        f"{path}: ditkit computes the original DiT, not diffusers' port of it, which has "
+        + "; ".join(differences(cfg)),
+        stacklevel=2,
+    )
+    return state_dict, config, {}
+
+
+# ----------------------------------------------------------------------------------------------- diffusers side
+
+
+def _import_diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError("writing diffusers folders needs diffusers: pip install 'diffusers>=0.27'") from None
+    return diffusers
+
+
+def match_dit_timesteps(module: torch.nn.Module) -> int:
+    """Make a loaded diffusers DiT (transformer or pipeline.transformer) use DiT's timestep frequencies.
+
+    Sets `downscale_freq_shift = 0` on every timestep projection inside `module`, in place; returns how many
+    were changed. Afterwards diffusers computes what ditkit (and the original DiT code) computes.
+    """
+    changed = 0
+    for sub in module.modules():
+        if type(sub).__name__ == "Timesteps" and hasattr(sub, "downscale_freq_shift"):
+            sub.downscale_freq_shift = 0
+            changed += 1
+    return changed
+
+
+def to_diffusers_transformer(model: DiT) -> torch.nn.Module:
+    """A `diffusers.DiTTransformer2DModel` holding `model`'s weights (in memory, eval mode)."""
+    diffusers = _import_diffusers()
+    net = diffusers.DiTTransformer2DModel(**diffusers_config(model.config))
+    net.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config), strict=True)
+    return net.eval()
+
+
+def random_inputs(config: DiTConfig, batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x, t, y) for comparisons: N(0, 1) latents, timesteps spread evenly over [0, 1000), random labels."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=gen)
+    t = ((torch.arange(batch) + 0.5) * (1000 / batch)).floor()
+    y = torch.randint(0, config.num_classes, (batch,), generator=gen)
+    return x, t, y
+
+
+def output_difference(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
+    """Max |Δ|, ‖Δ‖/‖ours‖ (nan when ours is all zero, e.g. a freshly initialised model) and max |ours|."""
+    ours, delta = ours.double(), theirs.double() - ours.double()
+    scale = ours.norm().item()
+    return {
+        "max_abs": delta.abs().max().item(),
+        "rel_rms": delta.norm().item() / scale if scale > 0 else float("nan"),
+        "ref_max": ours.abs().max().item(),
+    }
+
+
+@torch.no_grad()
+def compare_outputs(model: DiT, transformer: torch.nn.Module, batch: int = 4, seed: int = 0) -> dict[str, float]:
+    """`output_difference` between ditkit's `model` and a diffusers DiT on the same `random_inputs`."""
+    x, t, y = random_inputs(model.config, batch, seed)
+    ours = model.eval()(x, t, y)
+    theirs = transformer.eval()(x, timestep=t, class_labels=y).sample
+    return output_difference(ours, theirs)
+
+
+def _labels(path: str | os.PathLike, num_classes: int) -> dict[str, str]:
+    """id2label from a JSON object {"0": "tench", ...} or a text file with one label per line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read label file {path}: {err.strerror}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise UserError(f'label file {path} is not valid JSON; use {{"0": "label", ...}}') from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise UserError(f"label file {path} must be a JSON object of id -> label string")
+        try:
+            labels = {int(k): v for k, v in data.items()}
+        except ValueError:
+            raise UserError(f"label file {path}: ids must be integers 0..{num_classes - 1}") from None
+    else:
+        labels = dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
+    bad = [k for k in labels if not 0 <= k < num_classes]
+    if bad or not labels:
+        raise UserError(f"label file {path}: need labels for ids 0..{num_classes - 1}, got {len(labels)} labels")
+    return {str(k): labels[k] for k in sorted(labels)}
+
+
+def _load_vae(path: str | os.PathLike, in_channels: int) -> Any:
+    """A diffusers AutoencoderKL from a VAE folder (or a pipeline's `vae/`), safetensors weights only."""
+    diffusers = _import_diffusers()
+    path = Path(path)
+    sub = {"subfolder": "vae"} if (path / "vae" / "config.json").is_file() else {}
+    if not (path / sub.get("subfolder", "") / "config.json").is_file():
+        raise UserError(f"--vae {path}: no config.json; give a diffusers AutoencoderKL folder")
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(str(path), use_safetensors=True, **sub)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"--vae {path}: cannot load an AutoencoderKL with safetensors weights ({first})") from None
+    if vae.config.latent_channels != in_channels:
+        raise UserError(
+            f"--vae {path}: its latents have {vae.config.latent_channels} channels but the model takes {in_channels}"
+        )
+    return vae
+
+
+def ddim_scheduler() -> Any:
+    """DDIM for DiT's training schedule (linear betas 1e-4 → 0.02, 1000 steps, ε prediction, no clipping)."""
+    diffusers = _import_diffusers()
+    # set_alpha_to_one and "leading" spacing give the timesteps and final step of the official DDIM respacing.
+    return diffusers.DDIMScheduler(
+        **SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True, steps_offset=0
+    )
+
+
+def _prepare_destination(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
+        raise UserError(f"{dst} already exists; choose a new path or pass --overwrite")
+
+
+def to_diffusers(
+    model: DiT,
+    dst: str | os.PathLike,
+    vae: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> dict[str, float]:
+    """Write `model` as a diffusers folder: the transformer alone, or with `vae` a full `DiTPipeline`.
+
+    The folder is built next to `dst`, loaded back with diffusers and checked against `model` (with DiT's
+    timestep frequencies switched on, the outputs must agree to float32 round-off), then moved into place.
+    Returns the stock-diffusers difference `compare_outputs` measured on the loaded folder.
+    """
+    diffusers = _import_diffusers()
+    dst = Path(dst)
+    _prepare_destination(dst, overwrite)
+    if labels is not None and vae is None:
+        raise UserError("--labels needs --vae: the labels belong to a DiTPipeline, which needs a VAE")
+    id2label = _labels(labels, model.config.num_classes) if labels is not None else None
+    transformer = to_diffusers_transformer(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if vae is None:
+            transformer.save_pretrained(str(tmp), safe_serialization=True)
+            sidecar = tmp / SIDECAR
+        else:
+            pipe = diffusers.DiTPipeline(
+                transformer=transformer, vae=_load_vae(vae, model.config.in_channels), scheduler=ddim_scheduler()
+            )
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            sidecar = tmp / "transformer" / SIDECAR
+            if id2label is not None:
+                # DiTPipeline reads id2label from model_index.json but does not save it itself.
+                index = _read_json(tmp / "model_index.json")
+                index["id2label"] = id2label
+                atomic_write(tmp / "model_index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+        meta = {"config": model.config.to_dict(), "note": DIFFERENCES_NOTE}
+        atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        stock = _verify_written(model, tmp)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stock
+
+
+@torch.no_grad()
+def _verify_written(model: DiT, folder: Path, batch: int = 2) -> dict[str, float]:
+    """Load the written transformer back with diffusers: exact after `match_dit_timesteps`, else measured."""
+    diffusers = _import_diffusers()
+    sub = {"subfolder": "transformer"} if (folder / "transformer").is_dir() else {}
+    loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True, **sub).eval()
+    x, t, y = random_inputs(model.config, batch)
+    ours = model.eval()(x, t, y)
+    stock = output_difference(ours, loaded(x, timestep=t, class_labels=y).sample)
+    match_dit_timesteps(loaded)
+    matched = output_difference(ours, loaded(x, timestep=t, class_labels=y).sample)
+    # float32 round-off through a deep network stays far below 1e-4 of the output's size.
+    if matched["max_abs"] > 1e-4 * max(1.0, matched["ref_max"]):
+        raise RuntimeError(f"conversion check failed: diffusers differs from ditkit by {matched} (a ditkit bug)")
+    return stock
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--to", required=True, choices=("diffusers", "ditkit"), help="target format")
+    parser.add_argument("src", help="checkpoint (.pt, .safetensors or diffusers folder)")
+    parser.add_argument("dst", help="output: a folder (--to diffusers) or a .safetensors file (--to ditkit)")
+    parser.add_argument("--vae", help="diffusers AutoencoderKL folder: write a full DiTPipeline with it")
+    parser.add_argument("--labels", help='class names for the pipeline: JSON {"0": "tench", ...} or one a line')
+    parser.add_argument("--model", help="expected model name, e.g. DiT-XL/2 (default: from the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--use-first-embedder",
+        action="store_true",
+        help="--to ditkit: keep block 0's embedders when diffusers' per-block copies differ",
+    )
+
+
+def _describe(diff: dict[str, float]) -> str:
+    if diff["rel_rms"] != diff["rel_rms"]:  # nan: ditkit's output is zero (an untrained, zero-initialised model)
+        return f"max |diff| {diff['max_abs']:.3g} (the model's output is all zero, so no relative figure)"
+    return f"{100 * diff['rel_rms']:.3g}% relative RMS (max |diff| {diff['max_abs']:.3g})"
+
+
+def run(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if args.to == "diffusers":
+        model = load_model(args.src, model=args.model)
+        stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite)
+        kind = "DiTPipeline" if args.vae else "DiTTransformer2DModel"
+        print(f"wrote {kind} folder {dst} ({model.config.name}, input {model.config.input_size})")
+        print(
+            f"note: {DIFFERENCES_NOTE}; on this model stock diffusers differs from ditkit by "
+            f"{_describe(stock)} on random inputs"
+        )
+        if args.vae and model.config.num_classes != 1000:
+            print(
+                f"note: DiTPipeline's guidance uses null label 1000; this model's null label is "
+                f"{model.config.num_classes}, so call the pipeline with guidance_scale=1"
+            )
+        return 0
+    if not Path(args.src).is_dir():
+        raise UserError(f"--to ditkit reads a diffusers folder; {args.src} is not a folder")
+    if args.vae or args.labels:
+        raise UserError("--vae and --labels apply to --to diffusers only")
+    if dst.suffix != ".safetensors":
+        raise UserError(f"--to ditkit writes safetensors; name the output *.safetensors, not {dst.name}")
+    _prepare_destination(dst, args.overwrite)
+    folder = transformer_folder(args.src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the differences are printed below, measured
+        state_dict, config, _ = read_diffusers_folder(args.src, allow_embedder_mismatch=args.use_first_embedder)
+    if args.model is not None and args.model != config.name:
+        raise UserError(f"{args.src} holds a {config.name}, not {args.model}")
+    model = DiT(config)
+    model.load_state_dict(state_dict, strict=True)
+    save_model(model.eval(), dst, metadata={"converted_from": "diffusers"})
+    print(f"wrote {dst} ({config.name}, input {config.input_size})")
+    notes = differences(_read_json(folder / "config.json"))
+    print("note: ditkit computes the original DiT; diffusers' port of this model has " + "; ".join(notes))
+    measured = _measure_source(model, folder)
+    if measured is not None:
+        print(f"note: on random inputs diffusers' output differs from ditkit's by {_describe(measured)}")
+    return 0
+
+
+def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
+    """The stock-diffusers vs ditkit difference of a source folder, when diffusers can load it safely."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    if not any(folder.glob(f"{WEIGHTS}*.safetensors")):
+        return None  # diffusers would unpickle a .bin; ditkit read it with weights_only instead
+    loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True)
+    return compare_outputs(model, loaded)
+
+
+__all__ = [
+    "compare_outputs",
+    "config_from_diffusers",
+    "ddim_scheduler",
+    "differences",
+    "diffusers_config",
+    "from_diffusers_state_dict",
+    "match_dit_timesteps",
+    "output_difference",
+    "random_inputs",
+    "read_diffusers_folder",
+    "to_diffusers",
+    "to_diffusers_state_dict",
+    "to_diffusers_transformer",
+    "transformer_folder",
+]
