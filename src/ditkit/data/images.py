@@ -1,0 +1,189 @@
+"""Image folders: finding the files, the ADM center crop, and a `Dataset` of cropped, flipped images.
+
+Layout (the ImageFolder convention): `ROOT/CLASS_NAME/**/IMAGE` gives one class per sub-folder, labels in
+sorted folder-name order (so ImageNet's `n01440764` … folders get the usual 0…999); a flat `ROOT/IMAGE` folder
+is unconditional data (one class, label 0).
+
+A corrupt or truncated image is reported by its path and skipped rather than ending a run hours in; grayscale,
+palette, CMYK and RGBA images are converted to RGB.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ditkit.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------------------------- finding files
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted so that every run (and every rank) sees the same order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
+    return sorted(found)
+
+
+def find_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """(paths, labels, class names) of an image folder; class names are [] for a flat, unconditional folder.
+
+    Sub-folders that hold images are classes; images lying directly in `root` next to class folders are an
+    error (the labels would be ambiguous). A missing or image-less folder raises a one-line UserError.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data folder not found: {root}; pass --data-path with an image folder or a latent store")
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass --data-path with an image folder or a latent store")
+    top_images = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_files = [(d, _walk_images(d)) for d in class_dirs]
+    class_files = [(d, files) for d, files in class_files if files]
+    if class_files and top_images:
+        raise UserError(
+            f"{root} has images both at its top level ({top_images[0].name}, ...) and in class sub-folders; "
+            "move the loose images into a class folder, or point at a folder of one kind"
+        )
+    if class_files:
+        paths, labels = [], []
+        for label, (_, files) in enumerate(class_files):
+            paths.extend(files)
+            labels.extend([label] * len(files))
+        return paths, labels, [d.name for d, _ in class_files]
+    if top_images:
+        return top_images, [0] * len(top_images), []
+    raise UserError(
+        f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, in class sub-folders or "
+        "at the top level); check the path"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image | None:
+    """The image at `path` as RGB, fully decoded; None (with a one-line warning naming it) when unreadable.
+
+    `Image.open` only reads the header, so a truncated file would fail later, inside a resize; `load()` decodes
+    everything now, where the failure can be reported with the path.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "RGB":
+                return img.copy()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # Composite onto white, not black: transparent pixels usually mean "background".
+                rgba = img.convert("RGBA")
+                canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+                canvas.paste(rgba, mask=rgba.getchannel("A"))
+                return canvas
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"ditkit: skipping unreadable image {path}: {msg[:160]}", file=sys.stderr)
+        return None
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's center crop (guided-diffusion `center_crop_arr`): uint8 array image_size×image_size×C.
+
+    While the short side is at least twice the target, halve the image with a BOX filter (a cheap, alias-free
+    downsample); then resize with BICUBIC so the short side equals `image_size`; then cut the central square.
+    Kept bit-for-bit equal to the authors' preprocessing, since FID against ADM reference batches depends on it.
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 H×W×3 → float32 3×H×W in [-1, 1] (the range the VAE and pixel-space models take)."""
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one item in one epoch: a resumed run redraws exactly the same flips and noise."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index])
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+
+class ImageFolderDataset(Dataset):
+    """Center-cropped images with a random horizontal flip: item i is (float32 3×S×S in [-1, 1], int64 label).
+
+    The flip of item i in epoch e is drawn from (seed, e, i), so it does not depend on worker count or order;
+    call `set_epoch(e)` at each epoch (every DataLoader worker gets the epoch when the iterator is created).
+    An unreadable image is replaced by the next readable one (and named on stderr); `num_skipped` counts
+    those events across workers.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, seed: int = 0, random_flip: bool = True) -> None:
+        if image_size <= 0:
+            raise UserError(f"--image-size must be positive, got {image_size}")
+        self.root = Path(root)
+        self.paths, self.labels, self.classes = find_images(root)
+        self.image_size = image_size
+        self.seed = seed
+        self.random_flip = random_flip
+        self.epoch = 0
+        # A tensor in shared memory is visible to DataLoader workers (fork or spawn), unlike a plain int.
+        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders; 1 for a flat (unconditional) folder."""
+        return max(1, len(self.classes))
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._skipped.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.paths)):
+            i = (index + offset) % len(self.paths)
+            img = load_rgb(self.paths[i])
+            if img is not None:
+                break
+            self._skipped += 1
+        else:
+            raise UserError(f"none of the {len(self.paths)} images in {self.root} could be read")
+        arr = center_crop_arr(img, self.image_size)
+        if self.random_flip and item_rng(self.seed, self.epoch, index).random() < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), self.labels[i]
+
+
+def check_image_size(image_size: int, factor: int = 8) -> None:
+    """A one-line error for an image size the autoencoder cannot halve `log2(factor)` times."""
+    if image_size <= 0 or image_size % factor:
+        raise UserError(f"--image-size {image_size} must be a positive multiple of {factor} for the VAE")
+
