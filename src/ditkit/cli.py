@@ -15,6 +15,7 @@ from ditkit.errors import UserError
 # verb -> (module, one-line help). Keep in pipeline order.
 VERBS: dict[str, tuple[str, str]] = {
     "flops": ("ditkit.flops", "parameters and Gflops of the DiT configs (paper convention)"),
+    "extract": ("ditkit.data.latents", "encode an image folder once into a latent store (SD-VAE)"),
     "convert": ("ditkit.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
 }
 

@@ -1,0 +1,133 @@
+"""Training data: image folders (ADM crop + flip), the latent store, and one entry point for the trainer.
+
+    data = open_training_data("/data/imagenet-256-latents", image_size=256, vae=None, seed=0)
+    data.dataset[i]   # (float32 C×H×W, int64 label); call data.dataset.set_epoch(e) every epoch
+    data.encoder      # None, or batch → scaled latents, run on the training device (folder + --vae)
+
+The per-item randomness (flip, posterior sample) is drawn from (seed, epoch, index), so a resumed run sees the
+same data whatever the number of workers. Heavy modules (diffusers) are imported only when a VAE is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ditkit.data.images import ImageFolderDataset, check_image_size
+from ditkit.data.latents import LatentStore, is_latent_store
+from ditkit.errors import UserError
+
+__all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
+
+
+@dataclass
+class TrainingData:
+    """What the training loop needs to know about its data.
+
+    `input_size` is the side the model sees (latent side for stores and VAE folders, pixels otherwise);
+    `encoder` is None or a callable run on the training device on each batch of images in [-1, 1];
+    `labels` holds the label of every item (int64), for class-balanced evaluation without reading the data.
+    """
+
+    dataset: Dataset
+    num_classes: int
+    in_channels: int
+    input_size: int
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None
+    description: str
+    labels: np.ndarray | None = None
+
+    def describe(self) -> str:
+        """One line for logs."""
+        return self.description
+
+
+class OnTheFlyEncoder:
+    """Batch of images in [-1, 1] → scaled latents sampled from the VAE posterior, as the authors' train.py does.
+
+    The VAE is loaded (on the CPU) when the data is opened, so a missing VAE fails at start-up; it moves to the
+    batch's device on the first call. The posterior noise comes from the device's global RNG (which the
+    trainer seeds), as in the authors' code.
+    """
+
+    def __init__(self, vae_path_or_id: str) -> None:
+        from ditkit.autoencoder import load_vae
+
+        self.vae = load_vae(vae_path_or_id, device="cpu")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae.device != images.device:
+            self.vae.to(images.device)
+        return self.vae.sample_latents(images, sample=True)
+
+
+def open_training_data(data_path: str, image_size: int | None, vae: str | None, seed: int) -> TrainingData:
+    """Open a latent store (detected by its manifest), or an image folder (pixels, or latents via `vae`).
+
+    `image_size` None means the store's resolution, or 256 for an image folder.
+    """
+    path = Path(os.path.expanduser(str(data_path)))
+    if not path.exists():
+        raise UserError(f"--data-path {data_path} does not exist; give an image folder or a latent store")
+    if is_latent_store(path):
+        store = LatentStore(path, seed=seed)
+        m = store.manifest
+        image_size = int(m["image_size"]) if image_size is None else image_size
+        if int(m["image_size"]) != image_size:
+            raise UserError(
+                f"the latent store {data_path} was extracted at {m['image_size']}px but --image-size is "
+                f"{image_size}; pass --image-size {m['image_size']} or extract again"
+            )
+        if len(store) == 0:
+            raise UserError(f"the latent store {data_path} holds no images; extract a non-empty folder")
+        channels, side, _ = store.latent_shape
+        note = f" (store VAE {m['vae']}; --vae {vae} ignored)" if vae and vae != m["vae"] else ""
+        return TrainingData(
+            dataset=store,
+            num_classes=store.num_classes,
+            in_channels=channels,
+            input_size=side,
+            encoder=None,
+            labels=store.labels,
+            description=(
+                f"latent store {data_path}: {len(store)} images, {store.num_classes} classes, latents "
+                f"{channels}x{side}x{side} from {m['vae']} at {image_size}px, random flip + posterior resampling"
+                f"{note}"
+            ),
+        )
+    image_size = 256 if image_size is None else image_size
+    dataset = ImageFolderDataset(path, image_size, seed=seed)
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    kind = f"{dataset.num_classes} classes" if dataset.classes else "unconditional (flat folder)"
+    if vae is None:
+        return TrainingData(
+            dataset=dataset,
+            num_classes=dataset.num_classes,
+            in_channels=3,
+            input_size=image_size,
+            encoder=None,
+            labels=labels,
+            description=f"image folder {data_path}: {len(dataset)} images, {kind}, {image_size}px pixels, random flip",
+        )
+    encoder = OnTheFlyEncoder(vae)
+    check_image_size(image_size, encoder.vae.downsample)
+    side = image_size // encoder.vae.downsample
+    return TrainingData(
+        dataset=dataset,
+        num_classes=dataset.num_classes,
+        in_channels=encoder.vae.latent_channels,
+        input_size=side,
+        encoder=encoder,
+        labels=labels,
+        description=(
+            f"image folder {data_path}: {len(dataset)} images, {kind}, {image_size}px, random flip, encoded on "
+            f"the fly by {vae} to {encoder.vae.latent_channels}x{side}x{side} (extract a store to train faster)"
+        ),
+    )
