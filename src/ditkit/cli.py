@@ -16,6 +16,7 @@ from ditkit.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "flops": ("ditkit.flops", "parameters and Gflops of the DiT configs (paper convention)"),
     "extract": ("ditkit.data.latents", "encode an image folder once into a latent store (SD-VAE)"),
+    "train": ("ditkit.train", "train a DiT (one CPU/GPU, or many GPUs under torchrun)"),
     "convert": ("ditkit.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
 }
 

@@ -233,11 +233,17 @@ class DiT(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **_: Any) -> torch.Tensor:
-        """Predict ε (and the variance values) for noisy input x at timesteps t with labels y."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict ε (and the variance values) for noisy input x at timesteps t with labels y.
+
+        In training mode labels are dropped to the null label at random (`class_dropout_prob`), unless
+        `force_drop_ids` (N, 1 = drop) fixes the choice, as the training loop does to stay reproducible.
+        """
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
-        y_emb = self.y_embedder(y, self.training)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids)
         kind = self.config.conditioning
         if kind in ("adaln-zero", "adaln"):
             c = t_emb + y_emb

@@ -1,0 +1,86 @@
+"""Process-group set-up shared by training, sampling and extraction (torchrun or a single process).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. The device is chosen by the *local* rank (the official code uses
+the global rank, which names a GPU that does not exist on the second node). NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info(prefer_cuda: bool = True) -> DistInfo:
+    """Rank, world size, local rank and device from the environment, without creating a process group."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if prefer_cuda and torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local, device)
+
+
+def init(prefer_cuda: bool = True) -> DistInfo:
+    """Join the process group when launched by torchrun (no-op for a single process); returns this rank's info."""
+    info = env_info(prefer_cuda)
+    if info.distributed and not dist.is_initialized():
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        if info.device.type == "cuda":
+            torch.cuda.set_device(info.device)
+        dist.init_process_group(
+            backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=30),
+            **({"device_id": info.device} if info.device.type == "cuda" else {}),
+        )
+    return info
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (in place); identity for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a small picklable object from `src` to every rank (trusted: produced by this program)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,676 @@
+"""`ditkit train`: train a DiT on one CPU, one GPU, or many GPUs under torchrun (DDP).
+
+The loop in one breath: each step takes the next global batch of a seeded per-epoch permutation, gives each
+rank its slice, draws the timesteps, noise and label-dropout mask for the *global* batch from a generator seeded
+by (seed, step) and keeps its slice, computes the hybrid loss (L_simple + L_vlb), steps AdamW, and updates the
+EMA. Every random choice is a function of (seed, step), so a resumed run and a run on a different number of
+processes see exactly the same batches and noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ditkit import distributed as dist_utils
+from ditkit.errors import UserError
+from ditkit.models.config import CONDITIONINGS, MODEL_NAMES, DiTConfig
+from ditkit.models.dit import DiT
+from ditkit.train_checkpoints import (
+    list_checkpoints,
+    load_training_checkpoint,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    save_training_checkpoint,
+)
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass
+class TrainOptions:
+    """Settings of a training run; defaults are the paper's (AdamW 1e-4, no weight decay, batch 256, EMA 0.9999)."""
+
+    data_path: str
+    model: str = "DiT-XL/2"
+    image_size: int | None = None  # default: 256 for image folders, 16 for digits, the store's for latents
+    num_classes: int | None = None  # default: from the data
+    vae: str | None = None
+    global_batch_size: int = 256
+    epochs: int = 1400
+    max_steps: int | None = None
+    global_seed: int = 0
+    lr: float = 1e-4
+    ema_decay: float = 0.9999
+    precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    grad_checkpointing: bool = False
+    grad_clip: float = 0.0
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 0
+    sample_every: int = 0
+    eval_every: int = 0
+    eval_samples: int = 500
+    results_dir: str | None = None
+    resume: str | None = None  # None, "auto" or a checkpoint folder
+    num_workers: int = 4
+    conditioning: str = "adaln-zero"
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    noise_schedule: str = "linear"
+    skip_nonfinite: bool = False
+    progress: bool = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
+
+
+@dataclass
+class TrainResult:
+    step: int
+    results_dir: Path
+    losses: list[tuple[int, float]]  # (step, mean loss over the logging window)
+    last_checkpoint: Path | None
+    ema: DiT
+    stopped_by_signal: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Data:
+    dataset: Dataset
+    num_classes: int
+    in_channels: int
+    input_size: int
+    encoder: Any
+    description: str
+    labels: torch.Tensor | None
+
+
+def open_data(opts: TrainOptions, seed: int) -> _Data:
+    """The built-in digits, a latent store, or an image folder (encoded by a VAE on the fly when --vae)."""
+    if opts.data_path == "digits":
+        from ditkit.data.digits import NUM_CLASSES, load_digits_split
+
+        size = opts.image_size or 16
+        images, labels = load_digits_split(size, "train")
+        return _Data(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels)
+    from ditkit.data import open_training_data
+
+    data = open_training_data(opts.data_path, opts.image_size or 256, opts.vae, seed)
+    labels = getattr(data, "labels", None)
+    return _Data(
+        data.dataset,
+        data.num_classes,
+        data.in_channels,
+        data.input_size,
+        data.encoder,
+        data.describe(),
+        torch.as_tensor(labels) if labels is not None else None,
+    )
+
+
+class _GlobalBatches:
+    """Index lists of this rank's share of each global batch, from step `start` on, within one epoch."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self.perm = torch.randperm(n, generator=g)
+        self.global_batch, self.local = global_batch, global_batch // world
+        self.rank, self.start = rank, start
+        self.steps = n // global_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.start, self.steps):
+            batch = self.perm[s * self.global_batch : (s + 1) * self.global_batch]
+            yield batch[self.rank * self.local : (self.rank + 1) * self.local].tolist()
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model over the trained parameters, in one fused foreach call."""
+    ema_params = [p for p in ema.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _run_config(opts: TrainOptions, config: DiTConfig, data: _Data) -> dict[str, Any]:
+    """What identifies a run: a results folder holding another one is refused."""
+    return {
+        "model": config.to_dict(),
+        "data": data.description,
+        "global_batch_size": opts.global_batch_size,
+        "noise_schedule": opts.noise_schedule,
+        "global_seed": opts.global_seed,
+    }
+
+
+def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool) -> None:
+    stored = results / "config.json"
+    if stored.exists():
+        try:
+            old = json.loads(stored.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
+        for key, value in run_config.items():
+            if old.get(key) != value:
+                raise UserError(
+                    f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
+                    f"{value!r} now); choose another --results-dir"
+                )
+        if not resuming and list_checkpoints(results / "checkpoints"):
+            raise UserError(
+                f"results folder {results} already has checkpoints; pass --resume auto to continue that run "
+                "or choose another --results-dir"
+            )
+
+
+def _default_results_dir(opts: TrainOptions, config: DiTConfig) -> Path:
+    data = "digits" if opts.data_path == "digits" else Path(opts.data_path.rstrip("/")).name
+    return Path("results") / f"{config.name.replace('/', '-')}-{data}"
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT (what clusters send before preemption) ask the loop to checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def validate(opts: TrainOptions, world_size: int) -> None:
+    """Checks that need no data and no GPU: one clear line each."""
+    positive = ("global_batch_size", "epochs", "log_every", "ckpt_every")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.max_steps is not None and opts.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {opts.max_steps}")
+    if opts.global_batch_size % world_size:
+        raise UserError(
+            f"--global-batch-size {opts.global_batch_size} is not divisible by the world size {world_size}; "
+            f"use a multiple of {world_size}"
+        )
+    if not opts.lr > 0 or not math.isfinite(opts.lr):
+        raise UserError(f"--lr must be a positive number, got {opts.lr}")
+    if not 0.0 <= opts.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1), got {opts.ema_decay}")
+    if opts.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0 = off), got {opts.grad_clip}")
+    if opts.precision is not None and opts.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    if opts.model not in MODEL_NAMES:
+        raise UserError(f"unknown model {opts.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if opts.image_size is not None and opts.image_size < 1:
+        raise UserError(f"--image-size must be positive, got {opts.image_size}")
+
+
+def train(opts: TrainOptions) -> TrainResult:
+    """Run (or resume) training; returns the final state. Works alone or under torchrun."""
+    info = dist_utils.init()
+    try:
+        return _train(opts, info)
+    finally:
+        dist_utils.cleanup()
+
+
+def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noqa: C901 - the loop reads top-down
+    from ditkit.diffusion import create_diffusion
+
+    validate(opts, info.world_size)
+    device = info.device
+    precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "bf16" and device.type == "cpu":
+        precision = "bf16"  # allowed: CPU autocast supports bf16, slower but correct
+    if device.type == "cuda":
+        allow = precision in ("tf32", "bf16")
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+    data = open_data(opts, opts.global_seed)
+    num_classes = opts.num_classes or data.num_classes
+    if data.labels is not None and len(data.labels) and int(data.labels.max()) >= num_classes:
+        raise UserError(
+            f"the data has label {int(data.labels.max())} but --num-classes is {num_classes}; "
+            f"labels must be in 0..{num_classes - 1}"
+        )
+    n = len(data.dataset)
+    if n == 0:
+        raise UserError(f"no training items found in {opts.data_path}")
+    if n < opts.global_batch_size:
+        raise UserError(
+            f"the data has {n} items, fewer than --global-batch-size {opts.global_batch_size}; lower the batch size"
+        )
+    config = DiTConfig.from_name(
+        opts.model,
+        **{
+            "input_size": data.input_size,
+            "in_channels": data.in_channels,
+            "num_classes": num_classes,
+            "learn_sigma": opts.learn_sigma,
+            "class_dropout_prob": opts.class_dropout_prob,
+            "conditioning": opts.conditioning,
+            **opts.model_overrides,
+        },
+    )
+    results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
+    ckpt_dir = results / "checkpoints"
+    run_config = _run_config(opts, config, data)
+    if info.is_main:
+        _check_results_dir(results, run_config, resuming=opts.resume is not None)
+        remove_stale_temporaries(ckpt_dir)  # leftovers of a write that was killed
+    dist_utils.barrier()
+
+    torch.manual_seed(opts.global_seed)
+    model = DiT(config)
+    if opts.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    ema = DiT(config)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.requires_grad_(p.requires_grad)  # _foreach_lerp_ pairs the trained ones; no grads are kept
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=opts.lr,
+        weight_decay=0.0,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+
+    step = 0
+    resume_from = None
+    if opts.resume == "auto":
+        found = list_checkpoints(ckpt_dir)
+        resume_from = found[-1] if found else None
+    elif opts.resume:
+        resume_from = Path(opts.resume)
+        if not resume_from.exists():
+            raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
+    if resume_from is not None:
+        ckpt = load_training_checkpoint(resume_from, model)  # read on the CPU first
+        model.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        opt.load_state_dict(ckpt.state["optimizer"])
+        step = ckpt.step
+        if "torch_rng" in ckpt.state:
+            torch.set_rng_state(ckpt.state["torch_rng"])
+    model.to(device)
+    ema.to(device).eval()
+    for state in opt.state.values():  # optimizer state was loaded on the CPU
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)
+
+    diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
+    ddp_model: torch.nn.Module = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if opts.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
+        # The loss is computed in fp32 even when the network runs in bf16.
+        return ddp_model(*args, **kwargs).float()
+
+    steps_per_epoch = n // opts.global_batch_size
+    total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
+    local_batch = opts.global_batch_size // info.world_size
+    writer = _Logger(results, opts, run_config, info.is_main)
+    if info.is_main:
+        where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
+        params = sum(p.numel() for p in model.parameters())
+        writer.line(
+            f"{config.name}: {params / 1e6:.2f}M params, {data.description}, {n} items, device {device}, "
+            f"world {info.world_size}, {precision}; {where}; results in {results}"
+        )
+
+    losses: list[tuple[int, float]] = []
+    sums = torch.zeros(3, device=device)  # loss, mse, vb over the logging window
+    window = 0
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    last_ckpt: Path | None = resume_from
+    t_window = time.perf_counter()
+    check_each_step = device.type == "cpu" or opts.skip_nonfinite
+    skipped = 0
+
+    def save(at_step: int) -> Path | None:
+        nonlocal last_ckpt
+        _raise_if_nonfinite(first_bad, last_ckpt)
+        if info.is_main:
+            state = {
+                "step": at_step,
+                "epoch": at_step // steps_per_epoch,
+                "position": at_step % steps_per_epoch,
+                "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "global_seed": opts.global_seed,
+            }
+            last_ckpt = save_training_checkpoint(
+                ckpt_dir, at_step, model, ema, state, json.dumps(config.to_dict())
+            )
+            prune_checkpoints(ckpt_dir, opts.keep_last)
+            writer.line(f"step {at_step}: checkpoint {last_ckpt}")
+        dist_utils.barrier()
+        return last_ckpt
+
+    bar = _progress(total_steps, step, info.is_main and opts.progress)
+    stopped_by = None
+    model.train()
+    with _StopFlag() as stop:
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            if hasattr(data.dataset, "set_epoch"):
+                data.dataset.set_epoch(epoch)
+            batches = _GlobalBatches(n, opts.global_batch_size, info.rank, info.world_size, opts.global_seed,
+                                     epoch, position)
+            loader = DataLoader(
+                data.dataset,
+                batch_sampler=batches,
+                num_workers=opts.num_workers if not isinstance(data.dataset, TensorDataset) else 0,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if opts.num_workers and not isinstance(data.dataset, TensorDataset) else None,
+            )
+            for x, y in loader:
+                if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
+                    raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                if data.encoder is not None:
+                    with torch.no_grad():
+                        x = data.encoder(x)
+                gen = _step_generator(opts.global_seed, step, device)
+                shape = (opts.global_batch_size, *x.shape[1:])
+                mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+                t = torch.randint(0, diffusion.num_timesteps, (opts.global_batch_size,), generator=gen,
+                                  device=device)[mine]
+                noise = torch.randn(shape, generator=gen, device=device)[mine]
+                drop = (torch.rand(opts.global_batch_size, generator=gen, device=device)
+                        < config.class_dropout_prob)[mine].long()
+                with _autocast(device, precision):
+                    terms = diffusion.training_losses(
+                        fp32_output, x, t, model_kwargs={"y": y, "force_drop_ids": drop}, noise=noise
+                    )
+                loss = terms["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                log_now = (step + 1) % opts.log_every == 0
+                grad_norm = None
+                if opts.grad_clip > 0 or log_now or opts.skip_nonfinite:
+                    max_norm = opts.grad_clip if opts.grad_clip > 0 else float("inf")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                finite = torch.isfinite(loss)
+                if grad_norm is not None:
+                    finite = finite & torch.isfinite(grad_norm)
+                if opts.skip_nonfinite and not bool(finite):
+                    skipped += 1
+                    if info.is_main:
+                        writer.line(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                else:
+                    opt.step()
+                    update_ema(ema, model, opts.ema_decay)
+                    first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
+                step += 1
+                if check_each_step:
+                    _raise_if_nonfinite(first_bad, last_ckpt)
+                sums += torch.stack(
+                    [terms["loss"].mean().detach(), terms["mse"].mean().detach(),
+                     terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach()]
+                )
+                window += 1
+                if bar is not None:
+                    bar.update(1)
+                if log_now:
+                    _raise_if_nonfinite(first_bad, last_ckpt)
+                    avg = dist_utils.all_reduce_mean(sums / window).tolist()
+                    elapsed = time.perf_counter() - t_window
+                    record = {
+                        "step": step,
+                        "loss": avg[0],
+                        "mse": avg[1],
+                        "vb": avg[2],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "lr": opt.param_groups[0]["lr"],
+                        "images_per_sec": window * opts.global_batch_size / max(elapsed, 1e-9),
+                        "epoch": epoch,
+                    }
+                    if device.type == "cuda":
+                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    losses.append((step, avg[0]))
+                    if info.is_main:
+                        writer.metrics(record)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+                    sums.zero_()
+                    window = 0
+                    t_window = time.perf_counter()
+                if opts.sample_every and step % opts.sample_every == 0 and info.is_main:
+                    _sample_grid(ema, config, results / "samples" / f"{step:07d}.png", device, precision)
+                if opts.eval_every and step % opts.eval_every == 0 and info.is_main:
+                    writer.metrics({"step": step, **_evaluate(ema, config, opts, device, precision)})
+                stopping = stop.signal is not None
+                if stopping and info.distributed:
+                    flag = torch.tensor(1.0, device=device)
+                    stopping = bool(dist_utils.all_reduce_mean(flag) > 0)
+                if step % opts.ckpt_every == 0 or step == total_steps or stopping:
+                    save(step)
+                if stopping:
+                    stopped_by = stop.signal
+                    break
+                if step >= total_steps:
+                    break
+            if stopped_by is not None:
+                break
+    if bar is not None:
+        bar.close()
+    if last_ckpt is None or (last_ckpt.name != f"{step:07d}"):
+        save(step)
+    if info.is_main:
+        if stopped_by is not None:
+            writer.line(f"stopped by signal {signal.Signals(stopped_by).name} at step {step}; "
+                        f"resume with --resume auto --results-dir {results}")
+        writer.close()
+    return TrainResult(step, results, losses, last_ckpt, ema.eval(), stopped_by_signal=stopped_by is not None)
+
+
+def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+        keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise UserError(
+            f"the loss or gradient became NaN/Inf at step {bad}; training stopped and {keep}. Resume from it with "
+            "a lower --lr, --grad-clip 1.0, or --skip-nonfinite"
+        )
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _Logger:
+    """Rank-0 logs: a text log, metrics.jsonl, and TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, results: Path, opts: TrainOptions, run_config: dict[str, Any], enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "config.json").write_text(json.dumps(run_config, indent=2))
+        (results / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
+        self.log = open(results / "log.txt", "a")
+        self.jsonl = open(results / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(results / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr)
+            self.log.write(text + "\n")
+            self.log.flush()
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.log.close()
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _sample_grid(ema: DiT, config: DiTConfig, path: Path, device: torch.device, precision: str) -> None:
+    """A guided sample grid from the EMA model: one row per class (at most 10), 8 columns."""
+    from ditkit.sample import generate, save_grid
+
+    classes = list(range(min(config.num_classes, 10)))
+    labels = torch.tensor([c for c in classes for _ in range(8)])
+    images = generate(ema, labels, sampler="ddim", num_steps=50, cfg_scale=4.0 if config.num_classes > 1 else 1.0,
+                      seed=0, device=device, progress=False)
+    save_grid(images, path, nrow=8, row_labels=[str(c) for c in classes])
+
+
+def _evaluate(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str) -> dict:
+    """The digits yardstick on `eval_samples` EMA samples (class-balanced)."""
+    from ditkit.metrics.digits_classifier import digits_metrics
+    from ditkit.sample import generate
+
+    if opts.data_path != "digits":
+        raise UserError("--eval-every is available for --data-path digits (Inception metrics: ditkit evaluate)")
+    labels = torch.arange(opts.eval_samples) % config.num_classes
+    images = generate(ema, labels, sampler="ddim", num_steps=50, cfg_scale=4.0, seed=0, device=device, progress=False)
+    return {f"eval_{k}": v for k, v in digits_metrics(images, labels).items()}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", default="DiT-XL/2", choices=MODEL_NAMES)
+    a("--data-path", required=True, help="'digits' (built in), an image folder, or a latent store from ditkit extract")
+    a("--image-size", type=int, default=None, help="image side (default 256; 16 for digits)")
+    a("--num-classes", type=int, default=None, help="default: number of classes in the data")
+    a("--vae", default=None, help="SD-VAE folder or Hugging Face id, to train on an image folder in latent space")
+    a("--global-batch-size", type=int, default=256)
+    a("--epochs", type=int, default=1400)
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    a("--global-seed", type=int, default=0)
+    a("--lr", type=float, default=1e-4)
+    a("--ema-decay", type=float, default=0.9999)
+    a("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
+    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the paper's setting)")
+    a("--log-every", type=int, default=100)
+    a("--ckpt-every", type=int, default=50_000)
+    a("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
+    a("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0 = off)")
+    a("--eval-every", type=int, default=0, help="score EMA samples every N steps (digits data)")
+    a("--results-dir", default=None, help="run folder (default results/<model>-<data>)")
+    a("--resume", default=None, help="'auto' (newest checkpoint in the results folder) or a checkpoint folder")
+    a("--num-workers", type=int, default=4)
+    a("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
+    a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
+    a("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = TrainOptions(
+        data_path=args.data_path,
+        model=args.model,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        vae=args.vae,
+        global_batch_size=args.global_batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        global_seed=args.global_seed,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        precision=args.precision,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        grad_clip=args.grad_clip,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        keep_last=args.keep_last,
+        sample_every=args.sample_every,
+        eval_every=args.eval_every,
+        results_dir=args.results_dir,
+        resume=args.resume,
+        num_workers=args.num_workers,
+        conditioning=args.conditioning,
+        skip_nonfinite=args.skip_nonfinite,
+        progress=not args.no_progress,
+    )
+    result = train(opts)
+    if result.stopped_by_signal:
+        print(f"checkpoint written at step {result.step}; exiting cleanly", file=sys.stderr)
+    return 0
