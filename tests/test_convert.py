@@ -274,6 +274,9 @@ def test_cli_writes_a_full_pipeline_and_reads_it_back(tmp_path, capsys):
     torch.testing.assert_close(sched.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=1e-7)
     images = pipe(class_labels=[1, 2], guidance_scale=1.0, num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    assert convert.match_dit_timesteps(pipe) == TINY["depth"]
+    x, t, y = inputs(model.config)
+    assert_roundoff(diffusers_out(pipe.transformer, x, t, y), copy.deepcopy(model).double()(x.double(), t, y))
 
     # The pipeline folder goes back to ditkit exactly, through the CLI.
     assert main(["convert", "--to", "ditkit", str(tmp_path / "pipe"), str(tmp_path / "back.safetensors")]) == 0

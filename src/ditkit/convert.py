@@ -32,11 +32,12 @@ Where diffusers' port computes something else than the original DiT (and ditkit)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_s
 
 DIFFERENCES_NOTE = (
     "diffusers' DiT port uses timestep frequencies 10000^(-i/127) where DiT uses 10000^(-i/128) "
-    "(call ditkit.convert.match_dit_timesteps(pipe.transformer) after loading to compute exactly what ditkit "
+    "(call ditkit.convert.match_dit_timesteps(pipe) after loading to compute exactly what ditkit "
     "computes)"
 )
 
@@ -340,12 +341,26 @@ def _import_diffusers() -> Any:
     return diffusers
 
 
-def match_dit_timesteps(module: torch.nn.Module) -> int:
-    """Make a loaded diffusers DiT (transformer or pipeline.transformer) use DiT's timestep frequencies.
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' info/warning logs (e.g. its advice to install accelerate) while it loads a folder."""
+    from diffusers.utils import logging as dlogging
 
-    Sets `downscale_freq_shift = 0` on every timestep projection inside `module`, in place; returns how many
-    were changed. Afterwards diffusers computes what ditkit (and the original DiT code) computes.
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def match_dit_timesteps(model: Any) -> int:
+    """Make a loaded diffusers DiT (a `DiTTransformer2DModel` or a `DiTPipeline`) use DiT's timestep frequencies.
+
+    Sets `downscale_freq_shift = 0` on every timestep projection inside, in place; returns how many were
+    changed. Afterwards diffusers computes what ditkit (and the original DiT code) computes.
     """
+    module = getattr(model, "transformer", model)  # a pipeline holds the network as .transformer
     changed = 0
     for sub in module.modules():
         if type(sub).__name__ == "Timesteps" and hasattr(sub, "downscale_freq_shift"):
@@ -425,7 +440,8 @@ def _load_vae(path: str | os.PathLike, in_channels: int) -> Any:
     if not (path / sub.get("subfolder", "") / "config.json").is_file():
         raise UserError(f"--vae {path}: no config.json; give a diffusers AutoencoderKL folder")
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(str(path), use_safetensors=True, **sub)
+        with _quiet_diffusers():
+            vae = diffusers.AutoencoderKL.from_pretrained(str(path), use_safetensors=True, **sub)
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(f"--vae {path}: cannot load an AutoencoderKL with safetensors weights ({first})") from None
@@ -511,7 +527,8 @@ def _verify_written(model: DiT, folder: Path, batch: int = 2) -> dict[str, float
     """Load the written transformer back with diffusers: exact after `match_dit_timesteps`, else measured."""
     diffusers = _import_diffusers()
     sub = {"subfolder": "transformer"} if (folder / "transformer").is_dir() else {}
-    loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True, **sub).eval()
+    with _quiet_diffusers():
+        loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True, **sub).eval()
     x, t, y = random_inputs(model.config, batch)
     ours = model.eval()(x, t, y)
     stock = output_difference(ours, loaded(x, timestep=t, class_labels=y).sample)
@@ -597,7 +614,8 @@ def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
         return None
     if not any(folder.glob(f"{WEIGHTS}*.safetensors")):
         return None  # diffusers would unpickle a .bin; ditkit read it with weights_only instead
-    loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True)
+    with _quiet_diffusers():
+        loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True)
     return compare_outputs(model, loaded)
 
 
