@@ -19,7 +19,6 @@ Shards are plain safetensors files, read here through a memory map (no copy, no 
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
 import json
 import math
@@ -36,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ditkit.checkpoints import atomic_write
-from ditkit.data.images import center_crop_arr, check_image_size, find_images, item_rng, load_rgb
+from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
 from ditkit.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -361,7 +360,8 @@ class LatentStore(Dataset):
     """Training items from a latent store: item i is (float32 C×h×w scaled latent, int64 label).
 
     Each epoch, item i uses the image or its flip (random_flip) and a fresh posterior sample mean + std·ε
-    (resample), both drawn from (seed, epoch, i), so a resumed run sees the same data; call `set_epoch`.
+    (resample), both drawn from (seed, epoch, i), so a resumed run sees the same data whatever the batch size
+    or worker count; call `set_epoch`. Batches are gathered with `__getitems__` (one read per shard).
     With both off, item i is the scaled posterior mean of the unflipped image. No VAE is loaded.
     """
 
@@ -413,18 +413,50 @@ class LatentStore(Dataset):
         return self.offsets[-1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        k = bisect.bisect_right(self.offsets, index) - 1
-        row = index - self.offsets[k]
-        arrays = self._shard(k)
-        rng = item_rng(self.seed, self.epoch, index)
-        flip = int(rng.integers(2)) if self.random_flip else 0
-        x = arrays["mean"][row, flip].astype(np.float32)
-        if self.resample:
-            x += arrays["std"][row, flip].astype(np.float32) * rng.standard_normal(x.shape, dtype=np.float32)
-        x = (x - self.shift) * self.scale
-        return torch.from_numpy(x), int(self.labels[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch at once (the DataLoader calls this when present): one gather per shard, not per item."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a store of {len(self)} items")
+        n = idx.size
+        shape = self.latent_shape
+        flips = np.zeros(n, dtype=np.int64)
+        noise = torch.empty((n, *shape)) if self.resample else None
+        gen = torch.Generator()
+        for j, i in enumerate(idx.tolist()):
+            # Each item's own stream, so its flip and noise do not depend on batch composition or workers.
+            gen.manual_seed(item_seed(self.seed, self.epoch, i))
+            if self.random_flip:
+                flips[j] = int(torch.randint(2, (1,), generator=gen))
+            if noise is not None:
+                noise[j].normal_(generator=gen)
+        mean = np.empty((n, *shape), dtype=np.float32)
+        std = np.empty((n, *shape), dtype=np.float32) if noise is not None else None
+        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(shard_of).tolist():
+            sel = np.nonzero(shard_of == k)[0]
+            rows = idx[sel] - self.offsets[k]
+            arrays = self._shard(k)
+            mean[sel] = arrays["mean"][rows, flips[sel]]
+            if std is not None:
+                std[sel] = arrays["std"][rows, flips[sel]]
+        x = torch.from_numpy(mean)
+        if noise is not None:
+            x.addcmul_(torch.from_numpy(std), noise)
+        x.sub_(self.shift).mul_(self.scale)
+        labels = self.labels[idx].tolist()
+        return [(x[j], labels[j]) for j in range(n)]
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed from (seed, epoch, index) (splitmix64 finaliser): nearby items get unrelated streams."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xBF58476D1CE4E5B9 + (index + 1) * 0x94D049BB133111EB) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) >> 1
 
 
 # ----------------------------------------------------------------------------------------------- CLI
