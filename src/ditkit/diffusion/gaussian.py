@@ -38,15 +38,10 @@ SCHEDULES = ("linear", "cosine")
 # ----------------------------------------------------------------------------------------------- schedules
 
 
-def betas_for_alpha_bar(
-    num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> np.ndarray:
+def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
     """Float64 betas discretising ᾱ(s), s ∈ [0, 1]: β_i = min(1 − ᾱ((i+1)/T)/ᾱ(i/T), max_beta)."""
     return np.array(
-        [
-            min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-            for i in range(num_steps)
-        ],
+        [min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)],
         dtype=np.float64,
     )
 
@@ -89,12 +84,8 @@ def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
 def normal_kl(mean1: Any, logvar1: Any, mean2: Any, logvar2: Any) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats; scalars broadcast."""
     ref = next(v for v in (mean1, logvar1, mean2, logvar2) if isinstance(v, torch.Tensor))
-    logvar1, logvar2 = (
-        v if isinstance(v, torch.Tensor) else torch.tensor(v).to(ref) for v in (logvar1, logvar2)
-    )
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    logvar1, logvar2 = (v if isinstance(v, torch.Tensor) else torch.tensor(v).to(ref) for v in (logvar1, logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -176,13 +167,9 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0) = N(coef1·x_0 + coef2·x_t, β̃_t)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # β̃_0 = 0: its log is replaced by log β̃_1 so that the learned range and the KL stay finite.
-        self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
-        )
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
     # --------------------------------------------------------------------------------------- forward process
 
@@ -193,16 +180,12 @@ class GaussianDiffusion:
         log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
-    def q_sample(
-        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(√ᾱ_t·x_0, (1 − ᾱ_t)·I), using the standard normal `noise` if given."""
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
-            raise ValueError(
-                f"noise shape {tuple(noise.shape)} differs from x_start shape {tuple(x_start.shape)}"
-            )
+            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start shape {tuple(x_start.shape)}")
         return (
             extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
@@ -212,10 +195,7 @@ class GaussianDiffusion:
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            extract(self.posterior_mean_coef1, t, x_t) * x_start
-            + extract(self.posterior_mean_coef2, t, x_t) * x_t
-        )
+        mean = extract(self.posterior_mean_coef1, t, x_t) * x_start + extract(self.posterior_mean_coef2, t, x_t) * x_t
         variance = extract(self.posterior_variance, t, x_t).expand_as(x_t)
         log_variance = extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, variance, log_variance
@@ -229,9 +209,7 @@ class GaussianDiffusion:
             - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
         )
 
-    def predict_eps_from_xstart(
-        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
-    ) -> torch.Tensor:
+    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
         """ε̂ = (x_t/√ᾱ_t − x̂_0) / √(1/ᾱ_t − 1)."""
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t
@@ -239,10 +217,7 @@ class GaussianDiffusion:
 
     def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x̂_0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v."""
-        return (
-            extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
-            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
-        )
+        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
 
     def v_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ_t·ε − √(1 − ᾱ_t)·x_0 (Salimans & Ho 2022)."""
@@ -257,9 +232,7 @@ class GaussianDiffusion:
         """The timesteps the model sees: the original process's indices (identity unless respaced)."""
         return torch.from_numpy(self.timestep_map).to(device=t.device)[t.long()].to(t.dtype)
 
-    def call_model(
-        self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None
-    ) -> torch.Tensor:
+    def call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> torch.Tensor:
         """model(x, original t, **model_kwargs); of an (output, extra) tuple, the output (as reference)."""
         out = model(x, self.model_timesteps(t), **(model_kwargs or {}))
         return out[0] if isinstance(out, tuple) else out
@@ -302,9 +275,7 @@ class GaussianDiffusion:
         `denoised_fn` post-processes x̂_0 before `clip_denoised` clamps it to [-1, 1].
         """
         if t.shape != (x.shape[0],):
-            raise ValueError(
-                f"t must hold one timestep per sample, got shape {tuple(t.shape)} for {x.shape[0]}"
-            )
+            raise ValueError(f"t must hold one timestep per sample, got shape {tuple(t.shape)} for {x.shape[0]}")
         output = self.call_model(model, x, t, model_kwargs)
         output, variance, log_variance = self.split_output(output, x, t)
         if self.mean_type == "x0":
@@ -337,12 +308,8 @@ class GaussianDiffusion:
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(
-            2.0
-        )
-        nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-        )
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
         nll = mean_flat(nll) / math.log(2.0)
         return {"output": torch.where(t == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
 
@@ -364,9 +331,9 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise=noise)
         terms: dict[str, torch.Tensor] = {}
         if self.loss_type in ("kl", "rescaled_kl"):
-            terms["loss"] = self.vb_terms_bpd(
-                model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs
-            )["output"]
+            terms["loss"] = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)[
+                "output"
+            ]
             if self.loss_type == "rescaled_kl":
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
@@ -375,15 +342,11 @@ class GaussianDiffusion:
         if self.var_type == "learned_range":
             c = x_t.shape[1]
             if output.shape != (x_t.shape[0], 2 * c, *x_t.shape[2:]):
-                raise ValueError(
-                    f"a learned-variance model must output {2 * c} channels, got {tuple(output.shape)}"
-                )
+                raise ValueError(f"a learned-variance model must output {2 * c} channels, got {tuple(output.shape)}")
             output, var_values = torch.split(output, c, dim=1)
             frozen = torch.cat([output.detach(), var_values], dim=1)
             # A constant "model" returning the frozen output: L_vlb's gradient reaches only the variance.
-            terms["vb"] = self.vb_terms_bpd(lambda *_, **__: frozen, x_start, x_t, t, clip_denoised=False)[
-                "output"
-            ]
+            terms["vb"] = self.vb_terms_bpd(lambda *_, **__: frozen, x_start, x_t, t, clip_denoised=False)["output"]
             if self.loss_type == "rescaled_mse":
                 # The reference divides by 1000 so that the VB term does not swamp the MSE term.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
@@ -394,9 +357,7 @@ class GaussianDiffusion:
         else:
             target = noise
         if output.shape != target.shape:
-            raise ValueError(
-                f"model output shape {tuple(output.shape)} does not match the input {tuple(target.shape)}"
-            )
+            raise ValueError(f"model output shape {tuple(output.shape)} does not match the input {tuple(target.shape)}")
         terms["mse"] = mean_flat((target - output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
@@ -458,15 +419,9 @@ class GaussianDiffusion:
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = extract(self.alphas_cumprod, t, x)
         alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x)
-        sigma = (
-            eta
-            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        mean = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
+        mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero = (t != 0).to(noise.dtype).view(-1, *([1] * (x.ndim - 1)))
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
@@ -592,27 +547,6 @@ class GaussianDiffusion:
                 out = self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
             yield out
             x = out["sample"]
-
-    def ddim_reverse_sample_loop(
-        self,
-        model: Model,
-        x_start: torch.Tensor,
-        clip_denoised: bool = False,
-        model_kwargs: dict | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """DDIM inversion: run the deterministic ODE from x_0 up to x_T (the noise that DDIM maps back)."""
-        x = x_start
-        steps = range(self.num_timesteps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps)
-        for i in steps:
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            with torch.no_grad():
-                x = self.ddim_reverse_sample(model, x, t, clip_denoised, model_kwargs=model_kwargs)["sample"]
-        return x
 
 
 def _initial_noise(

@@ -87,3 +87,14 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(base)
         new_betas, kept = respaced_betas(base, self.use_timesteps)
         super().__init__(betas=new_betas, timestep_map=kept, **kwargs)
+
+
+def respace(diffusion: GaussianDiffusion, use_timesteps: Iterable[int]) -> SpacedDiffusion:
+    """`diffusion` (a full, unspaced process) restricted to the given original timesteps."""
+    return SpacedDiffusion(
+        use_timesteps,
+        betas=diffusion.betas,
+        mean_type=diffusion.mean_type,
+        var_type=diffusion.var_type,
+        loss_type=diffusion.loss_type,
+    )
