@@ -309,3 +309,31 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert main(["convert", "--to", "diffusers", *argv]) == 2
     assert "ids 0..9" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@torch.no_grad()
+def test_pipeline_ddim_scheduler_reproduces_ditkit_ddim_sampling():
+    """diffusers' DDIM as `ddim_scheduler()` configures it, 10 steps, against ditkit's official-style ddim10."""
+    from ditkit.diffusion import create_diffusion
+
+    model = random_dit(seed=6)
+    with torch.no_grad():  # smaller weights keep ε moderate, so DDIM's 1/√ᾱ does not blow round-off up
+        for name, param in model.named_parameters():
+            if name != "pos_embed":
+                param.mul_(0.2)
+    net = convert.to_diffusers_transformer(model)
+    convert.match_dit_timesteps(net)
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    y = torch.tensor([3, 8])
+    ours = create_diffusion("ddim10").ddim_sample_loop(
+        model, noise.shape, noise=noise, clip_denoised=False, model_kwargs=dict(y=y)
+    )
+    sched = convert.ddim_scheduler()
+    sched.set_timesteps(10)
+    assert sched.timesteps.tolist() == list(range(900, -1, -100))  # the set of the official "ddim10"
+    x = noise.clone()
+    for t in sched.timesteps:
+        eps = diffusers_out(net, x, t.expand(2), y)[:, :4]  # the pipeline drops the learned variance
+        x = sched.step(eps, t, x).prev_sample
+    assert_roundoff(x, ours)
