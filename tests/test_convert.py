@@ -293,11 +293,14 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     (tmp_path / "bad.json").write_text(json.dumps({"0": "a", "12": "b"}))
+    (tmp_path / "gap.txt").write_text("a\n\nc\n")
+    nope, gap = str(tmp_path / "nope"), str(tmp_path / "gap.txt")
     cases = [
         (["--to", "diffusers", src, str(tmp_path / "taken")], "--overwrite"),
         (["--to", "diffusers", src, str(tmp_path / "o"), "--labels", str(tmp_path / "bad.json")], "--vae"),
         (["--to", "ditkit", src, str(tmp_path / "o.safetensors")], "not a folder"),
         (["--to", "diffusers", src, str(tmp_path / "o"), "--vae", str(tmp_path / "nope")], "AutoencoderKL"),
+        (["--to", "diffusers", src, str(tmp_path / "o"), "--vae", nope, "--labels", gap], "line 2"),
         (["--to", "ditkit", str(tmp_path / "taken"), str(tmp_path / "o.safetensors")], "not a diffusers DiT"),
     ]
     for argv, words in cases:

@@ -23,8 +23,8 @@ Where diffusers' port computes something else than the original DiT (and ditkit)
   diffusers load of any DiT differs from the original by this; `match_dit_timesteps(model)` sets the shift to 0
   on a loaded diffusers model, after which it computes what ditkit computes to float32 round-off.
 - LayerNorm epsilon before the MLP. DiT uses 1e-6 everywhere; diffusers takes that norm's epsilon from
-  `norm_eps`, whose default is 1e-5 (the released diffusers DiT configs leave it at the default). ditkit writes
-  `norm_eps: 1e-6`, so this one is exact in the folders it writes.
+  `norm_eps`, whose default is 1e-5 (a config without the key gets it). ditkit writes `norm_eps: 1e-6`, so
+  this one is exact in the folders it writes; elsewhere its effect is at float32 round-off level.
 - `DiTPipeline` guidance hard-codes null label 1000 and guides all latent channels (the official sampler
   guides the first 3), and it drops the learned variance before its scheduler.
 """
@@ -425,7 +425,10 @@ def _labels(path: str | os.PathLike, num_classes: int) -> dict[str, str]:
         except ValueError:
             raise UserError(f"label file {path}: ids must be integers 0..{num_classes - 1}") from None
     else:
-        labels = dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
+        lines = [line.strip() for line in text.rstrip().splitlines()]
+        if "" in lines:  # a skipped line would shift every later class id
+            raise UserError(f"label file {path}: line {lines.index('') + 1} is empty; give one label per line")
+        labels = dict(enumerate(lines))
     bad = [k for k in labels if not 0 <= k < num_classes]
     if bad or not labels:
         raise UserError(f"label file {path}: need labels for ids 0..{num_classes - 1}, got {len(labels)} labels")
