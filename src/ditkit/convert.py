@@ -341,6 +341,11 @@ def _import_diffusers() -> Any:
     return diffusers
 
 
+def _dit_class(diffusers: Any) -> Any:
+    """`DiTTransformer2DModel` (diffusers >= 0.28), else the `Transformer2DModel` that held DiT before it."""
+    return getattr(diffusers, "DiTTransformer2DModel", None) or diffusers.Transformer2DModel
+
+
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
     """Silence diffusers' info/warning logs (e.g. its advice to install accelerate) while it loads a folder."""
@@ -372,7 +377,7 @@ def match_dit_timesteps(model: Any) -> int:
 def to_diffusers_transformer(model: DiT) -> torch.nn.Module:
     """A `diffusers.DiTTransformer2DModel` holding `model`'s weights (in memory, eval mode)."""
     diffusers = _import_diffusers()
-    net = diffusers.DiTTransformer2DModel(**diffusers_config(model.config))
+    net = _dit_class(diffusers)(**diffusers_config(model.config))
     net.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config), strict=True)
     return net.eval()
 
@@ -531,7 +536,7 @@ def _verify_written(model: DiT, folder: Path, batch: int = 2) -> dict[str, float
     diffusers = _import_diffusers()
     sub = {"subfolder": "transformer"} if (folder / "transformer").is_dir() else {}
     with _quiet_diffusers():
-        loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True, **sub).eval()
+        loaded = _dit_class(diffusers).from_pretrained(str(folder), use_safetensors=True, **sub).eval()
     x, t, y = random_inputs(model.config, batch)
     ours = model.eval()(x, t, y)
     stock = output_difference(ours, loaded(x, timestep=t, class_labels=y).sample)
@@ -617,9 +622,12 @@ def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
         return None
     if not any(folder.glob(f"{WEIGHTS}*.safetensors")):
         return None  # diffusers would unpickle a .bin; ditkit read it with weights_only instead
-    with _quiet_diffusers():
-        loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), use_safetensors=True)
-    return compare_outputs(model, loaded)
+    try:
+        with _quiet_diffusers():
+            loaded = _dit_class(diffusers).from_pretrained(str(folder), use_safetensors=True)
+        return compare_outputs(model, loaded)
+    except (OSError, ValueError, RuntimeError, TypeError):
+        return None  # the measurement is a courtesy; the converted file is already written and correct
 
 
 __all__ = [
