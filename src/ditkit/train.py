@@ -384,9 +384,12 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
     check_each_step = device.type == "cpu" or opts.skip_nonfinite
     skipped = 0
 
+    saved_step = step if resume_from is not None else -1  # known on every rank (last_ckpt only on rank 0)
+
     def save(at_step: int) -> Path | None:
-        nonlocal last_ckpt
+        nonlocal last_ckpt, saved_step
         _raise_if_nonfinite(first_bad, last_ckpt)
+        saved_step = at_step
         if info.is_main:
             state = {
                 "step": at_step,
@@ -513,7 +516,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                 break
     if bar is not None:
         bar.close()
-    if last_ckpt is None or (last_ckpt.name != f"{step:07d}"):
+    if saved_step != step:
         save(step)
     if info.is_main:
         if stopped_by is not None:
