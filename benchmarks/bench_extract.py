@@ -2,7 +2,8 @@
 
 Builds `diffusers.AutoencoderKL` with the Stable Diffusion VAE config (the architecture of sd-vae-ft-ema/-mse,
 83.65M parameters) and times the encoder through ditkit's VAE wrapper (posterior mean and std) on batches of
-random 256×256 images, for each compute dtype and memory format. `ditkit extract` encodes each image and its
+random 256×256 images, for each compute dtype and memory format, with cuDNN in the deterministic mode that
+extract uses (`--cudnn-benchmark` to see what autotuning would gain). `ditkit extract` encodes each image and its
 mirror image, so its rate is about half the encode rate printed here (the JSON line states both).
 
     python benchmarks/bench_extract.py                        # cuda, bf16 + fp32, batch 32, 256×256
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--dtypes", help=f"comma-separated, of {', '.join(DTYPES)} (default bf16,fp32)")
     parser.add_argument("--memory-formats", help="contiguous and/or channels_last (default both)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 32×32, batch 2, 2 iterations, fp32")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN autotune (fastest, not deterministic) instead of extract's deterministic mode")
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     args = parser.parse_args()
     if args.quick:
@@ -78,7 +81,10 @@ def main() -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             sys.exit("bench_extract: no GPU visible; use --device cpu --quick for a smoke test")
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+        # As `ditkit extract` runs (deterministic, so resumed stores are byte-identical), unless asked to
+        # measure what cuDNN's autotuner would gain.
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        torch.backends.cudnn.deterministic = not args.cudnn_benchmark
         gpu = torch.cuda.get_device_name(device)
     else:
         gpu = None
@@ -112,7 +118,8 @@ def main() -> None:
         print(json.dumps({
             "benchmark": "extract", "device": gpu or str(device), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "image_size": args.image_size, "batch_size": args.batch_size,
-            "iters": args.iters, "tf32_conv": torch.backends.cudnn.allow_tf32, "results": results,
+            "iters": args.iters, "tf32_conv": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": args.cudnn_benchmark, "results": results,
         }))
 
 

@@ -246,3 +246,17 @@ def test_training_runs(tmp_path, setup, source):
     result = train(opts)
     assert result.step == 3
     assert result.losses and all(math.isfinite(loss) for _, loss in result.losses)
+
+
+def test_ranks_split_shards_and_match_single_process(tmp_path, setup):
+    """Two ranks (run one after the other here) encode disjoint shards; rank 0's manifest equals one process's."""
+    out = tmp_path / "two-ranks"
+    kwargs = dict(image_size=SIZE, batch_size=2, shard_size=3, dtype="float32", workers=0, progress=False)
+    assert extract(setup["folder"], out, setup["vae"], rank=1, world_size=2, **kwargs) is None
+    assert sorted(p.name for p in out.glob("shard-*")) == [shard_name(1)]  # rank 1 owns shards 1, 3, ...
+    manifest = extract(setup["folder"], out, setup["vae"], rank=0, world_size=2, **kwargs)
+    for s in manifest["shards"]:
+        assert (out / s["file"]).read_bytes() == (setup["store"] / s["file"]).read_bytes()
+    assert {k: v for k, v in manifest.items() if k != "source"} == {
+        k: v for k, v in setup["manifest"].items() if k != "source"
+    }

@@ -111,16 +111,15 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
 
 class _CropDataset(Dataset):
-    """Item j: (position in the file list, center-cropped uint8 H×W×3 tensor, or an empty tensor if unreadable)."""
+    """Item i: (i, center-cropped uint8 H×W×3 tensor of file i, or an empty tensor if it is unreadable)."""
 
-    def __init__(self, paths: list[Path], indices: list[int], image_size: int) -> None:
-        self.paths, self.indices, self.image_size = paths, indices, image_size
+    def __init__(self, paths: list[Path], image_size: int) -> None:
+        self.paths, self.image_size = paths, image_size
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.paths)
 
-    def __getitem__(self, j: int) -> tuple[int, torch.Tensor]:
-        i = self.indices[j]
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         img = load_rgb(self.paths[i])
         if img is None:
             return i, torch.empty(0, dtype=torch.uint8)
@@ -189,13 +188,20 @@ def extract(
             tmp.unlink(missing_ok=True)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not _shard_is_done(out / shard_name(k), fingerprint)]
-    indices = [i for k in todo for i in range(k * shard_size, min((k + 1) * shard_size, len(paths)))]
+    # Batches never straddle shards, so a shard's batches are the same whether or not the run was resumed:
+    # with deterministic kernels its bytes are too.
+    batches = [
+        list(range(b, min(b + batch_size, (k + 1) * shard_size, len(paths))))
+        for k in todo
+        for b in range(k * shard_size, min((k + 1) * shard_size, len(paths)), batch_size)
+    ]
+    total = sum(len(b) for b in batches)
     if rank == 0 and len(todo) < len(mine):
         print(f"ditkit extract: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done", file=sys.stderr)
 
     loader = DataLoader(
-        _CropDataset(paths, indices, image_size),
-        batch_size=batch_size,
+        _CropDataset(paths, image_size),
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=vae.device.type == "cuda",
@@ -204,7 +210,7 @@ def extract(
     )
     pending: dict[int, dict[str, list]] = {}  # shard -> collected rows until the shard is complete
     seen: dict[int, int] = {}
-    bar = _progress_bar(len(indices), enabled=progress and rank == 0)
+    bar = _progress_bar(total, enabled=progress and rank == 0)
     start, encoded = time.perf_counter(), 0
     for positions, good, images in loader:
         mean = std = None
@@ -234,7 +240,7 @@ def extract(
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
-    if indices and rank == 0:
+    if total and rank == 0:
         rate = encoded / max(elapsed, 1e-9) * world_size
         print(f"ditkit extract: encoded {encoded} images on rank 0 in {elapsed:.1f} s "
               f"({rate:.1f} images/s over {world_size} process(es))", file=sys.stderr)
@@ -495,6 +501,10 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda given but no GPU is visible; use --device cpu")
+    if device.type == "cuda":
+        # Deterministic convolutions: a resumed extract then writes the same bytes as an uninterrupted one.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     barrier = None
     if world > 1:
         if device.type == "cuda":
