@@ -20,6 +20,15 @@ from ditkit.errors import UserError
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors run fastest on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def alpha_bar(betas: np.ndarray, t: int) -> float:
     """ᾱ_t = Π_{s ≤ t} (1 − β_s) by an explicit product (ᾱ_{-1} = 1)."""
     return math.prod(1.0 - float(b) for b in betas[: t + 1])

@@ -13,6 +13,15 @@ F64 = torch.float64
 NULL = 10
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors run fastest on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Stub:
     """A model whose output depends on the label in a known way; records batch sizes and labels."""
 

@@ -19,6 +19,15 @@ SIGMA = torch.tensor([[0.25, 0.12], [0.12, 0.15]], dtype=F64)
 ALPHA_BAR = np.cumprod(1.0 - get_beta_schedule("linear", 1000))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors run fastest on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gaussian_eps_model(x: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
     """The exact ε-predictor for data N(MU, SIGMA) in 2-D under the linear schedule.
 
