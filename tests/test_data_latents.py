@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ditkit.autoencoder import SD_SCALE, load_vae
 from ditkit.data import latents as latents_mod
@@ -15,7 +16,7 @@ from ditkit.data import open_training_data
 from ditkit.data.images import center_crop_arr, load_rgb
 from ditkit.data.latents import LatentStore, extract, open_shard, read_manifest, shard_name
 from ditkit.errors import UserError
-from test_data_fixtures import CORRUPT, IMAGES, make_image_folder, make_tiny_vae
+from test_data_fixtures import CORRUPT, IMAGES, make_image_folder, make_tiny_vae, smooth_image
 
 SIZE = 32  # pixels; the tiny VAE downsamples 8× → 4×4 latents
 
@@ -260,3 +261,17 @@ def test_ranks_split_shards_and_match_single_process(tmp_path, setup):
     assert {k: v for k, v in manifest.items() if k != "source"} == {
         k: v for k, v in setup["manifest"].items() if k != "source"
     }
+
+
+def test_shard_of_only_unreadable_images(tmp_path, setup):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for name in ("0bad.jpg", "0bad.png"):  # sorted first: shard 0 (size 2) ends up empty
+        (folder / name).write_bytes(b"\xff\xd8\xff\xe0 not really an image")
+    for i in range(3):
+        Image.fromarray(smooth_image(40 + i, 36, i)).save(folder / f"good{i}.png")
+    m = extract(folder, tmp_path / "s", setup["vae"], image_size=SIZE, shard_size=2, workers=0, progress=False)
+    assert [s["count"] for s in m["shards"]] == [0, 2, 1] and m["skipped"] == 2 and m["count"] == 3
+    store = LatentStore(tmp_path / "s", seed=0)
+    assert len(store) == 3 and store[0][0].shape == (4, 4, 4)
+    assert open_shard(tmp_path / "s" / shard_name(0))["mean"].shape == (0, 2, 4, 4, 4)

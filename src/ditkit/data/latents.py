@@ -234,7 +234,7 @@ def extract(
                 entry["skipped"].append(str(paths[i].relative_to(folder)))
             seen[k] = seen.get(k, 0) + 1
             if seen[k] == min(shard_size, len(paths) - k * shard_size):
-                _finish_shard(out, k, pending.pop(k), labels, vae, fingerprint)
+                _finish_shard(out, k, pending.pop(k), labels, vae, fingerprint, image_size // vae.downsample)
         if bar is not None:
             bar.update(len(positions))
     if bar is not None:
@@ -275,11 +275,13 @@ def _shard_is_done(path: Path, fingerprint: str) -> bool:
     return True
 
 
-def _finish_shard(out: Path, k: int, rows: dict[str, list], labels: list[int], vae: Any, fingerprint: str) -> None:
+def _finish_shard(
+    out: Path, k: int, rows: dict[str, list], labels: list[int], vae: Any, fingerprint: str, side: int
+) -> None:
     """Write shard k with the per-channel sums that the manifest's statistics are built from."""
     index = torch.tensor(rows["index"], dtype=torch.int64)
     order = torch.argsort(index)  # rows arrive in order already; sorting makes the bytes independent of it
-    mean = torch.stack(rows["mean"])[order] if rows["mean"] else torch.zeros(0, 2, vae.latent_channels, 1, 1)
+    mean = torch.stack(rows["mean"])[order] if rows["mean"] else torch.zeros(0, 2, vae.latent_channels, side, side)
     std = torch.stack(rows["std"])[order] if rows["std"] else torch.zeros_like(mean)
     index = index[order]
     scaled = vae.scale_latents(mean.double())
