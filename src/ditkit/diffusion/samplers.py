@@ -134,6 +134,7 @@ def dpm_solver(
     model_kwargs: dict | None = None,
     clip_denoised: bool = False,
     progress: bool = False,
+    lower_order_final: bool = True,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) over the steps of `diffusion`, from step N−1 to clean data; N model evaluations.
 
@@ -142,6 +143,7 @@ def dpm_solver(
     (second order), or D = D_i on the first step and the step into t_0. The final step goes to σ = 0, where
     the update is x̂₀ itself.
     The learned variance, if any, is not used: the solver follows the probability-flow ODE.
+    `lower_order_final=False` makes the step into t_0 second order too (as diffusers' scheduler does).
     """
     x = noise
     prev_denoised: torch.Tensor | None = None
@@ -155,7 +157,7 @@ def dpm_solver(
         alpha_i, sigma_i, lam_i = _log_snr_terms(diffusion, i)
         alpha_n, sigma_n, lam_n = _log_snr_terms(diffusion, i - 1)
         h = lam_n - lam_i
-        if prev_denoised is None or i == 1:
+        if prev_denoised is None or (i == 1 and lower_order_final):
             # First order on the first step (no history) and on the step into t_0: there the log-SNR step is
             # much longer than the previous one (r ≪ 1) and the 2M extrapolation overshoots (diffusers'
             # "lower_order_final" for the same reason).
