@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "extract": ("ditkit.data.latents", "encode an image folder once into a latent store (SD-VAE)"),
     "train": ("ditkit.train", "train a DiT (one CPU/GPU, or many GPUs under torchrun)"),
     "sample": ("ditkit.sample", "sample images from a checkpoint: a labelled grid, or an ADM .npz over GPUs"),
+    "evaluate": ("ditkit.metrics.evaluate", "FID, sFID, IS, precision/recall of samples, or the digits yardstick"),
     "convert": ("ditkit.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
 }
 
