@@ -12,7 +12,10 @@ offline: a local folder, or a Hugging Face id already in the local cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +127,22 @@ class VAE:
         return f"VAE({self.name!r}, scale={self.scale}, channels={self.latent_channels}, /{self.downsample})"
 
 
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Hide loading chatter (the `accelerate` hint, deprecation warnings) so that real errors stand out."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_vae(
     path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> VAE:
@@ -131,7 +150,8 @@ def load_vae(
     AutoencoderKL = _import_autoencoder_kl()
     name, subfolder = _resolve(path_or_id)
     try:
-        model = AutoencoderKL.from_pretrained(name, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
+        with _quiet_diffusers():
+            model = AutoencoderKL.from_pretrained(name, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         if Path(name).exists():
             where = f"the folder {name} holds no loadable AutoencoderKL (config.json + weights)"
@@ -140,7 +160,7 @@ def load_vae(
         first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise UserError(
             f"cannot load the VAE: {where} ({first}); on a machine with internet run "
-            f"`huggingface-cli download {path_or_id if not Path(name).exists() else DEFAULT_VAE}` and copy "
-            "its cache folder here (set HF_HOME to it), or pass --vae FOLDER"
+            f"`huggingface-cli download {path_or_id if not Path(name).exists() else DEFAULT_VAE}`, copy its "
+            "~/.cache/huggingface here (or set HF_HOME to where you put it), or pass --vae FOLDER"
         ) from None
     return VAE(model, str(path_or_id)).to(device)

@@ -495,6 +495,8 @@ def run(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not Path(args.folder).is_dir():  # before spending seconds on loading the VAE
+        raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if args.device is not None:
