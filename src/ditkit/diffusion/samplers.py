@@ -233,6 +233,17 @@ def sample(
     return dpm_solver(diffusion, model, noise, **common)
 
 
+def model_evaluations(
+    diffusion: GaussianDiffusion, cfg_scale: float = 1.0, interval: tuple[float, float] | None = None
+) -> int:
+    """Network evaluations per image for one sampling run over `diffusion`'s steps (ddpm, ddim, dpm-solver
+    and inversion all call the model once per step): 2 per guided step (cond + uncond rows), 1 otherwise."""
+    guided_steps = 0
+    if cfg_scale != 1.0:
+        guided_steps = sum(1 for t in iterate_steps(diffusion) if interval is None or interval[0] <= t <= interval[1])
+    return diffusion.num_timesteps + guided_steps
+
+
 def iterate_steps(diffusion: GaussianDiffusion) -> Iterator[int]:
     """The original timestep indices a sampler visits, in sampling order (for logging and step counts)."""
     yield from (int(diffusion.timestep_map[i]) for i in range(diffusion.num_timesteps - 1, -1, -1))
