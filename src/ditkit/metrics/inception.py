@@ -139,6 +139,8 @@ def load_inception(weights_path: str | Path | None, device: str | torch.device =
         raise UserError(f"Inception weights not found: {path}; pass --inception-weights PATH to {WEIGHTS_FILE_NAME}")
     state = _read_weights(path)
     module = import_fidelity_inception()
+    if not hasattr(module, "load_state_dict_from_url") or not hasattr(module, "FeatureExtractorInceptionV3"):
+        raise UserError("this torch-fidelity version is not supported; pip install --no-deps 'torch-fidelity>=0.4'")
     # The constructor fetches its weights through this module-level function; hand it the file read above
     # (torch-fidelity's own path option would unpickle with weights_only=False, which ditkit never does).
     original = module.load_state_dict_from_url
