@@ -56,6 +56,20 @@ class Sampler:
         c = self.model.config
         return (c.in_channels, c.input_size, c.input_size)
 
+    def evaluations_per_image(self) -> int:
+        """Network evaluations each image costs with these settings (2 per guided step)."""
+        steps = samplers.steps_for(self.sampler, self.num_steps)
+        from ditkit.diffusion import create_diffusion
+
+        return samplers.model_evaluations(create_diffusion(steps), self.cfg_scale, self.interval)
+
+    def describe(self) -> str:
+        guidance = f"cfg {self.cfg_scale:g} on {self.guide_channels} channels" if self.cfg_scale != 1 else "no cfg"
+        return (
+            f"{self.model.config.name}, {self.sampler} {self.num_steps} steps, {guidance}: "
+            f"{self.evaluations_per_image()} model evaluations per image"
+        )
+
     def denoiser(self):
         """The model, wrapped for classifier-free guidance when the scale is not 1."""
         if self.cfg_scale == 1.0:
@@ -401,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
         if labels is None:
             n = sampler.model.config.num_classes
             labels = OFFICIAL_LABELS if n == 1000 else list(range(min(n, 8)))
+        print(sampler.describe())
         path = sample_grid(sampler, labels, args.per_label, args.seed, out, args.save_images)
         print(f"wrote {path}")
         return 0
@@ -409,6 +424,8 @@ def run(args: argparse.Namespace) -> int:
         if args.device is None:
             device = info.device
         sampler = load_for_sampling(args, device)
+        if info.is_main:
+            print(sampler.describe())
         if info.is_main and args.class_labels:
             print("note: --class-labels is ignored with --num-samples (labels are uniform over the classes)")
         path = sample_npz(sampler, args.num_samples, args.batch_size, args.seed, out, info.rank, info.world_size)
