@@ -129,4 +129,6 @@ def _frechet_eig(a: np.ndarray, b: np.ndarray) -> float:
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )

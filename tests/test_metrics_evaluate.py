@@ -1,4 +1,4 @@
-"""`ditkit evaluate` end to end with a small random-weight Inception stand-in (and torch-fidelity's network)."""
+"""`ditkit evaluate` end to end with a small random-weight Inception stand-in, and torch-fidelity's net."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ditkit.metrics import inception as inc
 
 
 class TinyInception(nn.Module):
-    """Same interface as the FID Inception (uint8 N×3×H×W in; pool, spatial NHWC[:7], bias-free logits out)."""
+    """The FID Inception's interface: uint8 N×3×H×W in; pool, spatial NHWC[:7], bias-free logits out."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -66,8 +66,12 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
     w, v = np.linalg.eigh(s1)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root @ s2 @ root)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
-                 - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((a.mean(0) - b.mean(0)) ** 2).sum()
+        + np.trace(s1)
+        + np.trace(s2)
+        - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,13 +101,20 @@ def sets(tmp_path):
 def test_metrics_match_independent_computation(sets, cache):
     smp, ref, tmp = sets
     net = TinyInception()
-    result = ev.inception_metrics(ev.open_images(tmp / "samples.npz"), ev.open_images(tmp / "ref.npz"), net,
-                                  batch_size=7, progress=False)
+    result = ev.inception_metrics(
+        ev.open_images(tmp / "samples.npz"),
+        ev.open_images(tmp / "ref.npz"),
+        net,
+        batch_size=7,
+        progress=False,
+    )
     # Independent: the network on all images at once, then float64 formulas written here.
     fs = net(torch.from_numpy(smp).permute(0, 3, 1, 2))
     fr = net(torch.from_numpy(ref).permute(0, 3, 1, 2))
     assert fs["spatial"].shape == (40, 4 * 4 * 7)
-    assert result["fid"] == pytest.approx(_frechet(fs["pool"].numpy(), fr["pool"].numpy()), rel=1e-4, abs=1e-6)
+    assert result["fid"] == pytest.approx(
+        _frechet(fs["pool"].numpy(), fr["pool"].numpy()), rel=1e-4, abs=1e-6
+    )
     assert result["sfid"] == pytest.approx(_frechet(fs["spatial"].numpy(), fr["spatial"].numpy()), rel=1e-4)
     p = softmax(fs["logits"].double().numpy(), axis=1)
     expected_is = np.exp(np.mean([entropy(row, p.mean(0)) for row in p]))
@@ -122,7 +133,9 @@ def test_folder_npz_grey_and_batching_agree(sets, cache):
     smp, ref, tmp = sets
     net = TinyInception()
     from_npz = ev.compute_activations(net, ev.open_images(tmp / "ref.npz"), batch_size=64, progress=False)
-    from_folder = ev.compute_activations(net, ev.open_images(tmp / "ref_folder"), batch_size=3, progress=False)
+    from_folder = ev.compute_activations(
+        net, ev.open_images(tmp / "ref_folder"), batch_size=3, progress=False
+    )
     for key in ("pool", "spatial", "logits"):
         np.testing.assert_allclose(from_npz[key], from_folder[key], rtol=1e-5, atol=1e-6)
     # Grey images (N×H×W, as digits are stored) are replicated to three channels.
@@ -162,8 +175,13 @@ def test_precomputed_statistics(sets, cache):
     net = TinyInception()
     fr = net(torch.from_numpy(ref).permute(0, 3, 1, 2))
     pool, spatial = fr["pool"].double().numpy(), fr["spatial"].double().numpy()
-    np.savez(tmp / "stats.npz", mu=pool.mean(0), sigma=np.cov(pool, rowvar=False),
-             mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
+    np.savez(
+        tmp / "stats.npz",
+        mu=pool.mean(0),
+        sigma=np.cov(pool, rowvar=False),
+        mu_s=spatial.mean(0),
+        sigma_s=np.cov(spatial, rowvar=False),
+    )
     samples = ev.open_images(tmp / "samples.npz")
     from_images = ev.inception_metrics(samples, ev.open_images(tmp / "ref.npz"), net, progress=False)
     from_stats = ev.inception_metrics(samples, ev.open_images(tmp / "stats.npz"), net, progress=False)
@@ -176,8 +194,19 @@ def test_precomputed_statistics(sets, cache):
 def test_cli_json_and_errors(sets, cache, monkeypatch, capsys):
     smp, ref, tmp = sets
     monkeypatch.setattr(inc, "load_inception", lambda path, device="cpu": TinyInception())
-    argv = ["evaluate", str(tmp / "samples.npz"), str(tmp / "ref_folder"), "--inception-weights", "w.pth",
-            "--json", "--device", "cpu", "--batch-size", "16", "--no-progress"]
+    argv = [
+        "evaluate",
+        str(tmp / "samples.npz"),
+        str(tmp / "ref_folder"),
+        "--inception-weights",
+        "w.pth",
+        "--json",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(out)
@@ -234,9 +263,7 @@ def test_cli_digits_metric(tmp_path, cache, capsys):
     assert direct["accuracy"] == pytest.approx(expected_acc)
 
 
-# ----------------------------------------------------------------------------------------------- torch-fidelity
-
-
+# ------------------------------------------------------------------------------------------ torch-fidelity
 
 
 def _random_fidelity_weights(path) -> None:
@@ -256,8 +283,10 @@ def _random_fidelity_weights(path) -> None:
     torch.save(net.state_dict(), path)
 
 
-@pytest.mark.skipif(__import__("importlib.util").util.find_spec("torch_fidelity") is None,
-                    reason="torch-fidelity not installed (pip install --no-deps torch-fidelity)")
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("torch_fidelity") is None,
+    reason="torch-fidelity not installed (pip install --no-deps torch-fidelity)",
+)
 def test_fidelity_inception_random_weights(tmp_path):
     weights = tmp_path / inc.WEIGHTS_FILE_NAME
     _random_fidelity_weights(weights)

@@ -25,7 +25,9 @@ def _frechet_eigh(mu1, s1, mu2, s2) -> float:
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 # ----------------------------------------------------------------------------------------------- Fréchet
@@ -97,7 +99,7 @@ def test_frechet_bad_shapes():
         feature_statistics(np.zeros((1, 3)))
 
 
-# ----------------------------------------------------------------------------------------------- precision/recall
+# ---------------------------------------------------------------------------------------- precision/recall
 
 
 def _pr_reference(ref: np.ndarray, smp: np.ndarray, k: int = 3) -> tuple[float, float]:
@@ -147,7 +149,7 @@ def test_manifold_radii_closed_form_and_batching(monkeypatch):
         pr.manifold_radii(np.zeros((3, 2)))
 
 
-# ----------------------------------------------------------------------------------------------- Inception Score
+# ----------------------------------------------------------------------------------------- Inception Score
 
 
 def test_inception_score_closed_forms():

@@ -37,7 +37,7 @@ def _split_indices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Resize N×C×H×W images to image_size² (bilinear; antialiased when shrinking so no digit strokes alias)."""
+    """Resize N×C×H×W images to image_size² (bilinear; antialiased when shrinking)."""
     if images.shape[-1] == image_size and images.shape[-2] == image_size:
         return images
     shrinking = image_size < max(images.shape[-2:])
@@ -49,8 +49,8 @@ def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
 def load_digits_split(image_size: int, split: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One split of the digits at `image_size`: (images float32 N×1×S×S in [-1, 1], labels int64 N).
 
-    `split` is "train" (1,437 images) or "test" (360 images); the split depends only on `seed`, so the held-out
-    images are the same in training and evaluation.
+    `split` is "train" (1,437 images) or "test" (360 images); the split depends only on `seed`, so the
+    held-out images are the same in training and evaluation.
     """
     if split not in SPLITS:
         raise UserError(f"digits: unknown split {split!r}; choose 'train' or 'test'")

@@ -1,4 +1,4 @@
-"""Evaluation metrics: the Fréchet distance, the digits classifier yardstick, Inception-based FID/sFID/IS/P&R."""
+"""Evaluation metrics: the Fréchet distance, the digits classifier yardstick, Inception FID/sFID/IS/P&R."""
 
 from ditkit.metrics.digits_classifier import digits_metrics, get_digits_classifier
 from ditkit.metrics.frechet import feature_statistics, frechet_distance

@@ -39,6 +39,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, width: int = 16, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_CLASSES):
         super().__init__()
+
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
@@ -88,7 +89,9 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     scale = 1.0 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.25  # grid units: the side spans 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Sample x+1 with zero padding so that pixels moved in from outside are background (-1).
     return F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
@@ -136,8 +139,11 @@ def train_digits_classifier(
                 opt.step()
                 sched.step()
             if verbose:
-                print(f"digits classifier: epoch {epoch + 1}/{epochs} loss {loss.item():.3f} "
-                      f"({time.time() - start:.0f}s)", file=sys.stderr)
+                print(
+                    f"digits classifier: epoch {epoch + 1}/{epochs} loss {loss.item():.3f} "
+                    f"({time.time() - start:.0f}s)",
+                    file=sys.stderr,
+                )
     return model.eval(), accuracy(model, x_test, y_test)
 
 
@@ -179,8 +185,10 @@ def get_digits_classifier(image_size: int, verbose: bool = True) -> DigitsCNN:
             if verbose:  # a damaged or foreign file: train again and replace it
                 print(f"digits classifier: ignoring unreadable cache file {path}", file=sys.stderr)
     if verbose:
-        print(f"digits classifier: training for {image_size}x{image_size} digits (once; cached in {path.parent})",
-              file=sys.stderr)
+        print(
+            f"digits classifier: training for {image_size}x{image_size} digits (once; cache {path.parent})",
+            file=sys.stderr,
+        )
     model, acc = train_digits_classifier(image_size, verbose=verbose)
     if verbose:
         print(f"digits classifier: test accuracy {acc:.4f}", file=sys.stderr)
@@ -199,7 +207,10 @@ def digits_features(model: DigitsCNN, images: torch.Tensor, batch_size: int = 50
     """Penultimate features N×128 (float64) of images N×1×S×S in [-1, 1]."""
     model.eval()
     with _one_thread():
-        out = [model.features(images[i : i + batch_size].cpu()).double() for i in range(0, len(images), batch_size)]
+        out = [
+            model.features(images[i : i + batch_size].cpu()).double()
+            for i in range(0, len(images), batch_size)
+        ]
     return torch.cat(out) if out else torch.zeros(0, FEATURE_DIM, dtype=torch.float64)
 
 
@@ -208,9 +219,13 @@ def _check_samples(samples: torch.Tensor) -> torch.Tensor:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
         raise UserError(f"digits metrics: samples must be a tensor N×1×S×S in [-1, 1], got {shape}")
     if samples.shape[-1] != samples.shape[-2]:
-        raise UserError(f"digits metrics: samples must be square, got {samples.shape[-2]}x{samples.shape[-1]}")
+        raise UserError(
+            f"digits metrics: samples must be square, got {samples.shape[-2]}x{samples.shape[-1]}"
+        )
     if samples.shape[0] < 2:
-        raise UserError(f"digits metrics: need at least 2 samples for a Fréchet distance, got {samples.shape[0]}")
+        raise UserError(
+            f"digits metrics: need at least 2 samples for a Fréchet distance, got {samples.shape[0]}"
+        )
     return samples.detach().float().cpu()
 
 
@@ -233,6 +248,7 @@ def digits_metrics(samples: torch.Tensor, labels: torch.Tensor | None = None, ve
         result["accuracy"] = None
     reference, _ = load_digits_split(image_size, "test")
     result["frechet"] = frechet_distance(
-        *feature_statistics(digits_features(model, samples)), *feature_statistics(digits_features(model, reference))
+        *feature_statistics(digits_features(model, samples)),
+        *feature_statistics(digits_features(model, reference)),
     )
     return result

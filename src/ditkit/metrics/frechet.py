@@ -26,7 +26,7 @@ def _as_float64(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) of N×D features in float64; the covariance is unbiased (N−1), as numpy's `np.cov`."""
+    """(mean, covariance) of N×D features in float64; the covariance is unbiased (N−1), as `np.cov`."""
     feats = _as_float64(features)
     if feats.ndim != 2:
         raise UserError(f"features must be a 2-D array N×D, got shape {feats.shape}")
@@ -47,10 +47,14 @@ def frechet_distance(
     mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
     sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
     if mu1.shape != mu2.shape:
-        raise UserError(f"feature means differ in size ({mu1.shape[0]} vs {mu2.shape[0]}); were both sets "
-                        "computed with the same network?")
+        raise UserError(
+            f"feature means differ in size ({mu1.shape[0]} vs {mu2.shape[0]}); were both sets "
+            "computed with the same network?"
+        )
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
-        raise UserError(f"covariance shapes {sigma1.shape} and {sigma2.shape} do not fit means of size {mu1.shape[0]}")
+        raise UserError(
+            f"covariance shapes {sigma1.shape} and {sigma2.shape} do not fit means of size {mu1.shape[0]}"
+        )
     diff = mu1 - mu2
     with warnings.catch_warnings():
         # scipy warns on (near-)singular products; the finiteness check below handles that case.
@@ -67,7 +71,9 @@ def frechet_distance(
     if np.iscomplexobj(covmean):
         largest = np.max(np.abs(covmean.imag))
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAG_TOL):
-            raise ValueError(f"Fréchet distance: imaginary component {largest:.3g} in the covariance square root")
+            raise ValueError(
+                f"Fréchet distance: imaginary component {largest:.3g} in the covariance square root"
+            )
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 

@@ -1,10 +1,10 @@
-"""Inception-V3 features for FID, sFID, IS and precision/recall, as the ADM / pytorch-fid protocol defines them.
+"""Inception-V3 features for FID, sFID, IS and precision/recall, as ADM / pytorch-fid define them.
 
 The network is torch-fidelity's `FeatureExtractorInceptionV3`, the maintained PyTorch port of the TensorFlow
 FID Inception graph (bit-compatible resizing and normalisation). Importing the `torch_fidelity` package pulls
-in torchvision, which ditkit does not need; so only the one module that defines the network is loaded (it needs
-torch alone), and `pip install --no-deps torch-fidelity` is enough. Weights are never downloaded: they come
-from a local file, read with `weights_only=True`.
+in torchvision, which ditkit does not need; so only the one module that defines the network is loaded (it
+needs torch alone), and `pip install --no-deps torch-fidelity` is enough. Weights are never downloaded: they
+come from a local file, read with `weights_only=True`.
 
 Every feature network maps uint8 images N×3×H×W (0..255, any size) to a dict of float32 arrays:
   "pool":    N×2048 pool_3 features (FID, precision/recall)
@@ -76,7 +76,8 @@ def import_fidelity_inception() -> types.ModuleType:
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "FID/sFID/IS/precision/recall need torch-fidelity's Inception network: pip install 'ditkit[eval]' "
+            "FID/sFID/IS/precision/recall need torch-fidelity's Inception network: "
+            "pip install 'ditkit[eval]' "
             "(or pip install --no-deps torch-fidelity to skip torchvision)"
         )
     with _package_without_init("torch_fidelity", list(spec.submodule_search_locations)[0]):
@@ -131,16 +132,20 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_inception(weights_path: str | Path | None, device: str | torch.device = "cpu") -> FidelityInception:
-    """The FID Inception-V3 with weights from a local file (`.pth` state_dict or `.safetensors`), in eval mode."""
+    """The FID Inception-V3 with weights from a local `.pth` state_dict or `.safetensors`, in eval mode."""
     if weights_path is None:
         raise UserError(_MISSING_WEIGHTS)
     path = Path(weights_path).expanduser()
     if not path.is_file():
-        raise UserError(f"Inception weights not found: {path}; pass --inception-weights PATH to {WEIGHTS_FILE_NAME}")
+        raise UserError(
+            f"Inception weights not found: {path}; pass --inception-weights PATH to {WEIGHTS_FILE_NAME}"
+        )
     state = _read_weights(path)
     module = import_fidelity_inception()
     if not hasattr(module, "load_state_dict_from_url") or not hasattr(module, "FeatureExtractorInceptionV3"):
-        raise UserError("this torch-fidelity version is not supported; pip install --no-deps 'torch-fidelity>=0.4'")
+        raise UserError(
+            "this torch-fidelity version is not supported; pip install --no-deps 'torch-fidelity>=0.4'"
+        )
     # The constructor fetches its weights through this module-level function; hand it the file read above
     # (torch-fidelity's own path option would unpickle with weights_only=False, which ditkit never does).
     original = module.load_state_dict_from_url
@@ -150,7 +155,9 @@ def load_inception(weights_path: str | Path | None, device: str | torch.device =
     except RuntimeError as err:
         key = re.search(r'"([^"]+)"', str(err))
         detail = f" (first mismatch: {key.group(1)})" if key else ""
-        raise UserError(f"{path} does not fit the FID Inception-V3{detail}; expected {WEIGHTS_FILE_NAME}") from None
+        raise UserError(
+            f"{path} does not fit the FID Inception-V3{detail}; expected {WEIGHTS_FILE_NAME}"
+        ) from None
     finally:
         module.load_state_dict_from_url = original
     net = FidelityInception(extractor, fingerprint=f"fid-inception-v3:{_file_digest(path)}")

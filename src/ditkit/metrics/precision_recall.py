@@ -36,7 +36,9 @@ def manifold_radii(
     """Squared distance from each point to its k-th nearest other point in the same set (shape N)."""
     feats = _as_tensor(features, device)
     if not 1 <= k < feats.shape[0]:
-        raise UserError(f"precision/recall: need more than k={k} feature vectors per set, got {feats.shape[0]}")
+        raise UserError(
+            f"precision/recall: need more than k={k} feature vectors per set, got {feats.shape[0]}"
+        )
     radii = []
     for start in range(0, feats.shape[0], ROW_BATCH):
         d = _squared_distances(feats[start : start + ROW_BATCH], feats)
