@@ -1,0 +1,903 @@
+"""Training and sampling speed of ditkit's DiT on one GPU (issue 7), with the fp32-eager baseline alongside.
+
+    PYTHONPATH=src python benchmarks/bench_speed.py --out $OUT/speed.json            # the GPU run, < 9 min
+    PYTHONPATH=src python benchmarks/bench_speed.py --quick --out /tmp/speed.json    # CPU smoke run, seconds
+
+What it does, in order of importance (a `--budget-s` cut drops the tail and still prints the table):
+  1. the GPU's own bf16 matmul rate (the MFU denominator), median of CUDA-event-timed repeats;
+  2. DiT-XL/2 training at 256×256 (32×32×4 synthetic latents, the store's shape) in the fast mode (bf16
+     autocast with fp32 master weights, flash SDPA, fused AdamW, EMA by foreach lerp, regional torch.compile)
+     at batch 128 and 256; then, with --profile, one step's GPU time per kernel class;
+  3. guided DiT-XL/2 sampling throughput, DDPM-250 and DPM-Solver++-20 (batch 256 = 512 rows; median step
+     time × steps), and end-to-end latency for batch 1 and 8;
+  4. the baseline: the same training step and sampler step with every optimisation off (fp32 without TF32,
+     eager, math SDPA, for-each AdamW), so every row's speed-up is a ratio measured in this process;
+  5. batch 256 with activation checkpointing (required if plain batch 256 runs out of memory);
+  6. the leads one at a time at batch 64 (TF32, bf16, flash SDPA, fused AdamW), bf16 eager at the big batch;
+  7. DiT-S/2, B/2, L/2 at batch 256 and DiT-XL/2 at 512×512 (64×64 latents), each with its baseline;
+  8. the EMA update (torch._foreach_lerp_ against a per-parameter loop).
+
+The training step is train.py's, built from the same functions (the model, `training_losses` with the fp32
+loss, AdamW, `update_ema`, the per-step generator); only the data loader is left out. FLOPs are counted by
+`ditkit.flops.count_macs`: a training image costs 6×MACs (forward 2×, backward 4×), a guided sampling step
+costs 2 rows × 2×MACs per image. MFU = counted FLOPs / time / the measured bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import platform
+import signal
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from ditkit.checkpoints import atomic_write
+from ditkit.diffusion import create_diffusion, samplers
+from ditkit.diffusion.guidance import guided
+from ditkit.fast import compile_blocks
+from ditkit.flops import count_macs
+from ditkit.models.config import DiTConfig
+from ditkit.models.dit import DiT
+from ditkit.train import _autocast, _step_generator, update_ema
+
+CFG_SCALE = 4.0  # the sample.py default of the official code; the cost does not depend on it
+
+
+# ----------------------------------------------------------------------------------------------- modes
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One combination of the leads. `precision`: fp32 (TF32 off), tf32, or bf16 (autocast, fp32 weights)."""
+
+    name: str
+    precision: str = "bf16"
+    compile: bool = False
+    flash: bool = True  # SDPA's flash / memory-efficient kernels; False forces the math backend
+    fused_adam: bool = True
+    checkpointing: bool = False
+    bf16_weights: bool = False  # sampling only: the EMA weights cast to bf16 once (no per-call weight casts)
+
+
+BASELINE = Mode("fp32 eager (all off)", precision="fp32", flash=False, fused_adam=False)
+FAST = Mode("bf16 compile", compile=True)
+FAST_CKPT = Mode("bf16 compile + act. ckpt", compile=True, checkpointing=True)
+SAMPLE_FAST = Mode("bf16 compile", compile=True, bf16_weights=True)
+SAMPLE_EAGER = Mode("bf16 eager", bf16_weights=True)
+SAMPLE_BASELINE = Mode("fp32 eager (all off)", precision="fp32", flash=False)
+LADDER = (
+    Mode("tf32 eager", precision="tf32", flash=False, fused_adam=False),
+    Mode("bf16 eager, math SDPA", flash=False, fused_adam=False),
+    Mode("bf16 eager, flash SDPA", fused_adam=False),
+    Mode("bf16 eager, flash, fused AdamW (train.py)"),
+)
+
+
+@dataclass
+class Row:
+    """One line of the table (and of the JSON)."""
+
+    section: str
+    config: str
+    batch: int
+    mode: str
+    images_per_s: float | None = None
+    step_ms: float | None = None
+    mfu_pct: float | None = None
+    peak_mem_gb: float | None = None
+    speedup: float | None = None
+    note: str = ""
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+class BudgetExceeded(Exception):
+    """Raised by the alarm when a job runs past the hard time limit."""
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+class Bench:
+    """Device, timer, budget and results of one benchmark run."""
+
+    def __init__(self, device: torch.device, budget_s: float, quick: bool):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.budget_s = budget_s
+        self.quick = quick
+        self.start = time.perf_counter()
+        self.peak_flops: float | None = None
+        self.rows: list[Row] = []
+        self.skipped: list[str] = []
+        self.profile: dict[str, Any] | None = None
+        self.baselines: dict[tuple[str, str], float] = {}  # (config, kind) -> baseline images/s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+        """Per-call times in ms after `warmup` calls.
+
+        On a GPU: CUDA events recorded back to back (no host sync between calls, so the CPU may run ahead as
+        in a real loop), one synchronize at the end."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if not self.cuda:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return times
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        events[0].record()
+        for i in range(repeats):
+            fn()
+            events[i + 1].record()
+        events[-1].synchronize()
+        return [events[i].elapsed_time(events[i + 1]) for i in range(repeats)]
+
+    def reset_memory(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gb(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
+
+    def mfu(self, flops_per_s: float) -> float | None:
+        return 100.0 * flops_per_s / self.peak_flops if self.peak_flops else None
+
+
+@contextlib.contextmanager
+def applied(mode: Mode, device: torch.device):
+    """TF32 flags and the SDPA backend of `mode` for the duration of a call."""
+    if device.type == "cuda":
+        tf32 = mode.precision in ("tf32", "bf16")  # as train.py: TF32 on for bf16 runs, off for fp32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    with contextlib.ExitStack() as stack:
+        if not mode.flash:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+def measure_peak(bench: Bench) -> float:
+    """The device's bf16 matmul rate in FLOP/s: the best median over a few square sizes."""
+    sizes = (256,) if bench.quick else (4096, 8192, 16384)
+    best = 0.0
+    for n in sizes:
+        repeats = 3 if bench.quick else (10 if n >= 16384 else 30)
+        times = bench.time_ms(_matmul(n, bench.device), warmup=2 if bench.quick else 5, repeats=repeats)
+        best = max(best, 2 * n**3 / (statistics.median(times) / 1e3))
+    return best
+
+
+def _matmul(n: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return lambda: torch.mm(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A model to benchmark: a paper name at a latent size (or a tiny config for --quick)."""
+
+    label: str
+    name: str
+    input_size: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def config(self) -> DiTConfig:
+        return DiTConfig.from_name(
+            self.name, input_size=self.input_size, num_classes=1000, **dict(self.overrides)
+        )
+
+    def build(self) -> DiT:
+        return DiT(self.config())
+
+
+TINY_OVERRIDES = (("depth", 2), ("hidden_size", 64), ("num_heads", 4))
+
+
+def specs(quick: bool) -> dict[str, Spec]:
+    if quick:
+        tiny = Spec("tiny/2 (8x8)", "DiT-S/2", 8, TINY_OVERRIDES)
+        return {
+            "XL/2": tiny,
+            "S/2": Spec("tiny-S/2 (8x8)", "DiT-S/2", 8, (("depth", 1),) + TINY_OVERRIDES[1:]),
+            "XL/2-512": Spec("tiny/2 (16x16)", "DiT-S/2", 16, TINY_OVERRIDES),
+        }
+    return {
+        "XL/2": Spec("DiT-XL/2 256", "DiT-XL/2", 32),
+        "S/2": Spec("DiT-S/2 256", "DiT-S/2", 32),
+        "B/2": Spec("DiT-B/2 256", "DiT-B/2", 32),
+        "L/2": Spec("DiT-L/2 256", "DiT-L/2", 32),
+        "XL/2-512": Spec("DiT-XL/2 512", "DiT-XL/2", 64),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class TrainStep:
+    """train.py's step (without the loader) on synthetic latents: loss, backward, AdamW, EMA."""
+
+    def __init__(self, spec: Spec, batch: int, mode: Mode, device: torch.device, quick: bool):
+        self.device, self.mode, self.batch = device, mode, batch
+        precision = "bf16" if mode.precision == "bf16" else "fp32"
+        self.precision = precision
+        torch.manual_seed(0)
+        model = spec.build()
+        config = model.config
+        ema = copy.deepcopy(model)
+        ema.requires_grad_(False)
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.requires_grad_(p.requires_grad)  # as train.py: update_ema pairs the trained parameters
+        self.model, self.ema = model.to(device).train(), ema.to(device).eval()
+        if mode.checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if mode.compile:
+            # On a CPU (--quick) only dynamo's tracing runs: it checks the path without a C++ toolchain.
+            compile_blocks(self.model, backend="inductor" if device.type == "cuda" else "eager")
+        self.opt = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=1e-4,
+            weight_decay=0.0,
+            **(
+                {"fused": True}
+                if mode.fused_adam and device.type == "cuda"
+                else {"foreach": device.type == "cuda"}
+            ),
+        )
+        self.diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
+        self.dropout = config.class_dropout_prob
+        g = torch.Generator(device="cpu").manual_seed(1)
+        shape = (batch, config.in_channels, config.input_size, config.input_size)
+        self.x = torch.randn(shape, generator=g).to(device)
+        self.y = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
+        self.step_index = 0
+        self.sums = torch.zeros(3, device=device)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.macs = count_macs(config)
+
+    def __call__(self) -> None:
+        batch, device = self.batch, self.device
+        gen = _step_generator(0, self.step_index, device)
+        t = torch.randint(0, self.diffusion.num_timesteps, (batch,), generator=gen, device=device)
+        noise = torch.randn(self.x.shape, generator=gen, device=device)
+        drop = (torch.rand(batch, generator=gen, device=device) < self.dropout).long()
+
+        def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return self.model(*args, **kwargs).float()  # train.py computes the loss in fp32
+
+        with _autocast(device, self.precision):
+            terms = self.diffusion.training_losses(
+                fp32_output, self.x, t, model_kwargs={"y": self.y, "force_drop_ids": drop}, noise=noise
+            )
+        loss = terms["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = torch.isfinite(loss)
+        self.opt.step()
+        update_ema(self.ema, self.model, 0.9999)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step_index + 1, self.first_bad)
+        self.sums += torch.stack([loss.detach(), terms["mse"].mean().detach(), terms["vb"].mean().detach()])
+        self.step_index += 1
+
+
+def train_job(
+    bench: Bench, spec: Spec, batch: int, mode: Mode, section: str, repeats: int, profile: bool = False
+) -> Row:
+    bench.reset_memory()
+    with applied(mode, bench.device):
+        step = TrainStep(spec, batch, mode, bench.device, bench.quick)
+        times = bench.time_ms(step, warmup=1 if bench.quick else 3, repeats=repeats)
+        ms = statistics.median(times)
+        if profile:
+            bench.profile = profile_step(bench, step, f"{spec.label}, batch {batch}, {mode.name}", ms)
+    if int(step.first_bad) >= 0:
+        raise RuntimeError("the loss became non-finite")
+    ips = batch / (ms / 1e3)
+    row = Row(
+        section,
+        spec.label,
+        batch,
+        mode.name,
+        ips,
+        ms,
+        bench.mfu(6 * step.macs * ips),
+        bench.peak_memory_gb(),
+        note=f"median of {len(times)}",
+    )
+    if mode == BASELINE:
+        bench.baselines[(spec.label, "train")] = ips
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+class Sampler:
+    """A guided EMA-style model (eval mode) and the samplers' own step functions at one batch size."""
+
+    def __init__(self, spec: Spec, batch: int, mode: Mode, device: torch.device):
+        torch.manual_seed(0)
+        model = spec.build().to(device).eval()
+        if mode.bf16_weights:
+            model = model.to(torch.bfloat16)  # cast once: no per-call cast of 675M weights at small batches
+        if mode.compile:
+            compile_blocks(model, backend="inductor" if device.type == "cuda" else "eager")
+        self.model, self.mode, self.device, self.batch = model, mode, device, batch
+        self.config = model.config
+        self.macs = count_macs(self.config)
+        self.guided = guided(self._forward, CFG_SCALE, null_label=self.config.num_classes)
+        g = torch.Generator(device="cpu").manual_seed(2)
+        c, s = self.config.in_channels, self.config.input_size
+        self.noise = torch.randn(batch, c, s, s, generator=g).to(device)
+        self.y = torch.randint(0, self.config.num_classes, (batch,), generator=g).to(device)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device, "bf16" if self.mode.precision == "bf16" else "fp32"):
+            return self.model(x, t, y).float()
+
+    def step_fn(self, num_steps: int) -> Callable[[], torch.Tensor]:
+        """One DDPM step of the `num_steps`-respaced process, exactly the call `samplers.ddpm` makes."""
+        diffusion = create_diffusion(str(num_steps))
+        state = {"i": num_steps - 1, "x": self.noise.clone()}
+
+        @torch.no_grad()
+        def step() -> torch.Tensor:
+            i = state["i"]
+            t = torch.full((self.batch,), i, device=self.device, dtype=torch.long)
+            state["x"] = diffusion.p_sample(
+                self.guided, state["x"], t, clip_denoised=False, model_kwargs={"y": self.y}
+            )["sample"]
+            state["i"] = i - 1 if i > 1 else num_steps - 1
+            return state["x"]
+
+        return step
+
+    def run(self, sampler: str, num_steps: int) -> torch.Tensor:
+        """A full sampling run through `samplers.sample` (guided)."""
+        return samplers.sample(
+            self.guided, self.noise, sampler=sampler, num_steps=num_steps, model_kwargs={"y": self.y}
+        )
+
+
+def sample_throughput_job(
+    bench: Bench,
+    sampler: Sampler,
+    spec: Spec,
+    kind: str,
+    num_steps: int,
+    section: str,
+    repeats: int,
+    end_to_end: bool = False,
+) -> Row:
+    """Images/s of a guided sampler: median step time × steps (extrapolated), or timed runs (end_to_end)."""
+    with applied(sampler.mode, bench.device):
+        if end_to_end:
+            times = bench.time_ms(lambda: sampler.run(kind, num_steps), warmup=1, repeats=repeats)
+            total_ms = statistics.median(times)
+            step_ms = total_ms / num_steps
+            note = f"end to end, median of {len(times)}"
+        else:
+            times = bench.time_ms(
+                sampler.step_fn(250 if kind == "ddpm" else num_steps),
+                warmup=1 if bench.quick else 2,
+                repeats=repeats,
+            )
+            step_ms = statistics.median(times)
+            total_ms = step_ms * num_steps
+            note = f"extrapolated: median step ({len(times)}) x {num_steps}"
+    b = sampler.batch
+    ips = b / (total_ms / 1e3)
+    flops = 2 * 2 * sampler.macs * b * num_steps / (total_ms / 1e3)  # guided: 2 rows per image per step
+    label = f"{spec.label} {'DDPM' if kind == 'ddpm' else 'DPM++'}-{num_steps}"
+    row = Row(
+        section,
+        label,
+        b,
+        sampler.mode.name,
+        ips,
+        step_ms,
+        bench.mfu(flops),
+        bench.peak_memory_gb(),
+        note=note,
+        extra={"sampler": kind, "num_steps": num_steps, "total_s": total_ms / 1e3},
+    )
+    if sampler.mode == SAMPLE_BASELINE:
+        bench.baselines[(spec.label, "sample-step")] = b / (step_ms / 1e3)
+    return row
+
+
+def latency_job(
+    bench: Bench, spec: Spec, batch: int, mode: Mode, runs: list[tuple[str, int]], section: str, repeats: int
+) -> list[Row]:
+    """End-to-end latency of full guided sampling runs at a small batch; the model-only share shows the
+    sampler's overhead (its coefficient look-ups and host syncs) at sizes where launches dominate."""
+    bench.reset_memory()
+    sampler = Sampler(spec, batch, mode, bench.device)
+    rows = []
+    with applied(mode, bench.device), torch.no_grad():
+        t = torch.full((batch,), 500, device=bench.device, dtype=torch.long)
+        forward_ms = statistics.median(
+            bench.time_ms(
+                lambda: sampler.guided(sampler.noise, t, sampler.y),
+                warmup=1 if bench.quick else 3,
+                repeats=3 if bench.quick else 10,
+            )
+        )
+        for kind, steps in runs:
+            times = bench.time_ms(lambda k=kind, n=steps: sampler.run(k, n), warmup=1, repeats=repeats)
+            total = statistics.median(times)
+            flops = 2 * 2 * sampler.macs * batch * steps / (total / 1e3)
+            name = "DDPM" if kind == "ddpm" else "DPM++"
+            rows.append(
+                Row(
+                    section,
+                    f"{spec.label} {name}-{steps} latency",
+                    batch,
+                    mode.name,
+                    batch / (total / 1e3),
+                    total / steps,
+                    bench.mfu(flops),
+                    bench.peak_memory_gb(),
+                    note=f"latency {total / 1e3:.3f} s; guided forward alone {forward_ms:.2f} ms/step",
+                    extra={"latency_s": total / 1e3, "forward_ms": forward_ms, "num_steps": steps},
+                )
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- profile and EMA
+
+
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "scaled_dot_product")),
+    (
+        "matmul",
+        (
+            "gemm",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "wgmma",
+            "triton_tem",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "matmul",
+            "cublas",
+            "conv",
+        ),
+    ),
+    ("optimizer+EMA", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("copy/memset", ("memcpy", "memset", "copy_")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lower = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in lower for k in keys):
+            return cls
+    return "norm/elementwise"
+
+
+def profile_step(bench: Bench, fn: Callable[[], Any], what: str, step_ms: float) -> dict[str, Any]:
+    """Time per kernel class of one call of `fn` (GPU kernel self time; CPU op self time without a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    fn()
+    bench.sync()
+    with profile(activities=activities) as prof:
+        fn()
+        bench.sync()
+    totals: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for evt in prof.key_averages():
+        if bench.cuda:
+            if str(getattr(evt, "device_type", "")).split(".")[-1] != "CUDA":
+                continue
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:
+                us = getattr(evt, "self_cuda_time_total", 0.0)
+        else:
+            if not evt.key.startswith("aten::"):
+                continue
+            us = evt.self_cpu_time_total
+        if not us:
+            continue
+        cls = kernel_class(evt.key)
+        totals[cls] = totals.get(cls, 0.0) + us / 1e3
+        top.append((us / 1e3, evt.key))
+    busy = sum(totals.values())
+    top.sort(reverse=True)
+    return {
+        "what": what,
+        "step_ms": step_ms,
+        "busy_ms": busy,
+        "classes_ms": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"ms": ms, "name": name[:120]} for ms, name in top[:12]],
+    }
+
+
+def ema_job(bench: Bench, spec: Spec, section: str) -> list[Row]:
+    """update_ema (one torch._foreach_lerp_) against a per-parameter loop, on the model's parameters."""
+    model = spec.build().to(bench.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.requires_grad_(p.requires_grad)
+
+    @torch.no_grad()
+    def loop() -> None:
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            if p.requires_grad:
+                p_ema.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
+
+    rows = []
+    for name, fn in (
+        ("torch._foreach_lerp_ (update_ema)", lambda: update_ema(ema, model, 0.9999)),
+        ("per-parameter loop", loop),
+    ):
+        ms = statistics.median(
+            bench.time_ms(fn, warmup=1 if bench.quick else 2, repeats=3 if bench.quick else 20)
+        )
+        rows.append(Row(section, f"{spec.label} EMA update", 0, name, None, ms, note="one EMA update"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Job:
+    title: str
+    estimate_s: float  # rough cost on an H100, compile included; the budget check uses it
+    run: Callable[[], Row | list[Row] | None]
+    on_fail: Callable[[BaseException], None] | None = None
+
+
+def plan(bench: Bench, profile: bool) -> list[Job]:
+    q = bench.quick
+    sp = specs(q)
+    xl = sp["XL/2"]
+    jobs: list[Job] = []
+    reps = 2 if q else 10
+    big, mid = (8, 4) if q else (256, 128)
+    small_b = 4 if q else 64
+
+    state: dict[str, Any] = {"profiled": False, "compiled": False}
+
+    def train(spec: Spec, batch: int, mode: Mode, section: str, repeats: int = reps) -> Callable[[], Row]:
+        def run() -> Row:
+            nonlocal mode
+            if q and mode.compile and state["compiled"]:
+                # --quick traces one training shape through dynamo; more would only cost the smoke test time.
+                mode = dataclasses.replace(mode, name=mode.name.replace("compile", "eager"), compile=False)
+            state["compiled"] = state["compiled"] or mode.compile
+            want_profile = profile and not state["profiled"] and spec is xl and mode.compile
+            row = train_job(bench, spec, batch, mode, section, repeats, profile=want_profile)
+            state["profiled"] = state["profiled"] or want_profile
+            return row
+
+        return run
+
+    # 2. XL/2 training, fast mode, two batches (the best is chosen in the table).
+    jobs.append(Job(f"{xl.label} train b{mid} {FAST.name}", 60, train(xl, mid, FAST, "train")))
+    jobs.append(Job(f"{xl.label} train b{big} {FAST.name}", 50, train(xl, big, FAST, "train")))
+
+    # 3. Guided sampling throughput and latency.
+    samp: dict[str, Sampler] = {}
+    sample_b = 4 if q else 256
+
+    def sampling(kind: str, steps: int, end_to_end: bool, repeats: int) -> Callable[[], Row]:
+        def run() -> Row:
+            if "fast" not in samp:
+                bench.reset_memory()
+                samp["fast"] = Sampler(xl, sample_b, SAMPLE_FAST, bench.device)
+            return sample_throughput_job(bench, samp["fast"], xl, kind, steps, "sample", repeats, end_to_end)
+
+        return run
+
+    jobs.append(Job(f"{xl.label} DDPM-250 b{sample_b}", 45, sampling("ddpm", 250, False, 3 if q else 6)))
+    jobs.append(Job(f"{xl.label} DPM-20 b{sample_b}", 20, sampling("dpm-solver", 4 if q else 20, True, 2)))
+
+    def drop_sampler() -> Row | None:
+        samp.clear()
+        bench.reset_memory()
+        return None
+
+    jobs.append(Job("free the sampling model", 0, drop_sampler))
+    lat_runs = [("ddpm", 3), ("dpm-solver", 3)] if q else [("ddpm", 250), ("dpm-solver", 20)]
+    for b in (1,) if q else (1, 8):
+        jobs.append(
+            Job(
+                f"{xl.label} latency b{b}",
+                40,
+                lambda b=b: latency_job(
+                    bench, xl, b, SAMPLE_EAGER if q else SAMPLE_FAST, lat_runs, "latency", 1 if q else 3
+                ),
+            )
+        )
+
+    # 4. Baselines (every optimisation off) for the speed-up column.
+    jobs.append(
+        Job(
+            f"{xl.label} train b{small_b} baseline",
+            15,
+            train(xl, small_b, BASELINE, "baseline", 3 if q else 5),
+        )
+    )
+
+    def sample_baseline() -> Row:
+        bench.reset_memory()
+        s = Sampler(xl, 4 if q else 64, SAMPLE_BASELINE, bench.device)
+        return sample_throughput_job(bench, s, xl, "ddpm", 250, "baseline", 2 if q else 3)
+
+    jobs.append(Job(f"{xl.label} DDPM step baseline", 15, sample_baseline))
+
+    # 5. Batch 256 with activation checkpointing.
+    jobs.append(Job(f"{xl.label} train b{big} {FAST_CKPT.name}", 45, train(xl, big, FAST_CKPT, "memory")))
+
+    # 6. The leads one at a time (eager, batch 64), and bf16 eager at the big batch (the compile gain).
+    for mode in LADDER[-1:] if q else LADDER:
+        jobs.append(
+            Job(
+                f"{xl.label} train b{small_b} {mode.name}",
+                10,
+                train(xl, small_b, mode, "leads", 3 if q else 5),
+            )
+        )
+    if not q:
+        jobs.append(
+            Job(f"{xl.label} train b{mid} {LADDER[-1].name}", 12, train(xl, mid, LADDER[-1], "leads", 5))
+        )
+
+    # 7. The other sizes, each with its baseline.
+    for key in ("S/2",) if q else ("S/2", "B/2", "L/2", "XL/2-512"):
+        if key not in sp:
+            continue
+        spec = sp[key]
+        b_fast, b_base = (big, small_b) if key != "XL/2-512" else ((4, 2) if q else (64, 16))
+        jobs.append(Job(f"{spec.label} train b{b_fast} {FAST.name}", 40, train(spec, b_fast, FAST, "sizes")))
+        jobs.append(
+            Job(
+                f"{spec.label} train b{b_base} baseline",
+                10,
+                train(spec, b_base, BASELINE, "sizes", 2 if q else 3),
+            )
+        )
+
+    # 8. EMA.
+    jobs.append(Job("EMA update", 5, lambda: ema_job(bench, xl, "ema")))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if abs(value) >= 10 or value == 0 else f"{value:.3g}"
+
+
+def finish_rows(bench: Bench) -> None:
+    """Fill the speed-up column from the baselines measured in this run."""
+    for row in bench.rows:
+        if row.images_per_s is None or row.error:
+            continue
+        base_config = row.config.split(" DDPM")[0].split(" DPM++")[0]
+        if row.section in ("sample", "baseline") and row.extra.get("num_steps"):
+            per_step = bench.baselines.get((base_config, "sample-step"))
+            if per_step:
+                row.speedup = row.images_per_s / (per_step / row.extra["num_steps"])
+        else:
+            base = bench.baselines.get((row.config, "train"))
+            if base:
+                row.speedup = row.images_per_s / base
+
+
+def table(bench: Bench) -> str:
+    head = (
+        "config",
+        "batch",
+        "precision/mode",
+        "images/s",
+        "step ms",
+        "MFU %",
+        "peak GB",
+        "vs fp32 eager",
+        "note",
+    )
+    lines = []
+    for r in bench.rows:
+        if r.error:
+            lines.append((r.config, str(r.batch), r.mode, "-", "-", "-", "-", "-", f"FAILED: {r.error}"))
+            continue
+        lines.append(
+            (
+                r.config,
+                str(r.batch),
+                r.mode,
+                fmt(r.images_per_s),
+                fmt(r.step_ms, 2),
+                fmt(r.mfu_pct),
+                fmt(r.peak_mem_gb, 2),
+                "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                r.note,
+            )
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def profile_text(p: dict[str, Any]) -> str:
+    lines = [f"profile: {p['what']} (step {p['step_ms']:.1f} ms, kernels busy {p['busy_ms']:.1f} ms)"]
+    for cls, ms in p["classes_ms"].items():
+        lines.append(f"  {cls:<18} {ms:9.2f} ms  {100 * ms / max(p['busy_ms'], 1e-9):5.1f} %")
+    lines.append("  top kernels:")
+    lines += [f"    {k['ms']:9.2f} ms  {k['name']}" for k in p["top_kernels"]]
+    return "\n".join(lines)
+
+
+def write_json(bench: Bench, path: str | None, args: argparse.Namespace, done: bool) -> None:
+    if not path:
+        return
+    data = {
+        "benchmark": "ditkit speed (issue 7)",
+        "command": " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(bench.device)
+        if bench.cuda
+        else f"cpu ({platform.processor() or '?'})",
+        "torch": torch.__version__,
+        "quick": bench.quick,
+        "complete": done,
+        "budget_s": bench.budget_s,
+        "elapsed_s": bench.elapsed(),
+        "peak_bf16_tflops": bench.peak_flops / 1e12 if bench.peak_flops else None,
+        "rows": [asdict(r) for r in bench.rows],
+        "skipped": bench.skipped,
+        "profile": bench.profile,
+    }
+    text = json.dumps(data, indent=1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="tiny models, a couple of steps (CPU smoke run)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip jobs that would end past this many seconds (default 480; --quick 300)",
+    )
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time per kernel class for one XL/2 train step (default: on for the GPU run)",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 480.0)
+    if budget < 0:
+        parser.error("--budget-s must be >= 0")
+    profile = args.profile if args.profile is not None else (device.type == "cuda" and not args.quick)
+    bench = Bench(device, budget, args.quick)
+    if args.quick and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: threads only contend with each other (and with other jobs)
+    if not args.quick and device.type != "cuda":
+        print("warning: no GPU; the full configs on a CPU take hours (use --quick)", file=sys.stderr)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise BudgetExceeded(f"hard time limit {budget + 45:.0f} s reached")
+
+    use_alarm = hasattr(signal, "SIGALRM")
+    if use_alarm:
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(max(1, int(budget + 45)))
+    print(
+        f"# ditkit speed benchmark on {device} (torch {torch.__version__}), budget {budget:.0f} s", flush=True
+    )
+    try:
+        bench.peak_flops = measure_peak(bench)
+        print(f"# measured bf16 matmul: {bench.peak_flops / 1e12:.4g} TFLOP/s", flush=True)
+        for job in plan(bench, profile):
+            if bench.elapsed() + job.estimate_s > budget:
+                bench.skipped.append(job.title)
+                print(f"# skipped (budget): {job.title}", flush=True)
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = job.run()
+            except BudgetExceeded:
+                raise
+            except Exception as err:  # one failing config (OOM, compile error) must not lose the others
+                msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
+                if isinstance(err, OOM_ERRORS):
+                    msg = "out of memory"
+                else:
+                    traceback.print_exc(file=sys.stderr)
+                print(f"# FAILED {job.title}: {msg}", flush=True)
+                result = Row("failed", job.title, 0, "", error=msg)
+            finally:
+                bench.reset_memory()
+            rows = result if isinstance(result, list) else ([result] if result is not None else [])
+            for row in rows:
+                bench.rows.append(row)
+                print(
+                    f"# {row.config} b{row.batch} {row.mode}: {fmt(row.images_per_s)} img/s, "
+                    f"{fmt(row.step_ms, 2)} ms, MFU {fmt(row.mfu_pct)} % ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+            write_json(bench, args.out, args, done=False)
+    except BudgetExceeded as err:
+        print(f"# stopped: {err}", flush=True)
+        bench.skipped.append(f"stopped: {err}")
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+    finish_rows(bench)
+    write_json(bench, args.out, args, done=True)
+    if bench.profile:
+        print(profile_text(bench.profile))
+    peak = f"{bench.peak_flops / 1e12:.4g} TFLOP/s" if bench.peak_flops else "?"
+    print(
+        f"\nditkit speed, {device} ({'quick' if args.quick else 'full'}), measured bf16 matmul {peak}, "
+        f"{bench.elapsed():.0f} s; sampling images/s marked 'extrapolated' = batch / (median step x steps)"
+    )
+    print(table(bench))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
