@@ -159,6 +159,12 @@ class Bench:
         events[-1].synchronize()
         return [events[i].elapsed_time(events[i + 1]) for i in range(repeats)]
 
+    def reset_compiled(self) -> None:
+        """Drop dynamo's caches before a job builds new models, so that nothing compiled for an earlier
+        job keeps GPU memory alive."""
+        torch._dynamo.reset()
+        self.reset_memory()
+
     def reset_memory(self) -> None:
         gc.collect()
         if self.cuda:
@@ -317,7 +323,7 @@ class TrainStep:
 def train_job(
     bench: Bench, spec: Spec, batch: int, mode: Mode, section: str, repeats: int, profile: bool = False
 ) -> Row:
-    bench.reset_memory()
+    bench.reset_compiled()
     with applied(mode, bench.device):
         step = TrainStep(spec, batch, mode, bench.device, bench.quick)
         times = bench.time_ms(step, warmup=1 if bench.quick else 3, repeats=repeats)
@@ -445,7 +451,7 @@ def latency_job(
 ) -> list[Row]:
     """End-to-end latency of full guided sampling runs at a small batch; the model-only share shows the
     sampler's overhead (its coefficient look-ups and host syncs) at sizes where launches dominate."""
-    bench.reset_memory()
+    bench.reset_compiled()
     sampler = Sampler(spec, batch, mode, bench.device)
     rows = []
     with applied(mode, bench.device), torch.no_grad():
@@ -483,7 +489,7 @@ def latency_job(
 
 
 KERNEL_CLASSES = (
-    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "scaled_dot_product")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")),
     (
         "matmul",
         (
@@ -492,22 +498,26 @@ KERNEL_CLASSES = (
             "xmma",
             "nvjet",
             "wgmma",
-            "triton_tem",
+            "cublas",
             "aten::mm",
             "aten::addmm",
             "aten::bmm",
-            "matmul",
-            "cublas",
-            "conv",
+            "conv2d",
+            "convolution",
+            "implicit",
         ),
     ),
     ("optimizer+EMA", ("adam", "multi_tensor", "foreach", "lerp")),
-    ("copy/memset", ("memcpy", "memset", "copy_")),
+    ("copy/memset", ("memcpy", "memset", "aten::copy_", "copy_kernel")),
 )
 
 
 def kernel_class(name: str) -> str:
+    """The class of a GPU kernel (or, without a GPU, of an aten op) by its name."""
     lower = name.lower()
+    if lower.startswith("triton_"):
+        # Inductor's kernels: templates ("triton_tem_") are matmuls, the rest fused pointwise / reductions.
+        return "matmul" if lower.startswith("triton_tem") else "norm/elementwise"
     for cls, keys in KERNEL_CLASSES:
         if any(k in lower for k in keys):
             return cls
@@ -625,7 +635,7 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
     def sampling(kind: str, steps: int, end_to_end: bool, repeats: int) -> Callable[[], Row]:
         def run() -> Row:
             if "fast" not in samp:
-                bench.reset_memory()
+                bench.reset_compiled()
                 samp["fast"] = Sampler(xl, sample_b, SAMPLE_FAST, bench.device)
             return sample_throughput_job(bench, samp["fast"], xl, kind, steps, "sample", repeats, end_to_end)
 
@@ -662,7 +672,7 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
     )
 
     def sample_baseline() -> Row:
-        bench.reset_memory()
+        bench.reset_compiled()
         s = Sampler(xl, 4 if q else 64, SAMPLE_BASELINE, bench.device)
         return sample_throughput_job(bench, s, xl, "ddpm", 250, "baseline", 2 if q else 3)
 

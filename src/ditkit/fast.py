@@ -23,7 +23,9 @@ CACHE_SIZE_LIMIT = 256
 def configure_compile(cache_size_limit: int = CACHE_SIZE_LIMIT) -> None:
     """Raise dynamo's recompile limits so that many shapes of the same block all stay compiled."""
     config = torch._dynamo.config
-    config.cache_size_limit = max(int(getattr(config, "cache_size_limit", 8)), cache_size_limit)
+    for name in ("cache_size_limit", "recompile_limit"):  # renamed in newer torch; set whichever exists
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), cache_size_limit))
     if hasattr(config, "accumulated_cache_size_limit"):
         config.accumulated_cache_size_limit = max(
             int(config.accumulated_cache_size_limit), cache_size_limit * 4
