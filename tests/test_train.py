@@ -59,6 +59,14 @@ def test_few_steps_write_checkpoints_and_logs(tmp_path):
     assert {"loss", "mse", "vb", "grad_norm", "lr", "images_per_sec"} <= set(record)
 
 
+def test_sample_grids_and_digit_scores_during_training(tmp_path):
+    result = train(options(tmp_path, max_steps=2, sample_every=2, eval_every=2, eval_samples=20))
+    assert (result.results_dir / "samples" / "0000002" / "grid.png").stat().st_size > 0
+    records = [json.loads(line) for line in (result.results_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval_accuracy" in r]
+    assert scored and scored[0]["step"] == 2 and 0.0 <= scored[0]["eval_accuracy"] <= 1.0
+
+
 def test_resume_continues_with_exactly_the_same_losses(tmp_path):
     full = train(options(tmp_path / "a"))
     first = train(options(tmp_path / "b", max_steps=3))

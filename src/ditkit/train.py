@@ -110,7 +110,7 @@ def open_data(opts: TrainOptions, seed: int) -> _Data:
         return _Data(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels)
     from ditkit.data import open_training_data
 
-    data = open_training_data(opts.data_path, opts.image_size or 256, opts.vae, seed)
+    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed)  # None: the store's own size
     labels = getattr(data, "labels", None)
     return _Data(
         data.dataset,
@@ -252,6 +252,8 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError(f"unknown model {opts.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     if opts.image_size is not None and opts.image_size < 1:
         raise UserError(f"--image-size must be positive, got {opts.image_size}")
+    if opts.eval_every and opts.data_path != "digits":
+        raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -498,7 +500,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                     window = 0
                     t_window = time.perf_counter()
                 if opts.sample_every and step % opts.sample_every == 0 and info.is_main:
-                    _sample_grid(ema, config, results / "samples" / f"{step:07d}.png", device, precision)
+                    _sample_grid(ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
                 if opts.eval_every and step % opts.eval_every == 0 and info.is_main:
                     writer.metrics({"step": step, **_evaluate(ema, config, opts, device, precision)})
                 stopping = stop.signal is not None
@@ -519,6 +521,9 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
     if saved_step != step:
         save(step)
     if info.is_main:
+        skipped_images = getattr(data.dataset, "num_skipped", None)
+        if skipped_images:
+            writer.line(f"{int(skipped_images)} unreadable image(s) were skipped (named above)")
         if stopped_by is not None:
             writer.line(f"stopped by signal {signal.Signals(stopped_by).name} at step {step}; "
                         f"resume with --resume auto --results-dir {results}")
@@ -588,27 +593,38 @@ class _Logger:
                 self.tb.close()
 
 
-def _sample_grid(ema: DiT, config: DiTConfig, path: Path, device: torch.device, precision: str) -> None:
-    """A guided sample grid from the EMA model: one row per class (at most 10), 8 columns."""
-    from ditkit.sample import generate, save_grid
+def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str):
+    """DPM-Solver++ (20 steps) with guidance on every ε channel: cheap enough to run inside training."""
+    from ditkit.sample import Sampler
 
-    classes = list(range(min(config.num_classes, 10)))
-    labels = torch.tensor([c for c in classes for _ in range(8)])
-    images = generate(ema, labels, sampler="ddim", num_steps=50, cfg_scale=4.0 if config.num_classes > 1 else 1.0,
-                      seed=0, device=device, progress=False)
-    save_grid(images, path, nrow=8, row_labels=[str(c) for c in classes])
+    vae = None
+    if config.in_channels != 1 and opts.vae:
+        from ditkit.autoencoder import load_vae
+
+        vae = load_vae(opts.vae, device=device)
+    return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
+                   cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
+                   precision=precision)
+
+
+def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,
+                 precision: str) -> None:
+    """A guided EMA sample grid: one row per class (at most 10), 8 columns, into RESULTS/samples/STEP/."""
+    from ditkit.sample import sample_grid
+
+    sampler = _ema_sampler(ema, config, opts, device, precision)
+    sample_grid(sampler, list(range(min(config.num_classes, 10))), 8, seed=0, out=folder, save_images=False)
 
 
 def _evaluate(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str) -> dict:
-    """The digits yardstick on `eval_samples` EMA samples (class-balanced)."""
+    """The digits yardstick on `eval_samples` class-balanced EMA samples."""
     from ditkit.metrics.digits_classifier import digits_metrics
-    from ditkit.sample import generate
 
-    if opts.data_path != "digits":
-        raise UserError("--eval-every is available for --data-path digits (Inception metrics: ditkit evaluate)")
     labels = torch.arange(opts.eval_samples) % config.num_classes
-    images = generate(ema, labels, sampler="ddim", num_steps=50, cfg_scale=4.0, seed=0, device=device, progress=False)
-    return {f"eval_{k}": v for k, v in digits_metrics(images, labels).items()}
+    sampler = _ema_sampler(ema, config, opts, device, precision)
+    images = sampler.images(labels, torch.Generator(device=device).manual_seed(0))
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return {f"eval_{k}": v for k, v in digits_metrics(pixels, labels, verbose=False).items()}
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,107 @@
+"""`ditkit demo`: train a small DiT on the built-in digits, sample a guided class grid, and score it.
+
+The whole pipeline in one command on whatever device there is (a 2-core CPU included, in a few minutes):
+train (with checkpoints, so an interrupted demo resumes), sample with DPM-Solver++ and classifier-free
+guidance, write RESULTS/grid.png, and print the digit-class accuracy and the Fréchet distance in the digit
+classifier's features, next to the same distance for real held-out digits (the best a model can do).
+Running it again reuses the finished training and only samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ditkit.errors import UserError
+
+# Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings").
+DEMO_MODEL = "DiT-S/4"
+DEMO_OVERRIDES = {"depth": 4, "hidden_size": 192, "num_heads": 3}
+DEMO_IMAGE_SIZE = 16
+DEMO_BATCH = 128
+DEMO_LR = 1e-3
+DEMO_EMA = 0.998
+DEMO_STEPS = 1000
+DEMO_CFG = 2.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-dir", default="results/demo", help="run folder (default results/demo)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default {DEMO_STEPS})")
+    parser.add_argument("--cfg-scale", type=float, default=DEMO_CFG, help=f"guidance scale (default {DEMO_CFG})")
+    parser.add_argument("--num-samples", type=int, default=1000, help="samples scored (default 1000)")
+    parser.add_argument("--per-class", type=int, default=10, help="grid columns per class (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ditkit.data.digits import load_digits_split
+    from ditkit.metrics.digits_classifier import digits_metrics
+    from ditkit.sample import Sampler, sample_grid
+    from ditkit.train import TrainOptions, train
+
+    for name in ("steps", "num_samples", "per_class"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_samples < 20:
+        raise UserError(f"--num-samples must be at least 20 for a meaningful score, got {args.num_samples}")
+    results = Path(args.results_dir)
+    start = time.perf_counter()
+    print(f"[1/3] training a small DiT on the digits ({args.steps} steps, batch {DEMO_BATCH}) -> {results}",
+          file=sys.stderr)
+    result = train(
+        TrainOptions(
+            data_path="digits",
+            model=DEMO_MODEL,
+            image_size=DEMO_IMAGE_SIZE,
+            global_batch_size=DEMO_BATCH,
+            lr=DEMO_LR,
+            ema_decay=DEMO_EMA,
+            max_steps=args.steps,
+            log_every=50,
+            ckpt_every=250,
+            keep_last=2,
+            global_seed=args.seed,
+            results_dir=str(results),
+            resume="auto",
+            num_workers=0,
+            model_overrides=DEMO_OVERRIDES,
+        )
+    )
+    trained = time.perf_counter()
+    device = next(result.ema.parameters()).device
+    sampler = Sampler(model=result.ema, vae=None, sampler="dpm-solver", num_steps=20, cfg_scale=args.cfg_scale,
+                      guide_channels="all", device=device, progress=True)
+    print(f"[2/3] sampling: {sampler.describe()}", file=sys.stderr)
+    grid = sample_grid(sampler, list(range(10)), args.per_class, args.seed, results, save_images=False)
+    labels = torch.arange(args.num_samples) % 10
+    images = sampler.images(labels, torch.Generator(device=device).manual_seed(args.seed + 1))
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # back to N×1×S×S in [-1, 1]
+    print(f"[3/3] scoring {args.num_samples} samples with the digits classifier", file=sys.stderr)
+    scores = digits_metrics(pixels, labels, verbose=False)
+    real, real_labels = load_digits_split(DEMO_IMAGE_SIZE, "train")
+    floor = digits_metrics(real, real_labels, verbose=False)["frechet"]  # real train vs real held-out digits
+    done = time.perf_counter()
+    figures = {
+        "accuracy": round(float(scores["accuracy"]), 4),
+        "frechet": round(float(scores["frechet"]), 3),
+        "frechet_real_vs_real": round(float(floor), 3),
+        "train_seconds": round(trained - start, 1),
+        "total_seconds": round(done - start, 1),
+        "grid": str(grid),
+    }
+    (results / "demo.json").write_text(json.dumps(figures, indent=2))
+    print(f"sample grid: {grid}")
+    print(f"digit-class accuracy of {args.num_samples} guided samples: {figures['accuracy']:.3f}")
+    print(f"digits Fréchet distance: {figures['frechet']:.2f} (real held-out vs real train digits: "
+          f"{figures['frechet_real_vs_real']:.2f})")
+    print(f"time: {figures['train_seconds']:.0f} s training, {figures['total_seconds']:.0f} s in all, on {device}")
+    if args.json:
+        print(json.dumps(figures))
+    return 0
