@@ -151,3 +151,16 @@ def test_sharded_npz_resume_and_world_size_independence(pixel_ckpt, tmp_path, mo
     assert calls == [4, 2]
     with np.load(again) as f:
         assert np.array_equal(f["arr_0"], arr)
+    # Other settings in the same folder: refused, so that shards of different runs are never mixed.
+    args.cfg_scale = 3.0
+    other = sample_mod.load_for_sampling(args, torch.device("cpu"))
+    with pytest.raises(ditkit.UserError, match="cfg_scale differ"):
+        sample_mod.sample_npz(other, 10, 4, 1, tmp_path / "one")
+    with pytest.raises(ditkit.UserError, match="seed differ"):
+        sample_mod.sample_npz(sampler, 10, 4, 2, tmp_path / "one")
+    # More samples with the same settings extend the run: the full shards are kept, the last (2 of 4) redone.
+    calls.clear()
+    bigger = sample_mod.sample_npz(sampler, 13, 4, 1, tmp_path / "one")
+    assert calls == [4, 1] and bigger.name == "samples_13x8x8x3.npz"
+    with np.load(bigger) as f:
+        assert f["arr_0"].shape == (13, 8, 8, 3) and np.array_equal(f["arr_0"][:8], arr[:8])

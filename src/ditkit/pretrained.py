@@ -6,6 +6,7 @@ https://dl.fbaipublicfiles.com/DiT/models/<name> with a progress bar. The downlo
 the cache folder, is checked (byte count against the server's Content-Length, the expected size when known,
 and that it is a PyTorch zip archive), fsynced and renamed into place, so an interrupted download never
 leaves a file that looks complete. Offline, one line says which URL failed and where to put the file by hand.
+A copy that the authors' scripts downloaded (`./pretrained_models/<name>`) is used as it is.
 `$DITKIT_PRETRAINED_URL` replaces the base address (mirrors, tests).
 """
 
@@ -105,6 +106,9 @@ def fetch_pretrained(
     dest = dest / name
     if dest.is_file():
         return dest
+    legacy = Path("pretrained_models") / name  # where the authors' scripts download it
+    if cache is None and legacy.is_file():
+        return legacy
     info = PRETRAINED[name]
     url = url_for(name, base_url)
     try:

@@ -70,6 +70,24 @@ class Sampler:
             f"{self.evaluations_per_image()} model evaluations per image"
         )
 
+    def settings(self) -> dict[str, Any]:
+        """What determines the samples besides (seed, labels): recorded with evaluation shards, so that a
+        resumed run never mixes shards made with other settings. The weights enter as a fingerprint."""
+        with torch.no_grad():
+            fingerprint = sum(float(p.detach().double().sum()) for p in self.model.parameters())
+        return {
+            "model": self.model.config.to_dict(),
+            "weights": f"{fingerprint:.10g}",
+            "vae": getattr(self.vae, "name", None),
+            "sampler": self.sampler,
+            "num_steps": self.num_steps,
+            "cfg_scale": self.cfg_scale,
+            "guide_channels": self.guide_channels,
+            "interval": list(self.interval) if self.interval else None,
+            "eta": self.eta,
+            "precision": self.precision,
+        }
+
     def denoiser(self):
         """The model, wrapped for classifier-free guidance when the scale is not 1."""
         if self.cfg_scale == 1.0:
@@ -351,6 +369,7 @@ def sample_npz(
 
     num_shards = math.ceil(num_samples / batch_size)
     num_classes = sampler.model.config.num_classes
+    _check_settings(out, {**sampler.settings(), "seed": seed, "batch_size": batch_size}, write=rank == 0)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not _shard_done(shard_path(out, k), _shard_size(k, num_samples, batch_size))]
     if rank == 0:
@@ -388,6 +407,29 @@ def sample_npz(
     final = out / f"samples_{n}x{h}x{w}x{c}.npz"
     _write_npz(final, arr_0=images, arr_1=np.concatenate(labels)[:num_samples])
     return final
+
+
+def _check_settings(out: Path, settings: dict[str, Any], write: bool) -> None:
+    """Refuse to resume into OUT when its shards were made with other settings; record them on first use."""
+    import json
+
+    from ditkit.checkpoints import atomic_write
+
+    path = out / "settings.json"
+    settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = None
+        if stored != settings:
+            changed = sorted(k for k in settings if not isinstance(stored, dict) or stored.get(k) != settings[k])
+            raise UserError(
+                f"{out} holds shards sampled with other settings ({', '.join(changed) or 'unreadable'} differ); "
+                "use another --out, or delete it to start over"
+            )
+    elif write:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
 
 
 def _shard_size(k: int, num_samples: int, batch_size: int) -> int:
