@@ -280,6 +280,12 @@ def _random_fidelity_weights(path) -> None:
         net = Unloaded("random", ["2048", "logits_unbiased"])
     finally:
         module.load_state_dict_from_url = original
+    # He-normal convolutions keep the activation scale through the 90-odd ReLU layers (PyTorch's default init
+    # shrinks it to ~1e-8 by the pool layer, where every distance would be 0).
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            torch.nn.init.normal_(m.weight, std=(2.0 / fan_in) ** 0.5)
     torch.save(net.state_dict(), path)
 
 
@@ -303,7 +309,8 @@ def test_fidelity_inception_random_weights(tmp_path):
     assert out["spatial"][0, (h * 17 + w) * 7 + c] == seen["x"][0, c, h, w]
     # Bias-free logits, as ADM's graph computes them.
     fc = net.extractor.fc
-    torch.testing.assert_close(out["logits"], out["pool"] @ fc.weight.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["logits"], out["pool"] @ fc.weight.T, rtol=1e-4, atol=1e-6)
+    assert (out["logits"] - out["pool"] @ fc.weight.T - fc.bias).abs().max() > 1e-3  # the bias is not in
     assert net.fingerprint.startswith("fid-inception-v3:")
     # A file that does not fit is one line naming a tensor.
     state = torch.load(weights, weights_only=True)

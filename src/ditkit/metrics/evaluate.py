@@ -14,6 +14,7 @@ features against the held-out real digits. It needs no Inception weights and no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -215,6 +216,18 @@ def images_from_tensor(samples: torch.Tensor, source: str = "samples") -> ImageS
 # ----------------------------------------------------------------------------------------------- features
 
 
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """Turn TF32 off while extracting features: it rounds inputs to 10 mantissa bits, and a metric should not
+    move with the GPU generation (Ampere and later use TF32 for convolutions by default)."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 def compute_activations(
     network: Any,
     images: ImageSet,
@@ -237,7 +250,7 @@ def compute_activations(
         file=sys.stderr,
         leave=False,
     )
-    with torch.no_grad():
+    with torch.no_grad(), _full_float32():
         for batch in bar:
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
             for key, value in network(x).items():
