@@ -18,9 +18,11 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import sys
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,8 @@ from ditkit.metrics.precision_recall import precision_recall
 METRICS = ("inception", "digits")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CACHE_VERSION = "ref-v1"  # bump when feature extraction changes so stale reference statistics are ignored
-LABEL_KEYS = (
-    "arr_1",
-    "labels",
-)  # guided-diffusion's sampler stores the classes of class-conditional samples as arr_1
+# guided-diffusion's sampler stores the classes of class-conditional samples as arr_1.
+LABEL_KEYS = ("arr_1", "labels")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -70,9 +70,14 @@ class ImageSet:
         elif self._npz_key is not None:
             yield from _npz_batches(Path(self.source), self._npz_key, batch_size)
         else:
-            first = None
+            yield from self._folder_batches(batch_size)
+
+    def _folder_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        # PIL releases the GIL while decoding, so a few threads keep a GPU fed from a folder of PNGs.
+        first = None
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for start in range(0, self.count, batch_size):
-                batch = [_read_image(p) for p in self._files[start : start + batch_size]]
+                batch = list(pool.map(_read_image, self._files[start : start + batch_size]))
                 first = first or (batch[0].shape, self._files[start])
                 for img, path in zip(batch, self._files[start : start + batch_size]):
                     if img.shape != first[0]:
