@@ -853,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
 
     use_alarm = hasattr(signal, "SIGALRM")
     if use_alarm:
-        signal.signal(signal.SIGALRM, on_alarm)
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
         signal.alarm(max(1, int(budget + 45)))
     print(
         f"# ditkit speed benchmark on {device} (torch {torch.__version__}), budget {budget:.0f} s", flush=True
@@ -896,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if use_alarm:
             signal.alarm(0)
+            signal.signal(signal.SIGALRM, old_handler)
     finish_rows(bench)
     write_json(bench, args.out, args, done=True)
     if bench.profile:

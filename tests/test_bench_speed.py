@@ -1,0 +1,203 @@
+"""The speed benchmark's CPU smoke mode (--quick) and the regional-compile helper.
+
+The GPU figures themselves are benchmarks, not tests; here we check that the script runs every job end to end,
+that its arithmetic is right (images/s from step times, MFU from FLOPs counted independently here by hooking
+the model's matrix products, speed-ups from the baseline rows), and that a budget cut still prints the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ditkit.fast import compile_blocks
+from ditkit.models.config import DiTConfig
+from ditkit.models.dit import DiT
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_speed.py"
+TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, num_classes=1000)
+
+
+def hooked_macs(config: DiTConfig) -> int:
+    """Multiply-adds of one image's forward pass, counted on the live model: every Linear and the patch
+    convolution by their hooks, plus the two attention products (QKᵀ and AV: 2·T²·D per block)."""
+    model = DiT(config).eval()
+    total = 0
+
+    def count(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += out.numel() // out.shape[-1] * module.in_features * module.out_features
+        else:  # the patch convolution: one output pixel = in_channels·p·p multiply-adds per output channel
+            total += out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(
+            torch.zeros(1, config.in_channels, config.input_size, config.input_size),
+            torch.zeros(1),
+            torch.zeros(1, dtype=torch.long),
+        )
+    for h in hooks:
+        h.remove()
+    return total + config.depth * 2 * config.num_patches**2 * config.hidden_size
+
+
+def _load_script():
+    if "bench_speed" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_speed"] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules["bench_speed"]
+
+
+def _run_main(args: list[str]) -> int:
+    """The script's main() in this process (no second torch import); it sets one CPU thread: restore it."""
+    threads = torch.get_num_threads()
+    try:
+        return _load_script().main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert _run_main(["--quick", "--profile", "--out", str(out)]) == 0
+    return buffer.getvalue(), json.loads(out.read_text())
+
+
+def test_the_script_runs_from_the_command_line(tmp_path):
+    """As the lead runs it (PYTHONPATH=src), here with a zero budget: every job skipped, the table printed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--budget-s", "0", "--out", str(tmp_path / "s.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["rows"] == [] and len(data["skipped"]) >= 10 and data["complete"]
+    assert "skipped (budget)" in proc.stdout and proc.stdout.rstrip().splitlines()[-2].startswith("config ")
+
+
+def test_quick_run_completes_every_job_and_prints_the_table_last(quick_run):
+    stdout, data = quick_run
+    assert data["complete"] and data["quick"] and not data["skipped"]
+    assert data["peak_bf16_tflops"] > 0
+    rows = data["rows"]
+    assert not [r for r in rows if r["error"]], [r["error"] for r in rows if r["error"]]
+    sections = {r["section"] for r in rows}
+    assert {"train", "sample", "latency", "baseline", "memory", "leads", "sizes", "ema"} <= sections
+    # The table is the last thing printed: its header, then one line per row.
+    lines = stdout.rstrip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("config "))
+    for word in ("batch", "precision/mode", "images/s", "step ms", "MFU %", "peak GB", "vs fp32 eager"):
+        assert word in lines[header]
+    assert len(lines) - header - 2 == len(rows)
+
+
+def test_images_per_second_mfu_and_speedups_follow_from_the_timings(quick_run):
+    _, data = quick_run
+    peak = data["peak_bf16_tflops"] * 1e12
+    macs = {
+        "tiny/2 (8x8)": hooked_macs(DiTConfig(**TINY)),
+        "tiny-S/2 (8x8)": hooked_macs(DiTConfig(**{**TINY, "depth": 1})),
+    }
+    baseline = {
+        r["config"]: r["images_per_s"]
+        for r in data["rows"]
+        if r["mode"].startswith("fp32 eager")
+        and r["section"] in ("baseline", "sizes")
+        and "DDPM" not in r["config"]
+    }
+    train_rows = [
+        r
+        for r in data["rows"]
+        if r["section"] in ("train", "baseline", "memory", "leads", "sizes") and "DDPM" not in r["config"]
+    ]
+    assert len(train_rows) >= 7
+    for r in train_rows:
+        ips = r["batch"] / (r["step_ms"] / 1e3)
+        assert r["images_per_s"] == pytest.approx(ips, rel=1e-9)
+        # A training image: forward (2 FLOPs per multiply-add) and backward (twice the forward).
+        assert r["mfu_pct"] == pytest.approx(100 * 6 * macs[r["config"]] * ips / peak, rel=1e-9)
+        assert r["speedup"] == pytest.approx(ips / baseline[r["config"]], rel=1e-9)
+    # Guided sampling: 2 rows per image per step; the DDPM row is its median step time times 250.
+    step_base = next(r for r in data["rows"] if r["section"] == "baseline" and "DDPM" in r["config"])
+    for r in [r for r in data["rows"] if r["section"] == "sample"]:
+        steps = r["extra"]["num_steps"]
+        ips = r["batch"] / (r["step_ms"] * steps / 1e3)
+        assert r["images_per_s"] == pytest.approx(ips, rel=1e-9)
+        assert r["mfu_pct"] == pytest.approx(100 * 4 * macs["tiny/2 (8x8)"] * ips * steps / peak, rel=1e-9)
+        base_ips = step_base["batch"] / (step_base["step_ms"] * steps / 1e3)
+        assert r["speedup"] == pytest.approx(ips / base_ips, rel=1e-9)
+    ddpm = next(r for r in data["rows"] if r["section"] == "sample" and "DDPM-250" in r["config"])
+    assert "extrapolated" in ddpm["note"]
+    for r in [r for r in data["rows"] if r["section"] == "latency"]:
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["extra"]["latency_s"], rel=1e-9)
+
+
+def test_profile_splits_one_train_step_into_kernel_classes(quick_run):
+    stdout, data = quick_run
+    prof = data["profile"]
+    assert "batch" in prof["what"]
+    assert sum(prof["classes_ms"].values()) == pytest.approx(prof["busy_ms"], rel=1e-9)
+    assert prof["classes_ms"]["matmul"] > 0 and prof["classes_ms"]["optimizer+EMA"] > 0
+    assert "profile:" in stdout
+
+
+def test_kernel_names_fall_into_the_profile_classes():
+    kernel_class = _load_script().kernel_class
+    cases = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "matmul",
+        "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn": "matmul",
+        "triton_tem_fused_mm_0": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer+EMA",
+        "triton_per_fused_native_layer_norm_add_mul_0": "norm/elementwise",
+        "triton_poi_fused__to_copy_convert_element_type_3": "norm/elementwise",
+        "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "norm/elementwise",
+        "Memcpy HtoD (Pageable -> Device)": "copy/memset",
+        "aten::addmm": "matmul",
+    }
+    assert {name: kernel_class(name) for name in cases} == cases
+
+
+def test_compile_blocks_keeps_outputs_and_state_dict_keys():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(**{**TINY, "num_classes": 10}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        expected = model.eval()(x, t, y)
+    keys = list(model.state_dict())
+    # The eager backend runs dynamo's tracing only; fullgraph=True fails on any graph break in a block.
+    compile_blocks(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = model(x, t, y)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="blocks"):
+        compile_blocks(nn.Linear(2, 2))
