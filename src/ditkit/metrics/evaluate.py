@@ -440,6 +440,12 @@ def run(args: argparse.Namespace) -> int:
     samples = open_images(args.samples)
     progress = not args.no_progress
     if args.metric == "digits":
+        if args.reference is not None:
+            print(
+                "ditkit evaluate: note: --metric digits compares with the held-out real digits; REFERENCE is "
+                "not used",
+                file=sys.stderr,
+            )
         result = evaluate_samples(samples, metric="digits", verbose=progress)
     else:
         if args.reference is None:
