@@ -13,9 +13,12 @@ What it does, in order of importance (a `--budget-s` cut drops the tail and stil
   4. the baseline: the same training step and sampler step with every optimisation off (fp32 without TF32,
      eager, math SDPA, for-each AdamW), so every row's speed-up is a ratio measured in this process;
   5. batch 256 with activation checkpointing (required if plain batch 256 runs out of memory);
-  6. the leads one at a time at batch 64 (TF32, bf16, flash SDPA, fused AdamW), bf16 eager at the big batch;
-  7. DiT-S/2, B/2, L/2 at batch 256 and DiT-XL/2 at 512×512 (64×64 latents), each with its baseline;
-  8. the EMA update (torch._foreach_lerp_ against a per-parameter loop).
+  6. DiT-S/2, B/2, L/2 at batch 256 and DiT-XL/2 at 512×512 (64×64 latents, batch 64 or else 32), each with
+     its baseline;
+  7. the leads one at a time at batch 64 (TF32, bf16, flash SDPA, fused AdamW), bf16 eager at batch 128;
+  8. the EMA update (torch._foreach_lerp_ against a per-parameter loop);
+  9. slow-to-compile leads that only a larger --budget-s reaches: whole-model torch.compile of the training
+     forward, and max-autotune for sampling.
 
 The training step is train.py's, built from the same functions (the model, `training_losses` with the fp32
 loss, AdamW, `update_ema`, the per-step generator); only the data loader is left out. FLOPs are counted by
@@ -70,12 +73,18 @@ class Mode:
     fused_adam: bool = True
     checkpointing: bool = False
     bf16_weights: bool = False  # sampling only: the EMA weights cast to bf16 once (no per-call weight casts)
+    whole_model: bool = False  # torch.compile of the whole model instead of each block
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune"
 
 
 BASELINE = Mode("fp32 eager (all off)", precision="fp32", flash=False, fused_adam=False)
 FAST = Mode("bf16 compile", compile=True)
 FAST_CKPT = Mode("bf16 compile + act. ckpt", compile=True, checkpointing=True)
 SAMPLE_FAST = Mode("bf16 compile", compile=True, bf16_weights=True)
+WHOLE = Mode("bf16 compile (whole model)", compile=True, whole_model=True)
+SAMPLE_AUTOTUNE = Mode(
+    "bf16 compile max-autotune", compile=True, bf16_weights=True, compile_mode="max-autotune"
+)
 SAMPLE_EAGER = Mode("bf16 eager", bf16_weights=True)
 SAMPLE_BASELINE = Mode("fp32 eager (all off)", precision="fp32", flash=False)
 LADDER = (
@@ -271,9 +280,12 @@ class TrainStep:
         self.model, self.ema = model.to(device).train(), ema.to(device).eval()
         if mode.checkpointing:
             self.model.set_grad_checkpointing(True)
-        if mode.compile:
-            # On a CPU (--quick) only dynamo's tracing runs: it checks the path without a C++ toolchain.
-            compile_blocks(self.model, backend="inductor" if device.type == "cuda" else "eager")
+        self.forward: Callable[..., torch.Tensor] = self.model
+        backend = "inductor" if device.type == "cuda" else "eager"  # --quick on a CPU: dynamo's tracing only
+        if mode.compile and mode.whole_model:
+            self.forward = torch.compile(self.model, backend=backend, dynamic=False)
+        elif mode.compile:
+            compile_blocks(self.model, backend=backend, mode=mode.compile_mode)
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=1e-4,
@@ -303,7 +315,7 @@ class TrainStep:
         drop = (torch.rand(batch, generator=gen, device=device) < self.dropout).long()
 
         def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return self.model(*args, **kwargs).float()  # train.py computes the loss in fp32
+            return self.forward(*args, **kwargs).float()  # train.py computes the loss in fp32
 
         with _autocast(device, self.precision):
             terms = self.diffusion.training_losses(
@@ -361,7 +373,8 @@ class Sampler:
         if mode.bf16_weights:
             model = model.to(torch.bfloat16)  # cast once: no per-call cast of 675M weights at small batches
         if mode.compile:
-            compile_blocks(model, backend="inductor" if device.type == "cuda" else "eager")
+            backend = "inductor" if device.type == "cuda" else "eager"
+            compile_blocks(model, backend=backend, mode=mode.compile_mode)
         self.model, self.mode, self.device, self.batch = model, mode, device, batch
         self.config = model.config
         self.macs = count_macs(self.config)
@@ -610,7 +623,12 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
 
     state: dict[str, Any] = {"profiled": False, "compiled": False}
 
-    def train(spec: Spec, batch: int, mode: Mode, section: str, repeats: int = reps) -> Callable[[], Row]:
+    def train(
+        spec: Spec, batches: int | tuple[int, ...], mode: Mode, section: str, repeats: int = reps
+    ) -> Callable[[], Row]:
+        """A train job; with several batches, the first that fits in memory (the others are noted)."""
+        sizes = (batches,) if isinstance(batches, int) else batches
+
         def run() -> Row:
             nonlocal mode
             if q and mode.compile and state["compiled"]:
@@ -618,8 +636,21 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
                 mode = dataclasses.replace(mode, name=mode.name.replace("compile", "eager"), compile=False)
             state["compiled"] = state["compiled"] or mode.compile
             want_profile = profile and not state["profiled"] and spec is xl and mode.compile
-            row = train_job(bench, spec, batch, mode, section, repeats, profile=want_profile)
+            notes = []
+            for i, batch in enumerate(sizes):
+                fits = True
+                try:
+                    row = train_job(bench, spec, batch, mode, section, repeats, profile=want_profile)
+                except OOM_ERRORS:
+                    if i == len(sizes) - 1:
+                        raise
+                    fits = False
+                if fits:
+                    break
+                bench.reset_memory()  # outside the except block: the traceback no longer holds the model
+                notes.append(f"b{batch} out of memory")
             state["profiled"] = state["profiled"] or want_profile
+            row.note = "; ".join([row.note, *notes])
             return row
 
         return run
@@ -681,7 +712,16 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
     # 5. Batch 256 with activation checkpointing.
     jobs.append(Job(f"{xl.label} train b{big} {FAST_CKPT.name}", 45, train(xl, big, FAST_CKPT, "memory")))
 
-    # 6. The leads one at a time (eager, batch 64), and bf16 eager at the big batch (the compile gain).
+    # 6. The other sizes, each with its baseline.
+    for key in ("S/2",) if q else ("S/2", "B/2", "L/2", "XL/2-512"):
+        spec = sp[key]
+        b_fast, b_base = (big, small_b) if key != "XL/2-512" else ((4, 2) if q else ((64, 32), 16))
+        jobs.append(Job(f"{spec.label} train {FAST.name}", 40, train(spec, b_fast, FAST, "sizes")))
+        jobs.append(
+            Job(f"{spec.label} train baseline", 10, train(spec, b_base, BASELINE, "sizes", 2 if q else 3))
+        )
+
+    # 7. The leads one at a time (eager, batch 64), and bf16 eager at batch 128 (the compile gain).
     for mode in LADDER[-1:] if q else LADDER:
         jobs.append(
             Job(
@@ -695,23 +735,19 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
             Job(f"{xl.label} train b{mid} {LADDER[-1].name}", 12, train(xl, mid, LADDER[-1], "leads", 5))
         )
 
-    # 7. The other sizes, each with its baseline.
-    for key in ("S/2",) if q else ("S/2", "B/2", "L/2", "XL/2-512"):
-        if key not in sp:
-            continue
-        spec = sp[key]
-        b_fast, b_base = (big, small_b) if key != "XL/2-512" else ((4, 2) if q else (64, 16))
-        jobs.append(Job(f"{spec.label} train b{b_fast} {FAST.name}", 40, train(spec, b_fast, FAST, "sizes")))
-        jobs.append(
-            Job(
-                f"{spec.label} train b{b_base} baseline",
-                10,
-                train(spec, b_base, BASELINE, "sizes", 2 if q else 3),
-            )
-        )
-
     # 8. EMA.
     jobs.append(Job("EMA update", 5, lambda: ema_job(bench, xl, "ema")))
+
+    # 9. Slow-to-compile leads, last: they run only with a larger --budget-s.
+    if not q:
+        jobs.append(Job(f"{xl.label} train b{mid} {WHOLE.name}", 150, train(xl, mid, WHOLE, "leads", 5)))
+
+        def autotuned() -> Row:
+            bench.reset_compiled()
+            s = Sampler(xl, sample_b, SAMPLE_AUTOTUNE, bench.device)
+            return sample_throughput_job(bench, s, xl, "ddpm", 250, "leads", 6)
+
+        jobs.append(Job(f"{xl.label} DDPM-250 b{sample_b} {SAMPLE_AUTOTUNE.name}", 240, autotuned))
     return jobs
 
 
@@ -825,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s",
         type=float,
         default=None,
-        help="skip jobs that would end past this many seconds (default 480; --quick 300)",
+        help="skip jobs that would end past this many seconds (default 500; --quick 300)",
     )
     parser.add_argument(
         "--profile",
@@ -837,8 +873,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 480.0)
+    budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 500.0)
     if budget < 0:
         parser.error("--budget-s must be >= 0")
     profile = args.profile if args.profile is not None else (device.type == "cuda" and not args.quick)
@@ -849,12 +887,12 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: no GPU; the full configs on a CPU take hours (use --quick)", file=sys.stderr)
 
     def on_alarm(signum: int, frame: Any) -> None:
-        raise BudgetExceeded(f"hard time limit {budget + 45:.0f} s reached")
+        raise BudgetExceeded(f"hard time limit {budget + 40:.0f} s reached")
 
     use_alarm = hasattr(signal, "SIGALRM")
     if use_alarm:
         old_handler = signal.signal(signal.SIGALRM, on_alarm)
-        signal.alarm(max(1, int(budget + 45)))
+        signal.alarm(max(1, int(budget + 40)))
     print(
         f"# ditkit speed benchmark on {device} (torch {torch.__version__}), budget {budget:.0f} s", flush=True
     )

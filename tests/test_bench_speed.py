@@ -201,3 +201,23 @@ def test_compile_blocks_keeps_outputs_and_state_dict_keys():
     assert list(model.state_dict()) == keys
     with pytest.raises(ValueError, match="blocks"):
         compile_blocks(nn.Linear(2, 2))
+
+
+def test_a_config_that_runs_out_of_memory_falls_back_to_the_next_batch(monkeypatch):
+    """The full plan's DiT-XL/2 512 job tries batch 64, then 32; the out-of-memory attempt is noted."""
+    bench_speed = _load_script()
+    tried = []
+
+    def fake_train_job(bench, spec, batch, mode, section, repeats, profile=False):
+        tried.append(batch)
+        if batch == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return bench_speed.Row(section, spec.label, batch, mode.name, 1.0, 1.0, note="median of 5")
+
+    monkeypatch.setattr(bench_speed, "train_job", fake_train_job)
+    bench = bench_speed.Bench(torch.device("cpu"), budget_s=1e9, quick=False)
+    job = next(
+        j for j in bench_speed.plan(bench, profile=False) if j.title == "DiT-XL/2 512 train bf16 compile"
+    )
+    row = job.run()
+    assert tried == [64, 32] and row.batch == 32 and row.note == "median of 5; b64 out of memory"
