@@ -221,3 +221,28 @@ def test_a_config_that_runs_out_of_memory_falls_back_to_the_next_batch(monkeypat
     )
     row = job.run()
     assert tried == [64, 32] and row.batch == 32 and row.note == "median of 5; b64 out of memory"
+
+
+def test_goals_pick_the_best_row_and_judge_the_batch_256_fit():
+    bench_speed = _load_script()
+    Row = bench_speed.Row
+    bench = bench_speed.Bench(torch.device("cpu"), budget_s=1.0, quick=False)
+    bench.rows = [
+        Row("train", "DiT-XL/2 256", 128, "bf16 compile", 650.0, 197.0, peak_mem_gb=40.0),
+        Row("failed", "DiT-XL/2 256 train b256 bf16 compile", 0, "", error="out of memory"),
+        Row("memory", "DiT-XL/2 256", 256, "bf16 compile + act. ckpt", 710.0, 360.0, peak_mem_gb=50.0),
+        Row("baseline", "DiT-XL/2 256", 64, "fp32 eager (all off)", 90.0, 711.0),
+        Row("sample", "DiT-XL/2 256 DDPM-250", 256, "bf16 compile", 4.5, 227.0),
+        Row("sizes", "DiT-S/2 256", 256, "bf16 compile", 9000.0, 28.0),
+    ]
+    by_goal = {g["goal"].split(" >=")[0]: g for g in bench_speed.goals(bench)}
+    xl = by_goal["train DiT-XL/2 256"]
+    assert (xl["best"], xl["batch"], xl["met"]) == (710.0, 256, True)  # the baseline row never counts
+    assert by_goal["sample DDPM-250, guided"]["met"] is False
+    assert by_goal["sample DPM-Solver++ 20, guided"]["met"] is None  # not measured
+    assert by_goal["train DiT-S/2 256"]["met"] is True and by_goal["train DiT-B/2 256"]["met"] is None
+    fit = by_goal["DiT-XL/2 256 trains at batch 256 in one GPU"]
+    assert fit["met"] is True and "act. ckpt (50.0 GB)" in fit["mode"]
+    bench.rows = bench.rows[:2]
+    fit = {g["goal"]: g for g in bench_speed.goals(bench)}["DiT-XL/2 256 trains at batch 256 in one GPU"]
+    assert fit["met"] is False  # tried and ran out of memory
