@@ -122,6 +122,17 @@ def test_digits_metrics_separate_real_from_noise(classifier, monkeypatch):
         dc.digits_metrics(torch.zeros(4, 3, 8, 8), verbose=False)
 
 
+def test_real_digits_floor(classifier, monkeypatch):
+    model, cache = classifier
+    monkeypatch.setenv("DITKIT_CACHE", str(cache))
+    x_tr, y_tr = load_digits_split(8, "train")
+    whole = dc.real_digits_frechet(8, len(x_tr))  # every training digit, in another order: same statistics
+    assert whole == pytest.approx(dc.digits_metrics(x_tr, y_tr, verbose=False)["frechet"], rel=1e-6, abs=1e-9)
+    assert dc.real_digits_frechet(8, 60) > whole  # fewer samples, a larger (biased) floor
+    with pytest.raises(UserError, match="num_samples"):
+        dc.real_digits_frechet(8, 1)
+
+
 def _frechet_eig(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance via the symmetric form tr((√Σ1 Σ2 √Σ1)^½), computed with eigh only."""
     mu1, mu2 = a.mean(0), b.mean(0)

@@ -252,3 +252,16 @@ def digits_metrics(samples: torch.Tensor, labels: torch.Tensor | None = None, ve
         *feature_statistics(digits_features(model, reference)),
     )
     return result
+
+
+def real_digits_frechet(image_size: int, num_samples: int, seed: int = 0, verbose: bool = False) -> float:
+    """The Fréchet distance that `num_samples` real training digits get against the held-out ones.
+
+    The floor a perfect generator would reach with that many samples: the estimate is biased upwards for small
+    sets (measured at 16×16: about 3 for 50 samples, 1 for 200, 0.35 for 500, 0.17 for all 1,437).
+    """
+    images, labels = load_digits_split(image_size, "train")
+    if not 2 <= num_samples <= len(images):
+        raise UserError(f"digits floor: num_samples must be in 2..{len(images)}, got {num_samples}")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return digits_metrics(images[idx], labels[idx], verbose=verbose)["frechet"]
