@@ -1,10 +1,12 @@
-"""Evaluation metrics: the Fréchet distance, the digits classifier yardstick, Inception FID/sFID/IS/P&R."""
+"""Evaluation metrics: the Fréchet distance, the digits classifier yardstick, Inception FID/sFID/IS/P&R.
+
+The submodules `precision_recall` and `inception_score` keep their names (their functions are not re-exported
+here, where they would shadow the modules).
+"""
 
 from ditkit.metrics.digits_classifier import digits_metrics, get_digits_classifier, real_digits_frechet
 from ditkit.metrics.evaluate import evaluate_samples
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
-from ditkit.metrics.inception_score import inception_score
-from ditkit.metrics.precision_recall import precision_recall
 
 __all__ = [
     "digits_metrics",
@@ -12,7 +14,5 @@ __all__ = [
     "feature_statistics",
     "frechet_distance",
     "get_digits_classifier",
-    "inception_score",
-    "precision_recall",
     "real_digits_frechet",
 ]
