@@ -1,6 +1,6 @@
 """Training and sampling speed of ditkit's DiT on one GPU (issue 7), with the fp32-eager baseline alongside.
 
-    PYTHONPATH=src python benchmarks/bench_speed.py --out $OUT/speed.json            # the GPU run, < 9 min
+    PYTHONPATH=src python benchmarks/bench_speed.py --out $OUT/speed.json            # the GPU run, ~8 min
     PYTHONPATH=src python benchmarks/bench_speed.py --quick --out /tmp/speed.json    # CPU smoke run, seconds
 
 What it does, in order of importance (a `--budget-s` cut drops the tail and still prints the table):
@@ -657,8 +657,8 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
         return run
 
     # 2. XL/2 training, fast mode, two batches (the best is chosen in the table).
-    jobs.append(Job(f"{xl.label} train b{mid} {FAST.name}", 60, train(xl, mid, FAST, "train")))
-    jobs.append(Job(f"{xl.label} train b{big} {FAST.name}", 50, train(xl, big, FAST, "train")))
+    jobs.append(Job(f"{xl.label} train b{mid} {FAST.name}", 45, train(xl, mid, FAST, "train")))
+    jobs.append(Job(f"{xl.label} train b{big} {FAST.name}", 30, train(xl, big, FAST, "train")))
 
     # 3. Guided sampling throughput and latency.
     samp: dict[str, Sampler] = {}
@@ -673,7 +673,7 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
 
         return run
 
-    jobs.append(Job(f"{xl.label} DDPM-250 b{sample_b}", 45, sampling("ddpm", 250, False, 3 if q else 6)))
+    jobs.append(Job(f"{xl.label} DDPM-250 b{sample_b}", 35, sampling("ddpm", 250, False, 3 if q else 6)))
     jobs.append(Job(f"{xl.label} DPM-20 b{sample_b}", 20, sampling("dpm-solver", 4 if q else 20, True, 2)))
 
     def drop_sampler() -> Row | None:
@@ -687,7 +687,7 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
         jobs.append(
             Job(
                 f"{xl.label} latency b{b}",
-                40,
+                30,
                 lambda b=b: latency_job(
                     bench, xl, b, SAMPLE_EAGER if q else SAMPLE_FAST, lat_runs, "latency", 1 if q else 3
                 ),
@@ -698,7 +698,7 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
     jobs.append(
         Job(
             f"{xl.label} train b{small_b} baseline",
-            15,
+            12,
             train(xl, small_b, BASELINE, "baseline", 3 if q else 5),
         )
     )
@@ -708,18 +708,18 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
         s = Sampler(xl, 4 if q else 64, SAMPLE_BASELINE, bench.device)
         return sample_throughput_job(bench, s, xl, "ddpm", 250, "baseline", 2 if q else 3)
 
-    jobs.append(Job(f"{xl.label} DDPM step baseline", 15, sample_baseline))
+    jobs.append(Job(f"{xl.label} DDPM step baseline", 10, sample_baseline))
 
     # 5. Batch 256 with activation checkpointing.
-    jobs.append(Job(f"{xl.label} train b{big} {FAST_CKPT.name}", 45, train(xl, big, FAST_CKPT, "memory")))
+    jobs.append(Job(f"{xl.label} train b{big} {FAST_CKPT.name}", 35, train(xl, big, FAST_CKPT, "memory")))
 
     # 6. The other sizes, each with its baseline.
     for key in ("S/2",) if q else ("S/2", "B/2", "L/2", "XL/2-512"):
         spec = sp[key]
         b_fast, b_base = (big, small_b) if key != "XL/2-512" else ((4, 2) if q else ((64, 32), 16))
-        jobs.append(Job(f"{spec.label} train {FAST.name}", 40, train(spec, b_fast, FAST, "sizes")))
+        jobs.append(Job(f"{spec.label} train {FAST.name}", 30, train(spec, b_fast, FAST, "sizes")))
         jobs.append(
-            Job(f"{spec.label} train baseline", 10, train(spec, b_base, BASELINE, "sizes", 2 if q else 3))
+            Job(f"{spec.label} train baseline", 8, train(spec, b_base, BASELINE, "sizes", 2 if q else 3))
         )
 
     # 7. The leads one at a time (eager, batch 64), and bf16 eager at batch 128 (the compile gain).
@@ -727,13 +727,13 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
         jobs.append(
             Job(
                 f"{xl.label} train b{small_b} {mode.name}",
-                10,
+                8,
                 train(xl, small_b, mode, "leads", 3 if q else 5),
             )
         )
     if not q:
         jobs.append(
-            Job(f"{xl.label} train b{mid} {LADDER[-1].name}", 12, train(xl, mid, LADDER[-1], "leads", 5))
+            Job(f"{xl.label} train b{mid} {LADDER[-1].name}", 10, train(xl, mid, LADDER[-1], "leads", 5))
         )
 
     # 8. EMA.
@@ -913,13 +913,21 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s",
         type=float,
         default=None,
-        help="skip jobs that would end past this many seconds (default 500; --quick 300)",
+        help="skip jobs that would end past this many seconds (default 440; --quick 300); a job still "
+        "running 40 s past it is stopped, and the table is printed",
     )
     parser.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="time per kernel class for one XL/2 train step (default: on for the GPU run)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="run only the jobs whose title contains TEXT (repeatable), e.g. 'DiT-S/2' or 'DDPM'",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -928,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 500.0)
+    budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 440.0)
     if budget < 0:
         parser.error("--budget-s must be >= 0")
     profile = args.profile if args.profile is not None else (device.type == "cuda" and not args.quick)
@@ -952,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.peak_flops = measure_peak(bench)
         print(f"# measured bf16 matmul: {bench.peak_flops / 1e12:.4g} TFLOP/s", flush=True)
         for job in plan(bench, profile):
+            if args.only and not any(text in job.title for text in args.only):
+                continue
             if bench.elapsed() + job.estimate_s > budget:
                 bench.skipped.append(job.title)
                 print(f"# skipped (budget): {job.title}", flush=True)
