@@ -12,7 +12,8 @@ What it does, in order of importance (a `--budget-s` cut drops the tail and stil
      time × steps), and end-to-end latency for batch 1 and 8;
   4. the baseline: the same training step and sampler step with every optimisation off (fp32 without TF32,
      eager, math SDPA, for-each AdamW), so every row's speed-up is a ratio measured in this process;
-  5. batch 256 with activation checkpointing (required if plain batch 256 runs out of memory);
+  5. a short DiT-S/2 training run in bf16 against the same run in fp32 (the loss curves must agree), and
+     batch 256 with activation checkpointing (required if plain batch 256 runs out of memory);
   6. DiT-S/2, B/2, L/2 at batch 256 and DiT-XL/2 at 512×512 (64×64 latents, batch 64 or else 32), each with
      its baseline;
   7. the leads one at a time at batch 64 (TF32, bf16, flash SDPA, fused AdamW), bf16 eager at batch 128;
@@ -323,6 +324,7 @@ class TrainStep:
                 fp32_output, self.x, t, model_kwargs={"y": self.y, "force_drop_ids": drop}, noise=noise
             )
         loss = terms["loss"].mean()
+        self.last_loss = loss.detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         finite = torch.isfinite(loss)
@@ -360,6 +362,42 @@ def train_job(
     if mode == BASELINE:
         bench.baselines[(spec.label, "train")] = ips
     return row
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Means of `window` consecutive values (len − window + 1 of them)."""
+    return [sum(values[i : i + window]) / window for i in range(len(values) - window + 1)]
+
+
+def loss_curve_job(bench: Bench, spec: Spec, batch: int, steps: int, section: str) -> Row:
+    """The same short training run (same init, batch, timesteps and noise per step) in fp32 and in the fast
+    bf16 mode: the bf16 loss curve must follow the fp32 one. Reported: the largest gap between their
+    `window`-step moving averages, relative to the fp32 average."""
+    window = max(2, steps // 20)
+    curves: dict[str, list[float]] = {}
+    for mode in (BASELINE, Mode("bf16")):
+        bench.reset_compiled()
+        with applied(mode, bench.device):
+            step = TrainStep(spec, batch, mode, bench.device, bench.quick)
+            losses = []
+            for _ in range(steps):
+                step()
+                losses.append(step.last_loss)
+            curves[mode.precision] = torch.stack(losses).float().cpu().tolist()
+    ref, fast = moving_average(curves["fp32"], window), moving_average(curves["bf16"], window)
+    gap = max(abs(a - b) / abs(a) for a, b in zip(ref, fast))
+    note = (
+        f"loss {ref[0]:.4f} -> {ref[-1]:.4f} (fp32), {fast[0]:.4f} -> {fast[-1]:.4f} (bf16); "
+        f"largest gap of {window}-step means {100 * gap:.2f} %"
+    )
+    return Row(
+        section,
+        f"{spec.label} loss curve, {steps} steps",
+        batch,
+        "bf16 vs fp32",
+        note=note,
+        extra={"window": window, "max_rel_gap": gap, "fp32": curves["fp32"], "bf16": curves["bf16"]},
+    )
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -709,6 +747,16 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
         return sample_throughput_job(bench, s, xl, "ddpm", 250, "baseline", 2 if q else 3)
 
     jobs.append(Job(f"{xl.label} DDPM step baseline", 10, sample_baseline))
+
+    # The bf16 loss curve against fp32 (DiT-S/2: small enough for a few hundred steps in seconds).
+    curve_spec = sp["S/2"]
+    jobs.append(
+        Job(
+            f"{curve_spec.label} loss curve bf16 vs fp32",
+            30,
+            lambda: loss_curve_job(bench, curve_spec, 8 if q else 64, 6 if q else 200, "numerics"),
+        )
+    )
 
     # 5. Batch 256 with activation checkpointing.
     jobs.append(Job(f"{xl.label} train b{big} {FAST_CKPT.name}", 35, train(xl, big, FAST_CKPT, "memory")))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -133,7 +134,17 @@ def test_quick_run_completes_every_job_and_prints_the_table_last(quick_run):
     rows = data["rows"]
     assert not [r for r in rows if r["error"]], [r["error"] for r in rows if r["error"]]
     sections = {r["section"] for r in rows}
-    assert {"train", "sample", "latency", "baseline", "memory", "leads", "sizes", "ema"} <= sections
+    assert {
+        "train",
+        "sample",
+        "latency",
+        "baseline",
+        "numerics",
+        "memory",
+        "leads",
+        "sizes",
+        "ema",
+    } <= sections
     # The table is the last thing printed: its header, then one line per row.
     lines = stdout.rstrip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("config "))
@@ -181,6 +192,17 @@ def test_images_per_second_mfu_and_speedups_follow_from_the_timings(quick_run):
     assert "extrapolated" in ddpm["note"]
     for r in [r for r in data["rows"] if r["section"] == "latency"]:
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["extra"]["latency_s"], rel=1e-9)
+
+
+def test_the_loss_curve_row_compares_the_bf16_and_fp32_runs(quick_run):
+    _, data = quick_run
+    row = next(r for r in data["rows"] if r["section"] == "numerics")
+    fp32, bf16, w = np.array(row["extra"]["fp32"]), np.array(row["extra"]["bf16"]), row["extra"]["window"]
+    assert len(fp32) == len(bf16) == 6 and np.isfinite(fp32).all() and np.isfinite(bf16).all()
+    kernel = np.ones(w) / w
+    ref, fast = np.convolve(fp32, kernel, mode="valid"), np.convolve(bf16, kernel, mode="valid")
+    assert row["extra"]["max_rel_gap"] == pytest.approx(np.max(np.abs(ref - fast) / np.abs(ref)), abs=1e-12)
+    assert row["extra"]["max_rel_gap"] < 0.05  # six steps from the same init: the curves barely separate
 
 
 def test_profile_splits_one_train_step_into_kernel_classes(quick_run):
