@@ -229,6 +229,9 @@ def test_kernel_names_fall_into_the_profile_classes():
         "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "norm/elementwise",
         "Memcpy HtoD (Pageable -> Device)": "copy/memset",
         "aten::addmm": "matmul",
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, 128, 16, 4, 4, false>": "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float>": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128": "attention",
     }
     assert {name: kernel_class(name) for name in cases} == cases
 
