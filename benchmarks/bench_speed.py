@@ -968,6 +968,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TEXT",
         help="run only the jobs whose title contains TEXT (repeatable), e.g. 'DiT-S/2' or 'DDPM'",
     )
+    parser.add_argument(
+        "--list", action="store_true", help="print the jobs in order with their estimates, exit"
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -980,6 +983,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--budget-s must be >= 0")
     profile = args.profile if args.profile is not None else (device.type == "cuda" and not args.quick)
     bench = Bench(device, budget, args.quick)
+    if args.list:
+        for job in plan(bench, profile):
+            print(f"{job.estimate_s:5.0f} s  {job.title}")
+        return 0
     if args.quick and device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: threads only contend with each other (and with other jobs)
     if not args.quick and device.type != "cuda":
