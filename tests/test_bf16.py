@@ -124,3 +124,14 @@ def test_training_loss_stays_fp32_and_matches_float64(model, inputs):
     assert float((terms["loss"].detach().double() - ref["loss"]).abs().max()) < BF16_REL_TOL * float(
         ref["loss"].abs().max()
     )
+
+
+def test_bf16_weights_for_sampling_stay_within_bf16_tolerance(model, inputs):
+    """The benchmark's fast sampling mode casts the EMA weights to bf16 once (the residual stream is then
+    bf16 too): its output must still be within the bf16 tolerance of float64."""
+    x, t, y = inputs
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double(), t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = copy.deepcopy(model).to(torch.bfloat16)(x, t, y)
+    assert 1e-3 < rel_err(out, ref) < BF16_REL_TOL
