@@ -19,14 +19,17 @@ import torch
 
 from ditkit.errors import UserError
 
-# Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings").
-DEMO_MODEL = "DiT-S/4"
-DEMO_OVERRIDES = {"depth": 4, "hidden_size": 192, "num_heads": 3}
-DEMO_IMAGE_SIZE = 16
-DEMO_BATCH = 128
+# Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings"): the digits at their
+# native 8×8 with 2×2 patches (16 tokens), a 4-block, 128-wide DiT (0.8M parameters), batch 64. On the GPU sweep
+# its EMA samples reach a digit accuracy of 0.99 after 1,500 steps and 0.998 after 2,000; a step takes about
+# 0.1 s on a 2-core CPU, so training takes about 3.5 minutes there.
+DEMO_MODEL = "DiT-S/2"
+DEMO_OVERRIDES = {"depth": 4, "hidden_size": 128, "num_heads": 2}
+DEMO_IMAGE_SIZE = 8
+DEMO_BATCH = 64
 DEMO_LR = 1e-3
-DEMO_EMA = 0.998
-DEMO_STEPS = 1000
+DEMO_EMA = 0.99
+DEMO_STEPS = 2000
 DEMO_CFG = 2.5
 
 
@@ -41,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditkit.data.digits import load_digits_split
-    from ditkit.metrics.digits_classifier import digits_metrics
+    from ditkit.metrics.digits_classifier import digits_metrics, real_digits_frechet
     from ditkit.sample import Sampler, sample_grid
     from ditkit.train import TrainOptions, train
 
@@ -85,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # back to N×1×S×S in [-1, 1]
     print(f"[3/3] scoring {args.num_samples} samples with the digits classifier", file=sys.stderr)
     scores = digits_metrics(pixels, labels, verbose=False)
-    real, real_labels = load_digits_split(DEMO_IMAGE_SIZE, "train")
-    floor = digits_metrics(real, real_labels, verbose=False)["frechet"]  # real train vs real held-out digits
+    # As many real digits (the train split has 1,437): the distance a perfect generator would get.
+    floor = real_digits_frechet(DEMO_IMAGE_SIZE, min(args.num_samples, 1437))
     done = time.perf_counter()
     figures = {
         "accuracy": round(float(scores["accuracy"]), 4),
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     (results / "demo.json").write_text(json.dumps(figures, indent=2))
     print(f"sample grid: {grid}")
     print(f"digit-class accuracy of {args.num_samples} guided samples: {figures['accuracy']:.3f}")
-    print(f"digits Fréchet distance: {figures['frechet']:.2f} (real held-out vs real train digits: "
+    print(f"digits Fréchet distance: {figures['frechet']:.2f} (real digits vs held-out real digits, same count: "
           f"{figures['frechet_real_vs_real']:.2f})")
     print(f"time: {figures['train_seconds']:.0f} s training, {figures['total_seconds']:.0f} s in all, on {device}")
     if args.json:

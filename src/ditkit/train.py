@@ -55,7 +55,7 @@ class TrainOptions:
     lr: float = 1e-4
     ema_decay: float = 0.9999
     precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
-    compile: bool = False
+    compile: bool | None = None  # default: on for GPUs (each block compiled, see ditkit.fast), off on CPU
     grad_checkpointing: bool = False
     grad_clip: float = 0.0
     log_every: int = 100
@@ -83,6 +83,7 @@ class TrainResult:
     losses: list[tuple[int, float]]  # (step, mean loss over the logging window)
     last_checkpoint: Path | None
     ema: DiT
+    model: DiT  # the trained (non-EMA) weights
     stopped_by_signal: bool = False
 
 
@@ -337,20 +338,17 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
         resume_from = Path(opts.resume)
         if not resume_from.exists():
             raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
-    if resume_from is not None:
-        ckpt = load_training_checkpoint(resume_from, model)  # read on the CPU first
+    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None  # read on the CPU
+    model.to(device)
+    ema.to(device).eval()
+    if ckpt is not None:
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
-        opt.load_state_dict(ckpt.state["optimizer"])
+        opt.load_state_dict(ckpt.state["optimizer"])  # moves the state to the parameters' device
         step = ckpt.step
         if "torch_rng" in ckpt.state:
             torch.set_rng_state(ckpt.state["torch_rng"])
-    model.to(device)
-    ema.to(device).eval()
-    for state in opt.state.values():  # optimizer state was loaded on the CPU
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                state[k] = v.to(device)
+        del ckpt
 
     diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
     ddp_model: torch.nn.Module = model
@@ -358,8 +356,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if opts.compile:
-        ddp_model = torch.compile(ddp_model)
+    if opts.compile if opts.compile is not None else device.type == "cuda":
+        from ditkit.fast import compile_blocks
+
+        compile_blocks(model)  # in place, before any step; DDP's hooks are unaffected
 
     def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
         # The loss is computed in fp32 even when the network runs in bf16.
@@ -528,7 +528,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
             writer.line(f"stopped by signal {signal.Signals(stopped_by).name} at step {step}; "
                         f"resume with --resume auto --results-dir {results}")
         writer.close()
-    return TrainResult(step, results, losses, last_ckpt, ema.eval(), stopped_by_signal=stopped_by is not None)
+    return TrainResult(step, results, losses, last_ckpt, ema.eval(), model.eval(),
+                       stopped_by_signal=stopped_by is not None)
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
@@ -644,7 +645,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr", type=float, default=1e-4)
     a("--ema-decay", type=float, default=0.9999)
     a("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
     a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the paper's setting)")
     a("--log-every", type=int, default=100)
