@@ -1,0 +1,125 @@
+"""`ditkit scaling` on tiny models: outputs, resume, correlations (against scipy), plotting helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from PIL import Image
+
+from ditkit import scaling
+from ditkit.cli import main
+from ditkit.errors import UserError
+from ditkit.flops import count_macs
+from ditkit.models.config import DiTConfig
+
+TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
+MODELS = ("DiT-S/4", "DiT-S/2")
+
+
+def _opts(out, **kw) -> scaling.ScalingOptions:
+    base = dict(out=str(out), models=MODELS, image_size=8, steps=4, eval_at=(2, 4), batch_size=16,
+                num_samples=20, sample_steps=3, model_overrides=TINY)
+    return scaling.ScalingOptions(**{**base, **kw})
+
+
+def test_study_outputs_resume_and_correlation(tmp_path):
+    opts = _opts(tmp_path / "s")
+    summary = scaling.run_scaling(opts, log=lambda _: None)
+    record = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert record["settings"]["lr"] == opts.lr
+    for name in MODELS:
+        entry = record["models"][name]
+        config = DiTConfig.from_name(name, input_size=8, in_channels=1, num_classes=10, **TINY)
+        assert entry["gflops"] == pytest.approx(count_macs(config) / 1e9, rel=1e-12)
+        assert entry["params"] > 0
+        assert set(entry["evals"]) == {"2", "4"}
+        for ev in entry["evals"].values():
+            assert 0.0 <= ev["accuracy"] <= 1.0 and ev["frechet"] >= 0.0
+    # Patch 2 has 4× the tokens of patch 4: more Gflops.
+    assert record["models"]["DiT-S/2"]["gflops"] > record["models"]["DiT-S/4"]["gflops"]
+    for png in ("steps.png", "gflops.png"):
+        with Image.open(tmp_path / "s" / png) as img:
+            img.verify()
+        with Image.open(tmp_path / "s" / png) as img:
+            assert img.size == (scaling.LinePlot.W, scaling.LinePlot.H)
+            # something was drawn besides white and gray grid: the series colours
+            assert len(img.getcolors(maxcolors=100_000)) > 10
+    # The correlation against scipy on the stored numbers (final step 4, log10 Gflops vs Fréchet).
+    x = [math.log10(record["models"][m]["gflops"]) for m in MODELS]
+    y = [record["models"][m]["evals"]["4"]["frechet"] for m in MODELS]
+    assert summary["step"] == 4
+    assert summary["pearson"] == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-9)
+    assert summary["spearman"] == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-9)
+    table = (tmp_path / "s" / "table.md").read_text()
+    assert all(m in table for m in MODELS) and "Spearman" in table
+
+    # A re-run trains and evaluates nothing: the record is the same, no train call happens.
+    calls = []
+    orig = scaling._evaluate
+    scaling._evaluate = lambda *a, **k: calls.append(a) or orig(*a, **k)
+    try:
+        again = scaling.run_scaling(opts, log=lambda _: None)
+    finally:
+        scaling._evaluate = orig
+    assert calls == []
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["models"] == record["models"]
+    assert again["pearson"] == pytest.approx(summary["pearson"], abs=0)
+
+    # Other settings in the same folder are refused with one line.
+    with pytest.raises(UserError, match="lr"):
+        scaling.run_scaling(_opts(tmp_path / "s", lr=1e-3), log=lambda _: None)
+
+
+def test_extend_resumes_training_exactly(tmp_path):
+    # Steps 2 then 4 in segments give the same EMA evaluation at 4 as one run straight to 4 (exact resume).
+    seg = scaling.run_scaling(_opts(tmp_path / "a", models=("DiT-S/4",)), log=lambda _: None)
+    one = scaling.run_scaling(_opts(tmp_path / "b", models=("DiT-S/4",), eval_at=(4,)), log=lambda _: None)
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["models"]["DiT-S/4"]["evals"]["4"]
+    b = json.loads((tmp_path / "b" / "results.json").read_text())["models"]["DiT-S/4"]["evals"]["4"]
+    assert a["frechet"] == pytest.approx(b["frechet"], rel=1e-4)
+    assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
+    assert "pearson" not in seg and one["step"] == 4  # one model: no correlation
+
+
+def test_budget_stops_before_the_next_segment(tmp_path):
+    # A budget already spent after the first segment: the study stops there (step-major order: the first model
+    # reached the first evaluation point), writes what it has, and a later run continues.
+    summary = scaling.run_scaling(_opts(tmp_path / "s", budget_minutes=1e-6), log=lambda _: None)
+    record = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert summary["stopped_early"] and summary["step"] is None
+    assert set(record["models"][MODELS[0]]["evals"]) == {"2"} and not record["models"][MODELS[1]]["evals"]
+    assert (tmp_path / "s" / "steps.png").exists() and not (tmp_path / "s" / "gflops.png").exists()
+    assert "No common evaluation step" in (tmp_path / "s" / "table.md").read_text()
+
+
+def test_cli_errors(capsys, tmp_path):
+    assert main(["scaling", "--models", "DiT-Q/2", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["scaling", "--eval-at", "500,100", "--out", str(tmp_path)]) == 2
+    assert "--eval-at" in capsys.readouterr().err
+    assert main(["scaling", "--image-size", "12", "--out", str(tmp_path)]) == 2
+    assert "divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["scaling", "--model-overrides", "[1]"])
+    assert err.value.code == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_correlations_match_scipy(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=7)
+    y = np.round(rng.normal(size=7), 0)  # rounding makes ties, which Spearman must average
+    assert scaling.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    assert scaling.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
+    assert math.isnan(scaling.pearson([1, 2, 3], [5, 5, 5]))
+
+
+def test_axis_ticks():
+    assert scaling.axis_ticks(0.0, 1.0, log=False) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert scaling.axis_ticks(0.3, 30.0, log=True) == pytest.approx([0.5, 1, 2, 5, 10, 20])
+    ticks = scaling.axis_ticks(0.01, 1000.0, log=True)
+    assert ticks == pytest.approx([0.01, 0.1, 1, 10, 100, 1000])
