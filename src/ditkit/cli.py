@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("ditkit.sample", "sample images from a checkpoint: a labelled grid, or an ADM .npz over GPUs"),
     "evaluate": ("ditkit.metrics.evaluate", "FID, sFID, IS, precision/recall of samples, or the digits yardstick"),
     "convert": ("ditkit.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
+    "scaling": ("ditkit.scaling", "train several DiT configs on the digits; metric vs steps and vs Gflops (PNG)"),
 }
 
 
