@@ -84,3 +84,27 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def shard_dit(model: torch.nn.Module, *, bf16: bool) -> torch.nn.Module:
+    """FSDP2 in place: each DiT block is a unit, then the root (embedders, final layer); returns `model`.
+
+    bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32 (the sharded master
+    weights and AdamW state stay fp32). Needs an initialised process group; every rank must call it.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a module sharded by FSDP2 (its parameters are DTensors)."""
+    return any(hasattr(p, "to_local") for p in model.parameters())

@@ -1,4 +1,4 @@
-"""`ditkit train`: train a DiT on one CPU, one GPU, or many GPUs under torchrun (DDP).
+"""`ditkit train`: train a DiT on one CPU, one GPU, or many GPUs and nodes under torchrun (DDP or FSDP2).
 
 The loop in one breath: each step takes the next global batch of a seeded per-epoch permutation, gives each
 rank its slice, draws the timesteps, noise and label-dropout mask for the *global* batch from a generator seeded
@@ -29,7 +29,11 @@ from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES, DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train_checkpoints import (
+    OPTIMIZER_FORMAT,
+    gather_model_state,
+    gather_optimizer_state,
     list_checkpoints,
+    load_optimizer_state,
     load_training_checkpoint,
     prune_checkpoints,
     remove_stale_temporaries,
@@ -49,6 +53,8 @@ class TrainOptions:
     num_classes: int | None = None  # default: from the data
     vae: str | None = None
     global_batch_size: int = 256
+    grad_accum_steps: int = 1  # micro-steps per optimizer step; the global batch stays global_batch_size
+    strategy: str = "ddp"  # "ddp" (replicated) or "fsdp" (FSDP2: parameters, gradients, AdamW state sharded)
     epochs: int = 1400
     max_steps: int | None = None
     global_seed: int = 0
@@ -153,9 +159,15 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·model over the trained parameters, in one fused foreach call."""
-    ema_params = [p for p in ema.parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+    # FSDP2: both modules are sharded alike, so each rank lerps its own local shards (no communication).
+    ema_params = [_local(p) for p in ema.parameters() if p.requires_grad]
+    params = [_local(p.detach()) for p in model.parameters() if p.requires_grad]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -225,6 +237,124 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def draw_step_randomness(
+    seed: int, step: int, global_batch: int, item_shape: tuple[int, ...], num_timesteps: int,
+    class_dropout_prob: float, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps, noise and label-dropout mask for the whole *global* batch of optimizer step `step`.
+
+    Every rank and every micro-batch draws all of it and keeps its own rows, so the draws depend on
+    (seed, step) only: not on the world size, the rank or the number of accumulation steps.
+    """
+    gen = _step_generator(seed, step, device)
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)
+    noise = torch.randn((global_batch, *item_shape), generator=gen, device=device)
+    drop = (torch.rand(global_batch, generator=gen, device=device) < class_dropout_prob).long()
+    return t, noise, drop
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports: mean loss/mse/vb over this rank's rows, the gradient norm (when asked),
+    whether loss and gradient were finite (a 0-dim bool tensor, not synced to the host) and whether AdamW ran."""
+
+    terms: torch.Tensor  # (3,): loss, mse, vb
+    grad_norm: torch.Tensor | None
+    finite: torch.Tensor
+    stepped: bool
+
+
+class TrainStep:
+    """One optimizer step of train.py: draws, micro-batched forward/backward, clipping, AdamW, EMA.
+
+    `model` is the module whose parameters AdamW updates (plain, or FSDP-sharded in place); `forward` is what
+    runs the batch (the DDP wrapper, or `model` itself). Rank `rank` of `world` holds rows
+    [rank·local, (rank+1)·local) of the global batch; with `accum` micro-steps its micro-batch k is rows
+    [rank·local + k·micro, ... + micro). Each micro loss is scaled by 1/accum, so after the gradient average over
+    ranks (DDP / FSDP reduce-scatter) the accumulated gradient is the mean over the whole global batch; gradient
+    sync runs on the last micro-step only.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, forward: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+        diffusion: Any, *, device: torch.device, precision: str, global_batch: int, rank: int = 0, world: int = 1,
+        accum: int = 1, seed: int = 0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
+        class_dropout_prob: float = 0.1,
+    ):
+        if global_batch % (world * accum):
+            raise UserError(
+                f"--global-batch-size {global_batch} is not divisible by world size × --grad-accum-steps "
+                f"({world} × {accum}); use a multiple of {world * accum}"
+            )
+        self.model, self.forward, self.ema, self.opt, self.diffusion = model, forward, ema, opt, diffusion
+        self.device, self.precision = device, precision
+        self.global_batch, self.rank, self.world, self.accum = global_batch, rank, world, accum
+        self.local = global_batch // world
+        self.micro = self.local // accum
+        self.seed, self.ema_decay, self.grad_clip = seed, ema_decay, grad_clip
+        self.class_dropout_prob = class_dropout_prob
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step (it is what costs)."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if not last and hasattr(self.forward, "no_sync"):  # DDP
+            return self.forward.no_sync()
+        return contextlib.nullcontext()
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, *, want_grad_norm: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> StepOutput:
+        """Train on this rank's rows `x`, `y` (local batch) of the global batch of step `step` (0-based)."""
+        if x.shape[0] != self.local:
+            raise ValueError(f"expected this rank's {self.local} rows, got {x.shape[0]}")
+        t_all, noise_all, drop_all = draw_step_randomness(
+            self.seed, step, self.global_batch, tuple(x.shape[1:]), self.diffusion.num_timesteps,
+            self.class_dropout_prob, self.device,
+        )
+
+        def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
+            # The loss is computed in fp32 even when the network runs in bf16.
+            return self.forward(*args, **kwargs).float()
+
+        self.opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=self.device)
+        losses = []
+        for k in range(self.accum):
+            mine = slice(k * self.micro, (k + 1) * self.micro)
+            rows = slice(self.rank * self.local + k * self.micro, self.rank * self.local + (k + 1) * self.micro)
+            with self._sync_context(k == self.accum - 1), _autocast(self.device, self.precision):
+                terms = self.diffusion.training_losses(
+                    fp32_output, x[mine], t_all[rows],
+                    model_kwargs={"y": y[mine], "force_drop_ids": drop_all[rows]}, noise=noise_all[rows],
+                )
+                loss = terms["loss"].mean()
+                # 1/accum: the sum over micro-steps is the mean over this rank's rows (1.0 exactly when accum=1)
+                (loss / self.accum if self.accum > 1 else loss).backward()
+            losses.append(loss.detach())
+            vb = terms.get("vb", torch.zeros_like(terms["mse"]))
+            sums += torch.stack([loss.detach(), terms["mse"].mean().detach(), vb.mean().detach()])
+        grad_norm = None
+        if self.grad_clip > 0 or want_grad_norm or skip_nonfinite:
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(torch.stack(losses)).all()
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+        stepped = not (skip_nonfinite and not bool(finite))
+        if stepped:
+            self.opt.step()
+            update_ema(self.ema, self.model, self.ema_decay)
+        return StepOutput(sums / self.accum, grad_norm, finite, stepped)
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 
@@ -241,6 +371,16 @@ def validate(opts: TrainOptions, world_size: int) -> None:
             f"--global-batch-size {opts.global_batch_size} is not divisible by the world size {world_size}; "
             f"use a multiple of {world_size}"
         )
+    if opts.grad_accum_steps < 1:
+        raise UserError(f"--grad-accum-steps must be at least 1, got {opts.grad_accum_steps}")
+    if opts.global_batch_size % (world_size * opts.grad_accum_steps):
+        per_rank = opts.global_batch_size // world_size
+        raise UserError(
+            f"the per-process batch {per_rank} (--global-batch-size {opts.global_batch_size} / world size "
+            f"{world_size}) is not divisible by --grad-accum-steps {opts.grad_accum_steps}; choose values that divide"
+        )
+    if opts.strategy not in dist_utils.STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(dist_utils.STRATEGIES)}, got {opts.strategy!r}")
     if not opts.lr > 0 or not math.isfinite(opts.lr):
         raise UserError(f"--lr must be a positive number, got {opts.lr}")
     if not 0.0 <= opts.ema_decay < 1.0:
@@ -322,12 +462,6 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.requires_grad_(p.requires_grad)  # _foreach_lerp_ pairs the trained ones; no grads are kept
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=opts.lr,
-        weight_decay=0.0,
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
 
     step = 0
     resume_from = None
@@ -338,43 +472,64 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
         resume_from = Path(opts.resume)
         if not resume_from.exists():
             raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
-    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None  # read on the CPU
-    model.to(device)
-    ema.to(device).eval()
+    # Every rank reads the full checkpoint on the CPU and loads it before wrapping / sharding, whatever world
+    # size or strategy wrote it (the format is the same for all).
+    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
-        opt.load_state_dict(ckpt.state["optimizer"])  # moves the state to the parameters' device
         step = ckpt.step
+    model.to(device)
+    ema.to(device).eval()
+
+    diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
+    compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
+    fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
+    forward: torch.nn.Module = model
+    if fsdp:
+        if compile_on:  # compiled blocks first, then sharded: FSDP's hooks stay outside the compiled graphs
+            from ditkit.fast import compile_blocks
+
+            compile_blocks(model)
+        dist_utils.shard_dit(model, bf16=precision == "bf16")
+        dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
+    else:
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if compile_on:
+            from ditkit.fast import compile_blocks
+
+            compile_blocks(model)  # in place, before any step; DDP's hooks are unaffected
+    opt = torch.optim.AdamW(  # after sharding: FSDP2 replaces the parameters by DTensors
+        [p for p in model.parameters() if p.requires_grad],
+        lr=opts.lr,
+        weight_decay=0.0,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+    if ckpt is not None:
+        load_optimizer_state(model, opt, ckpt.state)  # moves the state to the parameters' device (and shards)
         if "torch_rng" in ckpt.state:
             torch.set_rng_state(ckpt.state["torch_rng"])
         del ckpt
-
-    diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
-    ddp_model: torch.nn.Module = model
-    if info.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if opts.compile if opts.compile is not None else device.type == "cuda":
-        from ditkit.fast import compile_blocks
-
-        compile_blocks(model)  # in place, before any step; DDP's hooks are unaffected
-
-    def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
-        # The loss is computed in fp32 even when the network runs in bf16.
-        return ddp_model(*args, **kwargs).float()
+    train_step = TrainStep(
+        model, forward, ema, opt, diffusion, device=device, precision=precision,
+        global_batch=opts.global_batch_size, rank=info.rank, world=info.world_size, accum=opts.grad_accum_steps,
+        seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
+        class_dropout_prob=config.class_dropout_prob,
+    )
 
     steps_per_epoch = n // opts.global_batch_size
     total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
-    local_batch = opts.global_batch_size // info.world_size
     writer = _Logger(results, opts, run_config, info.is_main)
     if info.is_main:
         where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
         params = sum(p.numel() for p in model.parameters())
         writer.line(
             f"{config.name}: {params / 1e6:.2f}M params, {data.description}, {n} items, device {device}, "
-            f"world {info.world_size}, {precision}; {where}; results in {results}"
+            f"world {info.world_size} ({'fsdp' if fsdp else 'ddp'}), {precision}, "
+            f"{opts.grad_accum_steps} micro-step(s) per step; {where}; results in {results}"
         )
 
     losses: list[tuple[int, float]] = []
@@ -388,21 +543,37 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
 
     saved_step = step if resume_from is not None else -1  # known on every rank (last_ckpt only on rank 0)
 
+    def unsharded(module: torch.nn.Module) -> torch.nn.Module:
+        """A plain DiT with the full weights of a sharded one, on rank 0 (every rank must call; others get
+        `module` back). For sample grids and evaluation, which run on rank 0 alone."""
+        weights = gather_model_state(module)
+        if not info.is_main:
+            return module
+        plain = DiT(config)
+        plain.load_state_dict(weights)
+        return plain.to(device)
+
     def save(at_step: int) -> Path | None:
         nonlocal last_ckpt, saved_step
         _raise_if_nonfinite(first_bad, last_ckpt)
         saved_step = at_step
+        # Gathered to full state dicts (collectives under FSDP: every rank takes part), written by rank 0.
+        weights, ema_weights = gather_model_state(model), gather_model_state(ema)
+        optimizer = gather_optimizer_state(model, opt)
         if info.is_main:
             state = {
                 "step": at_step,
                 "epoch": at_step // steps_per_epoch,
                 "position": at_step % steps_per_epoch,
-                "optimizer": opt.state_dict(),
+                "optimizer": optimizer,
+                "optimizer_format": OPTIMIZER_FORMAT,
                 "torch_rng": torch.get_rng_state(),
                 "global_seed": opts.global_seed,
+                "world_size": info.world_size,
+                "strategy": "fsdp" if fsdp else "ddp",
             }
             last_ckpt = save_training_checkpoint(
-                ckpt_dir, at_step, model, ema, state, json.dumps(config.to_dict())
+                ckpt_dir, at_step, weights, ema_weights, state, json.dumps(config.to_dict())
             )
             prune_checkpoints(ckpt_dir, opts.keep_last)
             writer.line(f"step {at_step}: checkpoint {last_ckpt}")
@@ -434,44 +605,19 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                 if data.encoder is not None:
                     with torch.no_grad():
                         x = data.encoder(x)
-                gen = _step_generator(opts.global_seed, step, device)
-                shape = (opts.global_batch_size, *x.shape[1:])
-                mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
-                t = torch.randint(0, diffusion.num_timesteps, (opts.global_batch_size,), generator=gen,
-                                  device=device)[mine]
-                noise = torch.randn(shape, generator=gen, device=device)[mine]
-                drop = (torch.rand(opts.global_batch_size, generator=gen, device=device)
-                        < config.class_dropout_prob)[mine].long()
-                with _autocast(device, precision):
-                    terms = diffusion.training_losses(
-                        fp32_output, x, t, model_kwargs={"y": y, "force_drop_ids": drop}, noise=noise
-                    )
-                loss = terms["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 log_now = (step + 1) % opts.log_every == 0
-                grad_norm = None
-                if opts.grad_clip > 0 or log_now or opts.skip_nonfinite:
-                    max_norm = opts.grad_clip if opts.grad_clip > 0 else float("inf")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                finite = torch.isfinite(loss)
-                if grad_norm is not None:
-                    finite = finite & torch.isfinite(grad_norm)
-                if opts.skip_nonfinite and not bool(finite):
+                out = train_step(x, y, step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite)
+                grad_norm, finite = out.grad_norm, out.finite
+                if not out.stepped:
                     skipped += 1
                     if info.is_main:
                         writer.line(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
                 else:
-                    opt.step()
-                    update_ema(ema, model, opts.ema_decay)
                     first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
                 step += 1
                 if check_each_step:
                     _raise_if_nonfinite(first_bad, last_ckpt)
-                sums += torch.stack(
-                    [terms["loss"].mean().detach(), terms["mse"].mean().detach(),
-                     terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach()]
-                )
+                sums += out.terms
                 window += 1
                 if bar is not None:
                     bar.update(1)
@@ -499,10 +645,14 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                     sums.zero_()
                     window = 0
                     t_window = time.perf_counter()
-                if opts.sample_every and step % opts.sample_every == 0 and info.is_main:
-                    _sample_grid(ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
-                if opts.eval_every and step % opts.eval_every == 0 and info.is_main:
-                    writer.metrics({"step": step, **_evaluate(ema, config, opts, device, precision)})
+                grid_now = bool(opts.sample_every) and step % opts.sample_every == 0
+                eval_now = bool(opts.eval_every) and step % opts.eval_every == 0
+                if grid_now or eval_now:
+                    full_ema = unsharded(ema) if fsdp else ema  # collective under FSDP
+                    if grid_now and info.is_main:
+                        _sample_grid(full_ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
+                    if eval_now and info.is_main:
+                        writer.metrics({"step": step, **_evaluate(full_ema, config, opts, device, precision)})
                 stopping = stop.signal is not None
                 if stopping and info.distributed:
                     flag = torch.tensor(1.0, device=device)
@@ -528,6 +678,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
             writer.line(f"stopped by signal {signal.Signals(stopped_by).name} at step {step}; "
                         f"resume with --resume auto --results-dir {results}")
         writer.close()
+    if fsdp:  # gathered full copies (rank 0; the other ranks keep their shards)
+        ema, model = unsharded(ema), unsharded(model)
     return TrainResult(step, results, losses, last_ckpt, ema.eval(), model.eval(),
                        stopped_by_signal=stopped_by is not None)
 
@@ -639,6 +791,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-classes", type=int, default=None, help="default: number of classes in the data")
     a("--vae", default=None, help="SD-VAE folder or Hugging Face id, to train on an image folder in latent space")
     a("--global-batch-size", type=int, default=256)
+    a("--grad-accum-steps", type=int, default=1,
+      help="split each process's share of the global batch into N micro-batches (same result, less memory)")
+    a("--strategy", choices=dist_utils.STRATEGIES, default="ddp",
+      help="ddp: replicate the model on every GPU; fsdp: shard parameters, gradients and AdamW state (FSDP2)")
     a("--epochs", type=int, default=1400)
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
     a("--global-seed", type=int, default=0)
@@ -670,6 +826,8 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         vae=args.vae,
         global_batch_size=args.global_batch_size,
+        grad_accum_steps=args.grad_accum_steps,
+        strategy=args.strategy,
         epochs=args.epochs,
         max_steps=args.max_steps,
         global_seed=args.global_seed,

@@ -5,6 +5,10 @@ under a temporary name, every file is fsync'ed, and only then renamed into place
 name is always complete: a run killed mid-write leaves at worst a `.tmp-*` folder, which is ignored and
 cleaned up. `state.pt` holds only tensors and plain values (optimizer state, step, RNG state) and is read back
 with `weights_only=True`.
+
+The same format serves every strategy and world size: model and EMA are full (gathered) state dicts, and the
+AdamW state is keyed by parameter *name* (`torch.distributed.checkpoint.state_dict`'s full optimizer state dict),
+not by index, so a checkpoint written by FSDP on 2 processes resumes under DDP on 1 or 4, and the reverse.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +54,12 @@ def _fsync_dir(path: Path) -> None:
 def save_training_checkpoint(
     folder: str | os.PathLike,
     step: int,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    ema: torch.nn.Module | Mapping[str, torch.Tensor],
     state: dict[str, Any],
     config_json: str,
 ) -> Path:
-    """Write checkpoint `step` under `folder` atomically; returns its path."""
+    """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -66,7 +71,8 @@ def save_training_checkpoint(
     meta = {CONFIG_KEY: config_json, "format": "ditkit", "step": str(step)}
     try:
         for name, module in (("model", model), ("ema", ema)):
-            tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            weights = module.state_dict() if isinstance(module, torch.nn.Module) else module
+            tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
             save_file(tensors, tmp / f"{name}.safetensors", metadata=meta)
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():
@@ -124,3 +130,41 @@ def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module) ->
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{files[2]} holds no training state")
     return TrainingCheckpoint(int(state["step"]), weights, ema, state, path)
+
+
+# ----------------------------------------------------------------------------------------------- any world size
+
+OPTIMIZER_FORMAT = "by-name"  # state.pt["optimizer_format"] of checkpoints whose AdamW state is keyed by name
+
+
+def _full_options(cpu_offload: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of a plain or FSDP2-sharded model, on the CPU. Sharded: every rank must call it
+    (it all-gathers) and only rank 0 receives the tensors (the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def gather_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full AdamW state keyed by parameter name, on the CPU (collective for a sharded model, as above)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore the optimizer from a checkpoint's state.pt: the by-name full state (any strategy, any world size;
+    each rank keeps its shard), or the index-keyed `opt.state_dict()` of older unsharded checkpoints."""
+    saved = state["optimizer"]
+    if state.get("optimizer_format") != OPTIMIZER_FORMAT:
+        opt.load_state_dict(saved)  # index-keyed: the same parameter order, unsharded
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=saved, options=_full_options(cpu_offload=False))
