@@ -69,20 +69,17 @@ def test_study_outputs_resume_and_correlation(tmp_path):
     assert json.loads((tmp_path / "s" / "results.json").read_text())["models"] == record["models"]
     assert again["pearson"] == pytest.approx(summary["pearson"], abs=0)
 
+    # Training in segments (2, then resumed to 4) gives the same step-4 evaluation as one run straight to 4.
+    one = scaling.run_scaling(_opts(tmp_path / "one", models=("DiT-S/4",), eval_at=(4,)), log=lambda _: None)
+    straight = json.loads((tmp_path / "one" / "results.json").read_text())["models"]["DiT-S/4"]["evals"]["4"]
+    segmented = record["models"]["DiT-S/4"]["evals"]["4"]
+    assert straight["frechet"] == pytest.approx(segmented["frechet"], rel=1e-4)
+    assert straight["accuracy"] == pytest.approx(segmented["accuracy"], abs=1e-9)
+    assert "pearson" not in one and one["step"] == 4  # one model: no correlation
+
     # Other settings in the same folder are refused with one line.
     with pytest.raises(UserError, match="lr"):
         scaling.run_scaling(_opts(tmp_path / "s", lr=1e-3), log=lambda _: None)
-
-
-def test_extend_resumes_training_exactly(tmp_path):
-    # Steps 2 then 4 in segments give the same EMA evaluation at 4 as one run straight to 4 (exact resume).
-    seg = scaling.run_scaling(_opts(tmp_path / "a", models=("DiT-S/4",)), log=lambda _: None)
-    one = scaling.run_scaling(_opts(tmp_path / "b", models=("DiT-S/4",), eval_at=(4,)), log=lambda _: None)
-    a = json.loads((tmp_path / "a" / "results.json").read_text())["models"]["DiT-S/4"]["evals"]["4"]
-    b = json.loads((tmp_path / "b" / "results.json").read_text())["models"]["DiT-S/4"]["evals"]["4"]
-    assert a["frechet"] == pytest.approx(b["frechet"], rel=1e-4)
-    assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
-    assert "pearson" not in seg and one["step"] == 4  # one model: no correlation
 
 
 def test_budget_stops_before_the_next_segment(tmp_path):
