@@ -120,3 +120,16 @@ def test_axis_ticks():
     assert scaling.axis_ticks(0.3, 30.0, log=True) == pytest.approx([0.5, 1, 2, 5, 10, 20])
     ticks = scaling.axis_ticks(0.01, 1000.0, log=True)
     assert ticks == pytest.approx([0.01, 0.1, 1, 10, 100, 1000])
+
+
+def test_budget_guess_scales_by_gflops():
+    opts = scaling.ScalingOptions()
+    macs = {n: count_macs(DiTConfig.from_name(n, input_size=32, in_channels=1, num_classes=10))
+            for n in ("DiT-S/4", "DiT-B/2", "DiT-S/8")}
+    rate, evals = {"DiT-S/4": 0.02}, {"DiT-S/4": 3.0}
+    assert scaling._guess_seconds("DiT-S/4", 100, rate, opts, evals) == pytest.approx(0.02 * 100 + 3.0)
+    expected = macs["DiT-B/2"] / macs["DiT-S/4"] * (0.02 * 100 + 3.0)
+    assert scaling._guess_seconds("DiT-B/2", 100, rate, opts, evals) == pytest.approx(expected, rel=1e-12)
+    # a smaller model is not assumed cheaper than the measured one (launch-bound small models)
+    assert scaling._guess_seconds("DiT-S/8", 100, rate, opts, evals) == pytest.approx(0.02 * 100 + 3.0)
+    assert scaling._guess_seconds("DiT-S/8", 100, {}, opts) == 0.0

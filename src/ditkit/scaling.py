@@ -397,6 +397,30 @@ def _train_options(opts: ScalingOptions, name: str, step: int) -> Any:
     )
 
 
+def _gflops(name: str, opts: ScalingOptions) -> float:
+    from ditkit.flops import count_macs
+    from ditkit.models.config import DiTConfig
+
+    config = DiTConfig.from_name(name, input_size=opts.image_size, in_channels=1, num_classes=10,
+                                 **opts.model_overrides)
+    return count_macs(config) / 1e9
+
+
+def _guess_seconds(name: str, steps: int, seconds_per_step: dict[str, float], opts: ScalingOptions,
+                   eval_seconds: dict[str, float] | None = None) -> float:
+    """Seconds a segment of `steps` steps will take: from this model's last segment, else scaled by Gflops from
+    the costliest model measured so far (an overestimate for a larger model when that one was bound by kernel
+    launches rather than arithmetic, which errs on the safe side of a budget). 0 before any measurement."""
+    eval_seconds = eval_seconds or {}
+    if name in seconds_per_step:
+        return seconds_per_step[name] * steps + eval_seconds.get(name, 0.0)
+    if not seconds_per_step:
+        return 0.0
+    ref = max(seconds_per_step, key=lambda m: _gflops(m, opts))
+    ratio = max(_gflops(name, opts) / _gflops(ref, opts), 1.0)
+    return ratio * (seconds_per_step[ref] * steps + eval_seconds.get(ref, 0.0))
+
+
 def run_dir(opts: ScalingOptions, name: str) -> Path:
     """Training folder of one model inside OUT."""
     return Path(opts.out) / "runs" / name.replace("/", "-")
@@ -419,6 +443,7 @@ def run_scaling(opts: ScalingOptions, log: Any = None) -> dict[str, Any]:
     record = load_record(path, opts)
     start = time.perf_counter()
     seconds_per_step: dict[str, float] = {}
+    eval_seconds: dict[str, float] = {}
     stopped_early = False
     for step in eval_points(opts):
         for name in opts.models:
@@ -427,7 +452,7 @@ def run_scaling(opts: ScalingOptions, log: Any = None) -> dict[str, Any]:
                 continue
             if opts.budget_minutes is not None:
                 done = max((int(s) for s in entry["evals"]), default=0)
-                guess = seconds_per_step.get(name, 0.0) * (step - done)
+                guess = _guess_seconds(name, step - done, seconds_per_step, opts, eval_seconds)
                 if time.perf_counter() - start + guess > 60 * opts.budget_minutes:
                     log(f"budget of {opts.budget_minutes:g} min reached before {name} step {step}; stopping "
                         "(re-run with a larger --budget-minutes to continue)")
@@ -444,6 +469,7 @@ def run_scaling(opts: ScalingOptions, log: Any = None) -> dict[str, Any]:
                                 "delete that folder or choose another --out")
             trained_from = max((int(s) for s in entry["evals"]), default=0)
             seconds_per_step[name] = (t1 - t0) / max(step - trained_from, 1)
+            eval_seconds[name] = time.perf_counter() - t1
             config = result.ema.config
             entry["gflops"] = count_macs(config) / 1e9
             entry["params"] = count_params(config)
