@@ -30,22 +30,39 @@ class DistInfo:
         return self.world_size > 1
 
 
-def env_info(prefer_cuda: bool = True) -> DistInfo:
-    """Rank, world size, local rank and device from the environment, without creating a process group."""
+def env_info(prefer_cuda: bool = True, device: torch.device | None = None) -> DistInfo:
+    """Rank, world size, local rank and device from the environment, without creating a process group.
+
+    device: an explicit choice (e.g. a `--device` flag); a bare "cuda" becomes this process's local GPU.
+    """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if prefer_cuda and torch.cuda.is_available():
+    if device is not None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    elif prefer_cuda and torch.cuda.is_available():
         device = torch.device("cuda", local % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local, device)
 
 
-def init(prefer_cuda: bool = True) -> DistInfo:
-    """Join the process group when launched by torchrun (no-op for a single process); returns this rank's info."""
-    info = env_info(prefer_cuda)
-    if info.distributed and not dist.is_initialized():
+def init(
+    prefer_cuda: bool = True,
+    *,
+    device: torch.device | None = None,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=30),
+    always: bool = False,
+) -> DistInfo:
+    """Join the process group when launched by torchrun (no-op for a single process); returns this rank's info.
+
+    timeout: how long a collective waits for the slowest rank (extraction allows hours: ranks that finish their
+    shards early wait at the final barrier). always: create a group even for one process (FSDP2 needs one;
+    torchrun's MASTER_ADDR/MASTER_PORT must then be set).
+    """
+    info = env_info(prefer_cuda, device)
+    if (info.distributed or always) and not dist.is_initialized():
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         if info.device.type == "cuda":
             torch.cuda.set_device(info.device)
@@ -53,7 +70,7 @@ def init(prefer_cuda: bool = True) -> DistInfo:
             backend,
             rank=info.rank,
             world_size=info.world_size,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=timeout,
             **({"device_id": info.device} if info.device.type == "cuda" else {}),
         )
     return info

@@ -488,44 +488,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+    from ditkit import distributed
     from ditkit.autoencoder import load_vae
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if not Path(args.folder).is_dir():  # before spending seconds on loading the VAE
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    if args.device is not None:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    chosen = torch.device(args.device) if args.device is not None else None
+    if chosen is not None and chosen.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda given but no GPU is visible; use --device cpu")
-    if device.type == "cuda":
+    info = distributed.env_info(device=chosen)
+    if info.device.type == "cuda":
         # Deterministic convolutions: a resumed extract then writes the same bytes as an uninterrupted one.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     barrier = None
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    if info.distributed:
         # Ranks that finish their shards early wait for the slowest; allow hours, not the 10-minute default.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
-        barrier = dist.barrier
+        distributed.init(device=info.device, timeout=timedelta(hours=6))
+        barrier = distributed.barrier
     try:
-        vae = load_vae(args.vae, device=device, dtype=getattr(torch, args.vae_dtype))
+        vae = load_vae(args.vae, device=info.device, dtype=getattr(torch, args.vae_dtype))
         manifest = extract(
             args.folder, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
-            shard_size=args.shard_size, dtype=args.dtype, workers=args.workers, rank=rank, world_size=world,
-            progress=not args.no_progress, barrier=barrier,
+            shard_size=args.shard_size, dtype=args.dtype, workers=args.workers, rank=info.rank,
+            world_size=info.world_size, progress=not args.no_progress, barrier=barrier,
         )
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.cleanup()
     if manifest is not None:
         print(f"latent store {args.out}: {manifest['count']} images, {manifest['num_classes']} classes, "
               f"latents {'x'.join(map(str, manifest['latent_shape']))}, {manifest['skipped']} skipped")
