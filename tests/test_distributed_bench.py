@@ -1,0 +1,72 @@
+"""benchmarks/bench_ddp.py --quick: 1 process, then 2 under torchrun (gloo), without the packages that the GPU
+machine lacks. The rows are checked against each other: at the same global batch the last loss must not depend
+on the world size or the strategy (fp32 round-off), and the scaling efficiency is recomputed from the rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+MISSING_ON_GPU_MACHINE = ("safetensors", "diffusers", "sklearn", "tqdm", "PIL", "tensorboard", "scipy",
+                          "huggingface_hub")
+WRAPPER = f"""
+import importlib.abc, importlib.machinery, runpy, sys
+class Missing(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ImportError("not installed: " + module.__name__)
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MISSING_ON_GPU_MACHINE!r}:
+            return importlib.machinery.ModuleSpec(name, Missing())
+        return None
+sys.meta_path.insert(0, Finder())
+sys.argv[0] = {str(SCRIPT)!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_quick_one_then_two_processes(tmp_path):
+    wrapper = tmp_path / "bench_ddp_wrapped.py"  # torchrun runs a script file
+    wrapper.write_text(WRAPPER)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    done = subprocess.run([sys.executable, str(wrapper), "--quick", "--batch", "8", "--out", str(one)],
+                          env=ENV, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(wrapper), "--quick", "--batch", "4", "--out", str(two), "--baseline", str(one)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| ddp | 2 | 4 |" in done.stdout and "| fsdp | 2 | 4 |" in done.stdout
+
+    rows1 = {r["strategy"]: r for r in json.loads(one.read_text())["rows"]}
+    data2 = json.loads(two.read_text())
+    rows2 = {r["strategy"]: r for r in data2["rows"]}
+    assert data2["backend"] == "gloo" and set(rows1) == set(rows2) == {"ddp", "fsdp"}
+    reference = rows1["ddp"]["last_loss"]  # 1 process, replicated, global batch 8
+    for rows in (rows1, rows2):
+        for row in rows.values():
+            assert row["global_batch"] == 8
+            assert abs(row["last_loss"] - reference) <= 1e-5 * abs(reference), row
+    for name, row in rows2.items():
+        assert row["world_size"] == 2
+        assert row["images_per_sec"] == pytest.approx(row["global_batch"] * 1000 / row["step_ms"], rel=0.02)
+        expected = row["images_per_sec"] / (2 * rows1[name]["images_per_sec"])
+        assert row["scaling_efficiency"] == pytest.approx(expected, abs=1e-4)
