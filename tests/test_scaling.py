@@ -133,3 +133,15 @@ def test_budget_guess_scales_by_gflops():
     # a smaller model is not assumed cheaper than the measured one (launch-bound small models)
     assert scaling._guess_seconds("DiT-S/8", 100, rate, opts, evals) == pytest.approx(0.02 * 100 + 3.0)
     assert scaling._guess_seconds("DiT-S/8", 100, {}, opts) == 0.0
+
+
+def test_plot_skips_non_finite_points(tmp_path):
+    plot = scaling.LinePlot("t", "x", "y", log_x=True, log_y=True)
+    plot.points("S", [(0.5, 3.0), (2.0, float("nan")), (6.0, 1.0)], ["a", "b", "c"])
+    plot.line("L", [(0.5, 2.0), (6.0, float("inf"))])
+    with Image.open(plot.save(tmp_path / "p.png")) as img:
+        assert img.format == "PNG" and img.size == (scaling.LinePlot.W, scaling.LinePlot.H)
+    empty = scaling.LinePlot("t", "x", "y")
+    empty.line("L", [(1.0, float("nan"))])
+    with pytest.raises(UserError, match="nothing finite"):
+        empty.save(tmp_path / "q.png")

@@ -261,8 +261,14 @@ class LinePlot:
 
         from ditkit.checkpoints import atomic_write
 
+        # A diverged run can leave NaN/inf scores: leave those points out rather than fail to draw the rest.
+        self.series = [(name, [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)],
+                        [lab for (x, y), lab in zip(pts, labels) if math.isfinite(x) and math.isfinite(y)]
+                        if labels else None, joined) for name, pts, labels, joined in self.series]
         xs = [x for _, pts, _, _ in self.series for x, _ in pts]
         ys = [y for _, pts, _, _ in self.series for _, y in pts]
+        if not xs:
+            raise UserError(f"nothing finite to draw in {path}: every score is NaN or infinite")
         if self.log_y and any(y <= 0 for y in ys):
             self.log_y = False  # a log axis cannot show zero or negative values
         (x0, x1), (y0, y1) = self._range(xs, self.log_x), self._range(ys, self.log_y)
