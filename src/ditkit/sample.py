@@ -397,6 +397,8 @@ def sample_npz(
     distributed.barrier()
     if rank != 0:
         return None
+    for tmp in (out / "shards").glob(".shard_*.tmp"):  # left by killed runs; every rank's writes are over now
+        tmp.unlink(missing_ok=True)
     arrays, labels = [], []
     for k in range(num_shards):
         with np.load(shard_path(out, k)) as f:
