@@ -145,3 +145,22 @@ def test_plot_skips_non_finite_points(tmp_path):
     empty.line("L", [(1.0, float("nan"))])
     with pytest.raises(UserError, match="nothing finite"):
         empty.save(tmp_path / "q.png")
+
+
+def test_cli_maps_arguments(monkeypatch, capsys, tmp_path):
+    seen = []
+
+    def fake(opts):
+        seen.append(opts)
+        return {"table": "TABLE\n", "pictures": ["a.png"], "elapsed_seconds": 1.0, "stopped_early": True}
+
+    monkeypatch.setattr(scaling, "run_scaling", fake)
+    argv = ["scaling", "--models", "DiT-S/8, DiT-B/2", "--eval-at", "10,20", "--steps", "20", "--lr", "1e-3",
+            "--budget-minutes", "7", "--model-overrides", '{"depth": 2}', "--out", str(tmp_path), "--no-compile"]
+    assert main(argv) == 0
+    (opts,) = seen
+    assert opts.models == ("DiT-S/8", "DiT-B/2") and opts.eval_at == (10, 20) and opts.steps == 20
+    assert opts.lr == 1e-3 and opts.budget_minutes == 7 and opts.model_overrides == {"depth": 2}
+    assert opts.cfg_scale == 1.0 and opts.metric == "frechet" and opts.compile is False
+    out = capsys.readouterr().out
+    assert "TABLE" in out and "a.png" in out and "stopped early" in out
