@@ -142,7 +142,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTCon
         raise UserError(f"not a DiT checkpoint: tensor {err.args[0]!r} is missing") from None
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     grid = round(pos.shape[1] ** 0.5)
-    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     out_channels = final.shape[0] // (patch * patch)
     fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
     mod = state_dict.get("blocks.0.adaLN_modulation.1.weight")
@@ -177,6 +177,12 @@ def check_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     for key, tensor in expected.items():
         if key not in state_dict:
             raise UserError(f"{path} does not fit {model.config.name}: tensor {key!r} is missing from the checkpoint")
+        if tensor.is_floating_point() and not state_dict[key].is_floating_point():
+            # load_state_dict would cast integers or booleans silently into weights that mean nothing.
+            raise UserError(
+                f"{path}: tensor {key!r} has dtype {str(state_dict[key].dtype).replace('torch.', '')}; DiT weights "
+                "are floating point (float32, bfloat16, float16); the file is damaged or not a DiT checkpoint"
+            )
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
             raise UserError(
                 f"{path} does not fit {model.config.name}: tensor {key!r} has shape {tuple(state_dict[key].shape)} "
@@ -186,6 +192,21 @@ def check_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     extra = [k for k in state_dict if k not in expected]
     if extra:
         raise UserError(f"{path} does not fit {model.config.name}: unexpected tensor {extra[0]!r} in the checkpoint")
+
+
+def check_stored_config(stored: DiTConfig, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a stored config that disagrees with the tensors, before a model is built from it.
+
+    A file from a stranger could state e.g. depth 10^9 with small tensors; building that model first would
+    exhaust memory before the shape check could name the problem.
+    """
+    found = infer_config(state_dict)
+    for field in ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "learn_sigma"):
+        if getattr(stored, field) != getattr(found, field):
+            raise UserError(
+                f"{path}: the stored model config says {field}={getattr(stored, field)!r} but the tensors say "
+                f"{getattr(found, field)!r}; the file is inconsistent (pass --model to ignore the stored config)"
+            )
 
 
 def _config_from_official_args(args: Any) -> dict[str, Any]:
@@ -238,6 +259,7 @@ def load_model(path: str | os.PathLike, model: str | None = None, **overrides: A
     if model is not None:
         config = DiTConfig.from_name(model, **overrides)
     elif stored is not None:
+        check_stored_config(stored, state_dict, path)
         config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
     else:
         config = infer_config(state_dict, **{**hints, **overrides})
