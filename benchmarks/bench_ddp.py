@@ -72,9 +72,7 @@ def run_strategy(strategy: str, config: DiTConfig, per_gpu: int, args: argparse.
         dist_utils.shard_dit(model, bf16=precision == "bf16")
         dist_utils.shard_dit(ema, bf16=False)
     elif info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward = dist_utils.wrap_ddp(model, device)
     if args.compile:
         from ditkit.fast import compile_blocks
 

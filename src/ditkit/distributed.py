@@ -125,3 +125,18 @@ def shard_dit(model: torch.nn.Module, *, bf16: bool) -> torch.nn.Module:
 def is_sharded(model: torch.nn.Module) -> bool:
     """True for a module sharded by FSDP2 (its parameters are DTensors)."""
     return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel as training uses it: gradients live in the all-reduce buckets
+    (`gradient_as_bucket_view`, one copy less per step and less memory) and buckets of 100 MB, fewer and larger
+    all-reduces than the 25 MB default for models of DiT-XL's size."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        bucket_cap_mb=100,
+    )
+

@@ -495,9 +495,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
     else:
         if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            forward = dist_utils.wrap_ddp(model, device)
         if compile_on:
             from ditkit.fast import compile_blocks
 
