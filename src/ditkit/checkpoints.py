@@ -8,10 +8,12 @@ which carries plain values), so a file with a code payload is refused and its pa
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,15 +53,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as err:
+    except Exception as err:
+        full = disk_full(err, path.parent)  # before the temp file is removed and its space freed
         _remove_quietly(tmp)
-        if err.errno == 28:  # ENOSPC
+        if full:
             msg = f"disk full while writing {path}; the previous file is intact; free space and retry"
             raise UserError(msg) from None
         raise
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a failed write ran out of space, however the writer reports it.
+
+    Python's own writes raise OSError(ENOSPC); safetensors raises SafetensorError("... os error 28"); torch.save
+    raises a RuntimeError about an unexpected position (a short write) that names no cause, so a filesystem
+    with (almost) no free space left counts as the cause too.
+    """
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    text = str(err)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
 
 
 def _remove_quietly(path: str) -> None:
