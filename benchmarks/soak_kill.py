@@ -73,6 +73,9 @@ class Job:
     def command(self, work: Path) -> list[str]:
         raise NotImplementedError
 
+    def started(self, work: Path) -> None:
+        """Called just before each process start (progress is counted from here)."""
+
     def temporaries(self, work: Path) -> set[str]:
         """Names of temporary (not yet renamed) checkpoints or shards on disk now."""
         raise NotImplementedError
@@ -135,17 +138,25 @@ class TrainJob(Job):
     def temporaries(self, work: Path) -> set[str]:
         return _names(work / "checkpoints", lambda n: n.startswith(".tmp-"))
 
+    def started(self, work: Path) -> None:
+        path = work / "metrics.jsonl"
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._resumed_at = self.saved_units(work)
+
     def progress(self, work: Path) -> int:
+        """The last step this process logged (metrics.jsonl, one line a step), else where it resumed from."""
         try:
-            lines = (work / "metrics.jsonl").read_text().splitlines()
+            with open(work / "metrics.jsonl", "rb") as f:
+                f.seek(self._offset)
+                lines = f.read().decode(errors="replace").splitlines()
         except FileNotFoundError:
-            return 0
+            lines = []
         for line in reversed(lines):
             try:
                 return int(json.loads(line)["step"])
             except (ValueError, KeyError):
                 continue  # a line cut by the kill
-        return 0
+        return self._resumed_at
 
     def finished(self, work: Path) -> dict[str, str]:
         from ditkit.train_checkpoints import list_checkpoints
@@ -302,6 +313,7 @@ def kill_loop(job: Job, work: Path, reference: Path, kills: int, rng: random.Ran
         if deadline is not None and time.time() > deadline:
             break
         stale = job.temporaries(work)  # leftovers of earlier kills are not a write in flight
+        job.started(work)
         proc = subprocess.Popen(job.command(work), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report.runs += 1
         aim_at_write = i % 2 == 1
@@ -379,11 +391,11 @@ def make_inputs(base: Path, num_images: int = 30) -> dict[str, Path]:
     return {"images": images, "vae": vae, "ckpt": base / "tiny.safetensors"}
 
 
-def make_jobs(inputs: dict[str, Path], train_steps: int = 24) -> dict[str, Job]:
+def make_jobs(inputs: dict[str, Path], train_steps: int = 24, num_samples: int = 48) -> dict[str, Job]:
     return {
         "train": TrainJob(steps=train_steps),
         "extract": ExtractJob(inputs["images"], inputs["vae"]),
-        "sample": SampleJob(inputs["ckpt"]),
+        "sample": SampleJob(inputs["ckpt"], num_samples=num_samples),
     }
 
 
@@ -392,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=240, help="wall-clock budget over all jobs")
     parser.add_argument("--jobs", default="train,extract,sample")
     parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--num-samples", type=int, default=400, help="images the sample job makes")
+    parser.add_argument("--num-images", type=int, default=60, help="images the extract job encodes")
     parser.add_argument("--max-delay", type=float, default=6.0, help="longest random delay before a kill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
@@ -400,17 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     base = Path(args.work or tempfile.mkdtemp(prefix="ditkit-soak-"))
-    inputs = make_inputs(base / "inputs")
-    jobs = make_jobs(inputs, args.train_steps)
+    inputs = make_inputs(base / "inputs", args.num_images)
+    jobs = make_jobs(inputs, args.train_steps, args.num_samples)
     names = [j for j in args.jobs.split(",") if j]
     rng = random.Random(args.seed)
     reports = []
-    begin = time.time()
-    for i, name in enumerate(names):
+    for name in names:
         job = jobs[name]
         reference = base / f"{name}-reference"
         _run_to_end(job, reference)
-        share = (args.seconds - (time.time() - begin)) / (len(names) - i)
+        share = args.seconds / len(names)  # kill time per job; reference and final runs come on top
         report = kill_loop(job, base / f"{name}-killed", reference, kills=10**6, rng=rng,
                            max_delay=args.max_delay, deadline=time.time() + share)
         reports.append(report)
