@@ -106,9 +106,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         ) from None
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file can fail inside torch.load in many ways
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {msg[:200]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {msg[:200]}; is it a .pt file?") \
+            from None
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
