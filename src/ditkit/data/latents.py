@@ -495,7 +495,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    chosen = torch.device(args.device) if args.device is not None else None
+    try:
+        chosen = torch.device(args.device) if args.device is not None else None
+    except RuntimeError:
+        raise UserError(f"bad --device {args.device!r}; use cpu, cuda or cuda:N") from None
     if chosen is not None and chosen.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda given but no GPU is visible; use --device cpu")
     info = distributed.env_info(device=chosen)
