@@ -195,6 +195,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--per-label and --batch-size must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if not args.eta >= 0:
+        raise UserError(f"--eta must be >= 0 (0 = deterministic DDIM), got {args.eta}")
     if args.cfg_scale < 0:
         raise UserError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
