@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ditkit.checkpoints import CONFIG_KEY, check_shapes, read_safetensors, safe_torch_load
+from ditkit.checkpoints import CONFIG_KEY, check_shapes, disk_full, read_safetensors, safe_torch_load
 from ditkit.errors import UserError
 
 STEP_DIR = re.compile(r"^\d{7,}$")
@@ -82,12 +82,16 @@ def save_training_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(folder)
-    except OSError as err:
+    except Exception as err:
+        full = disk_full(err, folder)  # before the partial folder is removed and its space freed
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == 28:
+        if full:
             raise UserError(
                 f"disk full while writing checkpoint {final}; earlier checkpoints are intact; free space and resume"
             ) from None
+        raise
+    except BaseException:  # KeyboardInterrupt and the like: leave no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
