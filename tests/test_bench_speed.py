@@ -22,6 +22,7 @@ from torch import nn
 from ditkit.fast import compile_blocks
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from gpu_machine import without_gpu_machine_missing_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_speed.py"
@@ -71,34 +72,7 @@ def _run_main(args: list[str]) -> int:
         torch.set_num_threads(threads)
 
 
-# The GPU machine has torch and numpy but none of these: the run must not need them (the finder makes their
-# import fail, as if they were not installed, while a mere find_spec still answers).
-MISSING_ON_GPU_MACHINE = (
-    "safetensors",
-    "diffusers",
-    "sklearn",
-    "tqdm",
-    "PIL",
-    "tensorboard",
-    "scipy",
-    "huggingface_hub",
-)
-RUN_WITHOUT = f"""
-import importlib.abc, importlib.machinery, runpy, sys
-class Missing(importlib.abc.Loader):
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        raise ImportError("not installed: " + module.__name__)
-class Finder:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {MISSING_ON_GPU_MACHINE!r}:
-            return importlib.machinery.ModuleSpec(name, Missing())
-        return None
-sys.meta_path.insert(0, Finder())
-sys.argv[0] = {str(SCRIPT)!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+RUN_WITHOUT = without_gpu_machine_missing_packages(SCRIPT)
 
 
 @pytest.fixture(scope="module")

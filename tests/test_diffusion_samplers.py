@@ -19,13 +19,7 @@ SIGMA = torch.tensor([[0.25, 0.12], [0.12, 0.15]], dtype=F64)
 ALPHA_BAR = np.cumprod(1.0 - get_beta_schedule("linear", 1000))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_eps_model(x: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:

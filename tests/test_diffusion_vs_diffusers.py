@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from ditkit.diffusion import create_diffusion, samplers
-from test_diffusion_samplers import gaussian_eps_model, one_thread  # noqa: F401 (autouse fixture)
+from test_diffusion_samplers import gaussian_eps_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 diffusers = pytest.importorskip("diffusers")
 F64 = torch.float64

@@ -13,27 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from gpu_machine import without_gpu_machine_missing_packages
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-MISSING_ON_GPU_MACHINE = ("safetensors", "diffusers", "sklearn", "tqdm", "PIL", "tensorboard", "scipy",
-                          "huggingface_hub")
-WRAPPER = f"""
-import importlib.abc, importlib.machinery, runpy, sys
-class Missing(importlib.abc.Loader):
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        raise ImportError("not installed: " + module.__name__)
-class Finder:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {MISSING_ON_GPU_MACHINE!r}:
-            return importlib.machinery.ModuleSpec(name, Missing())
-        return None
-sys.meta_path.insert(0, Finder())
-sys.argv[0] = {str(SCRIPT)!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+WRAPPER = without_gpu_machine_missing_packages(SCRIPT)
 
 
 def _free_port() -> int:

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 import ditkit
-from test_sample import one_thread, run_cli, tiny_model  # noqa: F401 (one_thread is an autouse fixture)
+from test_sample import run_cli, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_latent_model_through_a_vae(tmp_path):
