@@ -133,7 +133,9 @@ def _quiet_diffusers() -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    # Critical only: a failed load also logs "An error occurred while trying to fetch ..."; the UserError
+    # raised for it says the same in one line.
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
