@@ -55,7 +55,7 @@ from ditkit.fast import compile_blocks
 from ditkit.flops import count_macs
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.train import _autocast, _step_generator, update_ema
+from ditkit.train_step import _autocast, _step_generator, update_ema
 
 CFG_SCALE = 4.0  # the sample.py default of the official code; the cost does not depend on it
 

@@ -1,0 +1,154 @@
+"""One optimizer step of `ditkit train`: the (seed, step) draws, micro-batched loss and backward, AdamW, EMA.
+
+Shared by the training loop and the benchmarks (`benchmarks/bench_speed.py`, `benchmarks/bench_ddp.py`), so
+what is measured is what trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ditkit.errors import UserError
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model over the trained parameters, in one fused foreach call."""
+    # FSDP2: both modules are sharded alike, so each rank lerps its own local shards (no communication).
+    ema_params = [_local(p) for p in ema.parameters() if p.requires_grad]
+    params = [_local(p.detach()) for p in model.parameters() if p.requires_grad]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def draw_step_randomness(
+    seed: int, step: int, global_batch: int, item_shape: tuple[int, ...], num_timesteps: int,
+    class_dropout_prob: float, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timesteps, noise and label-dropout mask for the whole *global* batch of optimizer step `step`.
+
+    Every rank and every micro-batch draws all of it and keeps its own rows, so the draws depend on
+    (seed, step) only: not on the world size, the rank or the number of accumulation steps.
+    """
+    gen = _step_generator(seed, step, device)
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)
+    noise = torch.randn((global_batch, *item_shape), generator=gen, device=device)
+    drop = (torch.rand(global_batch, generator=gen, device=device) < class_dropout_prob).long()
+    return t, noise, drop
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports: mean loss/mse/vb over this rank's rows, the gradient norm (when asked),
+    whether loss and gradient were finite (a 0-dim bool tensor, not synced to the host) and whether AdamW ran."""
+
+    terms: torch.Tensor  # (3,): loss, mse, vb
+    grad_norm: torch.Tensor | None
+    finite: torch.Tensor
+    stepped: bool
+
+
+class TrainStep:
+    """One optimizer step of train.py: draws, micro-batched forward/backward, clipping, AdamW, EMA.
+
+    `model` is the module whose parameters AdamW updates (plain, or FSDP-sharded in place); `forward` is what
+    runs the batch (the DDP wrapper, or `model` itself). Rank `rank` of `world` holds rows
+    [rank·local, (rank+1)·local) of the global batch; with `accum` micro-steps its micro-batch k is rows
+    [rank·local + k·micro, ... + micro). Each micro loss is scaled by 1/accum, so after the gradient average over
+    ranks (DDP / FSDP reduce-scatter) the accumulated gradient is the mean over the whole global batch; gradient
+    sync runs on the last micro-step only.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, forward: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+        diffusion: Any, *, device: torch.device, precision: str, global_batch: int, rank: int = 0, world: int = 1,
+        accum: int = 1, seed: int = 0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
+        class_dropout_prob: float = 0.1,
+    ):
+        if global_batch % (world * accum):
+            raise UserError(
+                f"--global-batch-size {global_batch} is not divisible by world size × --grad-accum-steps "
+                f"({world} × {accum}); use a multiple of {world * accum}"
+            )
+        self.model, self.forward, self.ema, self.opt, self.diffusion = model, forward, ema, opt, diffusion
+        self.device, self.precision = device, precision
+        self.global_batch, self.rank, self.world, self.accum = global_batch, rank, world, accum
+        self.local = global_batch // world
+        self.micro = self.local // accum
+        self.seed, self.ema_decay, self.grad_clip = seed, ema_decay, grad_clip
+        self.class_dropout_prob = class_dropout_prob
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step (it is what costs)."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if not last and hasattr(self.forward, "no_sync"):  # DDP
+            return self.forward.no_sync()
+        return contextlib.nullcontext()
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, *, want_grad_norm: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> StepOutput:
+        """Train on this rank's rows `x`, `y` (local batch) of the global batch of step `step` (0-based)."""
+        if x.shape[0] != self.local:
+            raise ValueError(f"expected this rank's {self.local} rows, got {x.shape[0]}")
+        t_all, noise_all, drop_all = draw_step_randomness(
+            self.seed, step, self.global_batch, tuple(x.shape[1:]), self.diffusion.num_timesteps,
+            self.class_dropout_prob, self.device,
+        )
+
+        def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
+            # The loss is computed in fp32 even when the network runs in bf16.
+            return self.forward(*args, **kwargs).float()
+
+        self.opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=self.device)
+        losses = []
+        for k in range(self.accum):
+            mine = slice(k * self.micro, (k + 1) * self.micro)
+            rows = slice(self.rank * self.local + k * self.micro, self.rank * self.local + (k + 1) * self.micro)
+            with self._sync_context(k == self.accum - 1), _autocast(self.device, self.precision):
+                terms = self.diffusion.training_losses(
+                    fp32_output, x[mine], t_all[rows],
+                    model_kwargs={"y": y[mine], "force_drop_ids": drop_all[rows]}, noise=noise_all[rows],
+                )
+                loss = terms["loss"].mean()
+                # 1/accum: the sum over micro-steps is the mean over this rank's rows (1.0 exactly when accum=1)
+                (loss / self.accum if self.accum > 1 else loss).backward()
+            losses.append(loss.detach())
+            vb = terms.get("vb", torch.zeros_like(terms["mse"]))
+            sums += torch.stack([loss.detach(), terms["mse"].mean().detach(), vb.mean().detach()])
+        grad_norm = None
+        if self.grad_clip > 0 or want_grad_norm or skip_nonfinite:
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(torch.stack(losses)).all()
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+        stepped = not (skip_nonfinite and not bool(finite))
+        if stepped:
+            self.opt.step()
+            update_ema(self.ema, self.model, self.ema_decay)
+        return StepOutput(sums / self.accum, grad_norm, finite, stepped)
