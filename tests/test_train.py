@@ -257,6 +257,11 @@ def test_guard_rails_each_give_one_line(tmp_path):
         train(options(tmp_path, max_steps=1))
     with pytest.raises(UserError, match="--lr"):
         validate(options(tmp_path, lr=-1.0), world_size=1)
+    for name in ("num_workers", "keep_last", "sample_every", "eval_every"):
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be 0 or more, got -1"):
+            validate(options(tmp_path, **{name: -1}), world_size=1)
+    with pytest.raises(UserError, match="--vae does not apply"):
+        validate(options(tmp_path, vae="stabilityai/sd-vae-ft-ema"), world_size=1)
 
 
 def test_cli_bad_arguments_exit_2_without_traceback(tmp_path):

@@ -251,8 +251,15 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError(f"unknown model {opts.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     if opts.image_size is not None and opts.image_size < 1:
         raise UserError(f"--image-size must be positive, got {opts.image_size}")
+    for name in ("num_workers", "keep_last", "sample_every", "eval_every"):  # 0 means off / none
+        if getattr(opts, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
+    if opts.eval_every and opts.eval_samples < 2:
+        raise UserError(f"--eval-samples must be at least 2, got {opts.eval_samples}")
     if opts.eval_every and opts.data_path != "digits":
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
+    if opts.vae and opts.data_path == "digits":
+        raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
 
 
 def train(opts: TrainOptions) -> TrainResult:
