@@ -67,6 +67,15 @@ def test_sample_grids_and_digit_scores_during_training(tmp_path):
     assert scored and scored[0]["step"] == 2 and 0.0 <= scored[0]["eval_accuracy"] <= 1.0
 
 
+def test_a_training_checkpoint_folder_loads_as_its_ema(tmp_path):
+    import ditkit
+
+    result = train(options(tmp_path, max_steps=3))
+    loaded = ditkit.load_model(result.results_dir / "checkpoints" / "0000003")
+    for k, v in result.ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.cpu()), k
+
+
 def test_resume_continues_with_exactly_the_same_losses(tmp_path):
     full = train(options(tmp_path / "a"))
     first = train(options(tmp_path / "b", max_steps=3))

@@ -249,7 +249,9 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTC
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    if path.is_dir():
+    if path.is_dir() and (path / "ema.safetensors").is_file():
+        path = path / "ema.safetensors"  # a ditkit training checkpoint folder: sample its EMA weights
+    elif path.is_dir():
         from ditkit import convert  # a diffusers transformer or pipeline folder
 
         return convert.read_diffusers_folder(path)
