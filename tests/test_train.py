@@ -216,7 +216,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     assert int(ckpt.name) == int(out.split()[-1])
 
 
-def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+def poison_loss(monkeypatch, at_call: int, value: float) -> None:
+    """Make the `at_call`-th training loss (1-based) non-finite by multiplying it with `value`."""
     from ditkit.diffusion.gaussian import GaussianDiffusion
 
     real = GaussianDiffusion.training_losses
@@ -225,30 +226,22 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     def poisoned(self, *args, **kwargs):
         terms = real(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 5:
-            terms["loss"] = terms["loss"] * float("nan")
+        if calls["n"] == at_call:
+            terms["loss"] = terms["loss"] * value
         return terms
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, at_call=5, value=float("nan"))
     with pytest.raises(UserError, match=r"NaN/Inf at step 5.*0000003"):
         train(options(tmp_path, max_steps=8))
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["0000003"]
 
 
 def test_skip_nonfinite_skips_the_step(tmp_path, monkeypatch):
-    from ditkit.diffusion.gaussian import GaussianDiffusion
-
-    real = GaussianDiffusion.training_losses
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        terms = real(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            terms["loss"] = terms["loss"] * float("inf")
-        return terms
-
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
+    poison_loss(monkeypatch, at_call=2, value=float("inf"))
     result = train(options(tmp_path, max_steps=4, skip_nonfinite=True))
     assert result.step == 4
     assert all(torch.isfinite(p).all() for p in result.ema.parameters())
