@@ -46,11 +46,14 @@ def guided(
 
     def guided_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         n = x.shape[0]
-        active = torch.ones(n, dtype=torch.bool, device=x.device)
-        if interval is not None:
-            active = (t >= interval[0]) & (t <= interval[1])
-        if scale == 1.0 or not bool(active.any()):
+        if scale == 1.0:
             return model(x, t, y, **kwargs)  # no guidance: the conditional half alone
+        if interval is None:
+            active = torch.ones(n, dtype=torch.bool, device=x.device)  # no host sync on this common path
+        else:
+            active = (t >= interval[0]) & (t <= interval[1])
+            if not bool(active.any()):  # outside the interval: skip the unconditional half (one host sync)
+                return model(x, t, y, **kwargs)
         null = torch.full_like(y, null_label)
         out = model(
             torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **{k: _doubled(v, n) for k, v in kwargs.items()}
