@@ -75,9 +75,26 @@ def coef_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_DEVICE_TABLES: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def on_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`table` as a tensor on `device`, copied once: a copy from pageable host memory on every lookup would
+    make the host wait for the GPU at each step. Keyed by the array's identity (the cache holds the array, so
+    the id cannot be reused); bounded, since a process builds only a handful of processes' tables."""
+    key = (id(table), str(device))
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None:
+        if len(_DEVICE_TABLES) >= 512:
+            _DEVICE_TABLES.clear()
+        hit = (table, torch.from_numpy(table).to(device=device))
+        _DEVICE_TABLES[key] = hit
+    return hit[1]
+
+
 def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample entries table[t] shaped N×1×…×1 to broadcast against `like` (N×C×…)."""
-    values = torch.from_numpy(table).to(device=t.device)[t.long()].to(coef_dtype(like))
+    values = on_device(table, t.device)[t.long()].to(coef_dtype(like))
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 
@@ -230,7 +247,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model sees: the original process's indices (identity unless respaced)."""
-        return torch.from_numpy(self.timestep_map).to(device=t.device)[t.long()].to(t.dtype)
+        return on_device(self.timestep_map, t.device)[t.long()].to(t.dtype)
 
     def call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> torch.Tensor:
         """model(x, original t, **model_kwargs); of an (output, extra) tuple, the output (as reference)."""
