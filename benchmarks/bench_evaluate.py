@@ -32,30 +32,6 @@ from ditkit.metrics.frechet import feature_statistics, frechet_distance  # noqa:
 from ditkit.metrics.precision_recall import precision_recall  # noqa: E402
 
 
-def random_weights(path: Path, seed: int = 0) -> None:
-    """A state_dict of the FID Inception with random weights (the constructor's weight loading skipped)."""
-    module = inc.import_fidelity_inception()
-
-    class Unloaded(module.FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):
-            return None
-
-    original = module.load_state_dict_from_url
-    module.load_state_dict_from_url = lambda *a, **k: None
-    try:
-        torch.manual_seed(seed)
-        net = Unloaded("random", ["2048", "logits_unbiased"])
-    finally:
-        module.load_state_dict_from_url = original
-    # He-normal convolutions keep the activation scale through the 90-odd ReLU layers (PyTorch's default init
-    # shrinks it to ~1e-8 by the pool layer, where every distance would be 0).
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            fan_in = m.weight[0].numel()
-            torch.nn.init.normal_(m.weight, std=(2.0 / fan_in) ** 0.5)
-    torch.save(net.state_dict(), path)
-
-
 def smooth_images(n: int, size: int, seed: int, shift: float) -> np.ndarray:
     """uint8 N×size×size×3 images: 8×8 noise upsampled, so they have structure at several scales."""
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +65,7 @@ def main() -> None:
         os.environ["DITKIT_CACHE"] = str(tmp / "cache")
         np.savez(tmp / "samples.npz", arr_0=smooth_images(args.num, args.size, 1, 20.0))
         np.savez(tmp / "ref.npz", arr_0=smooth_images(args.num, args.size, 2, 0.0))
-        random_weights(tmp / inc.WEIGHTS_FILE_NAME)
+        inc.save_random_weights(tmp / inc.WEIGHTS_FILE_NAME)
         net = inc.load_inception(tmp / inc.WEIGHTS_FILE_NAME, args.device)
 
         # Device and CPU agree (TF32 off): relative difference of pool features on 16 images.

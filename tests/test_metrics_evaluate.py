@@ -266,36 +266,13 @@ def test_cli_digits_metric(tmp_path, cache, capsys):
 # ------------------------------------------------------------------------------------------ torch-fidelity
 
 
-def _random_fidelity_weights(path) -> None:
-    module = inc.import_fidelity_inception()
-
-    class Unloaded(module.FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # random init instead of the published weights
-            return None
-
-    original = module.load_state_dict_from_url
-    module.load_state_dict_from_url = lambda *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = Unloaded("random", ["2048", "logits_unbiased"])
-    finally:
-        module.load_state_dict_from_url = original
-    # He-normal convolutions keep the activation scale through the 90-odd ReLU layers (PyTorch's default init
-    # shrinks it to ~1e-8 by the pool layer, where every distance would be 0).
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            fan_in = m.weight[0].numel()
-            torch.nn.init.normal_(m.weight, std=(2.0 / fan_in) ** 0.5)
-    torch.save(net.state_dict(), path)
-
-
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("torch_fidelity") is None,
     reason="torch-fidelity not installed (pip install --no-deps torch-fidelity)",
 )
 def test_fidelity_inception_random_weights(tmp_path):
     weights = tmp_path / inc.WEIGHTS_FILE_NAME
-    _random_fidelity_weights(weights)
+    inc.save_random_weights(weights)
     net = inc.load_inception(weights)
     assert "torch_fidelity" not in sys.modules and "torchvision" not in sys.modules
     seen = {}

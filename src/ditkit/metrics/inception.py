@@ -162,3 +162,28 @@ def load_inception(weights_path: str | Path | None, device: str | torch.device =
         module.load_state_dict_from_url = original
     net = FidelityInception(extractor, fingerprint=f"fid-inception-v3:{_file_digest(path)}")
     return net.to(device).eval()
+
+
+def save_random_weights(path: str | Path, seed: int = 0) -> None:
+    """Write a state_dict of the FID Inception with random weights (the constructor's weight loading skipped),
+    for checking the evaluation pipeline end to end where the published weights are not available."""
+    module = import_fidelity_inception()
+
+    class Unloaded(module.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+    original = module.load_state_dict_from_url
+    module.load_state_dict_from_url = lambda *a, **k: None
+    try:
+        torch.manual_seed(seed)
+        net = Unloaded("random", ["2048", "logits_unbiased"])
+    finally:
+        module.load_state_dict_from_url = original
+    # He-normal convolutions keep the activation scale through the 90-odd ReLU layers (PyTorch's default init
+    # shrinks it to ~1e-8 by the pool layer, where every distance would be 0).
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            torch.nn.init.normal_(m.weight, std=(2.0 / fan_in) ** 0.5)
+    torch.save(net.state_dict(), path)
