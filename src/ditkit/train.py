@@ -276,9 +276,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
 
     validate(opts, info.world_size)
     device = info.device
+    # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "bf16" and device.type == "cpu":
-        precision = "bf16"  # allowed: CPU autocast supports bf16, slower but correct
     if device.type == "cuda":
         allow = precision in ("tf32", "bf16")
         torch.backends.cuda.matmul.allow_tf32 = allow
