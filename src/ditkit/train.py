@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES, DiTConfig
 from ditkit.models.dit import DiT
@@ -458,8 +459,11 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                 num_workers=opts.num_workers if not isinstance(data.dataset, TensorDataset) else 0,
                 pin_memory=device.type == "cuda",
                 prefetch_factor=4 if opts.num_workers and not isinstance(data.dataset, TensorDataset) else None,
+                worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
             )
-            for x, y in loader:
+            with stop_signals_held():  # workers start here; held until they ignore the stop signals
+                batch_iter = iter(loader)
+            for x, y in batch_iter:
                 if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
                     raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
                 x = x.to(device, non_blocking=True)
