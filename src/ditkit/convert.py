@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -472,6 +474,36 @@ def ddim_scheduler() -> Any:
 def _prepare_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
         raise UserError(f"{dst} already exists; choose a new path or pass --overwrite")
+    _remove_killed_temporaries(dst)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(?:(?:tmp|old)-(?P<pid>\d+)|(?P<pid2>\d+)\.[^.]+\.tmp)$")
+
+
+def _remove_killed_temporaries(dst: Path) -> None:
+    """Delete what killed conversions to `dst` left next to it (`.DST.tmp-PID`, `.DST.old-PID` and
+    `atomic_write`'s `.DST.PID.*.tmp`): only those whose process is gone, as another convert may be running."""
+    if not dst.parent.is_dir():
+        return
+    for leftover in dst.parent.glob(f".{glob.escape(dst.name)}.*"):
+        match = _TEMPORARY.match(leftover.name)
+        if match is None or match["name"] != dst.name or _process_alive(int(match["pid"] or match["pid2"])):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or an id this system cannot have: leave its files alone
+    return True
 
 
 def to_diffusers(
