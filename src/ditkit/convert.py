@@ -53,6 +53,7 @@ from ditkit.checkpoints import (
     save_model,
 )
 from ditkit.errors import UserError
+from ditkit.folder_lock import check_writable
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
 from ditkit.models.embeddings import sincos_2d
@@ -606,6 +607,7 @@ def _describe(diff: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
+    check_writable(dst.absolute().parent, "DST")  # before minutes of loading and verifying, not after
     if args.to == "diffusers":
         model = load_model(args.src, model=args.model)
         stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite)

@@ -457,8 +457,8 @@ def run(args: argparse.Namespace) -> int:
         device = info.device
     out = Path(args.out)
     if args.num_samples is None:
+        sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling
-            sampler = load_for_sampling(args, device)
             labels = args.class_labels
             if labels is None:
                 n = sampler.model.config.num_classes
@@ -470,12 +470,11 @@ def run(args: argparse.Namespace) -> int:
     info = distributed.init()
     lock = None
     try:
-        if info.is_main:
-            lock = FolderLock(out, "ditkit sample", "--out")
         if args.device is None:
             device = info.device
         sampler = load_for_sampling(args, device)
         if info.is_main:
+            lock = FolderLock(out, "ditkit sample", "--out")
             print(sampler.describe())
         if info.is_main and args.class_labels:
             print("note: --class-labels is ignored with --num-samples (labels are uniform over the classes)")
