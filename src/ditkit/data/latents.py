@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ditkit.checkpoints import atomic_write
 from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
 from ditkit.errors import UserError
+from ditkit.folder_lock import FolderLock
 
 MANIFEST = "manifest.json"
 FORMAT = "ditkit-latents"
@@ -506,6 +507,8 @@ def run(args: argparse.Namespace) -> int:
         # Deterministic convolutions: a resumed extract then writes the same bytes as an uninterrupted one.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    # One writer per store (rank 0 holds it for all ranks); a read-only or file --out is named before any work.
+    lock = FolderLock(args.out, "ditkit extract", "--out") if info.rank == 0 else None
     barrier = None
     if info.distributed:
         # Ranks that finish their shards early wait for the slowest; allow hours, not the 10-minute default.
@@ -519,6 +522,8 @@ def run(args: argparse.Namespace) -> int:
             world_size=info.world_size, progress=not args.no_progress, barrier=barrier,
         )
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
     if manifest is not None:
         print(f"latent store {args.out}: {manifest['count']} images, {manifest['num_classes']} classes, "
