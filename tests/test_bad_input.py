@@ -60,7 +60,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_model(tiny, base / "huge_classes.safetensors",
                metadata={"ditkit_config": json.dumps({**tiny.config.to_dict(), "num_classes": 10**12})})
     make_tiny_vae(base / "vae8")
+    torch.save({"w": torch.zeros(2), "payload": _Payload()}, base / "payload.pt")  # never runs: weights_only
     return {"base": base, "tiny": base / "tiny.safetensors", "readonly": _readonly_folder(base / "ro")}
+
+
+class _Payload:
+    """An object whose unpickling would call os.system: what a malicious checkpoint carries."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
 
 
 def _readonly_folder(path: Path) -> Path | None:
@@ -178,6 +186,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("evaluate-one-image", ["evaluate", "{B}/one_image", "--metric", "digits"],
          r"one_image holds 1 image; .*at least 2"),
         ("sample-png-as-ckpt", ["sample", "--ckpt", "{B}/picture.png"], "is a PNG image, not a checkpoint"),
+        ("sample-pickle-payload", ["sample", "--ckpt", "{B}/payload.pt"],  # the reason whole, not cut mid-sentence
+         r"refusing to load .*payload\.pt: it holds a pickled \w+\.system object, not only tensors; only weight"),
         # item 14: the VAE factor times the patch size, not the patch size alone
         ("train-vae-patch", ["train", "--data-path", "{B}/one_image", "--vae", "{B}/vae8", "--model", "DiT-S/2",
                              "--image-size", "72", "--results-dir", "{B}/r5"],

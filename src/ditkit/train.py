@@ -44,6 +44,8 @@ from ditkit.train_checkpoints import (
 from ditkit.train_step import TrainStep
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
 
 @dataclass
@@ -263,6 +265,31 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
+    if not 0 <= opts.global_seed <= MAX_SEED:
+        raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
+    if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
+        raise UserError(
+            f"--num-classes {opts.num_classes} is more than {MAX_CLASSES:,} (the label table alone would not fit in "
+            "memory); give the number of classes in the data"
+        )
+
+
+def _check_patch(opts: TrainOptions, data: _Data) -> None:
+    """The model's patch must tile the side it sees; for an image folder say so in pixels (VAE factor × patch)."""
+    patch = int(opts.model.rsplit("/", 1)[1])
+    if data.input_size % patch == 0:
+        return
+    if hasattr(data.dataset, "manifest"):  # a latent store: its side is fixed
+        raise UserError(
+            f"the latent store's latents are {data.input_size}x{data.input_size}, not divisible by the patch "
+            f"size {patch} of {opts.model}; choose a model whose patch size divides {data.input_size}"
+        )
+    size = opts.image_size or data.input_size
+    factor = max(1, size // data.input_size)
+    step = factor * patch
+    low = max(step, size // step * step)
+    what = f"VAE factor {factor} × patch {patch}" if factor > 1 else f"the patch size of {opts.model}"
+    raise UserError(f"--image-size {size} is not a multiple of {step} ({what}); use e.g. {low} or {low + step}")
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -288,6 +315,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
         torch.backends.cudnn.allow_tf32 = allow
 
     data = open_data(opts, opts.global_seed)
+    _check_patch(opts, data)
     num_classes = opts.num_classes or data.num_classes
     if data.labels is not None and len(data.labels) and int(data.labels.max()) >= num_classes:
         raise UserError(
