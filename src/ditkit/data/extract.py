@@ -35,6 +35,7 @@ from ditkit.data.store import (
     shard_name,
 )
 from ditkit.errors import UserError
+from ditkit.folder_lock import FolderLock
 from ditkit.io import atomic_write
 
 
@@ -322,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         # Deterministic convolutions: a resumed extract then writes the same bytes as an uninterrupted one.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    # One writer per store (rank 0 holds it for all ranks); a read-only or file --out is named before any work.
+    lock = FolderLock(args.out, "ditkit extract", "--out") if info.rank == 0 else None
     barrier = None
     if info.distributed:
         # Ranks that finish their shards early wait for the slowest; allow hours, not the 10-minute default.
@@ -335,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
             world_size=info.world_size, progress=not args.no_progress, barrier=barrier,
         )
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
     if manifest is not None:
         print(f"latent store {args.out}: {manifest['count']} images, {manifest['num_classes']} classes, "

@@ -20,6 +20,7 @@ import torch
 
 from ditkit.diffusion import samplers
 from ditkit.errors import UserError
+from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
@@ -95,17 +96,21 @@ def run(args: argparse.Namespace) -> int:
         device = info.device
     out = Path(args.out)
     if args.num_samples is None:
-        sampler = load_for_sampling(args, device)
-        labels = args.class_labels
-        if labels is None:
-            n = sampler.model.config.num_classes
-            labels = OFFICIAL_LABELS if n == 1000 else list(range(min(n, 8)))
-        print(sampler.describe())
-        path = sample_grid(sampler, labels, args.per_label, args.seed, out, args.save_images)
+        with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling
+            sampler = load_for_sampling(args, device)
+            labels = args.class_labels
+            if labels is None:
+                n = sampler.model.config.num_classes
+                labels = OFFICIAL_LABELS if n == 1000 else list(range(min(n, 8)))
+            print(sampler.describe())
+            path = sample_grid(sampler, labels, args.per_label, args.seed, out, args.save_images)
         print(f"wrote {path}")
         return 0
     info = distributed.init()
+    lock = None
     try:
+        if info.is_main:
+            lock = FolderLock(out, "ditkit sample", "--out")
         if args.device is None:
             device = info.device
         sampler = load_for_sampling(args, device)
@@ -117,5 +122,7 @@ def run(args: argparse.Namespace) -> int:
         if path is not None:
             print(f"wrote {path}")
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
+from ditkit.folder_lock import FolderLock
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
@@ -122,12 +125,13 @@ def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     info = dist_utils.init()
     try:
-        return _train(opts, info)
+        with ExitStack() as held:  # the results folder's lock, released when training ends
+            return _train(opts, info, held)
     finally:
         dist_utils.cleanup()
 
 
-def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noqa: C901 - the loop reads top-down
+def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:  # noqa: C901 - the loop reads top-down
     from ditkit.diffusion import create_diffusion
 
     validate(opts, info.world_size)
@@ -169,6 +173,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
     ckpt_dir = results / "checkpoints"
     run_config = _run_config(opts, config, data)
     if info.is_main:
+        held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
         _check_results_dir(results, run_config, resuming=opts.resume is not None)
         remove_stale_temporaries(ckpt_dir)  # leftovers of a write that was killed
     dist_utils.barrier()
@@ -314,8 +319,11 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                 num_workers=opts.num_workers if not isinstance(data.dataset, TensorDataset) else 0,
                 pin_memory=device.type == "cuda",
                 prefetch_factor=4 if opts.num_workers and not isinstance(data.dataset, TensorDataset) else None,
+                worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
             )
-            for x, y in loader:
+            with stop_signals_held():  # workers start here; held until they ignore the stop signals
+                batch_iter = iter(loader)
+            for x, y in batch_iter:
                 if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
                     raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
                 x = x.to(device, non_blocking=True)
