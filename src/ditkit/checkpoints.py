@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -19,8 +20,10 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.pixart import PixArtDiT
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -53,8 +56,27 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict
     return out
 
 
+def _infer_text_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTConfig:
+    """The config of a PixArt-α state_dict (ditkit's text models or PixArt-α's released files)."""
+    base = {k: v for k, v in state_dict.items() if not k.startswith("y_embedder.")}
+    base["y_embedder.embedding_table.weight"] = torch.zeros(1001, 1)  # the class part reads like a DiT's
+    base["blocks.0.adaLN_modulation.1.weight"] = torch.zeros(1)
+    guess = infer_config(base, **{k: v for k, v in known.items() if k != "conditioning"}).to_dict()
+    captions = state_dict["y_embedder.y_embedding"]
+    pos = state_dict["pos_embed"].float()
+    # Token 1 sits at column 1/scale: the first channel is sin(1/scale) (PixArt-α's 1024 model uses scale 2).
+    first = float(pos[0, 1, 0]) if pos.shape[1] > 1 else math.sin(1.0)
+    scale = round(1.0 / math.asin(first), 3) if 0 < first <= 1 else 1.0
+    guess.update(conditioning="text", caption_channels=captions.shape[1], max_tokens=captions.shape[0],
+                 interpolation_scale=scale, num_classes=1000, class_dropout_prob=0.1)
+    guess.update(known)
+    return DiTConfig(**guess)
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTConfig:
     """Recover a model config from tensor shapes (heads from the paper sizes, else width/64)."""
+    if "t_block.1.weight" in state_dict and "y_embedder.y_embedding" in state_dict:
+        return _infer_text_config(state_dict, **known)
     try:
         pos = state_dict["pos_embed"]
         proj = state_dict["x_embedder.proj.weight"]
@@ -172,7 +194,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTC
     return extract_state_dict(obj, path), config, hints
 
 
-def load_model(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> DiT:
+def load_model(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> DiT | PixArtDiT:
     """Load any supported checkpoint into a DiT on the CPU, in eval mode.
 
     `model` (e.g. "DiT-XL/2") and `overrides` (input_size, num_classes, ...) state the expected config; a
@@ -187,7 +209,7 @@ def load_model(path: str | os.PathLike, model: str | None = None, **overrides: A
         config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
     else:
         config = infer_config(state_dict, **{**hints, **overrides})
-    net = DiT(config)
+    net = build_model(config)
     check_shapes(net, state_dict, path)
     net.load_state_dict(state_dict, strict=True)
     return net.eval()

@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ditkit {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # under torchrun: another rank died or froze (one line, exit 1); else re-raised
+        from ditkit.distributed import describe_peer_failure
+
+        line = describe_peer_failure(err, args.verb)
+        if line is None:
+            raise
+        print(f"ditkit {args.verb}: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
