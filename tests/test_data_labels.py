@@ -41,7 +41,7 @@ def test_stray_empty_sub_folders_leave_a_flat_folder_flat(tmp_path, capsys):
 
 def test_training_data_and_the_store_manifest_carry_the_label_map(tmp_path):
     from ditkit.autoencoder import load_vae
-    from ditkit.data.latents import extract
+    from ditkit.data.extract import extract
 
     root = _folder(tmp_path / "imgs", {"ant": 1, "bee": 0, "cat": 1})
     folder_data = open_training_data(str(root), 32, None, seed=0)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ditkit.data.images import ImageFolderDataset, check_image_size
-from ditkit.data.latents import LatentStore, is_latent_store
+from ditkit.data.store import LatentStore, is_latent_store
 from ditkit.errors import UserError
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
