@@ -47,14 +47,9 @@ from typing import Any
 import torch
 
 from ditkit import convert_pixart
-from ditkit.checkpoints import (
-    atomic_write,
-    load_model,
-    read_safetensors,
-    safe_torch_load,
-    save_model,
-)
+from ditkit.checkpoints import load_model, save_model
 from ditkit.errors import UserError
+from ditkit.io import atomic_write, read_safetensors, safe_torch_load
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
