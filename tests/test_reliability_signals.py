@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ditkit.models import DiT, DiTConfig
-from ditkit.train_checkpoints import list_checkpoints, load_training_checkpoint
+from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}

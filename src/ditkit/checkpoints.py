@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import math
 import os
-import pickle
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ditkit.errors import UserError
+from ditkit.io import atomic_write, read_safetensors, safe_torch_load
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
@@ -33,130 +30,7 @@ CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model confi
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
-# ----------------------------------------------------------------------------------------------- atomic I/O
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file so that `path` is either the old complete file or the new complete one, never a part.
-
-    `write(tmp_path)` writes the content to a temporary file in the same folder; it is flushed to disk
-    (fsync) and renamed over `path`, and the folder entry is synced too. On any error the temp file is removed
-    and the old file stays. A full disk becomes a one-line UserError.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except Exception as err:
-        full = disk_full(err, path.parent)  # before the temp file is removed and its space freed
-        _remove_quietly(tmp)
-        if full:
-            msg = f"disk full while writing {path}; the previous file is intact; free space and retry"
-            raise UserError(msg) from None
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
-    """Whether a failed write ran out of space, however the writer reports it.
-
-    Python's own writes raise OSError(ENOSPC); safetensors raises SafetensorError("... os error 28"); torch.save
-    raises a RuntimeError about an unexpected position (a short write) that names no cause, so a filesystem
-    with (almost) no free space left counts as the cause too.
-    """
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    text = str(err)
-    if "No space left on device" in text or "os error 28" in text:
-        return True
-    try:
-        return shutil.disk_usage(folder).free < 64 * 1024
-    except OSError:
-        return False
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 # ----------------------------------------------------------------------------------------------- reading
-
-
-# Formats that people hand over by mistake, by their first bytes; a .pt file is a zip or a bare pickle.
-_NOT_CHECKPOINTS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
-                    b"\x93NUMPY": "a NumPy .npy array", b"{": "a JSON file"}
-
-
-def _unpickling_reason(err: BaseException) -> str:
-    """The part of torch's weights-only refusal that names what the file holds, as a whole sentence."""
-    text = str(err)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return f"it holds a pickled {found.group(1)} object, not only tensors"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
-    reason = (specific or lines or ["an object torch will not load safely"])[0]
-    return reason if len(reason) <= 200 else reason[:200].rsplit(" ", 1)[0] + " ..."
-
-
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """`torch.load` restricted to tensors and plain containers; anything else is refused with one line."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except OSError as err:
-        raise UserError(f"cannot read checkpoint {path}: {err.strerror}") from None
-    kind = next((name for magic, name in _NOT_CHECKPOINTS.items() if head.startswith(magic)), None)
-    if kind is not None:
-        raise UserError(f"{path} is {kind}, not a checkpoint; give a .pt or .safetensors weights file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"refusing to load {path}: {_unpickling_reason(err)}; only weight files load. Re-save the "
-            "state_dict as safetensors if you trust its source"
-        ) from None
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except Exception as err:  # noqa: BLE001 - a damaged or foreign file can fail inside torch.load in many ways
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {msg[:200]}; is it a .pt file?") \
-            from None
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with a clear error for a truncated or malformed file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-        return tensors, metadata
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path} is not a valid safetensors file ({str(err)[:160]}); is it truncated?") from None
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
