@@ -44,8 +44,11 @@ class Sampler:
         def diffusion(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return path.compute_diffusion(x, t, form=diffusion_form, norm=diffusion_norm)
 
+        drift_and_score = self.transport.get_drift_and_score()
+
         def sde_drift(x: torch.Tensor, t: torch.Tensor, model: Any, **kw: Any) -> torch.Tensor:
-            return self.drift(x, t, model, **kw) + diffusion(x, t) * self.score(x, t, model, **kw)
+            velocity, score = drift_and_score(x, t, model, **kw)  # one model evaluation, not SiT's two
+            return velocity + diffusion(x, t) * score
 
         return sde_drift, diffusion
 

@@ -127,14 +127,17 @@ class Transport:
             t0, t1 = t1, t0
         return t0, t1
 
-    def sample_t(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Training times in [t0, t1]: uniform (SiT) or logit-normal (SD3: sigmoid of a standard normal)."""
+    def times_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Training times in [t0, t1] from uniform draws u ∈ [0, 1): uniform (SiT), or logit-normal (SD3,
+        LightningDiT: sigmoid of a standard normal, by the inverse CDF so that one uniform draw makes one t)."""
         t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
         if self.t_sampling == "lognormal":
-            u = torch.sigmoid(torch.randn((n,), generator=generator, device=device))
-        else:
-            u = torch.rand((n,), generator=generator, device=device)
+            u = torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
         return u * (t1 - t0) + t0
+
+    def sample_t(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """n training times drawn as `times_from_uniform` describes."""
+        return self.times_from_uniform(torch.rand((n,), generator=generator, device=device))
 
     def sample(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SiT's draw for a training batch: (t, x0 ~ N(0, I), x1), from the global generators."""
@@ -145,7 +148,7 @@ class Transport:
         self, model: Callable[..., torch.Tensor], x1: torch.Tensor, model_kwargs: dict | None = None, *,
         t: torch.Tensor | None = None, x0: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """{"loss": per-sample loss (N,), "pred": the model's prediction} for data x1.
+        """{"loss": per-sample loss (N,), "mse": the same unweighted, "pred": the model's prediction} for data x1.
 
         t (N,) and x0 (like x1) are drawn as SiT does unless given. velocity: |v̂ − u_t|²; noise: w·|x̂0 − x0|²;
         score: w·|σ·ŝ + x0|², with w from the loss weight (see `WeightType`); means over all but the batch dim.
@@ -158,7 +161,8 @@ class Transport:
         t, xt, ut = self.path_sampler.plan(t.to(x1), x0, x1)
         pred = first_channels(model(xt, t, **model_kwargs), xt)
         if self.model_type == ModelType.VELOCITY:
-            return {"loss": mean_flat((pred - ut) ** 2), "pred": pred}
+            mse = mean_flat((pred - ut) ** 2)
+            return {"loss": mse, "mse": mse, "pred": pred}
         _, drift_var = self.path_sampler.compute_drift(xt, t)
         sigma = self.path_sampler.compute_sigma_t(expand_t_like_x(t, xt))[0]
         if self.loss_type == WeightType.VELOCITY:
@@ -167,9 +171,8 @@ class Transport:
             weight = drift_var / sigma**2
         else:
             weight = 1.0
-        if self.model_type == ModelType.NOISE:
-            return {"loss": mean_flat(weight * (pred - x0) ** 2), "pred": pred}
-        return {"loss": mean_flat(weight * (pred * sigma + x0) ** 2), "pred": pred}
+        err = (pred - x0) ** 2 if self.model_type == ModelType.NOISE else (pred * sigma + x0) ** 2
+        return {"loss": mean_flat(weight * err), "mse": mean_flat(err), "pred": pred}
 
     def get_drift(self) -> Callable[..., torch.Tensor]:
         """The probability-flow velocity f(x, t, model, **kw) for this transport's model type."""
@@ -184,6 +187,20 @@ class Transport:
             return -drift_mean + drift_var * score
 
         return drift
+
+    def get_drift_and_score(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """(velocity, score) from ONE model evaluation, for the SDE (SiT evaluates the model once for each)."""
+        path = self.path_sampler
+
+        def drift_and_score(x: torch.Tensor, t: torch.Tensor, model: Any, **model_kwargs: Any):
+            out = first_channels(model(x, t, **model_kwargs), x)
+            if self.model_type == ModelType.VELOCITY:
+                return out, path.get_score_from_velocity(out, x, t)
+            score = out if self.model_type == ModelType.SCORE else out / -path.compute_sigma_t(expand_t_like_x(t, x))[0]
+            drift_mean, drift_var = path.compute_drift(x, t)
+            return -drift_mean + drift_var * score, score
+
+        return drift_and_score
 
     def get_score(self) -> Callable[..., torch.Tensor]:
         """The score ∇log p_t(x) as a function (x, t, model, **kw), from whatever the model predicts."""
