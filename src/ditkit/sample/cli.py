@@ -14,6 +14,7 @@ an interrupted run resumes by skipping the shards already written.
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -106,13 +107,14 @@ def run(args: argparse.Namespace) -> int:
             path = sample_grid(sampler, labels, args.per_label, args.seed, out, args.save_images)
         print(f"wrote {path}")
         return 0
-    info = distributed.init()
+    # The device by the local rank (a bare --device cuda too); ranks that finish their shards early wait for the
+    # slowest at the end, so allow hours, not a training step's timeout.
+    info = distributed.init(device=device if args.device else None, timeout=timedelta(hours=6))
+    device = info.device
     lock = None
     try:
         if info.is_main:
             lock = FolderLock(out, "ditkit sample", "--out")
-        if args.device is None:
-            device = info.device
         sampler = load_for_sampling(args, device)
         if info.is_main:
             print(sampler.describe())

@@ -379,14 +379,15 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                         _sample_grid(full_ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
                     if eval_now and info.is_main:
                         writer.metrics({"step": step, **_evaluate(full_ema, config, opts, device, precision)})
-                stopping = stop.signal is not None
-                if stopping and info.distributed:
-                    flag = torch.tensor(1.0, device=device)
-                    stopping = bool(dist_utils.all_reduce_mean(flag) > 0)
+                # Every rank votes after every step: a signal that reached some ranks only, or reached them in
+                # different steps, stops all of them after this same step (a vote by the signalled ranks alone
+                # would be a collective that the others never join).
+                voted = dist_utils.max_over_ranks(stop.signal or 0)
+                stopping = voted > 0
                 if step % opts.ckpt_every == 0 or step == total_steps or stopping:
                     save(step)
                 if stopping:
-                    stopped_by = stop.signal
+                    stopped_by = voted
                     break
                 if step >= total_steps:
                     break
