@@ -74,8 +74,10 @@ def save_training_checkpoint(
         full = disk_full(err, folder)  # before the partial folder is removed and its space freed
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
+            earlier = [p for p in list_checkpoints(folder) if p != final]
+            kept = f"the newest intact checkpoint is {earlier[-1]}" if earlier else "no earlier checkpoint exists"
             raise UserError(
-                f"disk full while writing checkpoint {final}; earlier checkpoints are intact; free space and resume"
+                f"disk full while writing checkpoint {final}; {kept}; free space and resume with --resume auto"
             ) from None
         raise
     except BaseException:  # KeyboardInterrupt and the like: leave no partial folder behind
