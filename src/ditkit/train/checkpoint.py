@@ -25,7 +25,7 @@ import torch
 
 from ditkit.checkpoints import CONFIG_KEY, check_shapes
 from ditkit.errors import UserError
-from ditkit.io import disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load
+from ditkit.io import apply_umask, disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load, save_safetensors
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -48,8 +48,6 @@ def save_training_checkpoint(
     config_json: str,
 ) -> Path:
     """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{step:07d}"
@@ -61,8 +59,9 @@ def save_training_checkpoint(
         for name, module in (("model", model), ("ema", ema)):
             weights = module.state_dict() if isinstance(module, torch.nn.Module) else module
             tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-            save_file(tensors, tmp / f"{name}.safetensors", metadata=meta)
+            save_safetensors(tensors, tmp / f"{name}.safetensors", meta)  # same run, same bytes
         torch.save(state, tmp / "state.pt")
+        apply_umask(tmp)  # safetensors writes 0600 files; colleagues on a shared filesystem must read them
         for f in tmp.iterdir():
             fsync_file(f)
         fsync_dir(tmp)
