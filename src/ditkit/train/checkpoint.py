@@ -172,7 +172,14 @@ def gather_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -
     """The full AdamW state keyed by parameter name, on the CPU (collective for a sharded model, as above)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    state = get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    # AdamW's betas are a tuple in a fresh optimizer and a list in one restored from a checkpoint; store lists,
+    # so that a resumed run writes the same state.pt bytes as an uninterrupted one.
+    for group in state.get("param_groups", []):
+        for key, value in group.items():
+            if isinstance(value, tuple):
+                group[key] = list(value)
+    return state
 
 
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
