@@ -1,9 +1,10 @@
 """Run the fused Triton kernels on CPU tensors (Triton's interpreter) against float64 references; print JSON.
 
 Started by tests/test_kernels.py in a subprocess, because TRITON_INTERPRET must be set before Triton is
-imported and must not leak into the other tests. Each entry is the relative error ‖out − ref‖ / ‖ref‖ of one
-output or gradient; inputs are drawn fresh (seeded) with shapes that are not powers of two and a token count
-that is not a multiple of the kernels' 16-token chunk.
+imported and must not leak into the other tests (run as a script it sets the variable itself; imported, by
+benchmarks/bench_kernels.py on a GPU, it leaves it alone and `check_ops` runs compiled kernels on CUDA).
+Each entry is the relative error ‖out − ref‖ / ‖ref‖ of one output or gradient; inputs are drawn fresh
+(seeded) with feature sizes that are not powers of two and token counts that leave a partial last chunk.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import json
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from ditkit.models.kernels import adaln, residual  # noqa: E402
 
 EPS = 1e-6
 
@@ -31,14 +31,18 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def check_ops(n: int, t: int, d: int, mod_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[str, float]:
+def check_ops(
+    n: int, t: int, d: int, mod_dtype: torch.dtype, out_dtype: torch.dtype, device: str = "cpu"
+) -> dict[str, float]:
     """ln_modulate, residual_ln_modulate and gated_residual: forward outputs and every input gradient."""
+    from ditkit.models.kernels import adaln, residual
+
     gen = torch.Generator().manual_seed(n * 1000 + t * 10 + d)
-    x0 = torch.randn(n, t, d, generator=gen) * 3 + 1  # an offset and spread the normalisation must remove
-    y0 = torch.randn(n, t, d, generator=gen).to(mod_dtype)
-    m0 = (torch.randn(n, 6 * d, generator=gen) * 0.5).to(mod_dtype)
-    gh = torch.randn(n, t, d, generator=gen)
-    gx = torch.randn(n, t, d, generator=gen)
+    x0 = (torch.randn(n, t, d, generator=gen) * 3 + 1).to(device)  # an offset the normalisation must remove
+    y0 = torch.randn(n, t, d, generator=gen).to(device, mod_dtype)
+    m0 = (torch.randn(n, 6 * d, generator=gen) * 0.5).to(device, mod_dtype)
+    gh = torch.randn(n, t, d, generator=gen).to(device)
+    gx = torch.randn(n, t, d, generator=gen).to(device)
     out: dict[str, float] = {}
 
     # fused, in the dtypes the block uses (x fp32, branch and modulation in mod_dtype)
@@ -62,6 +66,17 @@ def check_ops(n: int, t: int, d: int, mod_dtype: torch.dtype, out_dtype: torch.d
                        ("dx", x.grad, xr.grad), ("dy", y.grad, yr.grad), ("dmod", m.grad, mr.grad)]:
         out[name] = rel(a, b)
     return out
+
+
+def small_tiles() -> dict[str, float]:
+    """The same with launch shapes that make several token chunks per sample, the last one partial."""
+    from ditkit.models.kernels import adaln
+
+    adaln.TUNING.update(tile_elems=64, bwd_chunk=4, warps=1)  # D=40: 1 token per tile, 5 chunks of T=19
+    try:
+        return check_ops(2, 19, 40, torch.float32, torch.float32)
+    finally:
+        adaln.TUNING.clear()
 
 
 def check_block(dtype_name: str) -> dict[str, float]:
@@ -98,6 +113,7 @@ def main() -> None:
     results = {
         "fp32": check_ops(2, 19, 40, torch.float32, torch.float32),
         "bf16": check_ops(3, 21, 24, torch.bfloat16, torch.bfloat16),
+        "fp32_small_tiles": small_tiles(),
         "block_fp32": check_block("fp32"),
     }
     json.dump(results, sys.stdout)

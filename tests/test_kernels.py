@@ -44,6 +44,11 @@ def test_fp32_kernels_match_float64(interpreted):
     assert max(errors.values()) < FP32_TOL, errors
 
 
+def test_kernels_with_several_token_chunks_match_float64(interpreted):
+    errors = interpreted["fp32_small_tiles"]
+    assert max(errors.values()) < FP32_TOL, errors
+
+
 def test_bf16_kernels_match_float64(interpreted):
     errors = interpreted["bf16"]
     assert errors["x1"] < 1e-6 and errors["x2"] < 1e-6, errors  # fp32 stream, bf16 branch: exact-ish

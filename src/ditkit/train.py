@@ -40,7 +40,7 @@ from ditkit.train_checkpoints import (
 )
 from ditkit.train_step import TrainStep
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 
 
 @dataclass
@@ -216,6 +216,12 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def _check_fp8(device: torch.device) -> None:
+    """FP8 GEMMs need a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+
+
 def validate(opts: TrainOptions, world_size: int) -> None:
     """Checks that need no data and no GPU: one clear line each."""
     positive = ("global_batch_size", "epochs", "log_every", "ckpt_every")
@@ -278,8 +284,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
     device = info.device
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp8":
+        _check_fp8(device)
     if device.type == "cuda":
-        allow = precision in ("tf32", "bf16")
+        allow = precision in ("tf32", "bf16", "fp8")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
 
@@ -348,6 +356,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
 
     diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
     compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
+    if precision == "fp8":
+        from ditkit.models.kernels.fp8 import enable_fp8
+
+        enable_fp8(model)  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
@@ -355,7 +367,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
             from ditkit.fast import compile_blocks
 
             compile_blocks(model)
-        dist_utils.shard_dit(model, bf16=precision == "bf16")
+        dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
     else:
         if info.distributed:
@@ -619,7 +631,7 @@ def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.
         vae = load_vae(opts.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
                    cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=precision)
+                   precision="bf16" if precision == "fp8" else precision)  # the EMA copy has no FP8 linears
 
 
 def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,
@@ -662,7 +674,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--global-seed", type=int, default=0)
     a("--lr", type=float, default=1e-4)
     a("--ema-decay", type=float, default=0.9999)
-    a("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--precision", choices=PRECISIONS, default=None,
+      help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")

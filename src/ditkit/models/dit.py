@@ -19,9 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ditkit.models import kernels
 from ditkit.models.config import DiTConfig
+from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from ditkit.models.kernels.attention import attention as measured_attention
 from ditkit.models.kernels.attention import select_backend
-from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 
 LN_EPS = 1e-6  # the official code's LayerNorm epsilon; diffusers' port must be told this value
 
@@ -255,7 +255,8 @@ class DiT(nn.Module):
         """Measure the attention backends once for this shape and dtype (eagerly, before compiled blocks run)."""
         dtype = kernels.out_dtype(tokens)
         heads = self.num_heads
-        choice = select_backend(heads, tokens.shape[1], tokens.shape[2] // heads, dtype, tokens.device)
+        n, t, d = tokens.shape
+        choice = select_backend(n, heads, t, d // heads, dtype, tokens.device)
         for block in self.blocks:
             if block.attn.backend != choice:
                 block.attn.backend = choice

@@ -19,86 +19,100 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS_PER_PROGRAM = 16  # tokens per backward program: the per-sample sums are accumulated over these in registers
+# Launch shapes by padded feature size (BLOCK_D), tuned on an H200 (benchmarks/bench_kernels.py, section
+# "tune", 2026-12-01; RESULTS.md): (values per tile, tokens per backward program, warps). A tile holds
+# tile/BLOCK_D tokens; the backward walks its tokens of one sample keeping the per-sample sums in registers.
+# At D=384 the fastest tile is 16 tokens, at D=768 and 1152 two; 64 tokens per backward program and 4 warps win
+# at all three (the first untuned shape was up to 3× slower in the backward at D=384 and 768).
+TUNED = {512: (8192, 64, 4), 1024: (2048, 64, 4), 2048: (4096, 64, 4)}
+TUNING: dict[str, int] = {}  # overrides for all widths (the benchmark's sweep and the tests set it)
 
 
 @triton.jit
 def _fwd_kernel(
-    X, Y, G, SHIFT, SCALE, XOUT, H, MEAN, RSTD, T, D, stride_mod, eps,
-    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, Y, G, SHIFT, SCALE, XOUT, H, MEAN, RSTD, NT, T, D, stride_mod, eps,
+    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0)  # one token per program; row = n·T + t
-    n = row // T
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = n·T + t
+    rmask = rows < NT
+    n = rows // T
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    moffs = n[:, None] * stride_mod + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + moffs, mask=mask, other=0.0).to(tl.float32)
         x = x + g * y
-        tl.store(XOUT + row * D + cols, x.to(XOUT.dtype.element_ty), mask=mask)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-    shift = tl.load(SHIFT + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-    h = xc * rstd * (1.0 + scale) + shift
-    tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        tl.store(XOUT + offs, x.to(XOUT.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    shift = tl.load(SHIFT + moffs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + moffs, mask=mask, other=0.0).to(tl.float32)
+    h = xc * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _bwd_kernel(
     XN, DH, MEAN, RSTD, SCALE, G, Y, DXIN, DX, DY, PSHIFT, PSCALE, PGATE, T, D, stride_mod, num_chunks,
-    HAS_RES: tl.constexpr, HAS_DXIN: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_DXIN: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    scale1 = 1.0 + tl.load(SCALE + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < D
+    scale1 = 1.0 + tl.load(SCALE + n * stride_mod + cols, mask=cmask, other=0.0).to(tl.float32)
     if HAS_RES:
-        g = tl.load(G + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + n * stride_mod + cols, mask=cmask, other=0.0).to(tl.float32)
     acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(ROWS):
-        t = chunk * ROWS + i
-        m = cols < tl.where(t < T, D, 0)  # a whole-row mask past the last token (t ≥ T)
+    for i in range(0, CHUNK, TILE):
+        t = chunk * CHUNK + i + tl.arange(0, TILE)
+        tmask = t < T
+        mask = tmask[:, None] & cmask[None, :]
         row = n * T + t
-        x = tl.load(XN + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        safe = n * T + tl.minimum(t, T - 1)  # an in-bounds row for the scalar statistics
-        mean = tl.load(MEAN + safe)
-        rstd = tl.load(RSTD + safe)
-        xhat = tl.where(m, (x - mean) * rstd, 0.0)
-        dh = tl.load(DH + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        acc_shift += dh
-        acc_scale += dh * xhat
-        gg = dh * scale1
-        c1 = tl.sum(gg * xhat, axis=0) / D
-        c2 = tl.sum(gg, axis=0) / D
-        dx = tl.where(m, (gg - xhat * c1 - c2) * rstd, 0.0)
+        offs = row[:, None] * D + cols[None, :]
+        x = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row, mask=tmask, other=0.0)
+        rstd = tl.load(RSTD + row, mask=tmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_shift += tl.sum(dh, axis=0)
+        acc_scale += tl.sum(dh * xhat, axis=0)
+        gg = dh * scale1[None, :]
+        c1 = tl.sum(gg * xhat, axis=1) / D
+        c2 = tl.sum(gg, axis=1) / D
+        dx = tl.where(mask, (gg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
         if HAS_DXIN:
-            dx += tl.load(DXIN + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=m)
+            dx += tl.load(DXIN + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_RES:
-            y = tl.load(Y + row * D + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(DY + row * D + cols, (g * dx).to(DY.dtype.element_ty), mask=m)
-            acc_gate += dx * y
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + offs, (g[None, :] * dx).to(DY.dtype.element_ty), mask=mask)
+            acc_gate += tl.sum(dx * y, axis=0)
     part = (n * num_chunks + chunk) * D + cols
-    tl.store(PSHIFT + part, acc_shift, mask=mask)
-    tl.store(PSCALE + part, acc_scale, mask=mask)
+    tl.store(PSHIFT + part, acc_shift, mask=cmask)
+    tl.store(PSCALE + part, acc_scale, mask=cmask)
     if HAS_RES:
-        tl.store(PGATE + part, acc_gate, mask=mask)
+        tl.store(PGATE + part, acc_gate, mask=cmask)
 
 
-def _block_d(d: int) -> int:
-    return triton.next_power_of_2(d)
-
-
-def _warps(block_d: int) -> int:
-    return max(1, min(16, block_d // 256))
+def launch_shape(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_D, tokens per tile, tokens per backward program, warps) for feature size d."""
+    block_d = triton.next_power_of_2(d)
+    elems, chunk, warps = TUNED.get(block_d, (4096, 64, 4))
+    elems, chunk, warps = TUNING.get("tile_elems", elems), TUNING.get("bwd_chunk", chunk), TUNING.get("warps", warps)
+    tile = max(1, elems // block_d)
+    chunk = max(tile, chunk)
+    warps = max(1, min(warps, tile * block_d // 256))
+    return block_d, tile, chunk, warps
 
 
 def _check(x: torch.Tensor, *mods: torch.Tensor) -> None:
@@ -119,10 +133,10 @@ def _forward(x, y, gate, shift, scale, eps, out_dtype):
     x_out = torch.empty_like(x) if has_res else x.new_empty(0)
     mean = torch.empty(n * t, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block_d = _block_d(d)
-    _fwd_kernel[(n * t,)](
-        x, y if has_res else x, gate if has_res else shift, shift, scale, x_out, h, mean, rstd, t, d,
-        shift.stride(0), eps, HAS_RES=has_res, BLOCK_D=block_d, num_warps=_warps(block_d),
+    block_d, tile, _, warps = launch_shape(d)
+    _fwd_kernel[(triton.cdiv(n * t, tile),)](
+        x, y if has_res else x, gate if has_res else shift, shift, scale, x_out, h, mean, rstd, n * t, t, d,
+        shift.stride(0), eps, HAS_RES=has_res, BLOCK_D=block_d, ROWS=tile, num_warps=warps,
     )
     return x_out, h, mean, rstd
 
@@ -130,16 +144,16 @@ def _forward(x, y, gate, shift, scale, eps, out_dtype):
 def _backward(x_norm, dh, mean, rstd, scale, gate, y, dx_in):
     n, t, d = x_norm.shape
     has_res = y is not None
-    num_chunks = triton.cdiv(t, ROWS_PER_PROGRAM)
+    block_d, tile, chunk, warps = launch_shape(d)
+    num_chunks = triton.cdiv(t, chunk)
     dx = torch.empty_like(x_norm)
     dy = torch.empty_like(y) if has_res else dx.new_empty(0)
     parts = torch.empty((3 if has_res else 2, n, num_chunks, d), dtype=torch.float32, device=x_norm.device)
-    block_d = _block_d(d)
     _bwd_kernel[(n, num_chunks)](
         x_norm, dh.contiguous(), mean, rstd, scale, gate if has_res else scale, y if has_res else x_norm,
         dx_in.contiguous() if dx_in is not None else dx, dx, dy, parts[0], parts[1], parts[-1], t, d,
-        scale.stride(0), num_chunks, HAS_RES=has_res, HAS_DXIN=dx_in is not None, ROWS=ROWS_PER_PROGRAM,
-        BLOCK_D=block_d, num_warps=_warps(block_d),
+        scale.stride(0), num_chunks, HAS_RES=has_res, HAS_DXIN=dx_in is not None, CHUNK=chunk, TILE=tile,
+        BLOCK_D=block_d, num_warps=warps,
     )
     sums = parts.sum(dim=2)  # N×D per-sample sums over the token chunks (a small tensor)
     return dx, dy, sums

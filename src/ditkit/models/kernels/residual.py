@@ -11,42 +11,42 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS_PER_PROGRAM = 16
+from ditkit.models.kernels.adaln import launch_shape
 
 
 @triton.jit
-def _fwd_kernel(X, Y, G, OUT, T, D, stride_g, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    n = row // T
+def _fwd_kernel(X, Y, G, OUT, NT, T, D, stride_g, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n = rows // T
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + n * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * D + cols, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
+    mask = (rows < NT)[:, None] & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + n[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_kernel(DOUT, Y, G, DY, PGATE, T, D, stride_g, num_chunks, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_kernel(
+    DOUT, Y, G, DY, PGATE, T, D, stride_g, num_chunks, CHUNK: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     n = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    g = tl.load(G + n * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < D
+    g = tl.load(G + n * stride_g + cols, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(ROWS):
-        t = chunk * ROWS + i
-        m = cols < tl.where(t < T, D, 0)  # a whole-row mask past the last token (t ≥ T)
-        row = n * T + t
-        dout = tl.load(DOUT + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(Y + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(DY + row * D + cols, (g * dout).to(DY.dtype.element_ty), mask=m)
-        acc += dout * y
-    tl.store(PGATE + (n * num_chunks + chunk) * D + cols, acc, mask=mask)
-
-
-def _warps(block_d: int) -> int:
-    return max(1, min(16, block_d // 256))
+    for i in range(0, CHUNK, TILE):
+        t = chunk * CHUNK + i + tl.arange(0, TILE)
+        mask = (t < T)[:, None] & cmask[None, :]
+        offs = (n * T + t)[:, None] * D + cols[None, :]
+        dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DY + offs, (g[None, :] * dout).to(DY.dtype.element_ty), mask=mask)
+        acc += tl.sum(dout * y, axis=0)
+    tl.store(PGATE + (n * num_chunks + chunk) * D + cols, acc, mask=cmask)
 
 
 @torch.library.custom_op("ditkit::gated_residual_fwd", mutates_args=())
@@ -57,9 +57,9 @@ def _fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected an N×D gate with unit column stride, got {tuple(gate.shape)}")
     n, t, d = x.shape
     out = torch.empty_like(x)
-    block_d = triton.next_power_of_2(d)
-    _fwd_kernel[(n * t,)](x, y.contiguous(), gate, out, t, d, gate.stride(0), BLOCK_D=block_d,
-                          num_warps=_warps(block_d))
+    block_d, tile, _, warps = launch_shape(d)
+    _fwd_kernel[(triton.cdiv(n * t, tile),)](x, y.contiguous(), gate, out, n * t, t, d, gate.stride(0),
+                                             BLOCK_D=block_d, ROWS=tile, num_warps=warps)
     return out
 
 
@@ -71,13 +71,13 @@ def _(x, y, gate):
 @torch.library.custom_op("ditkit::gated_residual_bwd", mutates_args=())
 def _bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, t, d = dout.shape
-    num_chunks = triton.cdiv(t, ROWS_PER_PROGRAM)
+    block_d, tile, chunk, warps = launch_shape(d)
+    num_chunks = triton.cdiv(t, chunk)
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     parts = torch.empty((n, num_chunks, d), dtype=torch.float32, device=dout.device)
-    block_d = triton.next_power_of_2(d)
     _bwd_kernel[(n, num_chunks)](
         dout.contiguous(), y.contiguous(), gate, dy, parts, t, d, gate.stride(0), num_chunks,
-        ROWS=ROWS_PER_PROGRAM, BLOCK_D=block_d, num_warps=_warps(block_d),
+        CHUNK=chunk, TILE=tile, BLOCK_D=block_d, num_warps=warps,
     )
     return dy, parts.sum(dim=1).to(gate.dtype)
 
