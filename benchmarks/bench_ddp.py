@@ -6,7 +6,7 @@ efficiency, and peak memory per GPU.
     PYTHONPATH=src python benchmarks/bench_ddp.py --quick --out /tmp/ddp1.json        # CPU smoke run (gloo)
 
 (torchrun needs ditkit importable: `pip install -e .` or PYTHONPATH=src.) Each process trains DiT-XL/2 at
-256×256 (32×32×4 synthetic latents, 1000 classes) in bf16 with train.py's own step (`ditkit.train_step.TrainStep`:
+256×256 (32×32×4 synthetic latents, 1000 classes) in bf16 with train.py's own step (`ditkit.train.step.TrainStep`:
 the global-batch draws, fp32 loss, AdamW, EMA) at a per-GPU batch of 64, first replicated under DDP, then sharded
 with FSDP2 (`ditkit.distributed.shard_dit`, EMA sharded alike). Throughput is global images per second over the
 timed steps (after warm-up), between two barriers with the GPU synchronised. Peak memory is the largest
@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 
 from ditkit import distributed as dist_utils
-from ditkit.checkpoints import atomic_write
 from ditkit.diffusion import create_diffusion
+from ditkit.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.train_step import TrainStep
+from ditkit.train.step import TrainStep
 
 
 def build_config(quick: bool) -> DiTConfig:

@@ -1,5 +1,5 @@
 """ditkit's fast path (fused Triton kernels + measured attention backend, optionally FP8) against its plain PyTorch
-path, under one training loop: bf16 autocast, fused AdamW, each block compiled, `ditkit.train_step.TrainStep`.
+path, under one training loop: bf16 autocast, fused AdamW, each block compiled, `ditkit.train.step.TrainStep`.
 
 Sections (each writes its results to the JSON file as soon as it finishes, so a run stopped by its time budget
 keeps what it measured):
@@ -38,7 +38,7 @@ from ditkit.fast import compile_blocks  # noqa: E402
 from ditkit.flops import count_macs  # noqa: E402
 from ditkit.models import create_model, kernels  # noqa: E402
 from ditkit.models.kernels.fp8 import enable_fp8  # noqa: E402
-from ditkit.train_step import TrainStep  # noqa: E402
+from ditkit.train.step import TrainStep  # noqa: E402
 
 MODES = ("plain", "fast", "fp8")
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp8_fwd": 0.05, "fp8_grad": 0.10}

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from ditkit.data.latents import MANIFEST, LatentStore, shard_name  # noqa: E402
+from ditkit.data.store import MANIFEST, LatentStore, shard_name  # noqa: E402
 
 
 def write_synthetic_store(root: Path, count: int, shard_size: int, channels: int = 4, side: int = 32) -> None:

@@ -48,14 +48,14 @@ from typing import Any
 
 import torch
 
-from ditkit.checkpoints import atomic_write
 from ditkit.diffusion import create_diffusion, samplers
 from ditkit.diffusion.guidance import guided
 from ditkit.fast import compile_blocks
 from ditkit.flops import count_macs
+from ditkit.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.train_step import _autocast, _step_generator, update_ema
+from ditkit.train.step import _autocast, _step_generator, update_ema
 
 CFG_SCALE = 4.0  # the sample.py default of the official code; the cost does not depend on it
 

@@ -159,12 +159,12 @@ class TrainJob(Job):
         return self._resumed_at
 
     def finished(self, work: Path) -> dict[str, str]:
-        from ditkit.train_checkpoints import list_checkpoints
+        from ditkit.train.checkpoint import list_checkpoints
 
         return {p.name: _digest_files([f for f in p.iterdir()]) for p in list_checkpoints(work / "checkpoints")}
 
     def saved_units(self, work: Path) -> int:
-        from ditkit.train_checkpoints import list_checkpoints
+        from ditkit.train.checkpoint import list_checkpoints
 
         found = list_checkpoints(work / "checkpoints")
         return int(found[-1].name) if found else 0
@@ -172,7 +172,7 @@ class TrainJob(Job):
     def check(self, work: Path, name: str) -> str | None:
         from ditkit.errors import UserError
         from ditkit.models import DiT, DiTConfig
-        from ditkit.train_checkpoints import load_training_checkpoint
+        from ditkit.train.checkpoint import load_training_checkpoint
 
         model = DiT(DiTConfig.from_name("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY))
         try:
@@ -223,7 +223,7 @@ class ExtractJob(Job):
         return self.progress(work)
 
     def check(self, work: Path, name: str) -> str | None:
-        from ditkit.data.latents import open_shard, shard_metadata
+        from ditkit.data.store import open_shard, shard_metadata
         from ditkit.errors import UserError
 
         try:

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from ditkit.autoencoder import SD_SCALE, load_vae
-from ditkit.data import latents as latents_mod
+from ditkit.data import extract as extract_mod
 from ditkit.data import open_training_data
+from ditkit.data.extract import extract
 from ditkit.data.images import center_crop_arr, load_rgb
-from ditkit.data.latents import LatentStore, extract, open_shard, read_manifest, shard_name
+from ditkit.data.store import LatentStore, open_shard, read_manifest, shard_name
 from ditkit.errors import UserError
 from test_data_fixtures import CORRUPT, IMAGES, make_image_folder, make_tiny_vae, smooth_image
 
@@ -143,7 +144,7 @@ def test_float16_store_and_flat_folder(tmp_path, setup):
 def test_interrupted_extract_resumes_to_identical_shards(tmp_path, setup, monkeypatch):
     folder, vae, full = setup["folder"], setup["vae"], setup["store"]
     out = tmp_path / "resumed"
-    real_write = latents_mod._write_shard
+    real_write = extract_mod._write_shard
     calls = []
 
     def write_then_die(*args, **kwargs):
@@ -152,14 +153,14 @@ def test_interrupted_extract_resumes_to_identical_shards(tmp_path, setup, monkey
             raise KeyboardInterrupt  # as if the job were stopped while writing its second shard
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(latents_mod, "_write_shard", write_then_die)
+    monkeypatch.setattr(extract_mod, "_write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         extract(folder, out, vae, image_size=SIZE, batch_size=2, shard_size=3, dtype="float32", workers=0,
                 progress=False)
     assert (out / shard_name(0)).exists() and not (out / shard_name(1)).exists()
     assert not (out / "manifest.json").exists()
     (out / f".{shard_name(1)}.abc.tmp").write_bytes(b"half a shard")  # what a hard kill leaves behind
-    monkeypatch.setattr(latents_mod, "_write_shard", real_write)
+    monkeypatch.setattr(extract_mod, "_write_shard", real_write)
 
     done_before = (out / shard_name(0)).stat().st_mtime_ns
     manifest = extract(folder, out, vae, image_size=SIZE, batch_size=3, shard_size=3, dtype="float32",

@@ -30,7 +30,7 @@ def test_torchrun_extract_matches_single_process(tmp_path):
     import torch
 
     from ditkit.autoencoder import load_vae
-    from ditkit.data.latents import extract
+    from ditkit.data.extract import extract
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): CPU convolutions vary with thread count

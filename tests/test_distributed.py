@@ -21,8 +21,8 @@ import torch
 from ditkit.errors import UserError
 from ditkit.models import DiT, DiTConfig
 from ditkit.train import TrainOptions, train, validate
-from ditkit.train_checkpoints import load_training_checkpoint
-from ditkit.train_step import TrainStep
+from ditkit.train.checkpoint import load_training_checkpoint
+from ditkit.train.step import TrainStep
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -76,7 +76,7 @@ def test_accumulated_gradient_is_the_float64_full_batch_mean():
     """TrainStep's accumulated gradient against the float64 gradient of the mean loss over the whole batch,
     computed by an independent loop (same draws, one float64 forward per sample)."""
     from ditkit.diffusion import create_diffusion
-    from ditkit.train_step import draw_step_randomness
+    from ditkit.train.step import draw_step_randomness
 
     torch.manual_seed(0)
     model = tiny_model()

@@ -13,7 +13,7 @@ import torch
 
 import ditkit
 from ditkit.flops import count_macs, count_params
-from ditkit.models.config import DiTConfig
+from ditkit.models.config import CLASS_CONDITIONINGS, DiTConfig
 from ditkit.models.embeddings import sincos_2d, timestep_embedding
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
@@ -79,7 +79,7 @@ def test_timestep_embedding_against_float64_formula():
     assert timestep_embedding(t, 7).shape == (4, 7)  # odd dims are zero-padded
 
 
-@pytest.mark.parametrize("conditioning", ditkit.CONDITIONINGS)
+@pytest.mark.parametrize("conditioning", CLASS_CONDITIONINGS)
 def test_zero_initialised_model_returns_zeros(conditioning):
     model = tiny(conditioning)
     out = model(torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 10]))
@@ -124,7 +124,7 @@ def test_gflops_reproduce_paper_table4_within_one_percent():
         assert abs(ours - paper) / paper < 0.01, (name, ours, paper)
 
 
-@pytest.mark.parametrize("conditioning", ditkit.CONDITIONINGS)
+@pytest.mark.parametrize("conditioning", CLASS_CONDITIONINGS)
 def test_analytic_flops_match_torch_flop_counter(conditioning):
     """A second, independent count: PyTorch's FlopCounterMode (2 flops per multiply-add) on a real forward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -204,7 +204,7 @@ def test_ditkit_safetensors_round_trip(tmp_path):
 
 
 def test_config_inferred_for_each_conditioning(tmp_path):
-    for cond in ditkit.CONDITIONINGS:
+    for cond in CLASS_CONDITIONINGS:
         model = tiny(cond, learn_sigma=False)
         path = tmp_path / f"{cond}.pt"
         torch.save(model.state_dict(), path)
@@ -297,7 +297,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("conditioning", ditkit.CONDITIONINGS)
+@pytest.mark.parametrize("conditioning", CLASS_CONDITIONINGS)
 def test_each_conditioning_block_trains(conditioning):
     """Noise prediction on a fixed small set: the loss after 60 Adam steps is well below the start."""
     torch.manual_seed(0)

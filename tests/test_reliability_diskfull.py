@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints import atomic_write, disk_full, load_model, save_model
+from ditkit.checkpoints import load_model, save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
+from ditkit.io import atomic_write, disk_full
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4)
 
@@ -119,7 +120,7 @@ def test_real_full_disk_during_sampling_keeps_finished_shards_and_resumes(small_
 
 
 def test_real_full_disk_during_training_checkpoint(small_fs):
-    from ditkit.train_checkpoints import list_checkpoints, load_training_checkpoint, save_training_checkpoint
+    from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 
     model = ditkit.create_model("DiT-S/2", **TINY)
     folder = small_fs / "checkpoints"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ditkit.models import DiT, DiTConfig
-from ditkit.train_checkpoints import list_checkpoints, load_training_checkpoint
+from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
@@ -72,3 +72,62 @@ def test_sigint_checkpoints_exits_zero_and_resumes_exactly(tmp_path):
         assert torch.equal(value, a.model[key]), key
     for key, value in b.ema.items():
         assert torch.equal(value, a.ema[key]), key
+
+
+# The same entry point on an image folder with real DataLoader worker processes (digits use none).
+WORKER_SCRIPT = textwrap.dedent(
+    f"""
+    import sys
+    from ditkit import train as t
+    from ditkit.cli import main
+    real = t.TrainOptions
+    t.TrainOptions = lambda **kw: real(**kw, model_overrides={TINY!r})
+    sys.exit(main(["train", "--data-path", sys.argv[3], "--model", "DiT-S/2", "--image-size", "8",
+                   "--global-batch-size", "4", "--log-every", "1", "--ckpt-every", "1000", "--num-workers", "2",
+                   "--no-progress", "--resume", "auto", "--results-dir", sys.argv[1], "--max-steps", sys.argv[2]]))
+    """
+)
+
+
+def _image_folder(root: Path, per_class: int = 8) -> Path:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (12, 12, 3), generator=rng, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints_and_resumes(tmp_path):
+    """What SLURM sends before pre-emption: SIGTERM to every process of the job, the DataLoader workers
+    included (`setsid` + `kill -TERM -- -PGID`). The workers must not die under the trainer: it writes a
+    checkpoint at the step it reached, exits 0, and `--resume auto` continues from there."""
+    images = _image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(run), "100000", str(images)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 6):  # past an epoch boundary (4 steps)
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:] if proc.poll() else ""
+        time.sleep(0.05)
+    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) >= 2, "the DataLoader worker processes are missing"
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group: trainer and workers
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "stopped by signal SIGTERM" in err, err[-2000:]
+    (ckpt,) = list_checkpoints(run / "checkpoints")
+    stopped_at = int(ckpt.name)
+    assert f"checkpoint written at step {stopped_at}" in err
+    tiny3 = DiT(DiTConfig.from_name("DiT-S/2", input_size=8, in_channels=3, num_classes=2, **TINY))
+    load_training_checkpoint(ckpt, tiny3)
+
+    done = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(run), str(stopped_at + 2), str(images)],
+                          env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {ckpt} at step {stopped_at}" in done.stderr
+    assert [int(p.name) for p in list_checkpoints(run / "checkpoints")][-1] == stopped_at + 2

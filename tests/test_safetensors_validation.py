@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints import CONFIG_KEY, load_model, read_safetensors, save_model
+from ditkit.checkpoints import CONFIG_KEY, load_model, save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
+from ditkit.io import read_safetensors
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4)
 

@@ -17,7 +17,7 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.train import TrainOptions, train, validate
-from ditkit.train_checkpoints import list_checkpoints, load_training_checkpoint, save_training_checkpoint
+from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -179,7 +179,7 @@ def test_checkpoint_write_killed_midway_leaves_previous_intact(tmp_path):
         import sys, time
         import safetensors.torch as st
         from ditkit.models import DiT, DiTConfig
-        from ditkit import train_checkpoints as tc
+        from ditkit.train import checkpoint as tc
         real = st.save_file
         def slow(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)

@@ -8,125 +8,28 @@ which carries plain values), so a file with a code payload is refused and its pa
 from __future__ import annotations
 
 import argparse
-import errno
 import json
+import math
 import os
-import pickle
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ditkit.errors import UserError
+from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.pixart import PixArtDiT
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
-# ----------------------------------------------------------------------------------------------- atomic I/O
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file so that `path` is either the old complete file or the new complete one, never a part.
-
-    `write(tmp_path)` writes the content to a temporary file in the same folder; it is flushed to disk
-    (fsync) and renamed over `path`, and the folder entry is synced too. On any error the temp file is removed
-    and the old file stays. A full disk becomes a one-line UserError.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except Exception as err:
-        full = disk_full(err, path.parent)  # before the temp file is removed and its space freed
-        _remove_quietly(tmp)
-        if full:
-            msg = f"disk full while writing {path}; the previous file is intact; free space and retry"
-            raise UserError(msg) from None
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
-    """Whether a failed write ran out of space, however the writer reports it.
-
-    Python's own writes raise OSError(ENOSPC); safetensors raises SafetensorError("... os error 28"); torch.save
-    raises a RuntimeError about an unexpected position (a short write) that names no cause, so a filesystem
-    with (almost) no free space left counts as the cause too.
-    """
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    text = str(err)
-    if "No space left on device" in text or "os error 28" in text:
-        return True
-    try:
-        return shutil.disk_usage(folder).free < 64 * 1024
-    except OSError:
-        return False
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """`torch.load` restricted to tensors and plain containers; anything else is refused with one line."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unknown object"
-        raise UserError(
-            f"refusing to load {path}: it holds pickled objects other than tensors ({first[:160]}); "
-            "only weight files load. Re-save the state_dict as safetensors if you trust its source"
-        ) from None
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except Exception as err:  # noqa: BLE001 - a damaged or foreign file can fail inside torch.load in many ways
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {msg[:200]}; is it a .pt file?") \
-            from None
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with a clear error for a truncated or malformed file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-        return tensors, metadata
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path} is not a valid safetensors file ({str(err)[:160]}); is it truncated?") from None
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
@@ -153,8 +56,27 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict
     return out
 
 
+def _infer_text_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTConfig:
+    """The config of a PixArt-α state_dict (ditkit's text models or PixArt-α's released files)."""
+    base = {k: v for k, v in state_dict.items() if not k.startswith("y_embedder.")}
+    base["y_embedder.embedding_table.weight"] = torch.zeros(1001, 1)  # the class part reads like a DiT's
+    base["blocks.0.adaLN_modulation.1.weight"] = torch.zeros(1)
+    guess = infer_config(base, **{k: v for k, v in known.items() if k != "conditioning"}).to_dict()
+    captions = state_dict["y_embedder.y_embedding"]
+    pos = state_dict["pos_embed"].float()
+    # Token 1 sits at column 1/scale: the first channel is sin(1/scale) (PixArt-α's 1024 model uses scale 2).
+    first = float(pos[0, 1, 0]) if pos.shape[1] > 1 else math.sin(1.0)
+    scale = round(1.0 / math.asin(first), 3) if 0 < first <= 1 else 1.0
+    guess.update(conditioning="text", caption_channels=captions.shape[1], max_tokens=captions.shape[0],
+                 interpolation_scale=scale, num_classes=1000, class_dropout_prob=0.1)
+    guess.update(known)
+    return DiTConfig(**guess)
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTConfig:
     """Recover a model config from tensor shapes (heads from the paper sizes, else width/64)."""
+    if "t_block.1.weight" in state_dict and "y_embedder.y_embedding" in state_dict:
+        return _infer_text_config(state_dict, **known)
     try:
         pos = state_dict["pos_embed"]
         proj = state_dict["x_embedder.proj.weight"]
@@ -272,7 +194,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTC
     return extract_state_dict(obj, path), config, hints
 
 
-def load_model(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> DiT:
+def load_model(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> DiT | PixArtDiT:
     """Load any supported checkpoint into a DiT on the CPU, in eval mode.
 
     `model` (e.g. "DiT-XL/2") and `overrides` (input_size, num_classes, ...) state the expected config; a
@@ -287,7 +209,7 @@ def load_model(path: str | os.PathLike, model: str | None = None, **overrides: A
         config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
     else:
         config = infer_config(state_dict, **{**hints, **overrides})
-    net = DiT(config)
+    net = build_model(config)
     check_shapes(net, state_dict, path)
     net.load_state_dict(state_dict, strict=True)
     return net.eval()

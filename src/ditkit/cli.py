@@ -15,7 +15,7 @@ from ditkit.errors import UserError
 # verb -> (module, one-line help). Keep in pipeline order.
 VERBS: dict[str, tuple[str, str]] = {
     "flops": ("ditkit.flops", "parameters and Gflops of the DiT configs (paper convention)"),
-    "extract": ("ditkit.data.latents", "encode an image folder once into a latent store (SD-VAE)"),
+    "extract": ("ditkit.data.extract", "encode an image folder once into a latent store (SD-VAE)"),
     "train": ("ditkit.train", "train a DiT (one CPU/GPU, or many GPUs under torchrun)"),
     "demo": ("ditkit.demo", "train a small DiT on the built-in digits, sample a grid, print its quality"),
     "sample": ("ditkit.sample", "sample images from a checkpoint: a labelled grid, or an ADM .npz over GPUs"),
@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ditkit {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # under torchrun: another rank died or froze (one line, exit 1); else re-raised
+        from ditkit.distributed import describe_peer_failure
+
+        line = describe_peer_failure(err, args.verb)
+        if line is None:
+            raise
+        print(f"ditkit {args.verb}: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ Where diffusers' port computes something else than the original DiT (and ditkit)
   this one is exact in the folders it writes; elsewhere its effect is at float32 round-off level.
 - `DiTPipeline` guidance hard-codes null label 1000 and guides all latent channels (the official sampler
   guides the first 3), and it drops the learned variance before its scheduler.
+
+Text models (PixArt-α) convert to and from `PixArtTransformer2DModel` (the transformer alone); their names
+and deviations are in convert_pixart.py.
 """
 
 from __future__ import annotations
@@ -43,21 +46,19 @@ from typing import Any
 
 import torch
 
-from ditkit.checkpoints import (
-    atomic_write,
-    load_model,
-    read_safetensors,
-    safe_torch_load,
-    save_model,
-)
+from ditkit import convert_pixart
+from ditkit.checkpoints import load_model, save_model
 from ditkit.errors import UserError
+from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
 from ditkit.models.embeddings import sincos_2d
+from ditkit.models.pixart import PixArtDiT
 
 SIDECAR = "ditkit_config.json"  # written next to config.json: the settings diffusers' config cannot express
 WEIGHTS = "diffusion_pytorch_model"
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel", convert_pixart.CLASS_NAME)
 # Two copies of the same float32 tensor agree exactly; anything above this means they were trained apart.
 EMBEDDER_TOLERANCE = 1e-6
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
@@ -313,6 +314,8 @@ def read_diffusers_folder(
     """
     folder = transformer_folder(path)
     cfg = _read_json(folder / "config.json")
+    if convert_pixart.is_pixart_config(cfg):
+        return _read_pixart_folder(folder, cfg)
     config = config_from_diffusers(cfg, str(folder / "config.json"))
     sidecar = folder / SIDECAR
     if sidecar.is_file():
@@ -327,6 +330,32 @@ def read_diffusers_folder(
         + "; ".join(differences(cfg)),
         stacklevel=2,
     )
+    return state_dict, config, {}
+
+
+def _read_pixart_folder(folder: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], DiTConfig, dict]:
+    """A diffusers PixArt transformer folder as a ditkit text model's (state_dict, config, hints)."""
+    config = convert_pixart.config_from_diffusers(cfg, str(folder / "config.json"))
+    sidecar = folder / SIDECAR
+    if sidecar.is_file():  # caption dropout, token count: what diffusers' config cannot say
+        stored = DiTConfig.from_dict(_read_json(sidecar).get("config", {}))
+        keep = ("class_dropout_prob", "max_tokens", "num_classes")
+        if {**stored.to_dict(), **{k: config.to_dict()[k] for k in keep}} != config.to_dict():
+            raise UserError(f"{sidecar} does not match {folder / 'config.json'}; delete {sidecar} and retry")
+        config = stored
+    null = None
+    if (folder / convert_pixart.NULL_CAPTION_FILE).is_file():
+        null = read_safetensors(folder / convert_pixart.NULL_CAPTION_FILE)[0].get(convert_pixart.NULL_CAPTION_KEY)
+    if null is not None and tuple(null.shape) != (config.max_tokens, config.caption_channels):
+        raise UserError(f"{folder / convert_pixart.NULL_CAPTION_FILE}: null caption of shape {tuple(null.shape)}"
+                        f" does not fit the model ({config.max_tokens}×{config.caption_channels})")
+    state_dict = convert_pixart.from_diffusers_state_dict(_read_weights(folder), config, null, str(folder))
+    if null is None:
+        warnings.warn(
+            f"{folder}: a stock diffusers PixArt folder has no null caption; ditkit uses zeros, so guide "
+            "with --negative-prompt '' (the text features of an empty prompt, as diffusers' pipeline does)",
+            stacklevel=3,
+        )
     return state_dict, config, {}
 
 
@@ -374,11 +403,17 @@ def match_dit_timesteps(model: Any) -> int:
     return changed
 
 
-def to_diffusers_transformer(model: DiT) -> torch.nn.Module:
-    """A `diffusers.DiTTransformer2DModel` holding `model`'s weights (in memory, eval mode)."""
+def to_diffusers_transformer(model: DiT | PixArtDiT) -> torch.nn.Module:
+    """A `diffusers.DiTTransformer2DModel` (or, for a text model, `PixArtTransformer2DModel`) holding
+    `model`'s weights (in memory, eval mode)."""
     diffusers = _import_diffusers()
-    net = _dit_class(diffusers)(**diffusers_config(model.config))
-    net.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config), strict=True)
+    if model.config.is_text:
+        net = diffusers.PixArtTransformer2DModel(**convert_pixart.diffusers_config(model.config))
+        sd = convert_pixart.to_diffusers_state_dict(model.state_dict(), model.config)
+    else:
+        net = _dit_class(diffusers)(**diffusers_config(model.config))
+        sd = to_diffusers_state_dict(model.state_dict(), model.config)
+    net.load_state_dict(sd, strict=True)
     return net.eval()
 
 
@@ -403,8 +438,15 @@ def output_difference(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, flo
 
 
 @torch.no_grad()
-def compare_outputs(model: DiT, transformer: torch.nn.Module, batch: int = 4, seed: int = 0) -> dict[str, float]:
-    """`output_difference` between ditkit's `model` and a diffusers DiT on the same `random_inputs`."""
+def compare_outputs(
+    model: DiT | PixArtDiT, transformer: torch.nn.Module, batch: int = 4, seed: int = 0
+) -> dict[str, float]:
+    """`output_difference` between ditkit's `model` and a diffusers DiT (or PixArt) on the same random inputs
+    (for text models: captions of different lengths, padded and masked)."""
+    if model.config.is_text:
+        x, t, y, mask = convert_pixart.random_inputs(model.config, batch, seed=seed)
+        ours = model.eval()(x, t, y, mask)
+        return output_difference(ours, convert_pixart.diffusers_output(transformer.eval(), x, t, y, mask))
     x, t, y = random_inputs(model.config, batch, seed)
     ours = model.eval()(x, t, y)
     theirs = transformer.eval()(x, timestep=t, class_labels=y).sample
@@ -475,7 +517,7 @@ def _prepare_destination(dst: Path, overwrite: bool) -> None:
 
 
 def to_diffusers(
-    model: DiT,
+    model: DiT | PixArtDiT,
     dst: str | os.PathLike,
     vae: str | os.PathLike | None = None,
     labels: str | os.PathLike | None = None,
@@ -486,10 +528,14 @@ def to_diffusers(
     The folder is built next to `dst`, loaded back with diffusers and checked against `model` (with DiT's
     timestep frequencies switched on, the outputs must agree to float32 round-off), then moved into place.
     Returns the stock-diffusers difference `compare_outputs` measured on the loaded folder.
+    A text model becomes a `PixArtTransformer2DModel` folder, with its null caption in a side file.
     """
     diffusers = _import_diffusers()
     dst = Path(dst)
     _prepare_destination(dst, overwrite)
+    text = model.config.is_text
+    if text and (vae is not None or labels is not None):
+        raise UserError("a text model converts to the transformer alone; --vae and --labels build a class DiTPipeline")
     if labels is not None and vae is None:
         raise UserError("--labels needs --vae: the labels belong to a DiTPipeline, which needs a VAE")
     id2label = _labels(labels, model.config.num_classes) if labels is not None else None
@@ -501,6 +547,8 @@ def to_diffusers(
         if vae is None:
             transformer.save_pretrained(str(tmp), safe_serialization=True)
             sidecar = tmp / SIDECAR
+            if text:
+                _write_null_caption(model, tmp / convert_pixart.NULL_CAPTION_FILE)
         else:
             pipe = diffusers.DiTPipeline(
                 transformer=transformer, vae=_load_vae(vae, model.config.in_channels), scheduler=ddim_scheduler()
@@ -512,7 +560,7 @@ def to_diffusers(
                 index = _read_json(tmp / "model_index.json")
                 index["id2label"] = id2label
                 atomic_write(tmp / "model_index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
-        meta = {"config": model.config.to_dict(), "note": DIFFERENCES_NOTE}
+        meta = {"config": model.config.to_dict(), "note": convert_pixart.NOTE if text else DIFFERENCES_NOTE}
         atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         stock = _verify_written(model, tmp)
         if dst.exists():
@@ -530,10 +578,24 @@ def to_diffusers(
     return stock
 
 
+def _write_null_caption(model: PixArtDiT, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    null = {convert_pixart.NULL_CAPTION_KEY: model.y_embedder.y_embedding.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda tmp: save_file(null, tmp, metadata={"format": "ditkit"}))
+
+
 @torch.no_grad()
-def _verify_written(model: DiT, folder: Path, batch: int = 2) -> dict[str, float]:
+def _verify_written(model: DiT | PixArtDiT, folder: Path, batch: int = 2) -> dict[str, float]:
     """Load the written transformer back with diffusers: exact after `match_dit_timesteps`, else measured."""
     diffusers = _import_diffusers()
+    if model.config.is_text:  # no timestep difference to switch off: the stock model must agree already
+        with _quiet_diffusers():
+            loaded = diffusers.PixArtTransformer2DModel.from_pretrained(str(folder), use_safetensors=True).eval()
+        stock = compare_outputs(model, loaded, batch)
+        if stock["max_abs"] > 1e-4 * max(1.0, stock["ref_max"]):
+            raise RuntimeError(f"conversion check failed: diffusers differs from ditkit by {stock} (a ditkit bug)")
+        return stock
     sub = {"subfolder": "transformer"} if (folder / "transformer").is_dir() else {}
     with _quiet_diffusers():
         loaded = _dit_class(diffusers).from_pretrained(str(folder), use_safetensors=True, **sub).eval()
@@ -578,11 +640,11 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.src, model=args.model)
         stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite)
         kind = "DiTPipeline" if args.vae else "DiTTransformer2DModel"
+        if model.config.is_text:
+            kind = convert_pixart.CLASS_NAME
         print(f"wrote {kind} folder {dst} ({model.config.name}, input {model.config.input_size})")
-        print(
-            f"note: {DIFFERENCES_NOTE}; on this model stock diffusers differs from ditkit by "
-            f"{_describe(stock)} on random inputs"
-        )
+        note = convert_pixart.NOTE if model.config.is_text else DIFFERENCES_NOTE
+        print(f"note: {note}; on this model stock diffusers differs from ditkit by {_describe(stock)} on random inputs")
         if args.vae and model.config.num_classes != 1000:
             print(
                 f"note: DiTPipeline's guidance uses null label 1000; this model's null label is "
@@ -602,19 +664,25 @@ def run(args: argparse.Namespace) -> int:
         state_dict, config, _ = read_diffusers_folder(args.src, allow_embedder_mismatch=args.use_first_embedder)
     if args.model is not None and args.model != config.name:
         raise UserError(f"{args.src} holds a {config.name}, not {args.model}")
-    model = DiT(config)
+    model = build_model(config)
     model.load_state_dict(state_dict, strict=True)
     save_model(model.eval(), dst, metadata={"converted_from": "diffusers"})
-    print(f"wrote {dst} ({config.name}, input {config.input_size})")
-    notes = differences(_read_json(folder / "config.json"))
-    print("note: ditkit computes the original DiT; diffusers' port of this model has " + "; ".join(notes))
+    print(f"wrote {dst} ({config.name}{', text' if config.is_text else ''}, input {config.input_size})")
+    if config.is_text:
+        print(f"note: {convert_pixart.NOTE}")
+        if not (folder / convert_pixart.NULL_CAPTION_FILE).is_file():
+            print("note: this folder has no null caption (stock diffusers): ditkit set it to zeros; guide with "
+                  "--negative-prompt '' as diffusers' pipeline does")
+    else:
+        notes = differences(_read_json(folder / "config.json"))
+        print("note: ditkit computes the original DiT; diffusers' port of this model has " + "; ".join(notes))
     measured = _measure_source(model, folder)
     if measured is not None:
         print(f"note: on random inputs diffusers' output differs from ditkit's by {_describe(measured)}")
     return 0
 
 
-def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
+def _measure_source(model: DiT | PixArtDiT, folder: Path) -> dict[str, float] | None:
     """The stock-diffusers vs ditkit difference of a source folder, when diffusers can load it safely."""
     try:
         import diffusers
@@ -624,7 +692,8 @@ def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
         return None  # diffusers would unpickle a .bin; ditkit read it with weights_only instead
     try:
         with _quiet_diffusers():
-            loaded = _dit_class(diffusers).from_pretrained(str(folder), use_safetensors=True)
+            cls = diffusers.PixArtTransformer2DModel if model.config.is_text else _dit_class(diffusers)
+            loaded = cls.from_pretrained(str(folder), use_safetensors=True)
         return compare_outputs(model, loaded)
     except (OSError, ValueError, RuntimeError, TypeError):
         return None  # the measurement is a courtesy; the converted file is already written and correct

@@ -2,16 +2,28 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. The device is chosen by the *local* rank (the official code uses
 the global rank, which names a GPU that does not exist on the second node). NCCL on GPUs, gloo on CPU.
+
+A rank that dies closes its connections, and the others fail at their next collective; a rank that stops
+answering (a frozen process, a lost node) makes them fail after the process group's timeout, which
+DITKIT_DIST_TIMEOUT (seconds) overrides. `describe_peer_failure` turns either error into the one line that the
+command line prints.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ditkit.errors import UserError
+
+TIMEOUT_ENV = "DITKIT_DIST_TIMEOUT"
+_timeout_s: float | None = None  # the running group's timeout, for the message when a peer is lost
+_cpu_group: object | None = None  # a gloo group for small host-side votes when the main group is NCCL
 
 
 @dataclass(frozen=True)
@@ -57,12 +69,16 @@ def init(
 ) -> DistInfo:
     """Join the process group when launched by torchrun (no-op for a single process); returns this rank's info.
 
-    timeout: how long a collective waits for the slowest rank (extraction allows hours: ranks that finish their
-    shards early wait at the final barrier). always: create a group even for one process (FSDP2 needs one;
-    torchrun's MASTER_ADDR/MASTER_PORT must then be set).
+    timeout: how long a collective waits for the slowest rank before this rank fails (extraction allows hours:
+    ranks that finish their shards early wait at the final barrier); DITKIT_DIST_TIMEOUT, in seconds, overrides
+    it. always: create a group even for one process (FSDP2 needs one; torchrun's MASTER_ADDR/MASTER_PORT must
+    then be set).
     """
+    global _timeout_s
     info = env_info(prefer_cuda, device)
     if (info.distributed or always) and not dist.is_initialized():
+        timeout = timeout_from_env(timeout)
+        _timeout_s = timeout.total_seconds()
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         if info.device.type == "cuda":
             torch.cuda.set_device(info.device)
@@ -74,6 +90,49 @@ def init(
             **({"device_id": info.device} if info.device.type == "cuda" else {}),
         )
     return info
+
+
+def timeout_from_env(default: datetime.timedelta) -> datetime.timedelta:
+    """DITKIT_DIST_TIMEOUT (seconds, > 0) when set, else `default`."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds; set e.g. {TIMEOUT_ENV}=600")
+    return datetime.timedelta(seconds=seconds)
+
+
+# What gloo and NCCL say when the other end of a collective went away or stopped answering.
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+_SILENT = ("Timed out waiting", "timed out", "Timeout", "timeout")
+
+
+def describe_peer_failure(err: BaseException, verb: str) -> str | None:
+    """One line for an error that means another process of a multi-process run died or stopped answering
+    (None for any other error, and for a single process). `verb`: the ditkit command, for the fix it names."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    if any(s in text for s in _LOST):
+        why = "its connection closed: another process of the run died"
+    elif isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text or "c10d" in text:
+        if not any(s in text for s in _SILENT):
+            return None
+        waited = f" for {_timeout_s:g} s" if _timeout_s is not None else ""
+        why = (f"another process of the run did not answer{waited} (it froze, or its node was lost; "
+               f"{TIMEOUT_ENV} sets the wait)")
+    else:
+        return None
+    again = {"train": "restart the job with --resume auto to continue from the last checkpoint",
+             "sample": "rerun the same command: finished shards are kept",
+             "extract": "rerun the same command: finished shards are kept"}.get(verb, "rerun the job")
+    rank = os.environ.get("RANK", "?")
+    return f"rank {rank} of {world} stopped: {why}; read that rank's log for the cause, then {again}"
 
 
 def barrier() -> None:
@@ -98,7 +157,23 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value` (the value itself for one process). A collective: every rank must
+    call it at the same point. It runs over gloo on the host, so a GPU run does not wait for its GPU here."""
+    global _cpu_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    if _cpu_group is None:  # created on first use, which is the same call on every rank
+        _cpu_group = (dist.group.WORLD if dist.get_backend() == "gloo" else
+                      dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s or 1800)))
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(box.item())
+
+
 def cleanup() -> None:
+    global _cpu_group
+    _cpu_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -4,6 +4,10 @@ One multiply-add counts as one flop, forward pass, one image. Counted: every mat
 timestep MLP, adaLN regressions, attention projections, the two attention products QKᵀ and AV, MLP, output
 decoder). Not counted: norms, activations, softmax, additions (a few tenths of a percent). This reproduces the
 paper's Table 4 to within 1% for all 12 models.
+
+Text models (PixArt-α) are counted at their full caption length (`max_tokens`, 120 for T5): the caption MLP,
+the shared adaLN-single regression, and per block the cross-attention's q/k/v/output projections and its two
+products (image tokens × caption tokens).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import json
 
 import torch
 
+from ditkit.models import build_model
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES, DiTConfig
-from ditkit.models.dit import DiT
 
 FREQ_DIM = 256  # timestep frequency embedding size
 
@@ -36,6 +40,12 @@ def count_macs(config: DiTConfig) -> int:
     elif kind == "cross-attention":
         # q and output projections over the image tokens, k/v over the 2 conditioning tokens, 2 products.
         per_block += 2 * tokens * d * d + 2 * 2 * d * d + 2 * tokens * 2 * d
+    elif kind == "text":
+        words = config.max_tokens
+        # The same cross-attention with the caption's tokens as keys and values.
+        per_block += 2 * tokens * d * d + 2 * words * d * d + 2 * tokens * words * d
+        macs += 6 * d * d  # adaLN-single: one shared regression for all blocks
+        macs += words * (config.caption_channels * d + d * d)  # the caption MLP
     macs += depth * per_block
     if kind.startswith("adaln"):
         macs += 2 * d * d  # final adaLN
@@ -46,7 +56,7 @@ def count_macs(config: DiTConfig) -> int:
 def count_params(config: DiTConfig) -> int:
     """Number of parameters (including the fixed `pos_embed`, as the official code reports), built on `meta`."""
     with torch.device("meta"):
-        model = DiT(config)
+        model = build_model(config)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -69,7 +79,10 @@ def table(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--model", choices=MODEL_NAMES, help="one model instead of all 12")
-    parser.add_argument("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
+    parser.add_argument(
+        "--conditioning", choices=CONDITIONINGS, default="adaln-zero",
+        help="the block; text = PixArt-α's, counted with T5-XXL captions (4096 features, 120 tokens)",
+    )
     parser.add_argument("--pixel-space", action="store_true", help="the model sees pixels, not SD-VAE latents")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {model, params, gflops}")
 

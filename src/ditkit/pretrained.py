@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ditkit.checkpoints import atomic_write
 from ditkit.errors import UserError
+from ditkit.io import atomic_write
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 

@@ -124,7 +124,7 @@ def load_record(path: Path, opts: ScalingOptions) -> dict[str, Any]:
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    from ditkit.checkpoints import atomic_write
+    from ditkit.io import atomic_write
 
     text = json.dumps(record, indent=2)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -259,7 +259,7 @@ class LinePlot:
     def save(self, path: Path) -> Path:
         from PIL import Image, ImageDraw
 
-        from ditkit.checkpoints import atomic_write
+        from ditkit.io import atomic_write
 
         # A diverged run can leave NaN/inf scores: leave those points out rather than fail to draw the rest.
         self.series = [(name, [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)],
@@ -355,7 +355,7 @@ def draw_pictures(record: dict[str, Any], models: list[str], metric: str, out: P
 
 def report(record: dict[str, Any], models: list[str], metric: str, out: Path) -> dict[str, Any]:
     """Write OUT/table.md and the pictures; return the summary (also stored in results.json)."""
-    from ditkit.checkpoints import atomic_write
+    from ditkit.io import atomic_write
 
     step, rows = final_points(record, models)
     table = format_table(rows, step)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ditkit.data.images import ImageFolderDataset, check_image_size
-from ditkit.data.latents import LatentStore, is_latent_store
+from ditkit.data.store import LatentStore, is_latent_store
 from ditkit.errors import UserError
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
@@ -32,7 +32,8 @@ class TrainingData:
 
     `input_size` is the side the model sees (latent side for stores and VAE folders, pixels otherwise);
     `encoder` is None or a callable run on the training device on each batch of images in [-1, 1];
-    `labels` holds the label of every item (int64), for class-balanced evaluation without reading the data.
+    `labels` holds the label of every item (int64), for class-balanced evaluation without reading the data;
+    `classes` names label k (the image folder's sorted sub-folder names, empty ones included; [] when flat).
     """
 
     dataset: Dataset
@@ -42,6 +43,7 @@ class TrainingData:
     encoder: Callable[[torch.Tensor], torch.Tensor] | None
     description: str
     labels: np.ndarray | None = None
+    classes: list[str] | None = None
 
     def describe(self) -> str:
         """One line for logs."""
@@ -96,6 +98,7 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
             input_size=side,
             encoder=None,
             labels=store.labels,
+            classes=list(m.get("classes") or []),
             description=(
                 f"latent store {data_path}: {len(store)} images, {store.num_classes} classes, latents "
                 f"{channels}x{side}x{side} from {m['vae']} at {image_size}px, random flip + posterior resampling"
@@ -114,6 +117,7 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
             input_size=image_size,
             encoder=None,
             labels=labels,
+            classes=list(dataset.classes),
             description=f"image folder {data_path}: {len(dataset)} images, {kind}, {image_size}px pixels, random flip",
         )
     encoder = OnTheFlyEncoder(vae)
@@ -126,6 +130,7 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
         input_size=side,
         encoder=encoder,
         labels=labels,
+        classes=list(dataset.classes),
         description=(
             f"image folder {data_path}: {len(dataset)} images, {kind}, {image_size}px, random flip, encoded on "
             f"the fly by {vae} to {encoder.vae.latent_channels}x{side}x{side} (extract a store to train faster)"

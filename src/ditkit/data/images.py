@@ -4,8 +4,10 @@ Layout (the ImageFolder convention): `ROOT/CLASS_NAME/**/IMAGE` gives one class 
 sorted folder-name order (so ImageNet's `n01440764` … folders get the usual 0…999); a flat `ROOT/IMAGE` folder
 is unconditional data (one class, label 0).
 
-A corrupt or truncated image is reported by its path and skipped rather than ending a run hours in; grayscale,
-palette, CMYK and RGBA images are converted to RGB.
+A corrupt or truncated image is reported by its path and skipped rather than ending a run hours in. Every
+mode is converted to 8-bit RGB by a stated rule (`to_rgb8`: 16-bit scaled by 1/257, floats by their range,
+transparency onto white), or the file is skipped with a line naming it and its mode. The EXIF orientation tag
+is ignored unless asked for (`exif_transpose`), as in the authors' preprocessing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ditkit.errors import UserError
@@ -43,7 +45,9 @@ def _walk_images(folder: Path) -> list[Path]:
 def find_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
     """(paths, labels, class names) of an image folder; class names are [] for a flat, unconditional folder.
 
-    Sub-folders that hold images are classes; images lying directly in `root` next to class folders are an
+    When any sub-folder holds images, every sub-folder is a class, empty ones included (each named in a
+    warning): label k is the k-th sub-folder name in sorted order whatever the folders hold, so emptying or
+    filling one never renumbers the others. Images lying directly in `root` next to class folders are an
     error (the labels would be ambiguous). A missing or image-less folder raises a one-line UserError.
     """
     root = Path(root)
@@ -54,13 +58,19 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
     top_images = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_files = [(d, _walk_images(d)) for d in class_dirs]
-    class_files = [(d, files) for d, files in class_files if files]
+    if not any(files for _, files in class_files):
+        class_files = []  # stray empty sub-folders next to loose images: a flat folder
     if class_files and top_images:
         raise UserError(
             f"{root} has images both at its top level ({top_images[0].name}, ...) and in class sub-folders; "
             "move the loose images into a class folder, or point at a folder of one kind"
         )
     if class_files:
+        empty = [d.name for d, files in class_files if not files]
+        if empty:
+            print(f"ditkit: warning: class folder(s) with no images in {root}: {', '.join(empty[:10])}"
+                  f"{' ...' if len(empty) > 10 else ''}; kept as classes with no examples, so the labels of the "
+                  "others do not shift", file=sys.stderr)
         paths, labels = [], []
         for label, (_, files) in enumerate(class_files):
             paths.extend(files)
@@ -77,24 +87,75 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
 # ----------------------------------------------------------------------------------------------- decoding
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image | None:
-    """The image at `path` as RGB, fully decoded; None (with a one-line warning naming it) when unreadable.
+# Modes that Pillow converts to RGB by a defined formula (palette lookup, 0/255 for 1-bit, BT.601 for YCbCr,
+# CIELAB to sRGB, the naive R = (255 - C)(255 - K)/255 for CMYK without a colour profile).
+_DIRECT_MODES = ("RGB", "RGBX", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
+
+
+class UnsupportedImage(ValueError):
+    """A decoded image that has no defined 8-bit RGB form (its mode, or NaN/infinite float pixels)."""
+
+
+def _deep_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit values of a 16-bit, 32-bit integer or float single-channel image (mode I;16*, I or F).
+
+    16-bit (and I holding 0..65535, how 16-bit files used to decode) is divided by 257, rounded: 65535 → 255.
+    F in [0, 1] is the unit range (× 255); any other I or F image is stretched from its minimum to its maximum.
+    """
+    if mode == "F":
+        values = arr.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise UnsupportedImage("its float pixels include NaN or infinity; save it without them")
+        if values.min() >= 0.0 and values.max() <= 1.0:
+            return np.floor(values * 255.0 + 0.5).astype(np.uint8)
+    else:
+        values = arr.astype(np.int64)
+        if mode.startswith("I;16") or (values.min() >= 0 and values.max() <= 65535):
+            return ((values + 128) // 257).astype(np.uint8)
+    low, high = values.min(), values.max()
+    if high == low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.floor((values - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """A decoded image of any mode as 8-bit RGB; UnsupportedImage naming the mode when there is no defined way.
+
+    Transparent pixels are composited onto white (transparency usually means "background").
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return Image.fromarray(_deep_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if mode in _DIRECT_MODES:
+        return img.convert("RGB")
+    raise UnsupportedImage(f"image mode {mode!r} has no defined conversion to 8-bit RGB; save the file as RGB")
+
+
+def load_rgb(path: str | os.PathLike, exif_transpose: bool = False) -> Image.Image | None:
+    """The image at `path` as 8-bit RGB (`to_rgb8`), fully decoded; None, with a one-line warning naming it,
+    when it is unreadable or of a mode that has no defined conversion.
 
     `Image.open` only reads the header, so a truncated file would fail later, inside a resize; `load()` decodes
-    everything now, where the failure can be reported with the path.
+    everything now, where the failure can be reported with the path. exif_transpose: apply the EXIF
+    orientation tag (off by default, as in the authors' preprocessing, which ignores it).
     """
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "RGB":
-                return img.copy()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite onto white, not black: transparent pixels usually mean "background".
-                rgba = img.convert("RGBA")
-                canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-                canvas.paste(rgba, mask=rgba.getchannel("A"))
-                return canvas
-            return img.convert("RGB")
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            return to_rgb8(img)
+    except UnsupportedImage as err:
+        print(f"ditkit: skipping image {path}: {err}", file=sys.stderr)
+        return None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"ditkit: skipping unreadable image {path}: {msg[:160]}", file=sys.stderr)

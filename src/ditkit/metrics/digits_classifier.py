@@ -166,7 +166,7 @@ def get_digits_classifier(image_size: int, verbose: bool = True) -> DigitsCNN:
     """
     from safetensors.torch import save_file
 
-    from ditkit.checkpoints import atomic_write, read_safetensors
+    from ditkit.io import atomic_write, read_safetensors
 
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"digits classifier: image size must be a positive integer, got {image_size!r}")

@@ -281,7 +281,7 @@ def reference_features(
     Precomputed statistics in an npz win over computed ones (as in ADM's evaluator); pool features exist only
     when the set has images.
     """
-    from ditkit.checkpoints import atomic_write
+    from ditkit.io import atomic_write
 
     path = _cache_path(images, network)
     if use_cache and images.count and path.exists():

@@ -118,7 +118,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from ditkit.checkpoints import read_safetensors, safe_torch_load
+    from ditkit.io import read_safetensors, safe_torch_load
 
     if path.suffix == ".safetensors":
         state, _ = read_safetensors(path)

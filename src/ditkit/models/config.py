@@ -8,7 +8,12 @@ from typing import Any
 
 from ditkit.errors import UserError
 
-CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
+# The class-conditional blocks of the DiT paper's ablation, then PixArt-α's text block.
+CLASS_CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
+CONDITIONINGS = (*CLASS_CONDITIONINGS, "text")
+# Settings only a text model ("text": PixArt-α's block) has; left out of a class model's stored config, so
+# class-conditional checkpoints store exactly what they did before text models existed.
+TEXT_FIELDS = ("caption_channels", "max_tokens", "interpolation_scale")
 
 # Paper Table 1: name -> (depth, hidden size, heads). Patch sizes 2, 4, 8 give the 12 models.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -27,6 +32,10 @@ class DiTConfig:
 
     `input_size` is the side of the (latent) input, e.g. 32 for 256×256 images through the SD-VAE.
     `num_classes` labels 0..num_classes-1; label `num_classes` is the null label used for guidance.
+    Text models (`conditioning="text"`, PixArt-α) read captions of at most `max_tokens` tokens of
+    `caption_channels` features (T5-XXL: 4096, 120 tokens; `num_classes` is unused) and drop them to the null
+    caption with probability `class_dropout_prob`; `interpolation_scale` divides the positions of the sin-cos
+    table (PixArt-α's "lewei scale": 1 at 256 and 512 pixels, 2 at 1024).
     """
 
     depth: int = 28
@@ -40,6 +49,9 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     mlp_ratio: float = 4.0
     conditioning: str = "adaln-zero"
+    caption_channels: int = 4096
+    max_tokens: int = 120
+    interpolation_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,7 +78,10 @@ class DiTConfig:
 
     def validate(self) -> None:
         """Raise UserError with one line naming the first bad setting."""
-        for field in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
+        for field in (
+            "depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes",
+            "caption_channels", "max_tokens",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"model config: {field} must be a positive integer, got {value!r}")
@@ -89,9 +104,21 @@ class DiTConfig:
             raise UserError(
                 f"model config: unknown conditioning {self.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}"
             )
+        if not float(self.interpolation_scale) > 0:
+            raise UserError(f"model config: interpolation_scale must be positive, got {self.interpolation_scale}")
+        if self.conditioning != "text" and float(self.interpolation_scale) != 1.0:
+            raise UserError("model config: interpolation_scale applies to text models (conditioning text) only")
+
+    @property
+    def is_text(self) -> bool:
+        return self.conditioning == "text"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.is_text:
+            for name in TEXT_FIELDS:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiTConfig:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditkit.errors import UserError
 from ditkit.models import kernels
 from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
@@ -182,6 +183,8 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
+        if config.conditioning == "text":  # PixArt-α's block lives in models/pixart.py
+            raise UserError("a text model is a PixArtDiT; build it with ditkit.models.build_model(config)")
         self.config = config
         self.in_channels = config.in_channels
         self.out_channels = config.out_channels

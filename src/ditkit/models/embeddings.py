@@ -39,15 +39,17 @@ def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+def sincos_2d(embed_dim: int, grid_size: int, interpolation_scale: float = 1.0) -> np.ndarray:
     """Fixed 2D sin-cos position table, (grid_size²)×D, tokens in row-major order.
 
     As in the official code (and MAE), the first half of the channels encodes a token's column and the second
     half its row; the exact order matters because released checkpoints store this table as `pos_embed`.
+    Positions are 0, 1, ... divided by `interpolation_scale` (PixArt-α at 1024 pixels uses 2).
     """
     if embed_dim % 4:
         raise ValueError(f"2D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
-    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    axis = np.arange(grid_size, dtype=np.float64) / interpolation_scale
+    rows, cols = np.meshgrid(axis, axis, indexing="ij")
     return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
 
 

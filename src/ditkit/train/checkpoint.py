@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from ditkit.checkpoints import CONFIG_KEY, check_shapes, disk_full, read_safetensors, safe_torch_load
+from ditkit.checkpoints import CONFIG_KEY, check_shapes
 from ditkit.errors import UserError
+from ditkit.io import disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -36,19 +37,6 @@ class TrainingCheckpoint:
     ema: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: Path
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_training_checkpoint(
@@ -76,12 +64,12 @@ def save_training_checkpoint(
             save_file(tensors, tmp / f"{name}.safetensors", metadata=meta)
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         if final.exists():  # the same step written again (e.g. a resumed run): replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except Exception as err:
         full = disk_full(err, folder)  # before the partial folder is removed and its space freed
         shutil.rmtree(tmp, ignore_errors=True)

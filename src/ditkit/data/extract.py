@@ -1,19 +1,8 @@
-"""`ditkit extract`: encode an image folder once into a latent store, and read it back for training.
+"""`ditkit extract`: encode an image folder once into a latent store (the format is in `ditkit.data.store`).
 
-Training on stored latents takes the VAE out of the training loop. For every image the store keeps the VAE
-posterior N(mean, std²) of the image AND of its horizontal flip, so training can still draw a fresh flip and a
-fresh posterior sample each epoch, exactly as on-the-fly encoding would.
-
-Store layout (a folder):
-    manifest.json              written last; its presence marks a complete store
-    shard-00000.safetensors    images [k·S, (k+1)·S) of the sorted file list, S = shard size
-        mean, std   N×2×C×h×w  (float16 or float32; [:, 0] the image, [:, 1] its flip; unscaled VAE units)
-        label       N          int64
-        index       N          int64 position in the sorted file list (unreadable images are left out)
-
-Shards are written atomically, one at a time, so an interrupted extract resumes by skipping finished shards and
-ends with the same bytes as an uninterrupted one. Under `torchrun` rank r encodes shards r, r+W, r+2W, ...
-Shards are plain safetensors files, read here through a memory map (no copy, no full read).
+Training on stored latents takes the VAE out of the training loop. Shards are written atomically, one at a
+time, so an interrupted extract resumes by skipping finished shards and ends with the same bytes as an
+uninterrupted one. Under `torchrun` rank r encodes shards r, r+W, r+2W, ...
 """
 
 from __future__ import annotations
@@ -23,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import sys
 import time
 from datetime import timedelta
@@ -34,70 +22,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ditkit.checkpoints import atomic_write
 from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
+from ditkit.data.store import (
+    FORMAT,
+    MANIFEST,
+    SHARD_META_KEY,
+    STORE_DTYPES,
+    VERSION,
+    is_latent_store,
+    read_manifest,
+    shard_metadata,
+    shard_name,
+)
 from ditkit.errors import UserError
-
-MANIFEST = "manifest.json"
-FORMAT = "ditkit-latents"
-VERSION = 1
-SHARD_META_KEY = "ditkit_shard"  # one metadata key: safetensors writes a multi-key map in arbitrary order
-STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_SAFETENSORS_TO_NUMPY = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
-
-
-def is_latent_store(path: str | os.PathLike) -> bool:
-    """A latent store is recognised by its manifest file."""
-    return (Path(path) / MANIFEST).is_file()
-
-
-# ----------------------------------------------------------------------------------------------- shard files
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the byte offset where its tensor data starts."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(length))
-        return header, 8 + length
-    except (OSError, ValueError, struct.error) as err:
-        raise UserError(f"{path} is not a readable shard ({err}); delete it and rerun ditkit extract") from None
-
-
-def shard_metadata(path: Path) -> dict[str, Any] | None:
-    """The ditkit metadata of a finished shard, or None when the file is absent or not a ditkit shard."""
-    if not path.is_file():
-        return None
-    header, _ = _read_header(path)
-    raw = (header.get("__metadata__") or {}).get(SHARD_META_KEY)
-    return json.loads(raw) if raw else None
-
-
-def open_shard(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a shard as read-only numpy memory maps (pages are read only when touched)."""
-    header, start = _read_header(path)
-    arrays = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_TO_NUMPY:
-            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end == begin:  # an empty tensor cannot be memory-mapped
-            arrays[name] = np.zeros(shape, dtype=_SAFETENSORS_TO_NUMPY[info["dtype"]])
-            continue
-        arrays[name] = np.memmap(
-            path, dtype=_SAFETENSORS_TO_NUMPY[info["dtype"]], mode="r", offset=start + begin, shape=shape
-        )
-    return arrays
+from ditkit.folder_lock import FolderLock
+from ditkit.io import atomic_write
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -105,9 +44,6 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
     blob = {SHARD_META_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=blob))
-
-
-# ----------------------------------------------------------------------------------------------- extraction
 
 
 class _CropDataset(Dataset):
@@ -348,125 +284,6 @@ def _build_manifest(
     }
 
 
-def read_manifest(store: str | os.PathLike) -> dict[str, Any]:
-    path = Path(store) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{store} is not a latent store (no {MANIFEST}); create one with ditkit extract") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is unreadable ({err}); rerun ditkit extract to rewrite it") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a ditkit latent-store manifest (format {manifest.get('format')!r})")
-    return manifest
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-class LatentStore(Dataset):
-    """Training items from a latent store: item i is (float32 C×h×w scaled latent, int64 label).
-
-    Each epoch, item i uses the image or its flip (random_flip) and a fresh posterior sample mean + std·ε
-    (resample), both drawn from (seed, epoch, i), so a resumed run sees the same data whatever the batch size
-    or worker count; call `set_epoch`. Batches are gathered with `__getitems__` (one read per shard).
-    With both off, item i is the scaled posterior mean of the unflipped image. No VAE is loaded.
-    """
-
-    def __init__(self, root: str | os.PathLike, seed: int = 0, random_flip: bool = True, resample: bool = True):
-        self.root = Path(root)
-        self.manifest = read_manifest(root)
-        self.seed, self.random_flip, self.resample = seed, random_flip, resample
-        self.epoch = 0
-        self.scale = float(self.manifest["scale"])
-        self.shift = float(self.manifest.get("shift", 0.0))
-        self.files = [self.root / s["file"] for s in self.manifest["shards"]]
-        counts = [int(s["count"]) for s in self.manifest["shards"]]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}
-        labels = []
-        for k, f in enumerate(self.files):
-            if not f.is_file():
-                raise UserError(f"{f} is missing from the latent store; rerun ditkit extract to rewrite it")
-            arrays = self._shard(k)
-            if len(arrays["label"]) != counts[k]:
-                raise UserError(f"{f} holds {len(arrays['label'])} items but the manifest says {counts[k]}")
-            labels.append(np.asarray(arrays["label"]))
-        self.labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-        self._arrays.clear()  # reopened lazily in each DataLoader worker
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["latent_shape"])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _shard(self, k: int) -> dict[str, np.ndarray]:
-        if k not in self._arrays:
-            self._arrays[k] = open_shard(self.files[k])
-        return self._arrays[k]
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Memory maps would be pickled as full copies when sent to spawned workers; send paths instead.
-        state = dict(self.__dict__)
-        state["_arrays"] = {}
-        return state
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch at once (the DataLoader calls this when present): one gather per shard, not per item."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"index out of range for a store of {len(self)} items")
-        n = idx.size
-        shape = self.latent_shape
-        flips = np.zeros(n, dtype=np.int64)
-        noise = torch.empty((n, *shape)) if self.resample else None
-        gen = torch.Generator()
-        for j, i in enumerate(idx.tolist()):
-            # Each item's own stream, so its flip and noise do not depend on batch composition or workers.
-            gen.manual_seed(item_seed(self.seed, self.epoch, i))
-            if self.random_flip:
-                flips[j] = int(torch.randint(2, (1,), generator=gen))
-            if noise is not None:
-                noise[j].normal_(generator=gen)
-        mean = np.empty((n, *shape), dtype=np.float32)
-        std = np.empty((n, *shape), dtype=np.float32) if noise is not None else None
-        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
-        for k in np.unique(shard_of).tolist():
-            sel = np.nonzero(shard_of == k)[0]
-            rows = idx[sel] - self.offsets[k]
-            arrays = self._shard(k)
-            mean[sel] = arrays["mean"][rows, flips[sel]]
-            if std is not None:
-                std[sel] = arrays["std"][rows, flips[sel]]
-        x = torch.from_numpy(mean)
-        if noise is not None:
-            x.addcmul_(torch.from_numpy(std), noise)
-        x.sub_(self.shift).mul_(self.scale)
-        labels = self.labels[idx].tolist()
-        return [(x[j], labels[j]) for j in range(n)]
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed from (seed, epoch, index) (splitmix64 finaliser): nearby items get unrelated streams."""
-    mask = (1 << 64) - 1
-    x = (seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xBF58476D1CE4E5B9 + (index + 1) * 0x94D049BB133111EB) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return (x ^ (x >> 31)) >> 1
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 
@@ -506,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         # Deterministic convolutions: a resumed extract then writes the same bytes as an uninterrupted one.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    # One writer per store (rank 0 holds it for all ranks); a read-only or file --out is named before any work.
+    lock = FolderLock(args.out, "ditkit extract", "--out") if info.rank == 0 else None
     barrier = None
     if info.distributed:
         # Ranks that finish their shards early wait for the slowest; allow hours, not the 10-minute default.
@@ -519,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
             world_size=info.world_size, progress=not args.no_progress, barrier=barrier,
         )
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
     if manifest is not None:
         print(f"latent store {args.out}: {manifest['count']} images, {manifest['num_classes']} classes, "

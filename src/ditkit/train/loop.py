@@ -1,4 +1,4 @@
-"""`ditkit train`: train a DiT on one CPU, one GPU, or many GPUs and nodes under torchrun (DDP or FSDP2).
+"""The training loop: train a DiT on one CPU, one GPU, or many GPUs and nodes under torchrun (DDP or FSDP2).
 
 The loop in one breath: each step takes the next global batch of a seeded per-epoch permutation, gives each
 rank its slice, draws the timesteps, noise and label-dropout mask for the *global* batch from a generator seeded
@@ -9,25 +9,26 @@ processes see exactly the same batches and noise.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import signal
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
-from ditkit.models.config import CONDITIONINGS, MODEL_NAMES, DiTConfig
+from ditkit.folder_lock import FolderLock
+from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.train_checkpoints import (
+from ditkit.models.kernels.fp8 import enable_fp8
+from ditkit.train.batches import GlobalBatches, TrainData, open_data
+from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
     gather_model_state,
     gather_optimizer_state,
@@ -38,48 +39,9 @@ from ditkit.train_checkpoints import (
     remove_stale_temporaries,
     save_training_checkpoint,
 )
-from ditkit.train_step import TrainStep
-
-PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
-
-
-@dataclass
-class TrainOptions:
-    """Settings of a training run; defaults are the paper's (AdamW 1e-4, no weight decay, batch 256, EMA 0.9999)."""
-
-    data_path: str
-    model: str = "DiT-XL/2"
-    image_size: int | None = None  # default: 256 for image folders, 16 for digits, the store's for latents
-    num_classes: int | None = None  # default: from the data
-    vae: str | None = None
-    global_batch_size: int = 256
-    grad_accum_steps: int = 1  # micro-steps per optimizer step; the global batch stays global_batch_size
-    strategy: str = "ddp"  # "ddp" (replicated) or "fsdp" (FSDP2: parameters, gradients, AdamW state sharded)
-    epochs: int = 1400
-    max_steps: int | None = None
-    global_seed: int = 0
-    lr: float = 1e-4
-    ema_decay: float = 0.9999
-    precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
-    compile: bool | None = None  # default: on for GPUs (each block compiled, see ditkit.fast), off on CPU
-    grad_checkpointing: bool = False
-    grad_clip: float = 0.0
-    log_every: int = 100
-    ckpt_every: int = 50_000
-    keep_last: int = 0
-    sample_every: int = 0
-    eval_every: int = 0
-    eval_samples: int = 500
-    results_dir: str | None = None
-    resume: str | None = None  # None, "auto" or a checkpoint folder
-    num_workers: int = 4
-    conditioning: str = "adaln-zero"
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
-    noise_schedule: str = "linear"
-    skip_nonfinite: bool = False
-    progress: bool = True
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
+from ditkit.train.logging import RunLogger, progress_bar
+from ditkit.train.options import TrainOptions, validate
+from ditkit.train.step import TrainStep
 
 
 @dataclass
@@ -93,66 +55,10 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class _Data:
-    dataset: Dataset
-    num_classes: int
-    in_channels: int
-    input_size: int
-    encoder: Any
-    description: str
-    labels: torch.Tensor | None
-
-
-def open_data(opts: TrainOptions, seed: int) -> _Data:
-    """The built-in digits, a latent store, or an image folder (encoded by a VAE on the fly when --vae)."""
-    if opts.data_path == "digits":
-        from ditkit.data.digits import NUM_CLASSES, load_digits_split
-
-        size = opts.image_size or 16
-        images, labels = load_digits_split(size, "train")
-        return _Data(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels)
-    from ditkit.data import open_training_data
-
-    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed)  # None: the store's own size
-    labels = getattr(data, "labels", None)
-    return _Data(
-        data.dataset,
-        data.num_classes,
-        data.in_channels,
-        data.input_size,
-        data.encoder,
-        data.describe(),
-        torch.as_tensor(labels) if labels is not None else None,
-    )
-
-
-class _GlobalBatches:
-    """Index lists of this rank's share of each global batch, from step `start` on, within one epoch."""
-
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        self.perm = torch.randperm(n, generator=g)
-        self.global_batch, self.local = global_batch, global_batch // world
-        self.rank, self.start = rank, start
-        self.steps = n // global_batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for s in range(self.start, self.steps):
-            batch = self.perm[s * self.global_batch : (s + 1) * self.global_batch]
-            yield batch[self.rank * self.local : (self.rank + 1) * self.local].tolist()
-
-    def __len__(self) -> int:
-        return self.steps - self.start
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _run_config(opts: TrainOptions, config: DiTConfig, data: _Data) -> dict[str, Any]:
+def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
     """What identifies a run: a results folder holding another one is refused."""
     return {
         "model": config.to_dict(),
@@ -222,62 +128,17 @@ def _check_fp8(device: torch.device) -> None:
         raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
 
 
-def validate(opts: TrainOptions, world_size: int) -> None:
-    """Checks that need no data and no GPU: one clear line each."""
-    positive = ("global_batch_size", "epochs", "log_every", "ckpt_every")
-    for name in positive:
-        if getattr(opts, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
-    if opts.max_steps is not None and opts.max_steps < 1:
-        raise UserError(f"--max-steps must be at least 1, got {opts.max_steps}")
-    if opts.global_batch_size % world_size:
-        raise UserError(
-            f"--global-batch-size {opts.global_batch_size} is not divisible by the world size {world_size}; "
-            f"use a multiple of {world_size}"
-        )
-    if opts.grad_accum_steps < 1:
-        raise UserError(f"--grad-accum-steps must be at least 1, got {opts.grad_accum_steps}")
-    if opts.global_batch_size % (world_size * opts.grad_accum_steps):
-        per_rank = opts.global_batch_size // world_size
-        raise UserError(
-            f"the per-process batch {per_rank} (--global-batch-size {opts.global_batch_size} / world size "
-            f"{world_size}) is not divisible by --grad-accum-steps {opts.grad_accum_steps}; choose values that divide"
-        )
-    if opts.strategy not in dist_utils.STRATEGIES:
-        raise UserError(f"--strategy must be one of {', '.join(dist_utils.STRATEGIES)}, got {opts.strategy!r}")
-    if not opts.lr > 0 or not math.isfinite(opts.lr):
-        raise UserError(f"--lr must be a positive number, got {opts.lr}")
-    if not 0.0 <= opts.ema_decay < 1.0:
-        raise UserError(f"--ema-decay must be in [0, 1), got {opts.ema_decay}")
-    if opts.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0 = off), got {opts.grad_clip}")
-    if opts.precision is not None and opts.precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
-    if opts.model not in MODEL_NAMES:
-        raise UserError(f"unknown model {opts.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if opts.image_size is not None and opts.image_size < 1:
-        raise UserError(f"--image-size must be positive, got {opts.image_size}")
-    for name in ("num_workers", "keep_last", "sample_every", "eval_every"):  # 0 means off / none
-        if getattr(opts, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
-    if opts.eval_every and opts.eval_samples < 2:
-        raise UserError(f"--eval-samples must be at least 2, got {opts.eval_samples}")
-    if opts.eval_every and opts.data_path != "digits":
-        raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
-    if opts.vae and opts.data_path == "digits":
-        raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
-
-
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     info = dist_utils.init()
     try:
-        return _train(opts, info)
+        with ExitStack() as held:  # the results folder's lock, released when training ends
+            return _train(opts, info, held)
     finally:
         dist_utils.cleanup()
 
 
-def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noqa: C901 - the loop reads top-down
+def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:  # noqa: C901 - the loop reads top-down
     from ditkit.diffusion import create_diffusion
 
     validate(opts, info.world_size)
@@ -321,6 +182,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
     ckpt_dir = results / "checkpoints"
     run_config = _run_config(opts, config, data)
     if info.is_main:
+        held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
         _check_results_dir(results, run_config, resuming=opts.resume is not None)
         remove_stale_temporaries(ckpt_dir)  # leftovers of a write that was killed
     dist_utils.barrier()
@@ -356,10 +218,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
 
     diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
     compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
-    if precision == "fp8":
-        from ditkit.models.kernels.fp8 import enable_fp8
-
-        enable_fp8(model)  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
+    if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
+        enable_fp8(model)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
@@ -396,7 +256,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
 
     steps_per_epoch = n // opts.global_batch_size
     total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
-    writer = _Logger(results, opts, run_config, info.is_main)
+    writer = RunLogger(results, opts, run_config, info.is_main)
     if info.is_main:
         where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
         params = sum(p.numel() for p in model.parameters())
@@ -454,7 +314,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
         dist_utils.barrier()
         return last_ckpt
 
-    bar = _progress(total_steps, step, info.is_main and opts.progress)
+    bar = progress_bar(total_steps, step, info.is_main and opts.progress)
     stopped_by = None
     model.train()
     with _StopFlag() as stop:
@@ -462,7 +322,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
             epoch, position = divmod(step, steps_per_epoch)
             if hasattr(data.dataset, "set_epoch"):
                 data.dataset.set_epoch(epoch)
-            batches = _GlobalBatches(n, opts.global_batch_size, info.rank, info.world_size, opts.global_seed,
+            batches = GlobalBatches(n, opts.global_batch_size, info.rank, info.world_size, opts.global_seed,
                                      epoch, position)
             loader = DataLoader(
                 data.dataset,
@@ -470,8 +330,11 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                 num_workers=opts.num_workers if not isinstance(data.dataset, TensorDataset) else 0,
                 pin_memory=device.type == "cuda",
                 prefetch_factor=4 if opts.num_workers and not isinstance(data.dataset, TensorDataset) else None,
+                worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
             )
-            for x, y in loader:
+            with stop_signals_held():  # workers start here; held until they ignore the stop signals
+                batch_iter = iter(loader)
+            for x, y in batch_iter:
                 if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
                     raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
                 x = x.to(device, non_blocking=True)
@@ -527,14 +390,15 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo) -> TrainResult:  # noq
                         _sample_grid(full_ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
                     if eval_now and info.is_main:
                         writer.metrics({"step": step, **_evaluate(full_ema, config, opts, device, precision)})
-                stopping = stop.signal is not None
-                if stopping and info.distributed:
-                    flag = torch.tensor(1.0, device=device)
-                    stopping = bool(dist_utils.all_reduce_mean(flag) > 0)
+                # Every rank votes after every step: a signal that reached some ranks only, or reached them in
+                # different steps, stops all of them after this same step (a vote by the signalled ranks alone
+                # would be a collective that the others never join).
+                voted = dist_utils.max_over_ranks(stop.signal or 0)
+                stopping = voted > 0
                 if step % opts.ckpt_every == 0 or step == total_steps or stopping:
                     save(step)
                 if stopping:
-                    stopped_by = stop.signal
+                    stopped_by = voted
                     break
                 if step >= total_steps:
                     break
@@ -566,58 +430,6 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None
             f"the loss or gradient became NaN/Inf at step {bad}; training stopped and {keep}. Resume from it with "
             "a lower --lr, --grad-clip 1.0, or --skip-nonfinite"
         )
-
-
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-class _Logger:
-    """Rank-0 logs: a text log, metrics.jsonl, and TensorBoard scalars when tensorboard is installed."""
-
-    def __init__(self, results: Path, opts: TrainOptions, run_config: dict[str, Any], enabled: bool):
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "config.json").write_text(json.dumps(run_config, indent=2))
-        (results / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
-        self.log = open(results / "log.txt", "a")
-        self.jsonl = open(results / "metrics.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(results / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=sys.stderr)
-            self.log.write(text + "\n")
-            self.log.flush()
-
-    def metrics(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.log.close()
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str):
@@ -654,77 +466,3 @@ def _evaluate(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.dev
     return {f"eval_{k}": v for k, v in digits_metrics(pixels, labels, verbose=False).items()}
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--model", default="DiT-XL/2", choices=MODEL_NAMES)
-    a("--data-path", required=True, help="'digits' (built in), an image folder, or a latent store from ditkit extract")
-    a("--image-size", type=int, default=None, help="image side (default 256; 16 for digits)")
-    a("--num-classes", type=int, default=None, help="default: number of classes in the data")
-    a("--vae", default=None, help="SD-VAE folder or Hugging Face id, to train on an image folder in latent space")
-    a("--global-batch-size", type=int, default=256)
-    a("--grad-accum-steps", type=int, default=1,
-      help="split each process's share of the global batch into N micro-batches (same result, less memory)")
-    a("--strategy", choices=dist_utils.STRATEGIES, default="ddp",
-      help="ddp: replicate the model on every GPU; fsdp: shard parameters, gradients and AdamW state (FSDP2)")
-    a("--epochs", type=int, default=1400)
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    a("--global-seed", type=int, default=0)
-    a("--lr", type=float, default=1e-4)
-    a("--ema-decay", type=float, default=0.9999)
-    a("--precision", choices=PRECISIONS, default=None,
-      help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
-    a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
-    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the paper's setting)")
-    a("--log-every", type=int, default=100)
-    a("--ckpt-every", type=int, default=50_000)
-    a("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
-    a("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0 = off)")
-    a("--eval-every", type=int, default=0, help="score EMA samples every N steps (digits data)")
-    a("--results-dir", default=None, help="run folder (default results/<model>-<data>)")
-    a("--resume", default=None, help="'auto' (newest checkpoint in the results folder) or a checkpoint folder")
-    a("--num-workers", type=int, default=4)
-    a("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
-    a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
-    a("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    opts = TrainOptions(
-        data_path=args.data_path,
-        model=args.model,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        vae=args.vae,
-        global_batch_size=args.global_batch_size,
-        grad_accum_steps=args.grad_accum_steps,
-        strategy=args.strategy,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        global_seed=args.global_seed,
-        lr=args.lr,
-        ema_decay=args.ema_decay,
-        precision=args.precision,
-        compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing,
-        grad_clip=args.grad_clip,
-        log_every=args.log_every,
-        ckpt_every=args.ckpt_every,
-        keep_last=args.keep_last,
-        sample_every=args.sample_every,
-        eval_every=args.eval_every,
-        results_dir=args.results_dir,
-        resume=args.resume,
-        num_workers=args.num_workers,
-        conditioning=args.conditioning,
-        skip_nonfinite=args.skip_nonfinite,
-        progress=not args.no_progress,
-    )
-    result = train(opts)
-    if result.stopped_by_signal:
-        print(f"checkpoint written at step {result.step}; exiting cleanly", file=sys.stderr)
-    return 0

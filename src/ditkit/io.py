@@ -1,0 +1,128 @@
+"""Files: atomic writes, a full disk named as such, and loading that never runs code from a file.
+
+Every file ditkit writes (checkpoints, PNGs, .npz shards, manifests, downloads) goes through `atomic_write`, so
+a reader sees either the old complete file or the new complete one. `.pt` files are pickles, which can run
+code when loaded: `safe_torch_load` reads them with `torch.load(weights_only=True)` (plus `argparse.Namespace`,
+which the official train.py stores as `args` and which carries plain values), so a file with a code payload is
+refused and its payload never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditkit.errors import UserError
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file so that `path` is either the old complete file or the new complete one, never a part.
+
+    `write(tmp_path)` writes the content to a temporary file in the same folder; it is flushed to disk
+    (fsync) and renamed over `path`, and the folder entry is synced too. On any error the temp file is removed
+    and the old file stays. A full disk becomes a one-line UserError.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except Exception as err:
+        full = disk_full(err, path.parent)  # before the temp file is removed and its space freed
+        _remove_quietly(tmp)
+        if full:
+            msg = f"disk full while writing {path}; the previous file is intact; free space and retry"
+            raise UserError(msg) from None
+        raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's content to the disk (before it is renamed into place)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a failed write ran out of space, however the writer reports it.
+
+    Python's own writes raise OSError(ENOSPC); safetensors raises SafetensorError("... os error 28"); torch.save
+    raises a RuntimeError about an unexpected position (a short write) that names no cause, so a filesystem
+    with (almost) no free space left counts as the cause too.
+    """
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    text = str(err)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` restricted to tensors and plain containers; anything else is refused with one line."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unknown object"
+        raise UserError(
+            f"refusing to load {path}: it holds pickled objects other than tensors ({first[:160]}); "
+            "only weight files load. Re-save the state_dict as safetensors if you trust its source"
+        ) from None
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file can fail inside torch.load in many ways
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {msg[:200]}; is it a .pt file?") \
+            from None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with a clear error for a truncated or malformed file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+        return tensors, metadata
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} is not a valid safetensors file ({str(err)[:160]}); is it truncated?") from None

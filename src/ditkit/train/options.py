@@ -1,0 +1,135 @@
+"""The settings of a training run (`TrainOptions`), their checks, and the `ditkit train` flags that set them."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ditkit import distributed as dist_utils
+from ditkit.errors import UserError
+from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
+
+
+@dataclass
+class TrainOptions:
+    """Settings of a training run; defaults are the paper's (AdamW 1e-4, no weight decay, batch 256, EMA 0.9999)."""
+
+    data_path: str
+    model: str = "DiT-XL/2"
+    image_size: int | None = None  # default: 256 for image folders, 16 for digits, the store's for latents
+    num_classes: int | None = None  # default: from the data
+    vae: str | None = None
+    global_batch_size: int = 256
+    grad_accum_steps: int = 1  # micro-steps per optimizer step; the global batch stays global_batch_size
+    strategy: str = "ddp"  # "ddp" (replicated) or "fsdp" (FSDP2: parameters, gradients, AdamW state sharded)
+    epochs: int = 1400
+    max_steps: int | None = None
+    global_seed: int = 0
+    lr: float = 1e-4
+    ema_decay: float = 0.9999
+    precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    compile: bool | None = None  # default: on for GPUs (each block compiled, see ditkit.fast), off on CPU
+    grad_checkpointing: bool = False
+    grad_clip: float = 0.0
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 0
+    sample_every: int = 0
+    eval_every: int = 0
+    eval_samples: int = 500
+    results_dir: str | None = None
+    resume: str | None = None  # None, "auto" or a checkpoint folder
+    num_workers: int = 4
+    conditioning: str = "adaln-zero"
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    noise_schedule: str = "linear"
+    skip_nonfinite: bool = False
+    progress: bool = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
+
+
+def validate(opts: TrainOptions, world_size: int) -> None:
+    """Checks that need no data and no GPU: one clear line each."""
+    positive = ("global_batch_size", "epochs", "log_every", "ckpt_every")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.max_steps is not None and opts.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {opts.max_steps}")
+    if opts.global_batch_size % world_size:
+        raise UserError(
+            f"--global-batch-size {opts.global_batch_size} is not divisible by the world size {world_size}; "
+            f"use a multiple of {world_size}"
+        )
+    if opts.grad_accum_steps < 1:
+        raise UserError(f"--grad-accum-steps must be at least 1, got {opts.grad_accum_steps}")
+    if opts.global_batch_size % (world_size * opts.grad_accum_steps):
+        per_rank = opts.global_batch_size // world_size
+        raise UserError(
+            f"the per-process batch {per_rank} (--global-batch-size {opts.global_batch_size} / world size "
+            f"{world_size}) is not divisible by --grad-accum-steps {opts.grad_accum_steps}; choose values that divide"
+        )
+    if opts.strategy not in dist_utils.STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(dist_utils.STRATEGIES)}, got {opts.strategy!r}")
+    if not opts.lr > 0 or not math.isfinite(opts.lr):
+        raise UserError(f"--lr must be a positive number, got {opts.lr}")
+    if not 0.0 <= opts.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1), got {opts.ema_decay}")
+    if opts.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0 = off), got {opts.grad_clip}")
+    if opts.precision is not None and opts.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    if opts.model not in MODEL_NAMES:
+        raise UserError(f"unknown model {opts.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if opts.image_size is not None and opts.image_size < 1:
+        raise UserError(f"--image-size must be positive, got {opts.image_size}")
+    for name in ("num_workers", "keep_last", "sample_every", "eval_every"):  # 0 means off / none
+        if getattr(opts, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
+    if opts.eval_every and opts.eval_samples < 2:
+        raise UserError(f"--eval-samples must be at least 2, got {opts.eval_samples}")
+    if opts.eval_every and opts.data_path != "digits":
+        raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
+    if opts.vae and opts.data_path == "digits":
+        raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", default="DiT-XL/2", choices=MODEL_NAMES)
+    a("--data-path", required=True, help="'digits' (built in), an image folder, or a latent store from ditkit extract")
+    a("--image-size", type=int, default=None, help="image side (default 256; 16 for digits)")
+    a("--num-classes", type=int, default=None, help="default: number of classes in the data")
+    a("--vae", default=None, help="SD-VAE folder or Hugging Face id, to train on an image folder in latent space")
+    a("--global-batch-size", type=int, default=256)
+    a("--grad-accum-steps", type=int, default=1,
+      help="split each process's share of the global batch into N micro-batches (same result, less memory)")
+    a("--strategy", choices=dist_utils.STRATEGIES, default="ddp",
+      help="ddp: replicate the model on every GPU; fsdp: shard parameters, gradients and AdamW state (FSDP2)")
+    a("--epochs", type=int, default=1400)
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    a("--global-seed", type=int, default=0)
+    a("--lr", type=float, default=1e-4)
+    a("--ema-decay", type=float, default=0.9999)
+    a("--precision", choices=PRECISIONS, default=None,
+      help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
+    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the paper's setting)")
+    a("--log-every", type=int, default=100)
+    a("--ckpt-every", type=int, default=50_000)
+    a("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
+    a("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0 = off)")
+    a("--eval-every", type=int, default=0, help="score EMA samples every N steps (digits data)")
+    a("--results-dir", default=None, help="run folder (default results/<model>-<data>)")
+    a("--resume", default=None, help="'auto' (newest checkpoint in the results folder) or a checkpoint folder")
+    a("--num-workers", type=int, default=4)
+    a("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
+    a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
+    a("--no-progress", action="store_true")
