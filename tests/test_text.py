@@ -1,0 +1,155 @@
+"""Captions read in each layout, and the frozen text encoders on tiny random T5/CLIP models built here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ditkit.data.captions import read_captions
+from ditkit.errors import UserError
+
+WORDS = ["<pad>", "</s>", "<s>", "<unk>", "a", "red", "seven", "on", "blue", "background", "cube"]
+
+
+def images(root, names):
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def test_sidecar_captions_are_read_and_joined_into_one_line(tmp_path):
+    paths = images(tmp_path, ["a.png", "sub/b.jpg"])
+    (tmp_path / "a.txt").write_text("a red seven\n")
+    (tmp_path / "sub" / "b.txt").write_text("  a blue\n cube ")
+    assert read_captions(tmp_path, paths) == ["a red seven", "a blue cube"]
+
+
+@pytest.mark.parametrize("table", ["metadata.jsonl", "captions.jsonl", "metadata.csv"])
+def test_hugging_face_tables_are_read(tmp_path, table):
+    paths = images(tmp_path, ["x.png", "d/y.png"])
+    (tmp_path / "x.txt").write_text("ignored: the table wins")
+    rows = [{"file_name": "x.png", "text": "a red cube"}, {"file_name": "d/y.png", "text": "blue, \"quoted\""}]
+    if table.endswith(".csv"):
+        lines = ["file_name,text"] + [f'{r["file_name"]},"{r["text"].replace(chr(34), chr(34) * 2)}"' for r in rows]
+        (tmp_path / table).write_text("\n".join(lines) + "\n")
+    else:
+        (tmp_path / table).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_captions(tmp_path, paths) == ["a red cube", 'blue, "quoted"']
+
+
+def test_caption_column_may_be_named_caption_or_prompt(tmp_path):
+    paths = images(tmp_path, ["x.png"])
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "prompt": "a cube"}) + "\n")
+    assert read_captions(tmp_path, paths) == ["a cube"]
+
+
+def test_missing_and_empty_captions_name_the_file(tmp_path):
+    paths = images(tmp_path / "side", ["a.png", "b.png"])
+    (tmp_path / "side" / "a.txt").write_text("a cube")
+    with pytest.raises(UserError, match=r"b\.png: no caption; write it to b\.txt"):
+        read_captions(tmp_path / "side", paths)
+    (tmp_path / "side" / "b.txt").write_text(" \n ")
+    with pytest.raises(UserError, match=r"b\.png: its caption in .*b\.txt is empty"):
+        read_captions(tmp_path / "side", paths)
+    paths = images(tmp_path / "tab", ["a.png", "b.png"])
+    (tmp_path / "tab" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"b\.png: no caption in .*metadata\.jsonl"):
+        read_captions(tmp_path / "tab", paths)
+    (tmp_path / "tab" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "x"}) + "\n" + json.dumps({"file_name": "b.png", "text": ""}))
+    with pytest.raises(UserError, match=r"b\.png: its caption in .*metadata\.jsonl is empty"):
+        read_captions(tmp_path / "tab", paths)
+    (tmp_path / "tab" / "metadata.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="line 1 is not a JSON object"):
+        read_captions(tmp_path / "tab", paths)
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+def tiny_tokenizer(bos: bool):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    # T5 ends a caption with </s>; CLIP wraps it in <s> ... </s>.
+    single = "<s> $A </s>" if bos else "$A </s>"
+    tok.post_processor = TemplateProcessing(single=single, special_tokens=[("<s>", 2), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   bos_token="<s>")
+
+
+def save_t5(folder):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(WORDS), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                   pad_token_id=0, eos_token_id=1)
+    T5EncoderModel(cfg).save_pretrained(str(folder))
+    tiny_tokenizer(bos=False).save_pretrained(str(folder))
+
+
+def save_clip(folder):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=20, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=1)
+    CLIPTextModel(cfg).save_pretrained(str(folder))
+    tiny_tokenizer(bos=True).save_pretrained(str(folder))
+
+
+def test_t5_encoder_masks_padding_and_its_features_do_not_depend_on_it(tmp_path):
+    from ditkit.text import load_text_encoder
+
+    save_t5(tmp_path / "t5")
+    short = load_text_encoder(str(tmp_path / "t5"), max_tokens=8)
+    long = load_text_encoder(str(tmp_path / "t5"), max_tokens=12)
+    assert short.kind == "t5" and short.channels == 16
+    assert not any(p.requires_grad for p in short.model.parameters())
+    feats, mask = short.encode(["a red seven", "a blue cube on a red background"])
+    assert feats.shape == (2, 8, 16) and feats.dtype == torch.float32
+    assert mask.sum(1).tolist() == [4, 8]  # words + </s>
+    feats12, mask12 = long.encode(["a red seven"])
+    assert mask12.sum().item() == 4
+    torch.testing.assert_close(feats12[0, :4], feats[0, :4], rtol=0, atol=1e-5)
+
+
+def test_clip_text_encoder_and_a_pipeline_folder_layout(tmp_path):
+    from ditkit.text import load_text_encoder
+
+    save_clip(tmp_path / "pipe" / "text_encoder")
+    tiny_tokenizer(bos=True).save_pretrained(str(tmp_path / "pipe" / "tokenizer"))
+    enc = load_text_encoder(str(tmp_path / "pipe"), max_tokens=10)
+    assert enc.kind == "clip" and enc.channels == 16
+    feats, mask = enc.encode(["a red cube"])
+    assert feats.shape == (1, 10, 16) and mask.sum().item() == 5  # <s> a red cube </s>
+    assert load_text_encoder(str(tmp_path / "pipe")).max_tokens == 77  # CLIP's default
+
+
+def test_missing_encoder_is_one_line(tmp_path):
+    from ditkit.text import load_text_encoder
+
+    with pytest.raises(UserError, match="not in the Hugging Face cache") as err:
+        load_text_encoder("nobody/no-such-t5-here")
+    assert "\n" not in str(err.value) and "huggingface-cli download nobody/no-such-t5-here" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no loadable"):
+        load_text_encoder(str(tmp_path / "empty"))
