@@ -33,6 +33,7 @@ from ditkit.data.store import (
     read_manifest,
     shard_metadata,
     shard_name,
+    shard_problem,
 )
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
@@ -113,10 +114,12 @@ def extract(
     out.mkdir(parents=True, exist_ok=True)
 
     existing = read_manifest(out) if is_latent_store(out) else None
-    if existing is not None and existing.get("fingerprint") == fingerprint:
+    if existing is not None and existing.get("fingerprint") == fingerprint and _intact(out, existing, num_shards):
         if rank == 0:
             print(f"ditkit extract: {out} is already complete ({existing['count']} images)", file=sys.stderr)
         return existing if rank == 0 else None
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        existing = None  # damaged: the broken shards are encoded again below and the manifest rewritten
     if existing is not None:
         raise UserError(
             f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
@@ -203,7 +206,21 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="extract", smoothing=0.05, file=sys.stderr)
 
 
+def _intact(out: Path, manifest: dict[str, Any], num_shards: int) -> bool:
+    """Whether a finished store still holds every shard whole and its manifest adds up."""
+    counts = [int(s["count"]) for s in manifest.get("shards", [])]
+    return len(counts) == num_shards and sum(counts) == manifest.get("count") and all(
+        shard_problem(out / shard_name(k)) is None for k in range(num_shards)
+    )
+
+
 def _shard_is_done(path: Path, fingerprint: str) -> bool:
+    if not path.exists():
+        return False
+    problem = shard_problem(path)
+    if problem is not None:
+        print(f"ditkit extract: {path} is damaged ({problem}); encoding it again", file=sys.stderr)
+        return False
     meta = shard_metadata(path)
     if meta is None:
         return False

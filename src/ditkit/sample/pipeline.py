@@ -19,7 +19,6 @@ from ditkit.diffusion.guidance import guided
 from ditkit.errors import UserError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20}
-VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
 TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
@@ -114,19 +113,27 @@ class Sampler:
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
+
+
+def _check_args(args: argparse.Namespace, factor: int | None = None) -> None:
+    """Argument checks; those that need the VAE's downsampling `factor` run once it is known."""
     if args.image_size is not None:
         if args.image_size < 1:
             raise UserError(f"--image-size must be positive, got {args.image_size}")
-        if args.vae and args.model:
+        if factor is not None and args.model:
             patch = int(args.model.split("/")[1])
-            if args.image_size % (VAE_DOWNSAMPLE * patch):
+            step = factor * patch
+            if args.image_size % step:
+                low = max(step, args.image_size // step * step)
                 raise UserError(
-                    f"--image-size {args.image_size} is not divisible by {VAE_DOWNSAMPLE * patch} (VAE factor "
-                    f"{VAE_DOWNSAMPLE} × patch {patch}); use e.g. {256 if patch <= 4 else 512}"
+                    f"--image-size {args.image_size} is not divisible by {step} (VAE factor {factor} × patch "
+                    f"{patch}); use e.g. {low} or {low + step}"
                 )
-        elif args.vae and args.image_size % VAE_DOWNSAMPLE:
-            raise UserError(f"--image-size {args.image_size} is not divisible by the VAE factor {VAE_DOWNSAMPLE}")
+        elif factor is not None and args.image_size % factor:
+            raise UserError(f"--image-size {args.image_size} is not divisible by the VAE factor {factor}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.num_steps is not None and args.num_steps < 2:
         raise UserError(f"--num-steps must be at least 2, got {args.num_steps}")
     if args.per_label < 1 or args.batch_size < 1:
@@ -163,8 +170,14 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         args.image_size = args.image_size or released.image_size
         args.num_classes = args.num_classes or released.num_classes
         _check_args(args)
+    vae = None
+    if vae_name:
+        from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
+
+        vae = load_vae(vae_name, device=device)
+        _check_args(args, vae.downsample)  # the latent side is the image side over this VAE's own factor
     overrides: dict[str, Any] = {}
-    factor = VAE_DOWNSAMPLE if vae_name else 1
+    factor = vae.downsample if vae is not None else 1
     if args.image_size is not None:
         overrides["input_size"] = args.image_size // factor
     if args.num_classes is not None:
@@ -181,13 +194,9 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         raise UserError(
             f"the model takes {config.in_channels}-channel inputs, which are latents, not pixels; pass --vae PATH"
         )
-    if vae_name is not None and (config.input_size * VAE_DOWNSAMPLE) % (VAE_DOWNSAMPLE * config.patch_size):
+    if vae is not None and config.input_size % config.patch_size:
         raise UserError(f"latent size {config.input_size} is not divisible by the patch size {config.patch_size}")
-    vae = None
-    if vae_name:
-        from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
-
-        vae = load_vae(vae_name, device=device)
+    if vae is not None:
         if vae.latent_channels != config.in_channels:
             raise UserError(
                 f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}"

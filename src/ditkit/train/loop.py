@@ -32,6 +32,7 @@ from ditkit.train.checkpoint import (
     gather_model_state,
     gather_optimizer_state,
     list_checkpoints,
+    load_newest_complete,
     load_optimizer_state,
     load_training_checkpoint,
     prune_checkpoints,
@@ -212,16 +213,18 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     step = 0
     resume_from = None
-    if opts.resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        resume_from = found[-1] if found else None
-    elif opts.resume:
+    notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
+    if opts.resume and opts.resume != "auto":
         resume_from = Path(opts.resume)
         if not resume_from.exists():
             raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
     # Every rank reads the full checkpoint on the CPU and loads it before wrapping / sharding, whatever world
     # size or strategy wrote it (the format is the same for all).
-    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
+    if opts.resume == "auto":
+        ckpt = load_newest_complete(ckpt_dir, model, notes.append)
+        resume_from = ckpt.path if ckpt is not None else None
+    else:
+        ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
@@ -269,6 +272,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
     writer = RunLogger(results, opts, run_config, info.is_main)
     if info.is_main:
+        for line in notes:
+            writer.line(line)
         where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
         params = sum(p.numel() for p in model.parameters())
         writer.line(

@@ -12,6 +12,8 @@ from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
 
 @dataclass
@@ -100,6 +102,13 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
+    if not 0 <= opts.global_seed <= MAX_SEED:
+        raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
+    if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
+        raise UserError(
+            f"--num-classes {opts.num_classes} is more than {MAX_CLASSES:,} (the label table alone would not fit in "
+            "memory); give the number of classes in the data"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
