@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ditkit.diffusion import samplers
-from ditkit.diffusion.guidance import guided
+from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20}
@@ -40,6 +40,8 @@ class Sampler:
     device: torch.device = torch.device("cpu")
     progress: bool = False
     precision: str = "fp32"
+    # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -82,11 +84,18 @@ class Sampler:
         """The model, wrapped for classifier-free guidance when the scale is not 1."""
         if self.cfg_scale == 1.0:
             return self.model
+        if self.model.config.is_text:
+            return guided_captions(self.model, self.cfg_scale, self.guide_channels, self.interval, self.negative)
         return guided(self.model, self.cfg_scale, self.model.num_classes, self.guide_channels, self.interval)
 
     @torch.no_grad()
-    def images(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device)."""
+    def images(
+        self, labels: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device).
+
+        For a text model `labels` are caption features N×L×C and `mask` their N×L token mask.
+        """
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
@@ -98,7 +107,7 @@ class Sampler:
                 noise,
                 sampler=self.sampler,
                 num_steps=self.num_steps,
-                model_kwargs={"y": labels.to(self.device)},
+                model_kwargs={"y": labels.to(self.device), **({} if mask is None else {"mask": mask.to(self.device)})},
                 eta=self.eta,
                 # x̂₀ clipping to [-1, 1] is right for pixels; latents have no such range (DiT does not clip).
                 clip_denoised=self.vae is None,
@@ -205,7 +214,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     num_steps = args.num_steps or DEFAULT_STEPS[sampler]
     samplers.steps_for(sampler, num_steps)  # validates the step count
     cfg = float(args.cfg_scale)
-    if cfg != 1.0 and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
+    if cfg != 1.0 and not config.is_text and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     if args.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
