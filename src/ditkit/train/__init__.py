@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         conditioning=args.conditioning,
         skip_nonfinite=args.skip_nonfinite,
+        exif_transpose=args.exif_transpose,
         progress=not args.no_progress,
     )
     from ditkit.train.loop import train

@@ -32,6 +32,7 @@ from ditkit.train.checkpoint import (
     gather_model_state,
     gather_optimizer_state,
     list_checkpoints,
+    load_newest_complete,
     load_optimizer_state,
     load_training_checkpoint,
     prune_checkpoints,
@@ -58,14 +59,29 @@ class TrainResult:
 
 
 def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
-    """What identifies a run: a results folder holding another one is refused."""
-    return {
+    """What identifies a run: a results folder holding another one is refused. `classes`, the label map
+    (label k's class name), is there when the data names its classes."""
+    run = {
         "model": config.to_dict(),
         "data": data.description,
         "global_batch_size": opts.global_batch_size,
         "noise_schedule": opts.noise_schedule,
         "global_seed": opts.global_seed,
     }
+    if data.classes:
+        run["classes"] = list(data.classes)
+    return run
+
+
+_LATER_KEYS = ("classes",)  # recorded later than the others: a run folder written before has no such entry
+
+
+def _label_map_change(old: list[str], new: list[str]) -> str:
+    """The first difference between two label maps, in words."""
+    for k, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"label {k} is class {a!r} there, {b!r} now"
+    return f"{len(old)} classes there, {len(new)} now"
 
 
 def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool) -> None:
@@ -76,6 +92,13 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
         for key, value in run_config.items():
+            if key in _LATER_KEYS and key not in old:
+                continue
+            if key == "classes" and old[key] != value:
+                raise UserError(
+                    f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
+                    "); train on the same classes, or choose another --results-dir"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
@@ -190,16 +213,18 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     step = 0
     resume_from = None
-    if opts.resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        resume_from = found[-1] if found else None
-    elif opts.resume:
+    notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
+    if opts.resume and opts.resume != "auto":
         resume_from = Path(opts.resume)
         if not resume_from.exists():
             raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
     # Every rank reads the full checkpoint on the CPU and loads it before wrapping / sharding, whatever world
     # size or strategy wrote it (the format is the same for all).
-    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
+    if opts.resume == "auto":
+        ckpt = load_newest_complete(ckpt_dir, model, notes.append)
+        resume_from = ckpt.path if ckpt is not None else None
+    else:
+        ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
@@ -247,6 +272,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
     writer = RunLogger(results, opts, run_config, info.is_main)
     if info.is_main:
+        for line in notes:
+            writer.line(line)
         where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
         params = sum(p.numel() for p in model.parameters())
         writer.line(
