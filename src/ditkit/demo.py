@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "num_samples", "per_class"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
     if args.num_samples < 20:
         raise UserError(f"--num-samples must be at least 20 for a meaningful score, got {args.num_samples}")
     results = Path(args.results_dir)

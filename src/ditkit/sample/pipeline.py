@@ -7,6 +7,7 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20}
+TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -147,12 +149,18 @@ def _check_args(args: argparse.Namespace, factor: int | None = None) -> None:
         raise UserError("--per-label and --batch-size must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not args.eta >= 0:
-        raise UserError(f"--eta must be >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if args.cfg_scale < 0:
-        raise UserError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise UserError("--guidance-interval takes T_LO T_HI with T_LO <= T_HI")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.guidance_interval:
+        lo, hi = args.guidance_interval
+        last = TRAINING_TIMESTEPS - 1
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
+            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
+                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
 def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler:

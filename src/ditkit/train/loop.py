@@ -59,14 +59,29 @@ class TrainResult:
 
 
 def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
-    """What identifies a run: a results folder holding another one is refused."""
-    return {
+    """What identifies a run: a results folder holding another one is refused. `classes`, the label map
+    (label k's class name), is there when the data names its classes."""
+    run = {
         "model": config.to_dict(),
         "data": data.description,
         "global_batch_size": opts.global_batch_size,
         "noise_schedule": opts.noise_schedule,
         "global_seed": opts.global_seed,
     }
+    if data.classes:
+        run["classes"] = list(data.classes)
+    return run
+
+
+_LATER_KEYS = ("classes",)  # recorded later than the others: a run folder written before has no such entry
+
+
+def _label_map_change(old: list[str], new: list[str]) -> str:
+    """The first difference between two label maps, in words."""
+    for k, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"label {k} is class {a!r} there, {b!r} now"
+    return f"{len(old)} classes there, {len(new)} now"
 
 
 def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool) -> None:
@@ -77,6 +92,13 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
         for key, value in run_config.items():
+            if key in _LATER_KEYS and key not in old:
+                continue
+            if key == "classes" and old[key] != value:
+                raise UserError(
+                    f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
+                    "); train on the same classes, or choose another --results-dir"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "

@@ -51,6 +51,7 @@ class TrainOptions:
     learn_sigma: bool = True
     noise_schedule: str = "linear"
     skip_nonfinite: bool = False
+    exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
 
@@ -82,8 +83,10 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError(f"--lr must be a positive number, got {opts.lr}")
     if not 0.0 <= opts.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {opts.ema_decay}")
-    if opts.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0 = off), got {opts.grad_clip}")
+    if not (math.isfinite(opts.grad_clip) and opts.grad_clip >= 0):
+        raise UserError(f"--grad-clip must be a finite number >= 0 (0 = off), got {opts.grad_clip}")
+    if opts.num_classes is not None and opts.num_classes < 1:  # 0 would fall back to the data's count unseen
+        raise UserError(f"--num-classes must be at least 1, got {opts.num_classes}")
     if opts.precision is not None and opts.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     if opts.model not in MODEL_NAMES:
@@ -140,4 +143,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-workers", type=int, default=4)
     a("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
+    a("--exif-transpose", action="store_true",
+      help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
     a("--no-progress", action="store_true")
