@@ -8,6 +8,7 @@ are not repeated; this table adds the files a stranger could hand over and the c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -36,6 +37,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
     tiny = ditkit.create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64,
                                num_heads=4)
     save_model(tiny, base / "tiny.safetensors")
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):  # a diverged run's weights
+        broken = copy.deepcopy(tiny)
+        with torch.no_grad():
+            broken.blocks[1].mlp.fc1.weight[3, 5] = bad
+        save_model(broken, base / f"{name}_weights.safetensors")
     (base / "text.pt").write_text("this is not a checkpoint\n")
     (base / "garbage.pt").write_bytes(b"\x80\x04garbage")
     torch.save({"model": {"pos_embed": torch.zeros(3)}}, base / "not_dit.pt")
@@ -129,10 +135,42 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("sample-label-neg", ["sample", "--ckpt", "{T}", "--class-labels", "-1", "--device", "cpu", "--num-steps",
                               "2", "--out", "{B}/s2"], "class label -1 is out of range"),
         ("sample-zero-samples", ["sample", "--ckpt", "{T}", "--num-samples", "0"], "--num-samples must be at least 1"),
-        ("sample-eta", ["sample", "--ckpt", "{T}", "--eta", "-0.5"], "--eta must be >= 0"),
+        ("sample-eta", ["sample", "--ckpt", "{T}", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
         ("sample-vae-layout", ["sample", "--ckpt", "{T}", "--vae", "{B}/wrong_vae", "--device", "cpu"],
          "cannot load the VAE"),
         ("sample-device", ["sample", "--ckpt", "{T}", "--device", "tpu"], "bad --device"),
+        # issue 17 item 9: non-finite and out-of-range numbers, refused before any work
+        ("sample-cfg-nan", ["sample", "--ckpt", "{T}", "--out", "{B}/n0",
+                           "--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+        ("sample-cfg-inf", ["sample", "--ckpt", "{T}", "--out", "{B}/n1",
+                           "--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+        ("sample-interval-nan", ["sample", "--ckpt", "{T}", "--out", "{B}/n2",
+                           "--guidance-interval", "nan", "nan"],
+         r"--guidance-interval takes two timesteps in 0\.\.999"),
+        ("sample-interval-beyond", ["sample", "--ckpt", "{T}", "--out", "{B}/n3",
+                           "--guidance-interval", "0", "1000"],
+         r"--guidance-interval takes two timesteps in 0\.\.999"),
+        ("sample-interval-negative", ["sample", "--ckpt", "{T}", "--out", "{B}/n4",
+                           "--guidance-interval", "-5", "10"],
+         r"--guidance-interval takes two timesteps in 0\.\.999"),
+        ("sample-num-classes-0", ["sample", "--ckpt", "{T}", "--out", "{B}/n5",
+                           "--num-classes", "0"], "--num-classes must be at least 1"),
+        ("sample-eta-inf", ["sample", "--ckpt", "{T}", "--out", "{B}/n6",
+                           "--eta", "inf"], "--eta must be a finite number"),
+        ("sample-nan-weights", ["sample", "--ckpt", "{B}/nan_weights.safetensors", "--device", "cpu",
+                                "--out", "{B}/n7"],
+         "tensor 'blocks.1.mlp.fc1.weight' holds NaN or infinite values"),
+        ("sample-inf-weights", ["sample", "--ckpt", "{B}/inf_weights.safetensors", "--device", "cpu",
+                                "--out", "{B}/n8"],
+         "tensor 'blocks.1.mlp.fc1.weight' holds NaN or infinite values"),
+        ("demo-cfg-nan", ["demo", "--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+        ("demo-cfg-inf", ["demo", "--cfg-scale=-inf"], "--cfg-scale must be a finite number"),
+        ("train-grad-clip-nan", ["train", "--data-path", "digits", "--grad-clip", "nan"],
+         "--grad-clip must be a finite number"),
+        ("train-grad-clip-inf", ["train", "--data-path", "digits", "--grad-clip", "inf"],
+         "--grad-clip must be a finite number"),
+        ("train-num-classes-0", ["train", "--data-path", "digits", "--num-classes", "0"],
+         "--num-classes must be at least 1"),
         ("evaluate-missing", ["evaluate", "{B}/nope.npz", "--metric", "digits"], "not found"),
         ("evaluate-float", ["evaluate", "{B}/float.npz", "--metric", "digits"], "arr_0 must be uint8"),
         ("evaluate-no-arr0", ["evaluate", "{B}/no_arr0.npz", "--metric", "digits"], "arr_0"),

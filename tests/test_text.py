@@ -10,8 +10,7 @@ from PIL import Image
 
 from ditkit.data.captions import read_captions
 from ditkit.errors import UserError
-
-WORDS = ["<pad>", "</s>", "<s>", "<unk>", "a", "red", "seven", "on", "blue", "background", "cube"]
+from text_fixtures import save_clip, save_t5, tiny_tokenizer
 
 
 def images(root, names):
@@ -78,44 +77,6 @@ def test_missing_and_empty_captions_name_the_file(tmp_path):
 # --------------------------------------------------------------------------- text encoders
 
 
-def tiny_tokenizer(bos: bool):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    # T5 ends a caption with </s>; CLIP wraps it in <s> ... </s>.
-    single = "<s> $A </s>" if bos else "$A </s>"
-    tok.post_processor = TemplateProcessing(single=single, special_tokens=[("<s>", 2), ("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
-
-
-def save_t5(folder):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(WORDS), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
-                   pad_token_id=0, eos_token_id=1)
-    T5EncoderModel(cfg).save_pretrained(str(folder))
-    tiny_tokenizer(bos=False).save_pretrained(str(folder))
-
-
-def save_clip(folder):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=20, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=1)
-    CLIPTextModel(cfg).save_pretrained(str(folder))
-    tiny_tokenizer(bos=True).save_pretrained(str(folder))
-
-
 def test_t5_encoder_masks_padding_and_its_features_do_not_depend_on_it(tmp_path):
     from ditkit.text import load_text_encoder
 
@@ -153,3 +114,42 @@ def test_missing_encoder_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no loadable"):
         load_text_encoder(str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------- captions encoded beside latents
+
+
+def test_extract_encodes_captions_beside_the_latents_row_for_row(tmp_path):
+    import subprocess
+    import sys
+
+    from ditkit.data.caption_store import StoredCaptions
+    from ditkit.data.store import LatentStore
+    from ditkit.text import load_text_encoder
+    from test_data_fixtures import make_tiny_vae
+
+    folder = tmp_path / "imgs"
+    words = ["a red cube", "a blue seven", "red on blue", "a cube on a red background", "seven"]
+    folder.mkdir()
+    for i, text in enumerate(words):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(text)
+    vae = make_tiny_vae(tmp_path / "vae")
+    save_t5(tmp_path / "t5")
+    cmd = [sys.executable, "-m", "ditkit", "extract", str(folder), "--out", str(tmp_path / "store"), "--vae",
+           str(vae), "--image-size", "16", "--shard-size", "2", "--batch-size", "2", "--workers", "0",
+           "--device", "cpu", "--no-progress", "--text-encoder", str(tmp_path / "t5"), "--max-tokens", "6"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    store = LatentStore(tmp_path / "store")
+    stored = StoredCaptions(tmp_path / "store")
+    assert len(store) == 5 and stored.info["max_tokens"] == 6 and stored.info["channels"] == 16
+    feats, mask = stored.batch([4, 0, 2])
+    expected, expected_mask = load_text_encoder(str(tmp_path / "t5"), max_tokens=6).encode(
+        [words[4], words[0], words[2]])
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(feats, expected, rtol=1e-3, atol=1e-3)  # stored as float16
+    # A missing caption is named before any image is encoded.
+    (folder / "3.txt").unlink()
+    bad = subprocess.run([*cmd[:6], str(tmp_path / "store2"), *cmd[7:]], capture_output=True, text=True)
+    assert bad.returncode == 2 and "3.png: no caption" in bad.stderr
+    assert not (tmp_path / "store2" / "manifest.json").exists()

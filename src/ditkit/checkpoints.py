@@ -238,8 +238,20 @@ def load_model(path: str | os.PathLike, model: str | None = None, **overrides: A
     check_size_overrides(config, state_dict, path, overrides)
     net = build_model(config)
     check_shapes(net, state_dict, path)
+    check_finite(state_dict, path)
     net.load_state_dict(state_dict, strict=True)
     return net.eval()
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """One line naming the first floating-point tensor with a NaN or infinite value (a diverged or damaged
+    checkpoint samples black or noise images without this)."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"{path}: tensor {key!r} holds NaN or infinite values; the run that wrote it diverged or the "
+                "file is damaged: use an earlier checkpoint"
+            )
 
 
 def save_model(model: DiT, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:

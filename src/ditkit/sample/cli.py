@@ -26,6 +26,7 @@ from ditkit.models.config import MODEL_NAMES
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.pipeline import load_for_sampling
+from ditkit.sample.prompts import add_prompt_arguments, run_prompts
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py's demo classes
 
@@ -81,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", help="where released checkpoints are kept (default $DITKIT_CACHE or ~/.cache/ditkit)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_prompt_arguments(parser)
 
 
 
@@ -112,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling
+            if sampler.model.config.is_text:
+                print(sampler.describe())
+                print(f"wrote {run_prompts(args, sampler, out)}")
+                return 0
             labels = args.class_labels
             if labels is None:
                 n = sampler.model.config.num_classes
@@ -127,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     lock = None
     try:
         sampler = load_for_sampling(args, device)
+        if sampler.model.config.is_text:
+            if info.world_size > 1:
+                raise UserError("text models sample --num-samples in one process; run without torchrun")
+            print(sampler.describe())
+            print(f"wrote {run_prompts(args, sampler, out)}")
+            return 0
         if info.is_main:
             lock = FolderLock(out, "ditkit sample", "--out")
             print(sampler.describe())

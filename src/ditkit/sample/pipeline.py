@@ -7,6 +7,7 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from typing import Any
 import torch
 
 from ditkit.diffusion import samplers
-from ditkit.diffusion.guidance import guided
+from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20}
+TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -38,6 +40,8 @@ class Sampler:
     device: torch.device = torch.device("cpu")
     progress: bool = False
     precision: str = "fp32"
+    # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -80,11 +84,18 @@ class Sampler:
         """The model, wrapped for classifier-free guidance when the scale is not 1."""
         if self.cfg_scale == 1.0:
             return self.model
+        if self.model.config.is_text:
+            return guided_captions(self.model, self.cfg_scale, self.guide_channels, self.interval, self.negative)
         return guided(self.model, self.cfg_scale, self.model.num_classes, self.guide_channels, self.interval)
 
     @torch.no_grad()
-    def images(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device)."""
+    def images(
+        self, labels: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device).
+
+        For a text model `labels` are caption features N×L×C and `mask` their N×L token mask.
+        """
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
@@ -96,7 +107,7 @@ class Sampler:
                 noise,
                 sampler=self.sampler,
                 num_steps=self.num_steps,
-                model_kwargs={"y": labels.to(self.device)},
+                model_kwargs={"y": labels.to(self.device), **({} if mask is None else {"mask": mask.to(self.device)})},
                 eta=self.eta,
                 # x̂₀ clipping to [-1, 1] is right for pixels; latents have no such range (DiT does not clip).
                 clip_denoised=self.vae is None,
@@ -138,12 +149,18 @@ def _check_args(args: argparse.Namespace, factor: int | None = None) -> None:
         raise UserError("--per-label and --batch-size must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not args.eta >= 0:
-        raise UserError(f"--eta must be >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if args.cfg_scale < 0:
-        raise UserError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise UserError("--guidance-interval takes T_LO T_HI with T_LO <= T_HI")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.guidance_interval:
+        lo, hi = args.guidance_interval
+        last = TRAINING_TIMESTEPS - 1
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
+            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
+                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
 def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler:
@@ -197,7 +214,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     num_steps = args.num_steps or DEFAULT_STEPS[sampler]
     samplers.steps_for(sampler, num_steps)  # validates the step count
     cfg = float(args.cfg_scale)
-    if cfg != 1.0 and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
+    if cfg != 1.0 and not config.is_text and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     if args.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -23,6 +23,7 @@ class TrainData:
     encoder: Any
     description: str
     labels: torch.Tensor | None
+    classes: list[str] | None = None  # label k's name (class folder), when the data names its classes
 
 
 def open_data(opts: TrainOptions, seed: int) -> TrainData:
@@ -36,7 +37,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels)
     from ditkit.data import open_training_data
 
-    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed)  # None: the store's own size
+    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed,  # None: the store's own size
+                              exif_transpose=opts.exif_transpose)
     store = hasattr(data.dataset, "manifest")
     check_patch(opts, opts.image_size or (256 if not store else data.input_size), data.input_size, store)
     labels = getattr(data, "labels", None)
@@ -48,6 +50,7 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         data.encoder,
         data.describe(),
         torch.as_tensor(labels) if labels is not None else None,
+        data.classes or None,
     )
 
 

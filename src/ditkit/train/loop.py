@@ -26,6 +26,7 @@ from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -59,14 +60,29 @@ class TrainResult:
 
 
 def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
-    """What identifies a run: a results folder holding another one is refused."""
-    return {
+    """What identifies a run: a results folder holding another one is refused. `classes`, the label map
+    (label k's class name), is there when the data names its classes."""
+    run = {
         "model": config.to_dict(),
         "data": data.description,
         "global_batch_size": opts.global_batch_size,
         "noise_schedule": opts.noise_schedule,
         "global_seed": opts.global_seed,
     }
+    if data.classes:
+        run["classes"] = list(data.classes)
+    return run
+
+
+_LATER_KEYS = ("classes",)  # recorded later than the others: a run folder written before has no such entry
+
+
+def _label_map_change(old: list[str], new: list[str]) -> str:
+    """The first difference between two label maps, in words."""
+    for k, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"label {k} is class {a!r} there, {b!r} now"
+    return f"{len(old)} classes there, {len(new)} now"
 
 
 def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool) -> None:
@@ -77,6 +93,13 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
         for key, value in run_config.items():
+            if key in _LATER_KEYS and key not in old:
+                continue
+            if key == "classes" and old[key] != value:
+                raise UserError(
+                    f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
+                    "); train on the same classes, or choose another --results-dir"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
@@ -122,6 +145,12 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def _check_fp8(device: torch.device) -> None:
+    """FP8 GEMMs need a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     info = dist_utils.init()
@@ -139,8 +168,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     device = info.device
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp8":
+        _check_fp8(device)
     if device.type == "cuda":
-        allow = precision in ("tf32", "bf16")
+        allow = precision in ("tf32", "bf16", "fp8")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
 
@@ -212,6 +243,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
     compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
+    if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
+        enable_fp8(model)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
@@ -219,7 +252,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             from ditkit.fast import compile_blocks
 
             compile_blocks(model)
-        dist_utils.shard_dit(model, bf16=precision == "bf16")
+        dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
     else:
         if info.distributed:
@@ -437,7 +470,7 @@ def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.
         vae = load_vae(opts.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
                    cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=precision)
+                   precision="bf16" if precision == "fp8" else precision)  # the EMA copy has no FP8 linears
 
 
 def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,
