@@ -114,3 +114,42 @@ def test_missing_encoder_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no loadable"):
         load_text_encoder(str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------- captions encoded beside latents
+
+
+def test_extract_encodes_captions_beside_the_latents_row_for_row(tmp_path):
+    import subprocess
+    import sys
+
+    from ditkit.data.caption_store import StoredCaptions
+    from ditkit.data.store import LatentStore
+    from ditkit.text import load_text_encoder
+    from test_data_fixtures import make_tiny_vae
+
+    folder = tmp_path / "imgs"
+    words = ["a red cube", "a blue seven", "red on blue", "a cube on a red background", "seven"]
+    folder.mkdir()
+    for i, text in enumerate(words):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(text)
+    vae = make_tiny_vae(tmp_path / "vae")
+    save_t5(tmp_path / "t5")
+    cmd = [sys.executable, "-m", "ditkit", "extract", str(folder), "--out", str(tmp_path / "store"), "--vae",
+           str(vae), "--image-size", "16", "--shard-size", "2", "--batch-size", "2", "--workers", "0",
+           "--device", "cpu", "--no-progress", "--text-encoder", str(tmp_path / "t5"), "--max-tokens", "6"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    store = LatentStore(tmp_path / "store")
+    stored = StoredCaptions(tmp_path / "store")
+    assert len(store) == 5 and stored.info["max_tokens"] == 6 and stored.info["channels"] == 16
+    feats, mask = stored.batch([4, 0, 2])
+    expected, expected_mask = load_text_encoder(str(tmp_path / "t5"), max_tokens=6).encode(
+        [words[4], words[0], words[2]])
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(feats, expected, rtol=1e-3, atol=1e-3)  # stored as float16
+    # A missing caption is named before any image is encoded.
+    (folder / "3.txt").unlink()
+    bad = subprocess.run([*cmd[:6], str(tmp_path / "store2"), *cmd[7:]], capture_output=True, text=True)
+    assert bad.returncode == 2 and "3.png: no caption" in bad.stderr
+    assert not (tmp_path / "store2" / "manifest.json").exists()

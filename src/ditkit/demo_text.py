@@ -122,7 +122,7 @@ def score(samples: torch.Tensor, combos: torch.Tensor) -> dict[str, float]:
     from ditkit.metrics.digits_classifier import get_digits_classifier
 
     fg, bg, ink = cd.read_image(samples)
-    classifier = get_digits_classifier(8, verbose=False)
+    classifier = get_digits_classifier(8, verbose=False).eval()  # batch norm: its running statistics
     with torch.no_grad():
         digits = classifier(ink).argmax(dim=1)
     digit_ok = digits == combos[:, 0]

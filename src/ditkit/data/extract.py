@@ -326,6 +326,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="turn each image by its EXIF orientation tag before cropping (default: pixels as "
                         "stored, as the authors' preprocessing)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--text-encoder", help="also encode each image's caption (NAME.txt or metadata.jsonl/.csv) "
+                        "with this T5/CLIP folder or cached Hugging Face id, for text models")
+    parser.add_argument("--max-tokens", type=int, help="caption tokens with --text-encoder (default T5 120, CLIP 77)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,6 +358,13 @@ def run(args: argparse.Namespace) -> int:
         distributed.init(device=info.device, timeout=timedelta(hours=6))
         barrier = distributed.barrier
     try:
+        encoder = None
+        if args.text_encoder:  # captions and encoder checked before the VAE's long pass, not after it
+            from ditkit.data.captions import read_captions
+            from ditkit.text import load_text_encoder
+
+            read_captions(args.folder, find_images(args.folder)[0])
+            encoder = load_text_encoder(args.text_encoder, max_tokens=args.max_tokens, device=info.device)
         vae = load_vae(args.vae, device=info.device, dtype=getattr(torch, args.vae_dtype))
         manifest = extract(
             args.folder, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
@@ -362,6 +372,10 @@ def run(args: argparse.Namespace) -> int:
             world_size=info.world_size, progress=not args.no_progress, barrier=barrier,
             exif_transpose=args.exif_transpose,
         )
+        if manifest is not None and encoder is not None:
+            from ditkit.data.caption_store import extract_captions
+
+            manifest = extract_captions(args.folder, args.out, encoder, batch_size=args.batch_size)
     finally:
         if lock is not None:
             lock.release()
