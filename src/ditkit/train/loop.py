@@ -28,6 +28,7 @@ from ditkit.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -146,6 +147,12 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def _check_fp8(device: torch.device) -> None:
+    """FP8 GEMMs need a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     info = dist_utils.init()
@@ -174,8 +181,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     device = info.device
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp8":
+        _check_fp8(device)
     if device.type == "cuda":
-        allow = precision in ("tf32", "bf16")
+        allow = precision in ("tf32", "bf16", "fp8")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
 
@@ -248,6 +257,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
     compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
+    if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
+        enable_fp8(model)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
@@ -255,7 +266,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             from ditkit.fast import compile_blocks
 
             compile_blocks(model)
-        dist_utils.shard_dit(model, bf16=precision == "bf16")
+        dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
     else:
         if info.distributed:
@@ -477,7 +488,7 @@ def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.
         vae = load_vae(opts.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
                    cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=precision)
+                   precision="bf16" if precision == "fp8" else precision)  # the EMA copy has no FP8 linears
 
 
 def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,

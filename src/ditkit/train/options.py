@@ -11,7 +11,7 @@ from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--global-seed", type=int, default=0)
     a("--lr", type=float, default=1e-4)
     a("--ema-decay", type=float, default=0.9999)
-    a("--precision", choices=PRECISIONS, default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--precision", choices=PRECISIONS, default=None,
+      help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")

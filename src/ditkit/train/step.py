@@ -34,7 +34,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: the block linears' own FP8 products inside bf16 autocast
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
