@@ -102,6 +102,12 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
                     f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
                     "); train on the same classes, or choose another --results-dir"
                 )
+            if key == "data" and old.get(key) != value:
+                raise UserError(
+                    f"results folder {results} holds a run on other data ({old.get(key)!r} there, {value!r} now); "
+                    "a run cannot continue on changed data (images added or removed): start a new run with "
+                    "another --results-dir, or resume with the data as it was"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
@@ -296,6 +302,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     steps_per_epoch = n // opts.global_batch_size
     total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
     writer = RunLogger(results, opts, run_config, info.is_main)
+    held.callback(writer.close)  # also when the run ends by an error: no log file or TensorBoard thread left open
     if info.is_main:
         for line in notes:
             writer.line(line)
