@@ -113,17 +113,11 @@ def extract(
     num_shards = math.ceil(len(paths) / shard_size)
     out.mkdir(parents=True, exist_ok=True)
 
-    existing = read_manifest(out) if is_latent_store(out) else None
-    if existing is not None and existing.get("fingerprint") == fingerprint and _intact(out, existing, num_shards):
+    existing = _finished_store(out, fingerprint, num_shards)
+    if existing is not None:
         if rank == 0:
             print(f"ditkit extract: {out} is already complete ({existing['count']} images)", file=sys.stderr)
         return existing if rank == 0 else None
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-        existing = None  # damaged: the broken shards are encoded again below and the manifest rewritten
-    if existing is not None:
-        raise UserError(
-            f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
-        )
 
     if world_size == 1:  # leftovers of a killed run; with several ranks another rank may be mid-write
         for tmp in out.glob(".shard-*.tmp"):
@@ -157,13 +151,8 @@ def extract(
     for positions, good, images in loader:
         mean = std = None
         if images is not None:
-            x = images.to(vae.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            # One batch of 2N: the images and their mirror images share the VAE call.
-            m, s = vae.encode(torch.cat([x, x.flip(-1)]))
-            n = x.shape[0]
-            mean = torch.stack([m[:n], m[n:]], dim=1).to("cpu", STORE_DTYPES[dtype])
-            std = torch.stack([s[:n], s[n:]], dim=1).to("cpu", STORE_DTYPES[dtype])
-            encoded += n
+            mean, std = _encode_with_flips(vae, images, STORE_DTYPES[dtype])
+            encoded += len(images)
         row = {i: r for r, i in enumerate(good)}
         for i in positions:
             k = i // shard_size
@@ -188,14 +177,39 @@ def extract(
               f"({rate:.1f} images/s over {world_size} process(es))", file=sys.stderr)
     if barrier is not None:
         barrier()
-    if rank != 0:
-        return None
+    return _write_manifest(out, num_shards, fingerprint, settings, vae, classes, folder) if rank == 0 else None
+
+
+def _write_manifest(out: Path, num_shards: int, fingerprint: str, settings: dict[str, Any], vae: Any,
+                    classes: list[str], folder: Path) -> dict[str, Any]:
+    """Write the manifest last (its presence marks the store complete) and return it."""
     manifest = _build_manifest(out, num_shards, fingerprint, settings, vae, classes, folder)
     atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
     if manifest["skipped"]:
         print(f"ditkit extract: skipped {manifest['skipped']} unreadable image(s), listed in {out / MANIFEST}",
               file=sys.stderr)
     return manifest
+
+
+def _finished_store(out: Path, fingerprint: str, num_shards: int) -> dict[str, Any] | None:
+    """The manifest of a finished, intact store of this very job in `out`, else None (nothing there yet, or a
+    damaged store whose broken shards are to be encoded again). A store of another job is refused."""
+    existing = read_manifest(out) if is_latent_store(out) else None
+    if existing is None:
+        return None
+    if existing.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
+        )
+    return existing if _intact(out, existing, num_shards) else None
+
+
+def _encode_with_flips(vae: Any, images: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std, N×2×C×h×w on the CPU, of uint8 N×H×W×3 images ([:, 1]: their mirror images)."""
+    x = images.to(vae.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    m, s = vae.encode(torch.cat([x, x.flip(-1)]))  # one batch of 2N: the images and their flips share the call
+    n = x.shape[0]
+    return torch.stack([m[:n], m[n:]], dim=1).to("cpu", dtype), torch.stack([s[:n], s[n:]], dim=1).to("cpu", dtype)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
