@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -49,7 +51,8 @@ import torch
 from ditkit import convert_pixart
 from ditkit.checkpoints import load_model, save_model
 from ditkit.errors import UserError
-from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.folder_lock import check_writable
+from ditkit.io import apply_umask, atomic_write, read_safetensors, safe_torch_load
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
@@ -514,6 +517,36 @@ def ddim_scheduler() -> Any:
 def _prepare_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
         raise UserError(f"{dst} already exists; choose a new path or pass --overwrite")
+    _remove_killed_temporaries(dst)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(?:(?:tmp|old)-(?P<pid>\d+)|(?P<pid2>\d+)\.[^.]+\.tmp)$")
+
+
+def _remove_killed_temporaries(dst: Path) -> None:
+    """Delete what killed conversions to `dst` left next to it (`.DST.tmp-PID`, `.DST.old-PID` and
+    `atomic_write`'s `.DST.PID.*.tmp`): only those whose process is gone, as another convert may be running."""
+    if not dst.parent.is_dir():
+        return
+    for leftover in dst.parent.glob(f".{glob.escape(dst.name)}.*"):
+        match = _TEMPORARY.match(leftover.name)
+        if match is None or match["name"] != dst.name or _process_alive(int(match["pid"] or match["pid2"])):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or an id this system cannot have: leave its files alone
+    return True
 
 
 def to_diffusers(
@@ -562,6 +595,7 @@ def to_diffusers(
                 atomic_write(tmp / "model_index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
         meta = {"config": model.config.to_dict(), "note": convert_pixart.NOTE if text else DIFFERENCES_NOTE}
         atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        apply_umask(tmp)  # diffusers writes its weights through safetensors, as 0600 files
         stock = _verify_written(model, tmp)
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
@@ -636,6 +670,7 @@ def _describe(diff: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
+    check_writable(dst.absolute().parent, "DST")  # before minutes of loading and verifying, not after
     if args.to == "diffusers":
         model = load_model(args.src, model=args.model)
         stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite)

@@ -7,6 +7,7 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,11 @@ from typing import Any
 import torch
 
 from ditkit.diffusion import samplers
-from ditkit.diffusion.guidance import guided
+from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20}
-VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
+TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -39,6 +40,8 @@ class Sampler:
     device: torch.device = torch.device("cpu")
     progress: bool = False
     precision: str = "fp32"
+    # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -81,11 +84,18 @@ class Sampler:
         """The model, wrapped for classifier-free guidance when the scale is not 1."""
         if self.cfg_scale == 1.0:
             return self.model
+        if self.model.config.is_text:
+            return guided_captions(self.model, self.cfg_scale, self.guide_channels, self.interval, self.negative)
         return guided(self.model, self.cfg_scale, self.model.num_classes, self.guide_channels, self.interval)
 
     @torch.no_grad()
-    def images(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device)."""
+    def images(
+        self, labels: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device).
+
+        For a text model `labels` are caption features N×L×C and `mask` their N×L token mask.
+        """
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
@@ -97,7 +107,7 @@ class Sampler:
                 noise,
                 sampler=self.sampler,
                 num_steps=self.num_steps,
-                model_kwargs={"y": labels.to(self.device)},
+                model_kwargs={"y": labels.to(self.device), **({} if mask is None else {"mask": mask.to(self.device)})},
                 eta=self.eta,
                 # x̂₀ clipping to [-1, 1] is right for pixels; latents have no such range (DiT does not clip).
                 clip_denoised=self.vae is None,
@@ -112,31 +122,45 @@ class Sampler:
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
+
+
+def _check_args(args: argparse.Namespace, factor: int | None = None) -> None:
+    """Argument checks; those that need the VAE's downsampling `factor` run once it is known."""
     if args.image_size is not None:
         if args.image_size < 1:
             raise UserError(f"--image-size must be positive, got {args.image_size}")
-        if args.vae and args.model:
+        if factor is not None and args.model:
             patch = int(args.model.split("/")[1])
-            if args.image_size % (VAE_DOWNSAMPLE * patch):
+            step = factor * patch
+            if args.image_size % step:
+                low = max(step, args.image_size // step * step)
                 raise UserError(
-                    f"--image-size {args.image_size} is not divisible by {VAE_DOWNSAMPLE * patch} (VAE factor "
-                    f"{VAE_DOWNSAMPLE} × patch {patch}); use e.g. {256 if patch <= 4 else 512}"
+                    f"--image-size {args.image_size} is not divisible by {step} (VAE factor {factor} × patch "
+                    f"{patch}); use e.g. {low} or {low + step}"
                 )
-        elif args.vae and args.image_size % VAE_DOWNSAMPLE:
-            raise UserError(f"--image-size {args.image_size} is not divisible by the VAE factor {VAE_DOWNSAMPLE}")
+        elif factor is not None and args.image_size % factor:
+            raise UserError(f"--image-size {args.image_size} is not divisible by the VAE factor {factor}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.num_steps is not None and args.num_steps < 2:
         raise UserError(f"--num-steps must be at least 2, got {args.num_steps}")
     if args.per_label < 1 or args.batch_size < 1:
         raise UserError("--per-label and --batch-size must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not args.eta >= 0:
-        raise UserError(f"--eta must be >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if args.cfg_scale < 0:
-        raise UserError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise UserError("--guidance-interval takes T_LO T_HI with T_LO <= T_HI")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.guidance_interval:
+        lo, hi = args.guidance_interval
+        last = TRAINING_TIMESTEPS - 1
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
+            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
+                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
 def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler:
@@ -155,8 +179,14 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         args.image_size = args.image_size or released.image_size
         args.num_classes = args.num_classes or released.num_classes
         _check_args(args)
+    vae = None
+    if vae_name:
+        from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
+
+        vae = load_vae(vae_name, device=device)
+        _check_args(args, vae.downsample)  # the latent side is the image side over this VAE's own factor
     overrides: dict[str, Any] = {}
-    factor = VAE_DOWNSAMPLE if vae_name else 1
+    factor = vae.downsample if vae is not None else 1
     if args.image_size is not None:
         overrides["input_size"] = args.image_size // factor
     if args.num_classes is not None:
@@ -173,13 +203,9 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         raise UserError(
             f"the model takes {config.in_channels}-channel inputs, which are latents, not pixels; pass --vae PATH"
         )
-    if vae_name is not None and (config.input_size * VAE_DOWNSAMPLE) % (VAE_DOWNSAMPLE * config.patch_size):
+    if vae is not None and config.input_size % config.patch_size:
         raise UserError(f"latent size {config.input_size} is not divisible by the patch size {config.patch_size}")
-    vae = None
-    if vae_name:
-        from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
-
-        vae = load_vae(vae_name, device=device)
+    if vae is not None:
         if vae.latent_channels != config.in_channels:
             raise UserError(
                 f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}"
@@ -188,7 +214,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     num_steps = args.num_steps or DEFAULT_STEPS[sampler]
     samplers.steps_for(sampler, num_steps)  # validates the step count
     cfg = float(args.cfg_scale)
-    if cfg != 1.0 and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
+    if cfg != 1.0 and not config.is_text and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     if args.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from ditkit.train.loop import TrainResult, train
 from ditkit.train.options import PRECISIONS, TrainOptions, add_arguments, validate
 
 __all__ = ["PRECISIONS", "TrainOptions", "TrainResult", "add_arguments", "run", "train", "validate"]
+
+
+def __getattr__(name: str) -> Any:
+    # The loop (and through it the data pipeline: PIL, diffusers) loads on first use, so that importing
+    # `ditkit.train.step` alone, as the GPU benchmarks do on a machine without those packages, stays light.
+    if name in ("train", "TrainResult"):
+        from ditkit.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         conditioning=args.conditioning,
         skip_nonfinite=args.skip_nonfinite,
+        exif_transpose=args.exif_transpose,
         progress=not args.no_progress,
     )
+    from ditkit.train.loop import train
+
     result = train(opts)
     if result.stopped_by_signal:
         print(f"checkpoint written at step {result.step}; exiting cleanly", file=sys.stderr)

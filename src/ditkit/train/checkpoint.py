@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 
 from ditkit.checkpoints import CONFIG_KEY, check_shapes
 from ditkit.errors import UserError
-from ditkit.io import disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load
+from ditkit.io import apply_umask, disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load, save_safetensors
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -48,8 +48,6 @@ def save_training_checkpoint(
     config_json: str,
 ) -> Path:
     """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{step:07d}"
@@ -61,8 +59,9 @@ def save_training_checkpoint(
         for name, module in (("model", model), ("ema", ema)):
             weights = module.state_dict() if isinstance(module, torch.nn.Module) else module
             tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-            save_file(tensors, tmp / f"{name}.safetensors", metadata=meta)
+            save_safetensors(tensors, tmp / f"{name}.safetensors", meta)  # same run, same bytes
         torch.save(state, tmp / "state.pt")
+        apply_umask(tmp)  # safetensors writes 0600 files; colleagues on a shared filesystem must read them
         for f in tmp.iterdir():
             fsync_file(f)
         fsync_dir(tmp)
@@ -74,8 +73,10 @@ def save_training_checkpoint(
         full = disk_full(err, folder)  # before the partial folder is removed and its space freed
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
+            earlier = [p for p in list_checkpoints(folder) if p != final]
+            kept = f"the newest intact checkpoint is {earlier[-1]}" if earlier else "no earlier checkpoint exists"
             raise UserError(
-                f"disk full while writing checkpoint {final}; earlier checkpoints are intact; free space and resume"
+                f"disk full while writing checkpoint {final}; {kept}; free space and resume with --resume auto"
             ) from None
         raise
     except BaseException:  # KeyboardInterrupt and the like: leave no partial folder behind
@@ -107,21 +108,45 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+class IncompleteCheckpoint(UserError):
+    """A checkpoint folder with a file missing or unreadable (deleted, or a copy cut short); `reason` says which."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> TrainingCheckpoint:
     """Read a checkpoint folder on the CPU (no GPU memory spike), checking it fits `model`."""
     path = Path(path)
     files = [path / "model.safetensors", path / "ema.safetensors", path / "state.pt"]
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise UserError(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
-    weights, _ = read_safetensors(files[0])
-    ema, _ = read_safetensors(files[1])
+        reason = f"missing {', '.join(missing)}"
+        raise IncompleteCheckpoint(f"{path} is not a complete training checkpoint ({reason})", reason)
+    try:
+        weights, _ = read_safetensors(files[0])
+        ema, _ = read_safetensors(files[1])
+        state = safe_torch_load(files[2])
+    except UserError as err:
+        raise IncompleteCheckpoint(str(err), str(err).replace(f"{path}{os.sep}", "")) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise IncompleteCheckpoint(f"{files[2]} holds no training state", "state.pt holds no training state")
     check_shapes(model, weights, files[0])
     check_shapes(model, ema, files[1])
-    state = safe_torch_load(files[2])
-    if not isinstance(state, dict) or "step" not in state:
-        raise UserError(f"{files[2]} holds no training state")
     return TrainingCheckpoint(int(state["step"]), weights, ema, state, path)
+
+
+def load_newest_complete(folder: str | os.PathLike, model: torch.nn.Module,
+                         note: Callable[[str], None]) -> TrainingCheckpoint | None:
+    """`--resume auto`: the newest checkpoint under `folder` that reads back whole, or None. Each newer one that
+    does not is passed over and named through `note` (a resume loses its steps, never its exactness)."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return load_training_checkpoint(path, model)
+        except IncompleteCheckpoint as err:
+            note(f"checkpoint {path} is incomplete ({err.reason}); passing over it to the one before")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- any world size
@@ -147,7 +172,14 @@ def gather_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -
     """The full AdamW state keyed by parameter name, on the CPU (collective for a sharded model, as above)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    state = get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    # AdamW's betas are a tuple in a fresh optimizer and a list in one restored from a checkpoint; store lists,
+    # so that a resumed run writes the same state.pt bytes as an uninterrupted one.
+    for group in state.get("param_groups", []):
+        for key, value in group.items():
+            if isinstance(value, tuple):
+                group[key] = list(value)
+    return state
 
 
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:

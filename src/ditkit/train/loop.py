@@ -21,17 +21,21 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
+from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
     gather_model_state,
     gather_optimizer_state,
     list_checkpoints,
+    load_newest_complete,
     load_optimizer_state,
     load_training_checkpoint,
     prune_checkpoints,
@@ -58,14 +62,29 @@ class TrainResult:
 
 
 def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
-    """What identifies a run: a results folder holding another one is refused."""
-    return {
+    """What identifies a run: a results folder holding another one is refused. `classes`, the label map
+    (label k's class name), is there when the data names its classes."""
+    run = {
         "model": config.to_dict(),
         "data": data.description,
         "global_batch_size": opts.global_batch_size,
         "noise_schedule": opts.noise_schedule,
         "global_seed": opts.global_seed,
     }
+    if data.classes:
+        run["classes"] = list(data.classes)
+    return run
+
+
+_LATER_KEYS = ("classes",)  # recorded later than the others: a run folder written before has no such entry
+
+
+def _label_map_change(old: list[str], new: list[str]) -> str:
+    """The first difference between two label maps, in words."""
+    for k, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"label {k} is class {a!r} there, {b!r} now"
+    return f"{len(old)} classes there, {len(new)} now"
 
 
 def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool) -> None:
@@ -76,6 +95,13 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
         for key, value in run_config.items():
+            if key in _LATER_KEYS and key not in old:
+                continue
+            if key == "classes" and old[key] != value:
+                raise UserError(
+                    f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
+                    "); train on the same classes, or choose another --results-dir"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
@@ -121,6 +147,12 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def _check_fp8(device: torch.device) -> None:
+    """FP8 GEMMs need a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     info = dist_utils.init()
@@ -131,6 +163,17 @@ def train(opts: TrainOptions) -> TrainResult:
         dist_utils.cleanup()
 
 
+def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
+    """A captioned latent store trains a text model (PixArt-α's block) reading its stored caption features."""
+    if data.captions is None:
+        if opts.conditioning == "text":
+            raise UserError("--conditioning text trains on captions: give a latent store made by ditkit extract "
+                            "--text-encoder ENCODER from a captioned image folder")
+        return {}
+    return {"conditioning": "text", "caption_channels": int(data.captions["channels"]),
+            "max_tokens": int(data.captions["max_tokens"])}
+
+
 def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:  # noqa: C901 - the loop reads top-down
     from ditkit.diffusion import create_diffusion
 
@@ -138,8 +181,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     device = info.device
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp8":
+        _check_fp8(device)
     if device.type == "cuda":
-        allow = precision in ("tf32", "bf16")
+        allow = precision in ("tf32", "bf16", "fp8")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
 
@@ -166,6 +211,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             "learn_sigma": opts.learn_sigma,
             "class_dropout_prob": opts.class_dropout_prob,
             "conditioning": opts.conditioning,
+            **_text_overrides(data, opts),
             **opts.model_overrides,
         },
     )
@@ -179,10 +225,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     dist_utils.barrier()
 
     torch.manual_seed(opts.global_seed)
-    model = DiT(config)
+    model = build_model(config)
     if opts.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = DiT(config)
+    ema = build_model(config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -190,16 +236,18 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     step = 0
     resume_from = None
-    if opts.resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        resume_from = found[-1] if found else None
-    elif opts.resume:
+    notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
+    if opts.resume and opts.resume != "auto":
         resume_from = Path(opts.resume)
         if not resume_from.exists():
             raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
     # Every rank reads the full checkpoint on the CPU and loads it before wrapping / sharding, whatever world
     # size or strategy wrote it (the format is the same for all).
-    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
+    if opts.resume == "auto":
+        ckpt = load_newest_complete(ckpt_dir, model, notes.append)
+        resume_from = ckpt.path if ckpt is not None else None
+    else:
+        ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
@@ -209,6 +257,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
     compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
+    if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
+        enable_fp8(model)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
@@ -216,7 +266,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             from ditkit.fast import compile_blocks
 
             compile_blocks(model)
-        dist_utils.shard_dit(model, bf16=precision == "bf16")
+        dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
     else:
         if info.distributed:
@@ -247,6 +297,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
     writer = RunLogger(results, opts, run_config, info.is_main)
     if info.is_main:
+        for line in notes:
+            writer.line(line)
         where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
         params = sum(p.numel() for p in model.parameters())
         writer.line(
@@ -272,7 +324,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
         weights = gather_model_state(module)
         if not info.is_main:
             return module
-        plain = DiT(config)
+        plain = build_model(config)
         plain.load_state_dict(weights)
         return plain.to(device)
 
@@ -324,7 +376,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             with stop_signals_held():  # workers start here; held until they ignore the stop signals
                 batch_iter = iter(loader)
             for x, y in batch_iter:
-                if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
+                mask = None
+                if config.is_text:  # packed captions (features + mask), not labels
+                    y, mask = unpack(y.to(device, non_blocking=True))
+                elif y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
                     raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
@@ -332,7 +387,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                     with torch.no_grad():
                         x = data.encoder(x)
                 log_now = (step + 1) % opts.log_every == 0
-                out = train_step(x, y, step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite)
+                out = train_step(x, y, step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
                 grad_norm, finite = out.grad_norm, out.finite
                 if not out.stepped:
                     skipped += 1
@@ -371,8 +426,9 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                     sums.zero_()
                     window = 0
                     t_window = time.perf_counter()
-                grid_now = bool(opts.sample_every) and step % opts.sample_every == 0
-                eval_now = bool(opts.eval_every) and step % opts.eval_every == 0
+                # Class-label grids and the digits yardstick; text models are sampled from prompts (ditkit sample).
+                grid_now = bool(opts.sample_every) and step % opts.sample_every == 0 and not config.is_text
+                eval_now = bool(opts.eval_every) and step % opts.eval_every == 0 and not config.is_text
                 if grid_now or eval_now:
                     full_ema = unsharded(ema) if fsdp else ema  # collective under FSDP
                     if grid_now and info.is_main:
@@ -432,7 +488,7 @@ def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.
         vae = load_vae(opts.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
                    cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=precision)
+                   precision="bf16" if precision == "fp8" else precision)  # the EMA copy has no FP8 linears
 
 
 def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,
