@@ -75,26 +75,9 @@ def coef_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-_DEVICE_TABLES: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
-
-
-def on_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`table` as a tensor on `device`, copied once: a copy from pageable host memory on every lookup would
-    make the host wait for the GPU at each step. Keyed by the array's identity (the cache holds the array, so
-    the id cannot be reused); bounded, since a process builds only a handful of processes' tables."""
-    key = (id(table), str(device))
-    hit = _DEVICE_TABLES.get(key)
-    if hit is None:
-        if len(_DEVICE_TABLES) >= 512:
-            _DEVICE_TABLES.clear()
-        hit = (table, torch.from_numpy(table).to(device=device))
-        _DEVICE_TABLES[key] = hit
-    return hit[1]
-
-
-def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample entries table[t] shaped N×1×…×1 to broadcast against `like` (N×C×…)."""
-    values = on_device(table, t.device)[t.long()].to(coef_dtype(like))
+def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample entries table[t] (a float64 table on t's device) shaped N×1×…×1 to broadcast against `like`."""
+    values = table[t.long()].to(coef_dtype(like))
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 
@@ -187,14 +170,34 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # Derived tables looked up per step, built once here (a new array per call would also be a new copy).
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        # "fixed_large": β_t, except β̃_1 at t=0 for a better decoder likelihood (the reference's choice).
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The numpy table `name` as a tensor on `device`, copied there once and kept on this object: a copy
+        from pageable host memory on every lookup would make the host wait for the GPU at each step."""
+        key = (name, device)
+        hit = self._device_tables.get(key)
+        if hit is None:
+            hit = self._device_tables[key] = torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
+        return hit
+
+    def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Entries t of table `name`, shaped to broadcast against `like`, in its coefficient dtype."""
+        return extract(self.table(name, t.device), t, like)
 
     # --------------------------------------------------------------------------------------- forward process
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Mean, variance and log-variance of q(x_t | x_0), each broadcast to x_start's shape."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start).expand_as(x_start)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start).expand_as(x_start)
+        mean = self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._coef("one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,17 +207,17 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start shape {tuple(x_start.shape)}")
         return (
-            extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
-        mean = extract(self.posterior_mean_coef1, t, x_t) * x_start + extract(self.posterior_mean_coef2, t, x_t) * x_t
-        variance = extract(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        mean = self._coef("posterior_mean_coef1", t, x_t) * x_start + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        variance = self._coef("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------------------------------- conversions
@@ -222,32 +225,32 @@ class GaussianDiffusion:
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε."""
         return (
-            extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
         """ε̂ = (x_t/√ᾱ_t − x̂_0) / √(1/ᾱ_t − 1)."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x̂_0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v."""
-        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        return self._coef("sqrt_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * v
 
     def v_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ_t·ε − √(1 − ᾱ_t)·x_0 (Salimans & Ho 2022)."""
         return (
-            extract(self.sqrt_alphas_cumprod, t, x_start) * noise
-            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+            self._coef("sqrt_alphas_cumprod", t, x_start) * noise
+            - self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
         )
 
     # ------------------------------------------------------------------------------------------- the model
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model sees: the original process's indices (identity unless respaced)."""
-        return on_device(self.timestep_map, t.device)[t.long()].to(t.dtype)
+        return self.table("timestep_map", t.device)[t.long()].to(t.dtype)
 
     def call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> torch.Tensor:
         """model(x, original t, **model_kwargs); of an (output, extra) tuple, the output (as reference)."""
@@ -265,18 +268,16 @@ class GaussianDiffusion:
                     f"a learned-variance model must output {2 * c} channels, got {tuple(model_output.shape)}"
                 )
             model_output, var_values = torch.split(model_output, c, dim=1)
-            min_log = extract(self.posterior_log_variance_clipped, t, x)
-            max_log = extract(np.log(self.betas), t, x)
+            min_log = self._coef("posterior_log_variance_clipped", t, x)
+            max_log = self._coef("log_betas", t, x)
             frac = (var_values + 1) / 2  # the model's [-1, 1] spans [log β̃_t, log β_t]
             log_variance = frac * max_log + (1 - frac) * min_log
             return model_output, torch.exp(log_variance), log_variance
         if self.var_type == "fixed_large":
-            # β_t, except β̃_1 at t=0 for a better decoder likelihood (the reference's choice).
-            variance = np.append(self.posterior_variance[1], self.betas[1:])
-            log_variance = np.log(variance)
+            variance, log_variance = "fixed_large_variance", "fixed_large_log_variance"
         else:
-            variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-        return model_output, extract(variance, t, x).expand_as(x), extract(log_variance, t, x).expand_as(x)
+            variance, log_variance = "posterior_variance", "posterior_log_variance_clipped"
+        return model_output, self._coef(variance, t, x).expand_as(x), self._coef(log_variance, t, x).expand_as(x)
 
     def p_mean_variance(
         self,
@@ -434,8 +435,8 @@ class GaussianDiffusion:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._coef("alphas_cumprod", t, x)
+        alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -460,7 +461,7 @@ class GaussianDiffusion:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = extract(self.alphas_cumprod_next, t, x)
+        alpha_bar_next = self._coef("alphas_cumprod_next", t, x)
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
 
@@ -473,7 +474,7 @@ class GaussianDiffusion:
         model_kwargs: dict | None,
     ) -> dict[str, torch.Tensor]:
         """Classifier guidance on the score (Song et al.): ε ← ε − √(1 − ᾱ_t)·∇ log p(y | x)."""
-        alpha_bar = extract(self.alphas_cumprod, t, x)
+        alpha_bar = self._coef("alphas_cumprod", t, x)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         new = dict(out)

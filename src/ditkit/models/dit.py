@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditkit.diffusion.guidance import cfg_halves
 from ditkit.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
@@ -286,11 +287,7 @@ class DiT(nn.Module):
         if not isinstance(guide_channels, int) or guide_channels < 1:
             raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return cfg_halves(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale, guide_channels)
 
 
 def create_model(name: str, **overrides: Any) -> DiT:

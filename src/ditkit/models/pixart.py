@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditkit.diffusion.guidance import cfg_halves
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, Attention, Mlp
 from ditkit.models.embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
@@ -279,8 +280,4 @@ class PixArtDiT(nn.Module):
         if guide_channels == "all":
             guide_channels = self.in_channels
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y, mask)
-        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return cfg_halves(self.forward(torch.cat([half, half], dim=0), t, y, mask), cfg_scale, guide_channels)
