@@ -37,6 +37,7 @@ from ditkit.data.store import (
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.io import atomic_write
+from ditkit.recipe import Conditioning, LatentSpace, parts_to_dict
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -281,6 +282,11 @@ def _build_manifest(
         "skipped": len(skipped),
         "skipped_paths": skipped,
         "source": str(folder.resolve()),
+        # How the latents must be decoded and what the labels mean, as every checkpoint trained on them records.
+        "recipe": parts_to_dict(
+            LatentSpace(vae=settings["vae"], scale=vae.scale, shift=vae.shift, downsample=vae.downsample),
+            Conditioning(classes=tuple(classes) or None),
+        ),
     }
 
 

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         num_workers=args.num_workers,
         conditioning=args.conditioning,
+        noise_schedule=args.noise_schedule,
         skip_nonfinite=args.skip_nonfinite,
         progress=not args.no_progress,
     )

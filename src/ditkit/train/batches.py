@@ -4,17 +4,20 @@ each rank's share of each global batch, a seeded per-epoch permutation (so a res
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ditkit.recipe import LatentSpace
 from ditkit.train.options import TrainOptions
 
 
 @dataclass
 class TrainData:
+    """The data set and what the recipe takes from it: the latent space and the label map."""
+
     dataset: Dataset
     num_classes: int
     in_channels: int
@@ -22,6 +25,8 @@ class TrainData:
     encoder: Any
     description: str
     labels: torch.Tensor | None
+    latents: LatentSpace = field(default_factory=LatentSpace)
+    classes: tuple[str, ...] | None = None
 
 
 def open_data(opts: TrainOptions, seed: int) -> TrainData:
@@ -31,7 +36,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
 
         size = opts.image_size or 16
         images, labels = load_digits_split(size, "train")
-        return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels)
+        return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels,
+                         classes=tuple(str(k) for k in range(NUM_CLASSES)))
     from ditkit.data import open_training_data
 
     data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed)  # None: the store's own size
@@ -44,6 +50,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         data.encoder,
         data.describe(),
         torch.as_tensor(labels) if labels is not None else None,
+        data.latents,
+        tuple(data.classes) if data.classes else None,
     )
 
 

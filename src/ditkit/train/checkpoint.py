@@ -26,6 +26,7 @@ import torch
 from ditkit.checkpoints import CONFIG_KEY, check_shapes
 from ditkit.errors import UserError
 from ditkit.io import disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load
+from ditkit.recipe import METADATA_KEY
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -37,6 +38,7 @@ class TrainingCheckpoint:
     ema: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: Path
+    recipe_json: str | None = None  # the run's recipe (None in checkpoints written before recipes existed)
 
 
 def save_training_checkpoint(
@@ -46,8 +48,10 @@ def save_training_checkpoint(
     ema: torch.nn.Module | Mapping[str, torch.Tensor],
     state: dict[str, Any],
     config_json: str,
+    recipe_json: str | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts."""
+    """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts.
+    The config (and the recipe, when given) go into both weight files' metadata."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -57,6 +61,8 @@ def save_training_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     meta = {CONFIG_KEY: config_json, "format": "ditkit", "step": str(step)}
+    if recipe_json is not None:
+        meta[METADATA_KEY] = recipe_json
     try:
         for name, module in (("model", model), ("ema", ema)):
             weights = module.state_dict() if isinstance(module, torch.nn.Module) else module
@@ -114,14 +120,14 @@ def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module) ->
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise UserError(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
-    weights, _ = read_safetensors(files[0])
+    weights, metadata = read_safetensors(files[0])
     ema, _ = read_safetensors(files[1])
     check_shapes(model, weights, files[0])
     check_shapes(model, ema, files[1])
     state = safe_torch_load(files[2])
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{files[2]} holds no training state")
-    return TrainingCheckpoint(int(state["step"]), weights, ema, state, path)
+    return TrainingCheckpoint(int(state["step"]), weights, ema, state, path, metadata.get(METADATA_KEY))
 
 
 # ----------------------------------------------------------------------------------------------- any world size

@@ -26,6 +26,8 @@ from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.objectives import objective_for
+from ditkit.recipe import Conditioning, DiffusionProcess, Recipe
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -132,8 +134,6 @@ def train(opts: TrainOptions) -> TrainResult:
 
 
 def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:  # noqa: C901 - the loop reads top-down
-    from ditkit.diffusion import create_diffusion
-
     validate(opts, info.world_size)
     device = info.device
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
@@ -169,6 +169,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             **opts.model_overrides,
         },
     )
+    recipe = build_recipe(opts, config, data)  # built once; everything below reads it
     results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
     ckpt_dir = results / "checkpoints"
     run_config = _run_config(opts, config, data)
@@ -201,13 +202,14 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     # size or strategy wrote it (the format is the same for all).
     ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
     if ckpt is not None:
+        check_resumed_recipe(ckpt.recipe_json, recipe, resume_from)
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         step = ckpt.step
     model.to(device)
     ema.to(device).eval()
 
-    diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
+    objective = objective_for(recipe)
     compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
@@ -237,7 +239,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             torch.set_rng_state(ckpt.state["torch_rng"])
         del ckpt
     train_step = TrainStep(
-        model, forward, ema, opt, diffusion, device=device, precision=precision,
+        model, forward, ema, opt, objective.training, device=device, precision=precision,
         global_batch=opts.global_batch_size, rank=info.rank, world=info.world_size, accum=opts.grad_accum_steps,
         seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
         class_dropout_prob=config.class_dropout_prob,
@@ -296,7 +298,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                 "strategy": "fsdp" if fsdp else "ddp",
             }
             last_ckpt = save_training_checkpoint(
-                ckpt_dir, at_step, weights, ema_weights, state, json.dumps(config.to_dict())
+                ckpt_dir, at_step, weights, ema_weights, state, json.dumps(config.to_dict()), recipe.to_json()
             )
             prune_checkpoints(ckpt_dir, opts.keep_last)
             writer.line(f"step {at_step}: checkpoint {last_ckpt}")
@@ -376,9 +378,9 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                 if grid_now or eval_now:
                     full_ema = unsharded(ema) if fsdp else ema  # collective under FSDP
                     if grid_now and info.is_main:
-                        _sample_grid(full_ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
+                        _sample_grid(full_ema, recipe, results / "samples" / f"{step:07d}", device, precision)
                     if eval_now and info.is_main:
-                        writer.metrics({"step": step, **_evaluate(full_ema, config, opts, device, precision)})
+                        writer.metrics({"step": step, **_evaluate(full_ema, recipe, opts, device, precision)})
                 stopping = stop.signal is not None
                 if stopping and info.distributed:
                     flag = torch.tensor(1.0, device=device)
@@ -420,37 +422,58 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None
         )
 
 
-def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str):
-    """DPM-Solver++ (20 steps) with guidance on every ε channel: cheap enough to run inside training."""
+def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Recipe:
+    """The run's recipe, from the flags (model, process) and the data (its latent space and label map)."""
+    classes = data.classes if data.classes and len(data.classes) <= config.num_classes else None
+    return Recipe(
+        model=config,
+        process=DiffusionProcess(noise_schedule=opts.noise_schedule),
+        latents=data.latents,
+        conditioning=Conditioning(classes=classes),
+    )
+
+
+def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | None) -> None:
+    """A checkpoint made with another process (schedule, objective...) does not continue this run."""
+    if stored_json is None:
+        return  # written before recipes existed: the results folder's config.json was checked instead
+    stored = Recipe.from_json(stored_json, where=str(path))
+    if stored.process != recipe.process:
+        raise UserError(
+            f"{path} was trained with process {stored.to_dict()['process']} but this run asks for "
+            f"{recipe.to_dict()['process']}; pass the same flags (e.g. --noise-schedule) or another --results-dir"
+        )
+
+
+def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
+    """DPM-Solver++ (20 steps) with guidance on every ε channel: cheap enough to run inside training. The VAE
+    that decodes the grid is the recipe's (a latent store's own, or --vae for an image folder)."""
     from ditkit.sample import Sampler
 
     vae = None
-    if config.in_channels != 1 and opts.vae:
+    if not recipe.latents.is_pixels:
         from ditkit.autoencoder import load_vae
 
-        vae = load_vae(opts.vae, device=device)
+        vae = load_vae(recipe.latents.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
-                   cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=precision)
+                   cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
+                   precision=precision, recipe=recipe)
 
 
-def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,
-                 precision: str) -> None:
+def _sample_grid(ema: DiT, recipe: Recipe, folder: Path, device: torch.device, precision: str) -> None:
     """A guided EMA sample grid: one row per class (at most 10), 8 columns, into RESULTS/samples/STEP/."""
     from ditkit.sample import sample_grid
 
-    sampler = _ema_sampler(ema, config, opts, device, precision)
-    sample_grid(sampler, list(range(min(config.num_classes, 10))), 8, seed=0, out=folder, save_images=False)
+    sampler = _ema_sampler(ema, recipe, device, precision)
+    sample_grid(sampler, list(range(min(recipe.model.num_classes, 10))), 8, seed=0, out=folder, save_images=False)
 
 
-def _evaluate(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str) -> dict:
+def _evaluate(ema: DiT, recipe: Recipe, opts: TrainOptions, device: torch.device, precision: str) -> dict:
     """The digits yardstick on `eval_samples` class-balanced EMA samples."""
     from ditkit.metrics.digits_classifier import digits_metrics
 
-    labels = torch.arange(opts.eval_samples) % config.num_classes
-    sampler = _ema_sampler(ema, config, opts, device, precision)
+    labels = torch.arange(opts.eval_samples) % recipe.model.num_classes
+    sampler = _ema_sampler(ema, recipe, device, precision)
     images = sampler.images(labels, torch.Generator(device=device).manual_seed(0))
     pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return {f"eval_{k}": v for k, v in digits_metrics(pixels, labels, verbose=False).items()}
-
-

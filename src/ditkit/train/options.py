@@ -10,6 +10,7 @@ from typing import Any
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
+from ditkit.recipe import DiffusionProcess
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -130,5 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", default=None, help="'auto' (newest checkpoint in the results folder) or a checkpoint folder")
     a("--num-workers", type=int, default=4)
     a("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
+    a("--noise-schedule", choices=DiffusionProcess.SCHEDULES, default="linear",
+      help="beta schedule of the diffusion (stored in the checkpoint's recipe; sampling reads it from there)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--no-progress", action="store_true")
