@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ditkit.checkpoints import load_model, save_model
+from ditkit.checkpoints import load_model_with_recipe, save_model
 from ditkit.diffusers_folder import (
     SIDECAR,
     WEIGHTS,
@@ -51,6 +51,7 @@ from ditkit.diffusers_folder import (
     _read_json,
     config_from_diffusers,
     differences,
+    folder_recipe,
     from_diffusers_state_dict,
     read_diffusers_folder,
     transformer_folder,
@@ -60,6 +61,7 @@ from ditkit.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
 from ditkit.models.embeddings import sincos_2d
+from ditkit.recipe import Recipe
 
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
@@ -296,6 +298,7 @@ def to_diffusers(
     vae: str | os.PathLike | None = None,
     labels: str | os.PathLike | None = None,
     overwrite: bool = False,
+    recipe: Recipe | None = None,
 ) -> dict[str, float]:
     """Write `model` as a diffusers folder: the transformer alone, or with `vae` a full `DiTPipeline`.
 
@@ -329,6 +332,8 @@ def to_diffusers(
                 index["id2label"] = id2label
                 atomic_write(tmp / "model_index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
         meta = {"config": model.config.to_dict(), "note": DIFFERENCES_NOTE}
+        if recipe is not None:  # read back by `ditkit.load_model_with_recipe` and `--to ditkit`
+            meta["recipe"] = recipe.replace(model=model.config).to_dict()
         atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         stock = _verify_written(model, tmp)
         if dst.exists():
@@ -391,8 +396,8 @@ def _describe(diff: dict[str, float]) -> str:
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if args.to == "diffusers":
-        model = load_model(args.src, model=args.model)
-        stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite)
+        model, recipe = load_model_with_recipe(args.src, model=args.model)
+        stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite, recipe=recipe)
         kind = "DiTPipeline" if args.vae else "DiTTransformer2DModel"
         print(f"wrote {kind} folder {dst} ({model.config.name}, input {model.config.input_size})")
         print(
@@ -420,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.src} holds a {config.name}, not {args.model}")
     model = DiT(config)
     model.load_state_dict(state_dict, strict=True)
-    save_model(model.eval(), dst, metadata={"converted_from": "diffusers"})
+    save_model(model.eval(), dst, metadata={"converted_from": "diffusers"}, recipe=folder_recipe(args.src, config))
     print(f"wrote {dst} ({config.name}, input {config.input_size})")
     notes = differences(_read_json(folder / "config.json"))
     print("note: ditkit computes the original DiT; diffusers' port of this model has " + "; ".join(notes))
