@@ -28,6 +28,9 @@ import torch
 from ditkit.errors import UserError
 
 Model = Callable[..., torch.Tensor]
+Shape = tuple[int, ...] | list[int]
+Device = torch.device | str | None
+Denoise = Callable[[torch.Tensor], torch.Tensor] | None
 
 MEAN_TYPES = ("epsilon", "x0", "v")
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
@@ -280,13 +283,8 @@ class GaussianDiffusion:
         return model_output, self._coef(variance, t, x).expand_as(x), self._coef(log_variance, t, x).expand_as(x)
 
     def p_mean_variance(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, model_kwargs: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from one model call: dict with "mean", "variance", "log_variance", "pred_xstart".
 
@@ -389,15 +387,9 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------------------------- one step
 
     def p_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        generator: torch.Generator | None = None,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """One ancestral step x_t → x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0.
 
@@ -415,26 +407,25 @@ class GaussianDiffusion:
         sample = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
+    def _ddim_prediction(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool,
+                         denoised_fn: Denoise, cond_fn: Callable[..., torch.Tensor] | None,
+                         model_kwargs: dict | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """p_mean_variance (classifier-guided when `cond_fn`) and the ε̂ it implies: what a DDIM step starts from."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
+        return out, self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+
     def ddim_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t → x_{t-1} (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like.
 
         The learned variance is not used: DDIM's σ_t = eta·√((1−ᾱ_{t-1})/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t-1}).
         """
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar = self._coef("alphas_cumprod", t, x)
         alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
@@ -444,23 +435,14 @@ class GaussianDiffusion:
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        eta: float = 0.0,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, eta: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """One deterministic DDIM inversion step x_t → x_{t+1} (the ODE run forwards)."""
         if eta != 0.0:
             raise ValueError("DDIM inversion is deterministic: eta must be 0")
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar_next = self._coef("alphas_cumprod_next", t, x)
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
@@ -483,88 +465,60 @@ class GaussianDiffusion:
         return new
 
     # --------------------------------------------------------------------------------------- loops (compat)
+    # guided-diffusion's loop API, same arguments; each runs one step function over all steps of this process.
 
-    def p_sample_loop(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
+    def p_sample_loop(self, model: Model, shape: Shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
+                      denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+                      model_kwargs: dict | None = None, device: Device = None, progress: bool = False) -> torch.Tensor:
         """Ancestral sampling over all steps of this process, from `noise` (or fresh N(0, I) of `shape`)."""
-        final: dict = {}
-        for step in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
-        ):
-            final = step  # only the last step's output is returned
-        return final["sample"]
+        return _last_sample(self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress))
 
     def p_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
+        self, model: Model, shape: Shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, device: Device = None, progress: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """p_sample_loop, yielding each step's {"sample", "pred_xstart"}."""
-        x = _initial_noise(model, shape, noise, device)
-        for t in _steps(self.num_timesteps, x, progress):
-            with torch.no_grad():
-                out = self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
-            yield out
-            x = out["sample"]
+        def one(x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
 
-    def ddim_sample_loop(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-    ) -> torch.Tensor:
+        return self._progressive(one, model, shape, noise, device, progress)
+
+    def ddim_sample_loop(self, model: Model, shape: Shape, noise: torch.Tensor | None = None,
+                         clip_denoised: bool = True, denoised_fn: Denoise = None,
+                         cond_fn: Callable[..., torch.Tensor] | None = None, model_kwargs: dict | None = None,
+                         device: Device = None, progress: bool = False, eta: float = 0.0) -> torch.Tensor:
         """DDIM sampling over all steps of this process (respace it, e.g. "ddim50", for fewer steps)."""
-        final: dict = {}
-        for step in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
-        ):
-            final = step  # only the last step's output is returned
-        return final["sample"]
+        return _last_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta))
 
     def ddim_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
+        self, model: Model, shape: Shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, device: Device = None, progress: bool = False, eta: float = 0.0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """ddim_sample_loop, yielding each step's {"sample", "pred_xstart"}."""
+        def one(x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
+
+        return self._progressive(one, model, shape, noise, device, progress)
+
+    def _progressive(self, one_step: Callable[..., dict], model: Model, shape: Shape, noise: torch.Tensor | None,
+                     device: Device, progress: bool) -> Iterator[dict[str, torch.Tensor]]:
         x = _initial_noise(model, shape, noise, device)
         for t in _steps(self.num_timesteps, x, progress):
             with torch.no_grad():
-                out = self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
+                out = one_step(x, t)
             yield out
             x = out["sample"]
+
+
+def _last_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    final: dict = {}
+    for step in steps:
+        final = step  # only the last step's output is returned
+    return final["sample"]
 
 
 def _initial_noise(
