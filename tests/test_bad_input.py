@@ -8,6 +8,7 @@ are not repeated; this table adds the files a stranger could hand over and the c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 import ditkit
 from ditkit.checkpoints import save_model
 from ditkit.cli import main
+from test_data_fixtures import make_tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
     tiny = ditkit.create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64,
                                num_heads=4)
     save_model(tiny, base / "tiny.safetensors")
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):  # a diverged run's weights
+        broken = copy.deepcopy(tiny)
+        with torch.no_grad():
+            broken.blocks[1].mlp.fc1.weight[3, 5] = bad
+        save_model(broken, base / f"{name}_weights.safetensors")
     (base / "text.pt").write_text("this is not a checkpoint\n")
     (base / "garbage.pt").write_bytes(b"\x80\x04garbage")
     torch.save({"model": {"pos_embed": torch.zeros(3)}}, base / "not_dit.pt")
@@ -50,12 +57,45 @@ def files(tmp_path_factory) -> dict[str, Path]:
     np.savez(base / "float.npz", arr_0=np.zeros((3, 8, 8, 3), np.float32))
     np.savez(base / "no_arr0.npz", other=np.zeros(3))
     (base / "zip_garbage.npz").write_text("zz")
-    return {"base": base, "tiny": base / "tiny.safetensors"}
+    from PIL import Image
+
+    (base / "one_image").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(base / "one_image" / "only.png")
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(base / "picture.png")
+    # Small tensors whose stored config claims 10^12 classes: building that model would need petabytes.
+    save_model(tiny, base / "huge_classes.safetensors",
+               metadata={"ditkit_config": json.dumps({**tiny.config.to_dict(), "num_classes": 10**12})})
+    make_tiny_vae(base / "vae8")
+    torch.save({"w": torch.zeros(2), "payload": _Payload()}, base / "payload.pt")  # never runs: weights_only
+    return {"base": base, "tiny": base / "tiny.safetensors", "readonly": _readonly_folder(base / "ro")}
+
+
+class _Payload:
+    """An object whose unpickling would call os.system: what a malicious checkpoint carries."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _readonly_folder(path: Path) -> Path | None:
+    """A folder nobody may write into: a read-only tmpfs (root), else mode 0555 (others); None if neither."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode == 0:
+        import atexit
+
+        atexit.register(subprocess.run, ["umount", str(path)], check=False)
+        return path
+    if os.geteuid() != 0:  # root writes through mode bits, so 0555 stops only others
+        path.chmod(0o555)
+        return path
+    return None
 
 
 def _cases() -> list[tuple[str, list[str], str]]:
-    """(id, argv with {B} for the files folder and {T} for the tiny checkpoint, regex the error must match)."""
-    return [
+    """(id, argv with {B} for the files folder, {T} for the tiny checkpoint and {RO} for a read-only folder,
+    regex the error must match)."""
+    cases = [
         ("flops-size-0", ["flops", "--image-size", "0"], "--image-size must be a positive multiple of 8"),
         ("flops-size-neg", ["flops", "--image-size", "-16"], "--image-size must be a positive multiple of 8"),
         ("flops-size-type", ["flops", "--image-size", "big"], "invalid int value: 'big'"),
@@ -95,10 +135,42 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("sample-label-neg", ["sample", "--ckpt", "{T}", "--class-labels", "-1", "--device", "cpu", "--num-steps",
                               "2", "--out", "{B}/s2"], "class label -1 is out of range"),
         ("sample-zero-samples", ["sample", "--ckpt", "{T}", "--num-samples", "0"], "--num-samples must be at least 1"),
-        ("sample-eta", ["sample", "--ckpt", "{T}", "--eta", "-0.5"], "--eta must be >= 0"),
+        ("sample-eta", ["sample", "--ckpt", "{T}", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
         ("sample-vae-layout", ["sample", "--ckpt", "{T}", "--vae", "{B}/wrong_vae", "--device", "cpu"],
          "cannot load the VAE"),
         ("sample-device", ["sample", "--ckpt", "{T}", "--device", "tpu"], "bad --device"),
+        # issue 17 item 9: non-finite and out-of-range numbers, refused before any work
+        ("sample-cfg-nan", ["sample", "--ckpt", "{T}", "--out", "{B}/n0",
+                           "--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+        ("sample-cfg-inf", ["sample", "--ckpt", "{T}", "--out", "{B}/n1",
+                           "--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+        ("sample-interval-nan", ["sample", "--ckpt", "{T}", "--out", "{B}/n2",
+                           "--guidance-interval", "nan", "nan"],
+         r"--guidance-interval takes two timesteps in 0\.\.999"),
+        ("sample-interval-beyond", ["sample", "--ckpt", "{T}", "--out", "{B}/n3",
+                           "--guidance-interval", "0", "1000"],
+         r"--guidance-interval takes two timesteps in 0\.\.999"),
+        ("sample-interval-negative", ["sample", "--ckpt", "{T}", "--out", "{B}/n4",
+                           "--guidance-interval", "-5", "10"],
+         r"--guidance-interval takes two timesteps in 0\.\.999"),
+        ("sample-num-classes-0", ["sample", "--ckpt", "{T}", "--out", "{B}/n5",
+                           "--num-classes", "0"], "--num-classes must be at least 1"),
+        ("sample-eta-inf", ["sample", "--ckpt", "{T}", "--out", "{B}/n6",
+                           "--eta", "inf"], "--eta must be a finite number"),
+        ("sample-nan-weights", ["sample", "--ckpt", "{B}/nan_weights.safetensors", "--device", "cpu",
+                                "--out", "{B}/n7"],
+         "tensor 'blocks.1.mlp.fc1.weight' holds NaN or infinite values"),
+        ("sample-inf-weights", ["sample", "--ckpt", "{B}/inf_weights.safetensors", "--device", "cpu",
+                                "--out", "{B}/n8"],
+         "tensor 'blocks.1.mlp.fc1.weight' holds NaN or infinite values"),
+        ("demo-cfg-nan", ["demo", "--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+        ("demo-cfg-inf", ["demo", "--cfg-scale=-inf"], "--cfg-scale must be a finite number"),
+        ("train-grad-clip-nan", ["train", "--data-path", "digits", "--grad-clip", "nan"],
+         "--grad-clip must be a finite number"),
+        ("train-grad-clip-inf", ["train", "--data-path", "digits", "--grad-clip", "inf"],
+         "--grad-clip must be a finite number"),
+        ("train-num-classes-0", ["train", "--data-path", "digits", "--num-classes", "0"],
+         "--num-classes must be at least 1"),
         ("evaluate-missing", ["evaluate", "{B}/nope.npz", "--metric", "digits"], "not found"),
         ("evaluate-float", ["evaluate", "{B}/float.npz", "--metric", "digits"], "arr_0 must be uint8"),
         ("evaluate-no-arr0", ["evaluate", "{B}/no_arr0.npz", "--metric", "digits"], "arr_0"),
@@ -116,7 +188,54 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("convert-wrong-folder", ["convert", "--to", "ditkit", "{B}/wrong_vae", "{B}/c6.safetensors"],
          "not a diffusers DiT folder"),
         ("convert-target", ["convert", "--to", "onnx", "{T}", "{B}/c7"], "invalid choice: 'onnx'"),
+        # issue 17 item 11: read-only destinations are named before the work starts
+        ("train-readonly", ["train", "--data-path", "digits", "--model", "DiT-S/8", "--image-size", "8",
+                            "--results-dir", "{RO}/r"], r"cannot write into .*/r: .*; choose another --results-dir"),
+        ("sample-readonly", ["sample", "--ckpt", "{T}", "--device", "cpu", "--num-steps", "2", "--out", "{RO}/s"],
+         r"cannot write into .*/s: .*; choose another --out"),
+        ("sample-npz-readonly", ["sample", "--ckpt", "{T}", "--device", "cpu", "--num-steps", "2", "--num-samples",
+                                 "2", "--out", "{RO}/s"], r"cannot write into .*/s: .*; choose another --out"),
+        ("extract-readonly", ["extract", "{B}/unreadable", "--out", "{RO}/e", "--device", "cpu"],
+         r"cannot write into .*/e: .*; choose another --out"),
+        ("convert-readonly", ["convert", "--to", "diffusers", "{T}", "{RO}/c"],
+         r"cannot write into .*ro: .*; choose another DST"),
+        # item 12: tracebacks that became one line
+        ("sample-out-is-file", ["sample", "--ckpt", "{T}", "--device", "cpu", "--num-steps", "2", "--out", "{T}"],
+         "it exists and is not a folder; choose another --out"),
+        ("extract-out-is-file", ["extract", "{B}/unreadable", "--out", "{T}", "--device", "cpu"],
+         "it exists and is not a folder; choose another --out"),
+        ("sample-seed-huge", ["sample", "--ckpt", "{T}", "--device", "cpu", "--seed", str(2**70)],
+         r"--seed must be in 0\.\.4294967295"),
+        ("sample-seed-negative", ["sample", "--ckpt", "{T}", "--device", "cpu", "--seed", "-1"],
+         r"--seed must be in 0\.\.4294967295"),
+        ("train-seed-huge", ["train", "--data-path", "digits", "--global-seed", str(2**70)],
+         r"--global-seed must be in 0\.\.4294967295"),
+        ("train-classes-huge", ["train", "--data-path", "digits", "--model", "DiT-S/8", "--image-size", "8",
+                                "--num-classes", str(10**12), "--results-dir", "{B}/r4"],
+         "--num-classes 1000000000000 is more than"),
+        ("sample-classes-huge", ["sample", "--ckpt", "{T}", "--device", "cpu", "--num-classes", str(10**12)],
+         "embedding_table.* has 11 rows in the checkpoint but num_classes=1000000000000 needs"),
+        ("sample-stored-classes-huge", ["sample", "--ckpt", "{B}/huge_classes.safetensors", "--device", "cpu"],
+         "stored model config says num_classes=1000000000000 but the tensors say 10"),
+        ("sample-size-huge", ["sample", "--ckpt", "{T}", "--device", "cpu", "--image-size", str(10**9)],
+         "pos_embed.* has 16 positions in the checkpoint but input_size=1000000000 needs"),
+        ("flops-size-huge", ["flops", "--image-size", str(10**9)], "--image-size must be at most 65536"),
+        # item 15: messages that named the wrong thing or nothing
+        ("evaluate-one-image", ["evaluate", "{B}/one_image", "--metric", "digits"],
+         r"one_image holds 1 image; .*at least 2"),
+        ("sample-png-as-ckpt", ["sample", "--ckpt", "{B}/picture.png"], "is a PNG image, not a checkpoint"),
+        ("sample-pickle-payload", ["sample", "--ckpt", "{B}/payload.pt"],  # the reason whole, not cut mid-sentence
+         r"refusing to load .*payload\.pt: it holds a pickled \w+\.system object, not only tensors; only weight"),
+        # item 14: the VAE factor times the patch size, not the patch size alone
+        ("train-vae-patch", ["train", "--data-path", "{B}/one_image", "--vae", "{B}/vae8", "--model", "DiT-S/2",
+                             "--image-size", "72", "--results-dir", "{B}/r5"],
+         r"--image-size 72 is not a multiple of 16 \(VAE factor 8 × patch 2\); use e\.g\. 64 or 80"),
     ]
+    if not torch.cuda.is_available():
+        cases.append(("sample-no-cuda", ["sample", "--ckpt", "{T}", "--device", "cuda"], "no GPU is visible"))
+    if not torch.backends.mps.is_available():
+        cases.append(("sample-no-mps", ["sample", "--ckpt", "{T}", "--device", "mps"], "MPS is not available"))
+    return cases
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
@@ -147,6 +266,10 @@ def _assert_one_clear_line(verb: str, code: int, err: str) -> str:
 @pytest.mark.parametrize("case", _cases(), ids=[c[0] for c in _cases()])
 def test_bad_input_gives_one_line_and_exit_2(files, capsys, case):
     _, argv, pattern = case
+    if any("{RO}" in a for a in argv):
+        if files["readonly"] is None:
+            pytest.skip("no read-only folder can be made here (root without mount)")
+        argv = [a.replace("{RO}", str(files["readonly"])) for a in argv]
     argv = [a.replace("{B}", str(files["base"])).replace("{T}", str(files["tiny"])) for a in argv]
     code, err = _run(argv, capsys)
     line = _assert_one_clear_line(argv[0], code, err)

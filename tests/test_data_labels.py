@@ -55,3 +55,47 @@ def test_training_data_and_the_store_manifest_carry_the_label_map(tmp_path):
     store_data = open_training_data(str(store), None, None, seed=0)
     assert store_data.classes == ["ant", "bee", "cat"] and store_data.num_classes == 3
     assert np.array_equal(np.sort(store_data.labels), [0, 2])
+
+
+def _train(data, results, **kw):
+    from ditkit.train import TrainOptions, train
+
+    settings = dict(data_path=str(data), model="DiT-S/2", image_size=8, global_batch_size=2, max_steps=1,
+                    ckpt_every=1, log_every=1, results_dir=str(results), num_workers=0, progress=False,
+                    model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2})
+    return train(TrainOptions(**{**settings, **kw}))
+
+
+def test_a_run_records_its_label_map_and_refuses_another(tmp_path, one_thread):
+    import pytest
+
+    from ditkit.errors import UserError
+
+    root = _folder(tmp_path / "imgs", {"ant": 1, "bee": 0, "cat": 1})
+    _train(root, tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["classes"] == ["ant", "bee", "cat"]
+    (root / "bee").rename(root / "bat")  # same count and layout, another meaning for label 1
+    with pytest.raises(UserError, match="another label map \\(label 1 is class 'bee' there, 'bat' now\\)"):
+        _train(root, tmp_path / "run", resume="auto", max_steps=2)
+
+
+def test_exif_transpose_reaches_training_and_the_store(tmp_path, one_thread):
+    import pytest
+
+    from ditkit.autoencoder import load_vae
+    from ditkit.data.extract import extract
+    from ditkit.errors import UserError
+
+    root = _folder(tmp_path / "imgs", {"ant": 1, "cat": 1})
+    result = _train(root, tmp_path / "run", exif_transpose=True)
+    assert "EXIF orientation applied" in json.loads((result.results_dir / "config.json").read_text())["data"]
+    vae = load_vae(str(make_tiny_vae(tmp_path / "vae")))
+    kw = dict(image_size=32, shard_size=2, batch_size=2, workers=0, dtype="float32", progress=False)
+    plain = extract(root, tmp_path / "plain", vae, **kw)
+    turned = extract(root, tmp_path / "turned", vae, exif_transpose=True, **kw)
+    assert plain["exif_transpose"] is False and turned["exif_transpose"] is True
+    assert plain["fingerprint"] != turned["fingerprint"]  # a store is never resumed with the other choice
+    with pytest.raises(UserError, match="extracted without --exif-transpose"):
+        open_training_data(str(tmp_path / "plain"), None, None, seed=0, exif_transpose=True)
+    assert open_training_data(str(tmp_path / "turned"), None, None, seed=0, exif_transpose=True).num_classes == 2

@@ -305,3 +305,31 @@ def test_a_dead_or_frozen_node_makes_the_other_exit_with_one_line(tmp_path, how)
         assert f"did not answer for {timeout} s" in lines[0] and "DITKIT_DIST_TIMEOUT" in lines[0], lines
     else:
         assert "died" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    """A scheduler's SIGTERM reaches the ranks at different moments, at worst only one of them (here: node 1's
+    worker alone). Every rank must stop after the same step, rank 0 must write that step's checkpoint, and both
+    nodes must exit 0 — not one rank entering a collective that the other never joins."""
+    script = tmp_path / "train_cli.py"
+    script.write_text(TRAIN_CLI)
+    results = tmp_path / "run"
+    procs = _start_nodes([str(script), *TRAIN_ARGS, "--max-steps", "100000", "--ckpt-every", "100000",
+                          "--results-dir", str(results)], (tmp_path / "n0", tmp_path / "n1"), rdzv="c10d")
+    try:
+        _wait_for_training(results, procs)
+        worker = int(Path(f"/proc/{procs[1].pid}/task/{procs[1].pid}/children").read_text().split()[0])
+        os.kill(worker, signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            _kill_node(p)
+    for node, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {node}: {err[-3000:]}"
+    log = (results / "log.txt").read_text()
+    stopped = [line for line in log.splitlines() if "stopped by signal SIGTERM at step" in line]
+    assert len(stopped) == 1, log[-2000:]
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert (results / "checkpoints" / f"{step:07d}" / "model.safetensors").exists()
+    assert max(_losses(results)) <= step

@@ -311,3 +311,28 @@ def test_text_checkpoints_save_load_and_bare_pixart_state_dicts_infer_their_conf
     z = torch.randn(3, 4, 16, 16)
     with torch.no_grad():
         assert torch.equal(inferred(z, t, y), model(z, t, y))
+
+
+def test_guided_captions_use_the_null_caption_or_a_negative_prompt():
+    """Every sampler gets guidance through this wrapper: its halves must be the formula's."""
+    from ditkit.diffusion.guidance import guided_captions
+
+    model = randomised(tiny_text())
+    x, t, y = inputs(n=2, tokens=5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        cond = model(x, t, y, mask)
+        null = model(x, t, y, mask, force_drop_ids=torch.ones(2))
+        out = guided_captions(model, 3.0)(x, t, y, mask=mask)
+        expected = null + 3.0 * (cond - null)
+        tol = 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(out[:, :4], expected[:, :4], rtol=0, atol=tol)
+        # A negative prompt of another length (one row for the batch): padded, it is what the model says of it.
+        neg, neg_mask = torch.randn(1, 3, C), torch.ones(1, 3, dtype=torch.bool)
+        negative = model(x, t, neg.expand(2, -1, -1), neg_mask.expand(2, -1))
+        out = guided_captions(model, 3.0, negative=(neg, neg_mask))(x, t, y, mask=mask)
+        expected = negative + 3.0 * (cond - negative)
+        torch.testing.assert_close(out[:, :4], expected[:, :4], rtol=0, atol=1e-5 * expected.abs().max().item())
+        torch.testing.assert_close(guided_captions(model, 1.0)(x, t, y, mask=mask), cond, rtol=0, atol=0)
+        # The variance channels come from the conditional half (as for class guidance).
+        torch.testing.assert_close(out[:, 4:], cond[:, 4:], rtol=0, atol=1e-5 * cond.abs().max().item())

@@ -8,6 +8,7 @@ which carries plain values), so a file with a code payload is refused and its pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -148,12 +149,37 @@ def check_stored_config(stored: DiTConfig, state_dict: Mapping[str, torch.Tensor
     exhaust memory before the shape check could name the problem.
     """
     found = infer_config(state_dict)
-    for name in ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "learn_sigma"):
+    fields = ["depth", "hidden_size", "patch_size", "input_size", "in_channels", "learn_sigma"]
+    table = state_dict.get("y_embedder.embedding_table.weight")
+    if table is not None:  # class labels: the table has a null row when trained with label dropout
+        found = dataclasses.replace(found, num_classes=max(1, table.shape[0] - int(stored.class_dropout_prob > 0)))
+        fields.append("num_classes")
+    for name in fields:
         if getattr(stored, name) != getattr(found, name):
             raise UserError(
                 f"{path}: the stored model config says {name}={getattr(stored, name)!r} but the tensors say "
                 f"{getattr(found, name)!r}; the file is inconsistent (pass --model to ignore the stored config)"
             )
+
+
+def check_size_overrides(config: DiTConfig, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                         overrides: Mapping[str, Any]) -> None:
+    """Refuse an --image-size or --num-classes that the tensors contradict before the model is built: the
+    positional and label tables grow with them, and 10^12 classes would be a petabyte allocation."""
+    table = state_dict.get("y_embedder.embedding_table.weight")
+    if "num_classes" in overrides and table is not None:
+        rows = config.num_classes + int(config.class_dropout_prob > 0)
+        if rows != table.shape[0]:
+            raise UserError(
+                f"{path} does not fit: tensor 'y_embedder.embedding_table.weight' has {table.shape[0]} rows in the "
+                f"checkpoint but num_classes={config.num_classes} needs {rows}; check --num-classes"
+            )
+    pos = state_dict.get("pos_embed")
+    if "input_size" in overrides and pos is not None and pos.ndim == 3 and pos.shape[1] != config.num_patches:
+        raise UserError(
+            f"{path} does not fit: tensor 'pos_embed' has {pos.shape[1]} positions in the checkpoint but "
+            f"input_size={config.input_size} needs {config.num_patches}; check --image-size"
+        )
 
 
 def _official_args(args: Any) -> tuple[dict[str, Any], LatentSpace | None]:
@@ -231,8 +257,10 @@ def build_checked(found: CheckpointFile, model: str | None = None, **overrides: 
         config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
     else:
         config = infer_config(state_dict, **{**found.hints, **overrides})
+    check_size_overrides(config, state_dict, path, overrides)
     net = build_model(config)
     check_shapes(net, state_dict, path)
+    check_finite(state_dict, path)
     net.load_state_dict(state_dict, strict=True)
     return net.eval()
 
@@ -264,6 +292,17 @@ def load_model_with_recipe(
     found = read_checkpoint(path)
     net = build_checked(found, model, **overrides)
     return net, checkpoint_recipe(found, net.config)
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """One line naming the first floating-point tensor with a NaN or infinite value (a diverged or damaged
+    checkpoint samples black or noise images without this)."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"{path}: tensor {key!r} holds NaN or infinite values; the run that wrote it diverged or the "
+                "file is damaged: use an earlier checkpoint"
+            )
 
 
 def checkpoint_metadata(config: DiTConfig, recipe: Recipe | None = None) -> dict[str, str]:

@@ -27,14 +27,19 @@ Where diffusers' port computes something else than the original DiT (and ditkit)
   this one is exact in the folders it writes; elsewhere its effect is at float32 round-off level.
 - `DiTPipeline` guidance hard-codes null label 1000 and guides all latent channels (the official sampler
   guides the first 3), and it drops the learned variance before its scheduler.
+
+Text models (PixArt-α) convert to and from `PixArtTransformer2DModel` (the transformer alone); their names
+and deviations are in convert_pixart.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -43,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ditkit import convert_pixart
 from ditkit.checkpoints import load_model_with_recipe, save_model
 from ditkit.diffusers_folder import (
     SIDECAR,
@@ -57,10 +63,13 @@ from ditkit.diffusers_folder import (
     transformer_folder,
 )
 from ditkit.errors import UserError
+from ditkit.folder_lock import check_writable
 from ditkit.io import atomic_write
+from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
 from ditkit.models.embeddings import sincos_2d
+from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import Recipe
 
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
@@ -192,11 +201,17 @@ def match_dit_timesteps(model: Any) -> int:
     return changed
 
 
-def to_diffusers_transformer(model: DiT) -> torch.nn.Module:
-    """A `diffusers.DiTTransformer2DModel` holding `model`'s weights (in memory, eval mode)."""
+def to_diffusers_transformer(model: DiT | PixArtDiT) -> torch.nn.Module:
+    """A `diffusers.DiTTransformer2DModel` (or, for a text model, `PixArtTransformer2DModel`) holding
+    `model`'s weights (in memory, eval mode)."""
     diffusers = _import_diffusers()
-    net = _dit_class(diffusers)(**diffusers_config(model.config))
-    net.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config), strict=True)
+    if model.config.is_text:
+        net = diffusers.PixArtTransformer2DModel(**convert_pixart.diffusers_config(model.config))
+        sd = convert_pixart.to_diffusers_state_dict(model.state_dict(), model.config)
+    else:
+        net = _dit_class(diffusers)(**diffusers_config(model.config))
+        sd = to_diffusers_state_dict(model.state_dict(), model.config)
+    net.load_state_dict(sd, strict=True)
     return net.eval()
 
 
@@ -221,8 +236,15 @@ def output_difference(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, flo
 
 
 @torch.no_grad()
-def compare_outputs(model: DiT, transformer: torch.nn.Module, batch: int = 4, seed: int = 0) -> dict[str, float]:
-    """`output_difference` between ditkit's `model` and a diffusers DiT on the same `random_inputs`."""
+def compare_outputs(
+    model: DiT | PixArtDiT, transformer: torch.nn.Module, batch: int = 4, seed: int = 0
+) -> dict[str, float]:
+    """`output_difference` between ditkit's `model` and a diffusers DiT (or PixArt) on the same random inputs
+    (for text models: captions of different lengths, padded and masked)."""
+    if model.config.is_text:
+        x, t, y, mask = convert_pixart.random_inputs(model.config, batch, seed=seed)
+        ours = model.eval()(x, t, y, mask)
+        return output_difference(ours, convert_pixart.diffusers_output(transformer.eval(), x, t, y, mask))
     x, t, y = random_inputs(model.config, batch, seed)
     ours = model.eval()(x, t, y)
     theirs = transformer.eval()(x, timestep=t, class_labels=y).sample
@@ -290,10 +312,40 @@ def ddim_scheduler() -> Any:
 def _prepare_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
         raise UserError(f"{dst} already exists; choose a new path or pass --overwrite")
+    _remove_killed_temporaries(dst)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(?:(?:tmp|old)-(?P<pid>\d+)|(?P<pid2>\d+)\.[^.]+\.tmp)$")
+
+
+def _remove_killed_temporaries(dst: Path) -> None:
+    """Delete what killed conversions to `dst` left next to it (`.DST.tmp-PID`, `.DST.old-PID` and
+    `atomic_write`'s `.DST.PID.*.tmp`): only those whose process is gone, as another convert may be running."""
+    if not dst.parent.is_dir():
+        return
+    for leftover in dst.parent.glob(f".{glob.escape(dst.name)}.*"):
+        match = _TEMPORARY.match(leftover.name)
+        if match is None or match["name"] != dst.name or _process_alive(int(match["pid"] or match["pid2"])):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or an id this system cannot have: leave its files alone
+    return True
 
 
 def to_diffusers(
-    model: DiT,
+    model: DiT | PixArtDiT,
     dst: str | os.PathLike,
     vae: str | os.PathLike | None = None,
     labels: str | os.PathLike | None = None,
@@ -305,10 +357,14 @@ def to_diffusers(
     The folder is built next to `dst`, loaded back with diffusers and checked against `model` (with DiT's
     timestep frequencies switched on, the outputs must agree to float32 round-off), then moved into place.
     Returns the stock-diffusers difference `compare_outputs` measured on the loaded folder.
+    A text model becomes a `PixArtTransformer2DModel` folder, with its null caption in a side file.
     """
     diffusers = _import_diffusers()
     dst = Path(dst)
     _prepare_destination(dst, overwrite)
+    text = model.config.is_text
+    if text and (vae is not None or labels is not None):
+        raise UserError("a text model converts to the transformer alone; --vae and --labels build a class DiTPipeline")
     if labels is not None and vae is None:
         raise UserError("--labels needs --vae: the labels belong to a DiTPipeline, which needs a VAE")
     id2label = _labels(labels, model.config.num_classes) if labels is not None else None
@@ -320,6 +376,8 @@ def to_diffusers(
         if vae is None:
             transformer.save_pretrained(str(tmp), safe_serialization=True)
             sidecar = tmp / SIDECAR
+            if text:
+                _write_null_caption(model, tmp / convert_pixart.NULL_CAPTION_FILE)
         else:
             pipe = diffusers.DiTPipeline(
                 transformer=transformer, vae=_load_vae(vae, model.config.in_channels), scheduler=ddim_scheduler()
@@ -331,7 +389,7 @@ def to_diffusers(
                 index = _read_json(tmp / "model_index.json")
                 index["id2label"] = id2label
                 atomic_write(tmp / "model_index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
-        meta = {"config": model.config.to_dict(), "note": DIFFERENCES_NOTE}
+        meta = {"config": model.config.to_dict(), "note": convert_pixart.NOTE if text else DIFFERENCES_NOTE}
         if recipe is not None:  # read back by `ditkit.load_model_with_recipe` and `--to ditkit`
             meta["recipe"] = recipe.replace(model=model.config).to_dict()
         atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
@@ -351,10 +409,24 @@ def to_diffusers(
     return stock
 
 
+def _write_null_caption(model: PixArtDiT, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    null = {convert_pixart.NULL_CAPTION_KEY: model.y_embedder.y_embedding.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda tmp: save_file(null, tmp, metadata={"format": "ditkit"}))
+
+
 @torch.no_grad()
-def _verify_written(model: DiT, folder: Path, batch: int = 2) -> dict[str, float]:
+def _verify_written(model: DiT | PixArtDiT, folder: Path, batch: int = 2) -> dict[str, float]:
     """Load the written transformer back with diffusers: exact after `match_dit_timesteps`, else measured."""
     diffusers = _import_diffusers()
+    if model.config.is_text:  # no timestep difference to switch off: the stock model must agree already
+        with _quiet_diffusers():
+            loaded = diffusers.PixArtTransformer2DModel.from_pretrained(str(folder), use_safetensors=True).eval()
+        stock = compare_outputs(model, loaded, batch)
+        if stock["max_abs"] > 1e-4 * max(1.0, stock["ref_max"]):
+            raise RuntimeError(f"conversion check failed: diffusers differs from ditkit by {stock} (a ditkit bug)")
+        return stock
     sub = {"subfolder": "transformer"} if (folder / "transformer").is_dir() else {}
     with _quiet_diffusers():
         loaded = _dit_class(diffusers).from_pretrained(str(folder), use_safetensors=True, **sub).eval()
@@ -395,15 +467,16 @@ def _describe(diff: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
+    check_writable(dst.absolute().parent, "DST")  # before minutes of loading and verifying, not after
     if args.to == "diffusers":
         model, recipe = load_model_with_recipe(args.src, model=args.model)
         stock = to_diffusers(model, dst, vae=args.vae, labels=args.labels, overwrite=args.overwrite, recipe=recipe)
         kind = "DiTPipeline" if args.vae else "DiTTransformer2DModel"
+        if model.config.is_text:
+            kind = convert_pixart.CLASS_NAME
         print(f"wrote {kind} folder {dst} ({model.config.name}, input {model.config.input_size})")
-        print(
-            f"note: {DIFFERENCES_NOTE}; on this model stock diffusers differs from ditkit by "
-            f"{_describe(stock)} on random inputs"
-        )
+        note = convert_pixart.NOTE if model.config.is_text else DIFFERENCES_NOTE
+        print(f"note: {note}; on this model stock diffusers differs from ditkit by {_describe(stock)} on random inputs")
         if args.vae and model.config.num_classes != 1000:
             print(
                 f"note: DiTPipeline's guidance uses null label 1000; this model's null label is "
@@ -423,19 +496,25 @@ def run(args: argparse.Namespace) -> int:
         state_dict, config, _ = read_diffusers_folder(args.src, allow_embedder_mismatch=args.use_first_embedder)
     if args.model is not None and args.model != config.name:
         raise UserError(f"{args.src} holds a {config.name}, not {args.model}")
-    model = DiT(config)
+    model = build_model(config)
     model.load_state_dict(state_dict, strict=True)
     save_model(model.eval(), dst, metadata={"converted_from": "diffusers"}, recipe=folder_recipe(args.src, config))
-    print(f"wrote {dst} ({config.name}, input {config.input_size})")
-    notes = differences(_read_json(folder / "config.json"))
-    print("note: ditkit computes the original DiT; diffusers' port of this model has " + "; ".join(notes))
+    print(f"wrote {dst} ({config.name}{', text' if config.is_text else ''}, input {config.input_size})")
+    if config.is_text:
+        print(f"note: {convert_pixart.NOTE}")
+        if not (folder / convert_pixart.NULL_CAPTION_FILE).is_file():
+            print("note: this folder has no null caption (stock diffusers): ditkit set it to zeros; guide with "
+                  "--negative-prompt '' as diffusers' pipeline does")
+    else:
+        notes = differences(_read_json(folder / "config.json"))
+        print("note: ditkit computes the original DiT; diffusers' port of this model has " + "; ".join(notes))
     measured = _measure_source(model, folder)
     if measured is not None:
         print(f"note: on random inputs diffusers' output differs from ditkit's by {_describe(measured)}")
     return 0
 
 
-def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
+def _measure_source(model: DiT | PixArtDiT, folder: Path) -> dict[str, float] | None:
     """The stock-diffusers vs ditkit difference of a source folder, when diffusers can load it safely."""
     try:
         import diffusers
@@ -445,7 +524,8 @@ def _measure_source(model: DiT, folder: Path) -> dict[str, float] | None:
         return None  # diffusers would unpickle a .bin; ditkit read it with weights_only instead
     try:
         with _quiet_diffusers():
-            loaded = _dit_class(diffusers).from_pretrained(str(folder), use_safetensors=True)
+            cls = diffusers.PixArtTransformer2DModel if model.config.is_text else _dit_class(diffusers)
+            loaded = cls.from_pretrained(str(folder), use_safetensors=True)
         return compare_outputs(model, loaded)
     except (OSError, ValueError, RuntimeError, TypeError):
         return None  # the measurement is a courtesy; the converted file is already written and correct

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,16 @@ DEMO_CFG = 2.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results-dir", default="results/demo", help="run folder (default results/demo)")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default {DEMO_STEPS})")
-    parser.add_argument("--cfg-scale", type=float, default=DEMO_CFG, help=f"guidance scale (default {DEMO_CFG})")
+    from ditkit import demo_text
+
+    parser.add_argument("--text", action="store_true",
+                        help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
+    parser.add_argument("--results-dir", default=None,
+                        help="run folder (default results/demo, or results/demo_text with --text)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default {DEMO_STEPS}, {demo_text.DEMO_STEPS} with --text)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help=f"guidance scale (default {DEMO_CFG}, {demo_text.DEMO_CFG:g} with --text)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples scored (default 1000)")
     parser.add_argument("--per-class", type=int, default=10, help="grid columns per class (default 10)")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,9 +54,18 @@ def run(args: argparse.Namespace) -> int:
     from ditkit.sample import Sampler, sample_grid
     from ditkit.train import TrainOptions, train
 
+    if args.text:
+        from ditkit import demo_text
+
+        return demo_text.run_text(args)
+    args.results_dir = args.results_dir or "results/demo"
+    args.steps = DEMO_STEPS if args.steps is None else args.steps
+    args.cfg_scale = DEMO_CFG if args.cfg_scale is None else args.cfg_scale
     for name in ("steps", "num_samples", "per_class"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
     if args.num_samples < 20:
         raise UserError(f"--num-samples must be at least 20 for a meaningful score, got {args.num_samples}")
     results = Path(args.results_dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ditkit import convert_pixart
 from ditkit.errors import UserError
 from ditkit.io import read_safetensors, safe_torch_load
 from ditkit.models.config import DiTConfig
@@ -23,7 +24,7 @@ from ditkit.recipe import SD_VAE_SCALE, LatentSpace, Recipe, infer_recipe
 
 SIDECAR = "ditkit_config.json"  # written next to config.json: the settings diffusers' config cannot express
 WEIGHTS = "diffusion_pytorch_model"
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel", convert_pixart.CLASS_NAME)
 # Two copies of the same float32 tensor agree exactly; anything above this means they were trained apart.
 EMBEDDER_TOLERANCE = 1e-6
 
@@ -196,6 +197,8 @@ def read_diffusers_folder(
     """
     folder = transformer_folder(path)
     cfg = _read_json(folder / "config.json")
+    if convert_pixart.is_pixart_config(cfg):
+        return _read_pixart_folder(folder, cfg)
     config = config_from_diffusers(cfg, str(folder / "config.json"))
     sidecar = folder / SIDECAR
     if sidecar.is_file():
@@ -210,6 +213,32 @@ def read_diffusers_folder(
         + "; ".join(differences(cfg)),
         stacklevel=2,
     )
+    return state_dict, config, {}
+
+
+def _read_pixart_folder(folder: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], DiTConfig, dict]:
+    """A diffusers PixArt transformer folder as a ditkit text model's (state_dict, config, hints)."""
+    config = convert_pixart.config_from_diffusers(cfg, str(folder / "config.json"))
+    sidecar = folder / SIDECAR
+    if sidecar.is_file():  # caption dropout, token count: what diffusers' config cannot say
+        stored = DiTConfig.from_dict(_read_json(sidecar).get("config", {}))
+        keep = ("class_dropout_prob", "max_tokens", "num_classes")
+        if {**stored.to_dict(), **{k: config.to_dict()[k] for k in keep}} != config.to_dict():
+            raise UserError(f"{sidecar} does not match {folder / 'config.json'}; delete {sidecar} and retry")
+        config = stored
+    null = None
+    if (folder / convert_pixart.NULL_CAPTION_FILE).is_file():
+        null = read_safetensors(folder / convert_pixart.NULL_CAPTION_FILE)[0].get(convert_pixart.NULL_CAPTION_KEY)
+    if null is not None and tuple(null.shape) != (config.max_tokens, config.caption_channels):
+        raise UserError(f"{folder / convert_pixart.NULL_CAPTION_FILE}: null caption of shape {tuple(null.shape)}"
+                        f" does not fit the model ({config.max_tokens}×{config.caption_channels})")
+    state_dict = convert_pixart.from_diffusers_state_dict(_read_weights(folder), config, null, str(folder))
+    if null is None:
+        warnings.warn(
+            f"{folder}: a stock diffusers PixArt folder has no null caption; ditkit uses zeros, so guide "
+            "with --negative-prompt '' (the text features of an empty prompt, as diffusers' pipeline does)",
+            stacklevel=3,
+        )
     return state_dict, config, {}
 
 

@@ -23,6 +23,7 @@ from ditkit.errors import UserError
 
 TIMEOUT_ENV = "DITKIT_DIST_TIMEOUT"
 _timeout_s: float | None = None  # the running group's timeout, for the message when a peer is lost
+_cpu_group: object | None = None  # a gloo group for small host-side votes when the main group is NCCL
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,23 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value` (the value itself for one process). A collective: every rank must
+    call it at the same point. It runs over gloo on the host, so a GPU run does not wait for its GPU here."""
+    global _cpu_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    if _cpu_group is None:  # created on first use, which is the same call on every rank
+        _cpu_group = (dist.group.WORLD if dist.get_backend() == "gloo" else
+                      dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s or 1800)))
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(box.item())
+
+
 def cleanup() -> None:
+    global _cpu_group
+    _cpu_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

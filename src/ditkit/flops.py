@@ -53,11 +53,19 @@ def count_macs(config: DiTConfig) -> int:
     return macs
 
 
+MAX_IMAGE_SIZE = 65536  # pixels; far beyond any published DiT, and the counts stay plain integers
+
+
 def count_params(config: DiTConfig) -> int:
-    """Number of parameters (including the fixed `pos_embed`, as the official code reports), built on `meta`."""
+    """Number of parameters (including the fixed `pos_embed`, as the official code reports), built on `meta`.
+
+    The model is built with a one-token grid and the positional table counted by formula: it is the only tensor
+    whose size depends on the image size, and its sin-cos values are computed eagerly even on `meta`.
+    """
+    one_token = DiTConfig.from_dict({**config.to_dict(), "input_size": config.patch_size})
     with torch.device("meta"):
-        model = build_model(config)
-    return sum(p.numel() for p in model.parameters())
+        model = build_model(one_token)
+    return sum(p.numel() for p in model.parameters()) + (config.num_patches - 1) * config.hidden_size
 
 
 def table(
@@ -93,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     divisor = 1 if args.pixel_space else 8
     if args.image_size < 1 or args.image_size % divisor:
         raise UserError(f"--image-size must be a positive multiple of {divisor}, got {args.image_size}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
     names = [args.model] if args.model else list(MODEL_NAMES)
     rows = table(args.image_size, args.conditioning, latent=not args.pixel_space, names=names)
     if args.json:

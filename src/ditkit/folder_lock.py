@@ -82,3 +82,16 @@ def not_writable(folder: Path, err: OSError, flag: str) -> UserError:
     if err.errno == errno.EEXIST or (folder.exists() and not folder.is_dir()):
         reason = "it exists and is not a folder"
     return UserError(f"cannot write into {folder}: {reason}; choose another {flag}")
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Make `folder` if needed and prove it takes a new file, or refuse it with one line naming `flag`."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".ditkit-probe-"):
+            pass
+    except OSError as err:
+        raise not_writable(folder, err, flag) from None

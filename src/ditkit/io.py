@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -92,16 +93,42 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+# Formats that people hand over by mistake, by their first bytes; a .pt file is a zip or a bare pickle.
+_NOT_CHECKPOINTS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                    b"\x93NUMPY": "a NumPy .npy array", b"{": "a JSON file"}
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """The part of torch's weights-only refusal that names what the file holds, as a whole sentence."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled {found.group(1)} object, not only tensors"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    reason = (specific or lines or ["an object torch will not load safely"])[0]
+    return reason if len(reason) <= 200 else reason[:200].rsplit(" ", 1)[0] + " ..."
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """`torch.load` restricted to tensors and plain containers; anything else is refused with one line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    kind = next((name for magic, name in _NOT_CHECKPOINTS.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise UserError(f"{path} is {kind}, not a checkpoint; give a .pt or .safetensors weights file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unknown object"
         raise UserError(
-            f"refusing to load {path}: it holds pickled objects other than tensors ({first[:160]}); "
-            "only weight files load. Re-save the state_dict as safetensors if you trust its source"
+            f"refusing to load {path}: {_unpickling_reason(err)}; only weight files load. Re-save the "
+            "state_dict as safetensors if you trust its source"
         ) from None
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None

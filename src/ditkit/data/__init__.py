@@ -19,12 +19,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ditkit.data.images import ImageFolderDataset, check_image_size
 from ditkit.data.store import LatentStore, is_latent_store, store_recipe
 from ditkit.errors import UserError
 from ditkit.recipe import LatentSpace
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
+
+
+def __getattr__(name: str):
+    # Image folders need Pillow; imported on first use, so that training on a latent store (and everything that
+    # imports ditkit.data on the way, e.g. the training loop) runs where Pillow is not installed.
+    if name == "ImageFolderDataset":
+        from ditkit.data.images import ImageFolderDataset
+
+        return ImageFolderDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -72,10 +81,12 @@ class OnTheFlyEncoder:
         return self.vae.sample_latents(images, sample=True)
 
 
-def open_training_data(data_path: str, image_size: int | None, vae: str | None, seed: int) -> TrainingData:
+def open_training_data(data_path: str, image_size: int | None, vae: str | None, seed: int,
+                       exif_transpose: bool = False) -> TrainingData:
     """Open a latent store (detected by its manifest), or an image folder (pixels, or latents via `vae`).
 
-    `image_size` None means the store's resolution, or 256 for an image folder.
+    `image_size` None means the store's resolution, or 256 for an image folder. exif_transpose: turn each image
+    by its EXIF orientation first (for a store, it must be how the store was extracted).
     """
     path = Path(os.path.expanduser(str(data_path)))
     if not path.exists():
@@ -88,6 +99,12 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
             raise UserError(
                 f"the latent store {data_path} was extracted at {m['image_size']}px but --image-size is "
                 f"{image_size}; pass --image-size {m['image_size']} or extract again"
+            )
+        if bool(m.get("exif_transpose", False)) != exif_transpose:
+            said = "with" if m.get("exif_transpose") else "without"
+            raise UserError(
+                f"the latent store {data_path} was extracted {said} --exif-transpose; the images are encoded "
+                f"already, so {'pass' if said == 'with' else 'drop'} --exif-transpose (or extract again)"
             )
         if len(store) == 0:
             raise UserError(f"the latent store {data_path} holds no images; extract a non-empty folder")
@@ -108,10 +125,14 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
                 f"{note}"
             ),
         )
+    from ditkit.data.images import ImageFolderDataset, check_image_size
+
     image_size = 256 if image_size is None else image_size
-    dataset = ImageFolderDataset(path, image_size, seed=seed)
+    dataset = ImageFolderDataset(path, image_size, seed=seed, exif_transpose=exif_transpose)
     labels = np.asarray(dataset.labels, dtype=np.int64)
     kind = f"{dataset.num_classes} classes" if dataset.classes else "unconditional (flat folder)"
+    if exif_transpose:
+        kind += ", EXIF orientation applied"
     if vae is None:
         return TrainingData(
             dataset=dataset,

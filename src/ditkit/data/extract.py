@@ -33,6 +33,7 @@ from ditkit.data.store import (
     read_manifest,
     shard_metadata,
     shard_name,
+    shard_problem,
 )
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
@@ -50,14 +51,14 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 class _CropDataset(Dataset):
     """Item i: (i, center-cropped uint8 H×W×3 tensor of file i, or an empty tensor if it is unreadable)."""
 
-    def __init__(self, paths: list[Path], image_size: int) -> None:
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, paths: list[Path], image_size: int, exif_transpose: bool = False) -> None:
+        self.paths, self.image_size, self.exif_transpose = paths, image_size, exif_transpose
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        img = load_rgb(self.paths[i])
+        img = load_rgb(self.paths[i], self.exif_transpose)
         if img is None:
             return i, torch.empty(0, dtype=torch.uint8)
         return i, torch.from_numpy(np.array(center_crop_arr(img, self.image_size), dtype=np.uint8))
@@ -92,6 +93,7 @@ def extract(
     world_size: int = 1,
     progress: bool = True,
     barrier: Any = None,
+    exif_transpose: bool = False,
 ) -> dict[str, Any] | None:
     """Encode every image of `folder` into the store `out` (resuming if shards exist); returns the manifest.
 
@@ -102,19 +104,17 @@ def extract(
     _check_settings(dtype, shard_size, batch_size, image_size, vae)
     paths, labels, classes = find_images(folder)
     settings = dict(vae=vae.name, image_size=image_size, shard_size=shard_size, dtype=dtype, format=VERSION)
+    if exif_transpose:  # only when on: stores extracted before the option existed keep their fingerprint
+        settings["exif_transpose"] = True
     fingerprint = _fingerprint(paths, labels, folder, settings)
     num_shards = math.ceil(len(paths) / shard_size)
     out.mkdir(parents=True, exist_ok=True)
 
-    existing = read_manifest(out) if is_latent_store(out) else None
-    if existing is not None and existing.get("fingerprint") == fingerprint:
+    existing = _complete_store(out, fingerprint, num_shards)
+    if existing is not None:
         if rank == 0:
             print(f"ditkit extract: {out} is already complete ({existing['count']} images)", file=sys.stderr)
         return existing if rank == 0 else None
-    if existing is not None:
-        raise UserError(
-            f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
-        )
 
     if world_size == 1:  # leftovers of a killed run; with several ranks another rank may be mid-write
         for tmp in out.glob(".shard-*.tmp"):
@@ -127,7 +127,7 @@ def extract(
         print(f"ditkit extract: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done", file=sys.stderr)
 
     loader = DataLoader(
-        _CropDataset(paths, image_size),
+        _CropDataset(paths, image_size, exif_transpose),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
@@ -178,6 +178,20 @@ def extract(
     return manifest
 
 
+def _complete_store(out: Path, fingerprint: str, num_shards: int) -> dict[str, Any] | None:
+    """The manifest of a finished, intact store made by this same job; None when there is work to do (no store
+    yet, or a damaged one: its broken shards are encoded again and the manifest rewritten); one line when `out`
+    holds a store made from other images or settings."""
+    existing = read_manifest(out) if is_latent_store(out) else None
+    if existing is None:
+        return None
+    if existing.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
+        )
+    return existing if _intact(out, existing, num_shards) else None
+
+
 def _check_settings(dtype: str, shard_size: int, batch_size: int, image_size: int, vae: Any) -> None:
     if dtype not in STORE_DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; use one of {', '.join(STORE_DTYPES)}")
@@ -213,7 +227,21 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="extract", smoothing=0.05, file=sys.stderr)
 
 
+def _intact(out: Path, manifest: dict[str, Any], num_shards: int) -> bool:
+    """Whether a finished store still holds every shard whole and its manifest adds up."""
+    counts = [int(s["count"]) for s in manifest.get("shards", [])]
+    return len(counts) == num_shards and sum(counts) == manifest.get("count") and all(
+        shard_problem(out / shard_name(k)) is None for k in range(num_shards)
+    )
+
+
 def _shard_is_done(path: Path, fingerprint: str) -> bool:
+    if not path.exists():
+        return False
+    problem = shard_problem(path)
+    if problem is not None:
+        print(f"ditkit extract: {path} is damaged ({problem}); encoding it again", file=sys.stderr)
+        return False
     meta = shard_metadata(path)
     if meta is None:
         return False
@@ -287,6 +315,7 @@ def _build_manifest(
         "count": total,
         "num_classes": max(1, len(classes)),
         "classes": classes,
+        "exif_transpose": bool(settings.get("exif_transpose", False)),
         "shard_size": settings["shard_size"],
         "shards": shards,
         "channel_mean": [round(float(v), 6) for v in channel_mean],
@@ -319,7 +348,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute type of the VAE (default float32)")
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes per GPU (default 4)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--exif-transpose", action="store_true",
+                        help="turn each image by its EXIF orientation tag before cropping (default: pixels as "
+                        "stored, as the authors' preprocessing)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--text-encoder", help="also encode each image's caption (NAME.txt or metadata.jsonl/.csv) "
+                        "with this T5/CLIP folder or cached Hugging Face id, for text models")
+    parser.add_argument("--max-tokens", type=int, help="caption tokens with --text-encoder (default T5 120, CLIP 77)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -349,12 +384,24 @@ def run(args: argparse.Namespace) -> int:
         distributed.init(device=info.device, timeout=timedelta(hours=6))
         barrier = distributed.barrier
     try:
+        encoder = None
+        if args.text_encoder:  # captions and encoder checked before the VAE's long pass, not after it
+            from ditkit.data.captions import read_captions
+            from ditkit.text import load_text_encoder
+
+            read_captions(args.folder, find_images(args.folder)[0])
+            encoder = load_text_encoder(args.text_encoder, max_tokens=args.max_tokens, device=info.device)
         vae = load_vae(args.vae, device=info.device, dtype=getattr(torch, args.vae_dtype))
         manifest = extract(
             args.folder, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
             shard_size=args.shard_size, dtype=args.dtype, workers=args.workers, rank=info.rank,
             world_size=info.world_size, progress=not args.no_progress, barrier=barrier,
+            exif_transpose=args.exif_transpose,
         )
+        if manifest is not None and encoder is not None:
+            from ditkit.data.caption_store import extract_captions
+
+            manifest = extract_captions(args.folder, args.out, encoder, batch_size=args.batch_size)
     finally:
         if lock is not None:
             lock.release()

@@ -201,7 +201,8 @@ class ImageFolderDataset(Dataset):
     those events across workers.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, seed: int = 0, random_flip: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, image_size: int, seed: int = 0, random_flip: bool = True,
+                 exif_transpose: bool = False) -> None:
         if image_size <= 0:
             raise UserError(f"--image-size must be positive, got {image_size}")
         self.root = Path(root)
@@ -209,6 +210,7 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.random_flip = random_flip
+        self.exif_transpose = exif_transpose
         self.epoch = 0
         # A tensor in shared memory is visible to DataLoader workers (fork or spawn), unlike a plain int.
         self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -231,7 +233,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for offset in range(len(self.paths)):
             i = (index + offset) % len(self.paths)
-            img = load_rgb(self.paths[i])
+            img = load_rgb(self.paths[i], self.exif_transpose)
             if img is not None:
                 break
             self._skipped += 1

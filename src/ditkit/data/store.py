@@ -71,6 +71,22 @@ def shard_metadata(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def shard_problem(path: Path) -> str | None:
+    """What is wrong with a shard file, or None: missing, an unreadable header, or fewer bytes than its header
+    describes (a copy cut short, a full disk). Costs one header read, not a pass over the data."""
+    if not path.is_file():
+        return "the file is missing"
+    try:
+        header, start = _read_header(path)
+        end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    except (UserError, KeyError, TypeError, IndexError):
+        return "its header is unreadable"
+    size = path.stat().st_size
+    if size != start + end:
+        return f"it is {size:,} bytes where its header describes {start + end:,}"
+    return None
+
+
 def open_shard(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a shard as read-only numpy memory maps (pages are read only when touched)."""
     header, start = _read_header(path)
@@ -135,10 +151,19 @@ class LatentStore(Dataset):
         counts = [int(s["count"]) for s in self.manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        if sum(counts) != int(self.manifest["count"]):
+            raise UserError(
+                f"{self.root / MANIFEST} says {self.manifest['count']} images but its shards hold {sum(counts)}; "
+                "rerun ditkit extract (same arguments) to rewrite it"
+            )
         labels = []
         for k, f in enumerate(self.files):
-            if not f.is_file():
-                raise UserError(f"{f} is missing from the latent store; rerun ditkit extract to rewrite it")
+            problem = shard_problem(f)
+            if problem is not None:
+                raise UserError(
+                    f"latent store shard {f} is damaged ({problem}); rerun ditkit extract (same arguments) to "
+                    "encode it again"
+                )
             arrays = self._shard(k)
             if len(arrays["label"]) != counts[k]:
                 raise UserError(f"{f} holds {len(arrays['label'])} items but the manifest says {counts[k]}")

@@ -346,6 +346,15 @@ def inception_metrics(
     return result
 
 
+def _check_enough(images: ImageSet) -> None:
+    """Refuse a set too small for a covariance, naming it (statistics-only sets carry their own)."""
+    if images.count == 1:
+        raise UserError(
+            f"{images.source} holds 1 image; the Fréchet distance needs at least 2 (it compares covariances) and "
+            "means little below a few thousand: give more images"
+        )
+
+
 # ----------------------------------------------------------------------------------------------- digits
 
 
@@ -380,6 +389,7 @@ def evaluate_samples(
         raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if metric == "digits":
         if isinstance(samples, ImageSet):
+            _check_enough(samples)
             labels = samples.labels if labels is None else labels
             samples = _grey_tensor(samples)
         elif isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] == 3:
@@ -392,6 +402,8 @@ def evaluate_samples(
         raise UserError("the inception metric needs a REFERENCE set (a folder or an ADM .npz)")
     smp = samples if isinstance(samples, ImageSet) else images_from_tensor(samples)
     ref = reference if isinstance(reference, ImageSet) else open_images(reference)
+    for images in (smp, ref):
+        _check_enough(images)
     network = load_inception(inception_weights, device)
     return inception_metrics(smp, ref, network, batch_size, device, progress)
 

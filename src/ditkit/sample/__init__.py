@@ -11,12 +11,11 @@ GPUs), `cli` (the flags).
 from ditkit.sample.cli import OFFICIAL_LABELS, add_arguments, run
 from ditkit.sample.grid import make_grid, sample_grid
 from ditkit.sample.npz import sample_npz, shard_labels, shard_path
-from ditkit.sample.pipeline import DEFAULT_STEPS, VAE_DOWNSAMPLE, Sampler, load_for_sampling
+from ditkit.sample.pipeline import DEFAULT_STEPS, Sampler, load_for_sampling
 
 __all__ = [
     "DEFAULT_STEPS",
     "OFFICIAL_LABELS",
-    "VAE_DOWNSAMPLE",
     "Sampler",
     "add_arguments",
     "load_for_sampling",

@@ -14,6 +14,7 @@ an interrupted run resumes by skipping the shards already written.
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from ditkit.objectives import sampler_names
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.pipeline import load_for_sampling
+from ditkit.sample.prompts import add_prompt_arguments, run_prompts
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py's demo classes
 
@@ -81,24 +83,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", help="where released checkpoints are kept (default $DITKIT_CACHE or ~/.cache/ditkit)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_prompt_arguments(parser)
 
+
+
+def _device(text: str) -> torch.device:
+    """--device as a torch device that exists on this machine, or one line saying what to pass instead."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"bad --device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {text} given but no GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {text}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {text} given but MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {text}: ditkit samples on cpu, cuda or mps")
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
     from ditkit import distributed
 
     info = distributed.env_info()
-    if args.device:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"bad --device {args.device!r}; use cpu, cuda or cuda:N") from None
-    else:
-        device = info.device
+    device = _device(args.device) if args.device else info.device
     out = Path(args.out)
     if args.num_samples is None:
+        sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling
-            sampler = load_for_sampling(args, device)
+            if sampler.model.config.is_text:
+                print(sampler.describe())
+                print(f"wrote {run_prompts(args, sampler, out)}")
+                return 0
             labels = args.class_labels
             if labels is None:
                 n = sampler.model.config.num_classes
@@ -107,15 +127,21 @@ def run(args: argparse.Namespace) -> int:
             path = sample_grid(sampler, labels, args.per_label, args.seed, out, args.save_images)
         print(f"wrote {path}")
         return 0
-    info = distributed.init()
+    # The device by the local rank (a bare --device cuda too); ranks that finish their shards early wait for the
+    # slowest at the end, so allow hours, not a training step's timeout.
+    info = distributed.init(device=device if args.device else None, timeout=timedelta(hours=6))
+    device = info.device
     lock = None
     try:
+        sampler = load_for_sampling(args, device)
+        if sampler.model.config.is_text:
+            if info.world_size > 1:
+                raise UserError("text models sample --num-samples in one process; run without torchrun")
+            print(sampler.describe())
+            print(f"wrote {run_prompts(args, sampler, out)}")
+            return 0
         if info.is_main:
             lock = FolderLock(out, "ditkit sample", "--out")
-        if args.device is None:
-            device = info.device
-        sampler = load_for_sampling(args, device)
-        if info.is_main:
             print(sampler.describe())
         if info.is_main and args.class_labels:
             print("note: --class-labels is ignored with --num-samples (labels are uniform over the classes)")

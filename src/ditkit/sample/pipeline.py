@@ -7,19 +7,21 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ditkit.diffusion.guidance import guided
+from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
 from ditkit.recipe import LatentSpace, Recipe, infer_recipe
 
 DEFAULT_STEPS = SAMPLERS["diffusion"]
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
+TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -52,6 +54,8 @@ class Sampler:
     @property
     def objective(self) -> Objective:
         return objective_for(self.recipe)
+    # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -92,11 +96,18 @@ class Sampler:
         """The model, wrapped for classifier-free guidance when the scale is not 1."""
         if self.cfg_scale == 1.0:
             return self.model
+        if self.model.config.is_text:
+            return guided_captions(self.model, self.cfg_scale, self.guide_channels, self.interval, self.negative)
         return guided(self.model, self.cfg_scale, self.model.num_classes, self.guide_channels, self.interval)
 
     @torch.no_grad()
-    def images(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device)."""
+    def images(
+        self, labels: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 images N×H×W×C for `labels`, noise and sampler noise drawn from `generator` (on self.device).
+
+        For a text model `labels` are caption features N×L×C and `mask` their N×L token mask.
+        """
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
@@ -107,7 +118,7 @@ class Sampler:
                 noise,
                 sampler=self.sampler,
                 num_steps=self.num_steps,
-                model_kwargs={"y": labels.to(self.device)},
+                model_kwargs={"y": labels.to(self.device), **({} if mask is None else {"mask": mask.to(self.device)})},
                 eta=self.eta,
                 # x̂₀ clipping to [-1, 1] is right for pixels; latents have no such range (DiT does not clip).
                 clip_denoised=self.vae is None,
@@ -121,20 +132,31 @@ class Sampler:
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
 
+MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Checks of the flags alone, before any file is read (the step count is checked with the sampler)."""
     if args.image_size is not None and args.image_size < 1:
         raise UserError(f"--image-size must be positive, got {args.image_size}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.per_label < 1 or args.batch_size < 1:
         raise UserError("--per-label and --batch-size must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not args.eta >= 0:
-        raise UserError(f"--eta must be >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if args.cfg_scale < 0:
-        raise UserError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if args.guidance_interval and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise UserError("--guidance-interval takes T_LO T_HI with T_LO <= T_HI")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.guidance_interval:
+        lo, hi = args.guidance_interval
+        last = TRAINING_TIMESTEPS - 1
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
+            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
+                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
 def _check_image_size(image_size: int | None, model: str | None, factor: int) -> None:
@@ -170,14 +192,13 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
     vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
-    if vae_name is not None:  # known before any download or read
-        _check_image_size(expected["image_size"], expected["model"], VAE_DOWNSAMPLE)
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
-    factor = VAE_DOWNSAMPLE if vae_name else 1
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
-        vae_name, factor = stored.latents.vae, stored.latents.downsample
-        _check_image_size(expected["image_size"], expected["model"], factor)
+        vae_name = stored.latents.vae
+    vae = _load_vae(vae_name, device)
+    factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
+    _check_image_size(expected["image_size"], expected["model"], factor)
     overrides: dict[str, Any] = {}
     if expected["image_size"] is not None:
         overrides["input_size"] = expected["image_size"] // factor
@@ -189,14 +210,15 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], **overrides)
-    vae = _check_model_and_vae(model, vae_name, expected["model"] is None, device)
+    _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = checkpoint_recipe(found, model.config).replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
     cfg = float(args.cfg_scale)
-    if cfg != 1.0 and model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
+    if cfg != 1.0 and not model.config.is_text and \
+            model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     if args.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -216,24 +238,29 @@ def _latent_space(vae: Any | None) -> LatentSpace:
     return LatentSpace(vae=vae.name, scale=vae.scale, shift=vae.shift, downsample=vae.downsample)
 
 
-def _check_model_and_vae(model: Any, vae_name: str | None, config_from_file: bool, device: torch.device) -> Any:
-    """The model's input fits pixels or the VAE's latents (one line each); the VAE, loaded, or None."""
+def _load_vae(name: str | None, device: torch.device) -> Any:
+    """The VAE named by the flag or the recipe, loaded on `device`; None for a pixel-space model."""
+    if name is None:
+        return None
+    from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
+
+    return load_vae(name, device=device)
+
+
+def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) -> None:
+    """The model's input fits pixels or the VAE's latents (one line each)."""
     config = model.config
-    if config_from_file and vae_name is None and config.input_size % config.patch_size:
+    if config_from_file and vae is None and config.input_size % config.patch_size:
         raise UserError(f"image size {config.input_size} is not divisible by the patch size {config.patch_size}")
-    if vae_name is None and config.in_channels not in (1, 3):
+    if vae is None and config.in_channels not in (1, 3):
         raise UserError(
             f"the model takes {config.in_channels}-channel inputs, which are latents, not pixels; pass --vae PATH"
         )
-    if vae_name is None:
-        return None
+    if vae is None:
+        return
     if config.input_size % config.patch_size:
         raise UserError(f"latent size {config.input_size} is not divisible by the patch size {config.patch_size}")
-    from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
-
-    vae = load_vae(vae_name, device=device)
     if vae.latent_channels != config.in_channels:
         raise UserError(f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}")
-    return vae
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ditkit.errors import UserError
 from ditkit.recipe import LatentSpace
 from ditkit.train.options import TrainOptions
 
@@ -25,8 +26,9 @@ class TrainData:
     encoder: Any
     description: str
     labels: torch.Tensor | None
-    latents: LatentSpace = field(default_factory=LatentSpace)
-    classes: tuple[str, ...] | None = None
+    classes: list[str] | None = None  # label k's name (class folder), when the data names its classes
+    captions: dict | None = None  # a captioned latent store's text encoder, max_tokens, channels
+    latents: LatentSpace = field(default_factory=LatentSpace)  # how the model's inputs decode to images
 
 
 def open_data(opts: TrainOptions, seed: int) -> TrainData:
@@ -35,24 +37,53 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         from ditkit.data.digits import NUM_CLASSES, load_digits_split
 
         size = opts.image_size or 16
+        check_patch(opts, size, size, latent_store=False)
         images, labels = load_digits_split(size, "train")
         return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels,
-                         classes=tuple(str(k) for k in range(NUM_CLASSES)))
+                         classes=[str(k) for k in range(NUM_CLASSES)])
     from ditkit.data import open_training_data
 
-    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed)  # None: the store's own size
+    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed,  # None: the store's own size
+                              exif_transpose=opts.exif_transpose)
+    store = hasattr(data.dataset, "manifest")
+    check_patch(opts, opts.image_size or (256 if not store else data.input_size), data.input_size, store)
     labels = getattr(data, "labels", None)
+    dataset, captions = data.dataset, None
+    if store and data.dataset.manifest.get("captions"):
+        from ditkit.data.caption_store import CaptionedLatents, StoredCaptions
+
+        stored = StoredCaptions(opts.data_path)  # items become (latent, packed caption): a text model trains
+        dataset, captions = CaptionedLatents(data.dataset, stored), stored.info
     return TrainData(
-        data.dataset,
+        dataset,
         data.num_classes,
         data.in_channels,
         data.input_size,
         data.encoder,
         data.describe(),
         torch.as_tensor(labels) if labels is not None else None,
+        data.classes or None,
+        captions,
         data.latents,
-        tuple(data.classes) if data.classes else None,
     )
+
+
+def check_patch(opts: TrainOptions, image_size: int, input_size: int, latent_store: bool) -> None:
+    """The model's patch must tile the side it sees (`input_size`); for images say so in pixels, where the
+    step is the VAE's downsampling factor times the patch (a factor-8 VAE and patch 2 need multiples of 16)."""
+    patch = int(opts.model.rsplit("/", 1)[1])
+    if input_size % patch == 0:
+        return
+    if latent_store:
+        raise UserError(
+            f"the latent store's latents are {input_size}x{input_size}, not divisible by the patch size {patch} of "
+            f"{opts.model}; choose a model whose patch size divides {input_size}"
+        )
+    factor = max(1, image_size // input_size)
+    step = factor * patch
+    low = max(step, image_size // step * step)
+    what = f"VAE factor {factor} × patch {patch}" if factor > 1 else f"the patch size of {opts.model}"
+    raise UserError(f"--image-size {image_size} is not a multiple of {step} ({what}); use e.g. {low} or {low + step}")
 
 
 class GlobalBatches:

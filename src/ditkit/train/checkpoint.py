@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,21 +113,45 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+class IncompleteCheckpoint(UserError):
+    """A checkpoint folder with a file missing or unreadable (deleted, or a copy cut short); `reason` says which."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> TrainingCheckpoint:
     """Read a checkpoint folder on the CPU (no GPU memory spike), checking it fits `model`."""
     path = Path(path)
     files = [path / "model.safetensors", path / "ema.safetensors", path / "state.pt"]
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise UserError(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
-    weights, metadata = read_safetensors(files[0])
-    ema, _ = read_safetensors(files[1])
+        reason = f"missing {', '.join(missing)}"
+        raise IncompleteCheckpoint(f"{path} is not a complete training checkpoint ({reason})", reason)
+    try:
+        weights, metadata = read_safetensors(files[0])
+        ema, _ = read_safetensors(files[1])
+        state = safe_torch_load(files[2])
+    except UserError as err:
+        raise IncompleteCheckpoint(str(err), str(err).replace(f"{path}{os.sep}", "")) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise IncompleteCheckpoint(f"{files[2]} holds no training state", "state.pt holds no training state")
     check_shapes(model, weights, files[0])
     check_shapes(model, ema, files[1])
-    state = safe_torch_load(files[2])
-    if not isinstance(state, dict) or "step" not in state:
-        raise UserError(f"{files[2]} holds no training state")
     return TrainingCheckpoint(int(state["step"]), weights, ema, state, path, metadata.get(METADATA_KEY))
+
+
+def load_newest_complete(folder: str | os.PathLike, model: torch.nn.Module,
+                         note: Callable[[str], None]) -> TrainingCheckpoint | None:
+    """`--resume auto`: the newest checkpoint under `folder` that reads back whole, or None. Each newer one that
+    does not is passed over and named through `note` (a resume loses its steps, never its exactness)."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return load_training_checkpoint(path, model)
+        except IncompleteCheckpoint as err:
+            note(f"checkpoint {path} is incomplete ({err.reason}); passing over it to the one before")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- any world size

@@ -21,12 +21,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
 from ditkit.fast import compile_blocks
 from ditkit.folder_lock import FolderLock
+from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.objectives import objective_for
 from ditkit.recipe import Conditioning, DiffusionProcess, Recipe
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
@@ -35,6 +38,7 @@ from ditkit.train.checkpoint import (
     gather_model_state,
     gather_optimizer_state,
     list_checkpoints,
+    load_newest_complete,
     load_optimizer_state,
     load_training_checkpoint,
     prune_checkpoints,
@@ -62,14 +66,29 @@ class TrainResult:
 
 
 def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
-    """What identifies a run: a results folder holding another one is refused."""
-    return {
+    """What identifies a run: a results folder holding another one is refused. `classes`, the label map
+    (label k's class name), is there when the data names its classes."""
+    run = {
         "model": config.to_dict(),
         "data": data.description,
         "global_batch_size": opts.global_batch_size,
         "noise_schedule": opts.noise_schedule,
         "global_seed": opts.global_seed,
     }
+    if data.classes:
+        run["classes"] = list(data.classes)
+    return run
+
+
+_LATER_KEYS = ("classes",)  # recorded later than the others: a run folder written before has no such entry
+
+
+def _label_map_change(old: list[str], new: list[str]) -> str:
+    """The first difference between two label maps, in words."""
+    for k, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"label {k} is class {a!r} there, {b!r} now"
+    return f"{len(old)} classes there, {len(new)} now"
 
 
 def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool) -> None:
@@ -80,6 +99,13 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
         for key, value in run_config.items():
+            if key in _LATER_KEYS and key not in old:
+                continue
+            if key == "classes" and old[key] != value:
+                raise UserError(
+                    f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
+                    "); train on the same classes, or choose another --results-dir"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
@@ -125,6 +151,12 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def _check_fp8(device: torch.device) -> None:
+    """FP8 GEMMs need a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     info = dist_utils.init()
@@ -133,6 +165,17 @@ def train(opts: TrainOptions) -> TrainResult:
             return _train(opts, info, held)
     finally:
         dist_utils.cleanup()
+
+
+def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
+    """A captioned latent store trains a text model (PixArt-α's block) reading its stored caption features."""
+    if data.captions is None:
+        if opts.conditioning == "text":
+            raise UserError("--conditioning text trains on captions: give a latent store made by ditkit extract "
+                            "--text-encoder ENCODER from a captioned image folder")
+        return {}
+    return {"conditioning": "text", "caption_channels": int(data.captions["channels"]),
+            "max_tokens": int(data.captions["max_tokens"])}
 
 
 def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:
@@ -153,10 +196,9 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
 
     torch.manual_seed(opts.global_seed)
     model, ema = _new_models(config, opts.grad_checkpointing)
-    resume_from = _resume_path(opts, results / "checkpoints")
-    # Every rank reads the full checkpoint on the CPU and loads it before wrapping / sharding, whatever world
-    # size or strategy wrote it (the format is the same for all).
-    ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
+    notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
+    ckpt = _resume(opts, results / "checkpoints", model, notes)
+    resume_from = ckpt.path if ckpt is not None else None
     if ckpt is not None:
         check_resumed_recipe(ckpt.recipe_json, recipe, resume_from)
         model.load_state_dict(ckpt.model)
@@ -179,7 +221,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
               RunLogger(results, opts, run_config, info.is_main), step=ckpt.step if ckpt else 0,
               last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1)
     del ckpt
-    run.announce(resume_from)
+    run.announce(resume_from, notes)
     stopped_by = run.train_until_done()
     return run.finish(stopped_by)
 
@@ -188,8 +230,10 @@ def _set_precision(opts: TrainOptions, device: torch.device) -> str:
     """The run's precision (default bf16 on GPU, fp32 on CPU) and the TF32 switches that go with it."""
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp8":
+        _check_fp8(device)
     if device.type == "cuda":
-        allow = precision in ("tf32", "bf16")
+        allow = precision in ("tf32", "bf16", "fp8")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
     return precision
@@ -219,6 +263,7 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
             "learn_sigma": opts.learn_sigma,
             "class_dropout_prob": opts.class_dropout_prob,
             "conditioning": opts.conditioning,
+            **_text_overrides(data, opts),
             **opts.model_overrides,
         },
     )
@@ -226,10 +271,10 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
 
 def _new_models(config: DiTConfig, grad_checkpointing: bool) -> tuple[DiT, DiT]:
     """The model (seeded by the caller) and its EMA copy, which holds no gradients."""
-    model = DiT(config)
+    model = build_model(config)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = DiT(config)
+    ema = build_model(config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -237,16 +282,17 @@ def _new_models(config: DiTConfig, grad_checkpointing: bool) -> tuple[DiT, DiT]:
     return model, ema
 
 
-def _resume_path(opts: TrainOptions, ckpt_dir: Path) -> Path | None:
-    """--resume auto: the newest complete checkpoint (None for a fresh folder); a folder: that one."""
+def _resume(opts: TrainOptions, ckpt_dir: Path, model: torch.nn.Module, notes: list[str]) -> Any:
+    """The checkpoint to continue from, read on the CPU: --resume auto takes the newest complete one (an
+    incomplete one is passed over with a note), a folder that one; None for a fresh run. Every rank reads the
+    full checkpoint and loads it before wrapping / sharding, whatever world size or strategy wrote it."""
     if opts.resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        return found[-1] if found else None
+        return load_newest_complete(ckpt_dir, model, notes.append)
     if opts.resume:
         path = Path(opts.resume)
         if not path.exists():
             raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
-        return path
+        return load_training_checkpoint(path, model)
     return None
 
 
@@ -255,12 +301,14 @@ def _parallelize(model: DiT, ema: DiT, opts: TrainOptions, info: dist_utils.Dist
     """(what runs the batch, whether sharded): DDP-wrapped or FSDP2-sharded over the processes, blocks compiled
     on GPUs by default."""
     compile_on = opts.compile if opts.compile is not None else info.device.type == "cuda"
+    if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
+        enable_fp8(model)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
         if compile_on:  # compiled blocks first, then sharded: FSDP's hooks stay outside the compiled graphs
             compile_blocks(model)
-        dist_utils.shard_dit(model, bf16=precision == "bf16")
+        dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
         return forward, True
     if info.distributed:
@@ -315,8 +363,10 @@ class Run:
         self.check_each_step = device.type == "cpu" or self.opts.skip_nonfinite
         self.bar = None
 
-    def announce(self, resume_from: Path | None) -> None:
+    def announce(self, resume_from: Path | None, notes: list[str]) -> None:
         if self.info.is_main:
+            for line in notes:
+                self.writer.line(line)
             where = f"resuming from {resume_from} at step {self.step}" if resume_from else "starting fresh"
             params = sum(p.numel() for p in self.model.parameters())
             self.writer.line(
@@ -362,14 +412,15 @@ class Run:
         for x, y in self.loader(epoch, position):
             self.train_one(x, y, epoch)
             self.monitor()
-            stopping = stop.signal is not None
-            if stopping and self.info.distributed:
-                flag = torch.tensor(1.0, device=self.info.device)
-                stopping = bool(dist_utils.all_reduce_mean(flag) > 0)
+            # Every rank votes after every step: a signal that reached some ranks only, or reached them in
+            # different steps, stops all of them after this same step (a vote by the signalled ranks alone
+            # would be a collective that the others never join).
+            voted = dist_utils.max_over_ranks(stop.signal or 0)
+            stopping = voted > 0
             if self.step % self.opts.ckpt_every == 0 or self.step == self.total_steps or stopping:
                 self.save()
             if stopping:
-                return stop.signal
+                return voted
             if self.step >= self.total_steps:
                 break
         return None
@@ -377,7 +428,10 @@ class Run:
     def train_one(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
         """One optimizer step on this rank's rows, the non-finite bookkeeping, and the logging window."""
         num_classes, device, opts = self.recipe.model.num_classes, self.info.device, self.opts
-        if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
+        mask = None
+        if self.recipe.model.is_text:  # packed captions (features + mask), not labels
+            y, mask = unpack(y.to(device, non_blocking=True))
+        elif y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
             raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
@@ -385,7 +439,7 @@ class Run:
             with torch.no_grad():
                 x = self.data.encoder(x)
         log_now = (self.step + 1) % opts.log_every == 0
-        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite)
+        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
         if not out.stepped:
             self.skipped += 1
             if self.info.is_main:
@@ -431,9 +485,10 @@ class Run:
 
     def monitor(self) -> None:
         """EMA sample grids (--sample-every) and digits scores (--eval-every), on rank 0."""
-        opts, step = self.opts, self.step
-        grid_now = bool(opts.sample_every) and step % opts.sample_every == 0
-        eval_now = bool(opts.eval_every) and step % opts.eval_every == 0
+        opts, step, text = self.opts, self.step, self.recipe.model.is_text
+        # Class-label grids and the digits yardstick; text models are sampled from prompts (ditkit sample).
+        grid_now = bool(opts.sample_every) and step % opts.sample_every == 0 and not text
+        eval_now = bool(opts.eval_every) and step % opts.eval_every == 0 and not text
         if not (grid_now or eval_now):
             return
         full_ema = self.unsharded(self.ema) if self.fsdp else self.ema  # collective under FSDP
@@ -449,7 +504,7 @@ class Run:
         weights = gather_model_state(module)
         if not self.info.is_main:
             return module
-        plain = DiT(self.recipe.model)
+        plain = build_model(self.recipe.model)
         plain.load_state_dict(weights)
         return plain.to(self.info.device)
 
@@ -511,12 +566,17 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None
 
 def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Recipe:
     """The run's recipe, from the flags (model, process) and the data (its latent space and label map)."""
-    classes = data.classes if data.classes and len(data.classes) <= config.num_classes else None
+    if config.is_text:
+        conditioning = Conditioning(kind="text", text_encoder=(data.captions or {}).get("text_encoder"),
+                                    max_tokens=config.max_tokens)
+    else:
+        classes = data.classes if data.classes and len(data.classes) <= config.num_classes else None
+        conditioning = Conditioning(classes=tuple(classes) if classes else None)
     return Recipe(
         model=config,
         process=DiffusionProcess(noise_schedule=opts.noise_schedule),
         latents=data.latents,
-        conditioning=Conditioning(classes=classes),
+        conditioning=conditioning,
     )
 
 
@@ -544,7 +604,8 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
         vae = load_vae(recipe.latents.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
                    cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=precision, recipe=recipe)
+                   precision="bf16" if precision == "fp8" else precision,  # the EMA copy has no FP8 linears
+                   recipe=recipe)
 
 
 def _sample_grid(ema: DiT, recipe: Recipe, folder: Path, device: torch.device, precision: str) -> None:

@@ -12,7 +12,9 @@ from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
 from ditkit.recipe import DiffusionProcess
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
+MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainOptions:
     learn_sigma: bool = True
     noise_schedule: str = "linear"
     skip_nonfinite: bool = False
+    exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
 
@@ -81,8 +84,10 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError(f"--lr must be a positive number, got {opts.lr}")
     if not 0.0 <= opts.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {opts.ema_decay}")
-    if opts.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0 = off), got {opts.grad_clip}")
+    if not (math.isfinite(opts.grad_clip) and opts.grad_clip >= 0):
+        raise UserError(f"--grad-clip must be a finite number >= 0 (0 = off), got {opts.grad_clip}")
+    if opts.num_classes is not None and opts.num_classes < 1:  # 0 would fall back to the data's count unseen
+        raise UserError(f"--num-classes must be at least 1, got {opts.num_classes}")
     if opts.precision is not None and opts.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     if opts.model not in MODEL_NAMES:
@@ -98,6 +103,13 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
+    if not 0 <= opts.global_seed <= MAX_SEED:
+        raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
+    if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
+        raise UserError(
+            f"--num-classes {opts.num_classes} is more than {MAX_CLASSES:,} (the label table alone would not fit in "
+            "memory); give the number of classes in the data"
+        )
 
 
 # Every flag's default is the TrainOptions field's: written once, there.
@@ -123,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--global-seed", type=int, default=DEFAULTS["global_seed"])
     a("--lr", type=float, default=DEFAULTS["lr"])
     a("--ema-decay", type=float, default=DEFAULTS["ema_decay"])
-    a("--precision", choices=PRECISIONS, default=DEFAULTS["precision"], help="default: bf16 on GPU, fp32 on CPU")
+    a("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+      help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
     a("--compile", action=argparse.BooleanOptionalAction, default=DEFAULTS["compile"],
       help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
@@ -143,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--noise-schedule", choices=DiffusionProcess.SCHEDULES, default=DEFAULTS["noise_schedule"],
       help="beta schedule of the diffusion (stored in the checkpoint's recipe; sampling reads it from there)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
+    a("--exif-transpose", action="store_true",
+      help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
     a("--no-progress", action="store_true")
 
 

@@ -1,0 +1,498 @@
+"""ditkit's fast path (fused Triton kernels + measured attention backend, optionally FP8) against its plain PyTorch
+path, under one training loop: bf16 autocast, fused AdamW, each block compiled, `ditkit.train.step.TrainStep`.
+
+Sections (each writes its results to the JSON file as soon as it finishes, so a run stopped by its time budget
+keeps what it measured):
+  check    the kernels on the GPU against float64 references (relative errors, tolerances stated in the output)
+  tune     kernel-only times of the fused forward/backward over launch shapes at the three DiT widths
+  profile  CUDA kernel time of one training step by kernel, plain vs fast
+  micro    one fused op vs the same math compiled by inductor (fwd+bwd ms at DiT-XL/2 batch 128)
+  train    images/s of plain / fast / fp8 for the models and batches given by --train
+  curve    loss curves from the same initialisation and noise: fast bf16 and fp8 against plain bf16
+  memory   largest DiT-XL/2 batch that fits without activation checkpointing, plain vs fast
+
+    python benchmarks/bench_kernels.py --out kernels.json                 # one H200: everything
+    python benchmarks/bench_kernels.py --quick --device cpu --out q.json  # CPU smoke run (tiny models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))  # kernel_check: the float64 references the CPU tests use
+
+from ditkit.diffusion import create_diffusion  # noqa: E402
+from ditkit.fast import compile_blocks  # noqa: E402
+from ditkit.flops import count_macs  # noqa: E402
+from ditkit.models import create_model, kernels  # noqa: E402
+from ditkit.models.kernels.fp8 import enable_fp8  # noqa: E402
+from ditkit.train.step import TrainStep  # noqa: E402
+
+MODES = ("plain", "fast", "fp8")
+TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp8_fwd": 0.05, "fp8_grad": 0.10}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.start = time.monotonic()
+        self.results: dict[str, Any] = {"env": env_info(self.device), "args": vars(args)}
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.start)
+
+    def save(self) -> None:
+        if not self.args.out:
+            return
+        tmp = Path(self.args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        os.replace(tmp, self.args.out)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "device": str(device)}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def time_cuda(fn: Callable[[], Any], warmup: int, repeats: int, bench: Bench) -> float:
+    """Mean ms per call after warm-up (CUDA events on a GPU, the host clock on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    bench.sync()
+    if bench.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / repeats
+
+
+def matmul_rate(bench: Bench) -> float | None:
+    """Measured dense bf16 matmul TFLOP/s (8192³ on random data), the MFU denominator."""
+    if bench.device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=bench.device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=bench.device, dtype=torch.bfloat16)
+    ms = time_cuda(lambda: a @ b, 3, 10, bench)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------------ check
+
+
+def section_check(bench: Bench) -> None:
+    from ditkit.models.kernels import attention, fp8
+    from kernel_check import check_ops
+
+    dev = str(bench.device)
+    out: dict[str, Any] = {"tolerances": TOL}
+    out["ops_fp32"] = check_ops(4, 257, 1152, torch.float32, torch.float32, device=dev)
+    out["ops_bf16"] = check_ops(4, 256, 1152, torch.bfloat16, torch.bfloat16, device=dev)
+    out["ops_bf16_S"] = check_ops(3, 64, 384, torch.bfloat16, torch.bfloat16, device=dev)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 1152, generator=gen).to(bench.device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(4608, 1152, generator=gen) * 0.02).to(bench.device).requires_grad_()
+    b = torch.randn(4608, generator=gen).to(bench.device).requires_grad_()
+    gy = torch.randn(4096, 4608, generator=gen).to(bench.device, torch.bfloat16)
+    with torch.autocast(bench.device.type, dtype=torch.bfloat16):
+        y8 = fp8.fp8_linear(x, w, b)
+    (y8.float() * gy.float()).sum().backward()
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.linear(xr, wr, br)
+    (ref * gy.double()).sum().backward()
+
+    def rel(a: torch.Tensor, r: torch.Tensor) -> float:
+        return float((a.detach().double() - r.detach()).norm() / r.detach().norm())
+
+    out["fp8_linear"] = {"out": rel(y8, ref), "dx": rel(x.grad, xr.grad), "dw": rel(w.grad, wr.grad)}
+    if bench.device.type == "cuda":
+        out["attention_ms"] = {
+            f"b{b} {h}x{t}x{d}": attention.measure_backends(b, h, t, d, torch.bfloat16, bench.device)
+            for b, h, t, d in ((128, 16, 256, 72), (256, 16, 256, 72), (256, 12, 256, 64), (256, 6, 256, 64))
+        }
+    worst = {k: max(v.values()) for k, v in out.items() if k.startswith("ops")}
+    out["pass"] = (
+        worst["ops_fp32"] < TOL["fp32"] and worst["ops_bf16"] < TOL["bf16"] and worst["ops_bf16_S"] < TOL["bf16"]
+        and out["fp8_linear"]["out"] < TOL["fp8_fwd"]
+        and max(out["fp8_linear"]["dx"], out["fp8_linear"]["dw"]) < TOL["fp8_grad"]
+    )
+    bench.results["check"] = out
+
+
+# ------------------------------------------------------------------------------------------------ micro
+
+
+def section_micro(bench: Bench) -> None:
+    """Fused op vs inductor's fusion of the same math, forward+backward, at DiT-XL/2 batch 128."""
+    from ditkit.models.dit import LN_EPS, modulate
+    from ditkit.models.kernels import adaln, residual
+
+    n, t, d = (128, 256, 1152) if not bench.args.quick else (2, 16, 64)
+    dev = bench.device
+    x = torch.randn(n, t, d, device=dev, requires_grad=True)
+    y = torch.randn(n, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    mod = torch.randn(n, 3 * d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    shift, scale, gate = mod.chunk(3, dim=1)
+    g_h = torch.randn(n, t, d, device=dev, dtype=torch.bfloat16)
+
+    def plain_ln(x, shift, scale):
+        return modulate(torch.nn.functional.layer_norm(x, (d,), eps=LN_EPS), shift, scale).to(torch.bfloat16)
+
+    def plain_res_ln(x, y, gate, shift, scale):
+        x1 = x + gate.unsqueeze(1) * y
+        return x1, plain_ln(x1, shift, scale)
+
+    def plain_res(x, y, gate):
+        return x + gate.unsqueeze(1) * y
+
+    backend = "inductor" if dev.type == "cuda" else "eager"
+    c_ln, c_rl, c_r = (torch.compile(f, backend=backend) for f in (plain_ln, plain_res_ln, plain_res))
+    cases = {
+        "ln_modulate": (lambda: adaln.ln_modulate(x, shift, scale, LN_EPS, torch.bfloat16),
+                        lambda: c_ln(x, shift, scale)),
+        "residual_ln_modulate": (lambda: adaln.residual_ln_modulate(x, y, gate, shift, scale, LN_EPS,
+                                                                    torch.bfloat16)[1],
+                                 lambda: c_rl(x, y, gate, shift, scale)[1]),
+        "gated_residual": (lambda: residual.gated_residual(x, y, gate), lambda: c_r(x, y, gate)),
+    }
+    out = {}
+    for name, (fused, plain) in cases.items():
+        row = {}
+        for label, fn in (("fused", fused), ("inductor", plain)):
+            def step(fn=fn):
+                o = fn()
+                o.backward(g_h if o.dtype == torch.bfloat16 else g_h.float())
+                x.grad = y.grad = mod.grad = None
+
+            row[f"{label}_ms"] = time_cuda(step, 3, 20 if not bench.args.quick else 2, bench)
+        row["speedup"] = row["inductor_ms"] / row["fused_ms"]
+        out[name] = row
+    bench.results["micro"] = out
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int = 32) -> tuple[Callable, Any]:
+    """A TrainStep for `mode` (plain | fast | fp8) on fixed synthetic latents; returns (run(step), model)."""
+    kernels.set_fused(mode != "plain")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    overrides = {"depth": 2, "hidden_size": 64, "num_heads": 4} if bench.args.quick else {}
+    input_size = 8 if bench.args.quick else input_size
+    model = create_model(name, input_size=input_size, num_classes=1000, **overrides)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.requires_grad_(p.requires_grad)
+    model.to(bench.device).train()
+    ema.to(bench.device).eval()
+    if mode == "fp8":
+        enable_fp8(model)
+    compile_blocks(model, backend="inductor" if bench.device.type == "cuda" else "eager")
+    cuda = bench.device.type == "cuda"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
+                            **({"fused": True} if cuda else {}))
+    diffusion = create_diffusion("", learn_sigma=model.config.learn_sigma)
+    precision = "fp8" if mode == "fp8" else ("bf16" if cuda or not bench.args.quick else "fp32")
+    step = TrainStep(model, model, ema, opt, diffusion, device=bench.device, precision=precision,
+                     global_batch=batch)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    # smooth latents (8×8 noise upsampled): a distribution the model can learn, so the loss curve moves
+    coarse = torch.randn(batch, cfg.in_channels, 8, 8, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=cfg.input_size, mode="bilinear").to(bench.device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(bench.device)
+    return (lambda i: step(x, y, i)), model
+
+
+def train_row(name: str, batch: int, mode: str, bench: Bench, peak_tflops: float | None) -> dict[str, Any]:
+    run, model = build_step(name, batch, mode, bench)
+    counter = [0]
+
+    def one() -> None:
+        run(counter[0])
+        counter[0] += 1
+
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.monotonic()
+    one()
+    bench.sync()
+    compile_s = time.monotonic() - t0
+    repeats = bench.args.repeats
+    ms = time_cuda(one, 2, repeats, bench)
+    row = {"model": name, "batch": batch, "mode": mode, "step_ms": ms, "img_s": batch / ms * 1e3,
+           "first_step_s": compile_s}
+    flops = 6 * count_macs(model.config) * batch / (ms * 1e-3)  # 3 × (2 × MACs): forward + backward
+    row["mfu_pct"] = 100 * flops / (peak_tflops * 1e12) if peak_tflops else None
+    if bench.device.type == "cuda":
+        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    row["attention"] = getattr(model.blocks[0].attn, "backend", None)
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def section_train(bench: Bench) -> None:
+    peak = bench.results.setdefault("bf16_matmul_tflops", matmul_rate(bench))
+    rows = bench.results.setdefault("train", [])
+    for item in bench.args.train:
+        name, batch = item.split(":")
+        for mode in bench.args.modes:
+            if bench.left() < bench.args.reserve_s:
+                rows.append({"model": name, "batch": int(batch), "mode": mode, "skipped": "time budget"})
+                continue
+            try:
+                rows.append(train_row(name, int(batch), mode, bench, peak))
+            except torch.OutOfMemoryError:
+                rows.append({"model": name, "batch": int(batch), "mode": mode, "error": "out of memory"})
+                torch.cuda.empty_cache()
+            print(json.dumps(rows[-1]), flush=True)
+            bench.save()
+        by_mode = {r["mode"]: r for r in rows if r.get("model") == name and "img_s" in r}
+        for mode in ("fast", "fp8"):
+            if mode in by_mode and "plain" in by_mode:
+                by_mode[mode]["vs_plain"] = by_mode[mode]["img_s"] / by_mode["plain"]["img_s"]
+
+
+# ------------------------------------------------------------------------------------------------ curve
+
+
+def window_means(values: list[float], window: int = 10) -> list[float]:
+    return [sum(values[i:i + window]) / window for i in range(0, len(values) - window + 1, window)]
+
+
+def section_curve(bench: Bench) -> None:
+    name, batch = bench.args.curve_model.split(":")
+    steps = bench.args.curve_steps
+    curves: dict[str, list[float]] = {}
+    for mode in ("plain", "fast", "fp8"):
+        if bench.left() < bench.args.reserve_s:
+            break
+        run, _ = build_step(name, int(batch), mode, bench)
+        losses = [run(i).terms[0] for i in range(steps)]
+        curves[mode] = [float(v) for v in torch.stack(losses).cpu()]
+    out: dict[str, Any] = {"model": name, "batch": int(batch), "steps": steps}
+    if "plain" in curves:
+        ref = window_means(curves["plain"])
+        out["plain"] = {"first": ref[0], "last": ref[-1]}
+        for mode in ("fast", "fp8"):
+            if mode in curves:
+                means = window_means(curves[mode])
+                gap = max(abs(a - b) / abs(b) for a, b in zip(means, ref))
+                out[mode] = {"first": means[0], "last": means[-1], "largest_gap_pct": 100 * gap}
+    bench.results["curve"] = out
+
+
+# ------------------------------------------------------------------------------------------------ tune
+
+
+def triton_block(d: int) -> int:
+    return 1 << (d - 1).bit_length()
+
+
+def _time_fused(x, y, gate, shift, scale, dh, dxin) -> tuple[float, float]:
+    """Median ms of one fused forward and one fused backward of residual_ln_modulate (kernels only)."""
+    import triton.testing
+
+    from ditkit.models.kernels import adaln
+
+    x_new, _, mean, rstd = adaln._forward(x, y, gate, shift, scale, 1e-6, torch.bfloat16)
+    if not x.is_cuda:  # --quick under TRITON_INTERPRET: a smoke run of the code path, not a timing
+        t0 = time.perf_counter()
+        adaln._backward(x_new, dh, mean, rstd, scale, gate, y, dxin)
+        return 1e-3, (time.perf_counter() - t0) * 1e3
+    f = triton.testing.do_bench(lambda: adaln._forward(x, y, gate, shift, scale, 1e-6, torch.bfloat16),
+                                return_mode="median")
+    b = triton.testing.do_bench(lambda: adaln._backward(x_new, dh, mean, rstd, scale, gate, y, dxin),
+                                return_mode="median")
+    return f, b
+
+
+def section_tune(bench: Bench) -> None:
+    """Kernel-only times (no autograd, triton.testing.do_bench medians) of the fused forward and backward of
+    residual_ln_modulate over launch shapes, at the three DiT widths; the fastest shape is reported per width."""
+    from ditkit.models.kernels import adaln
+
+    dev = bench.device
+    out: dict[str, Any] = {}
+    grid = [(te, ch, w) for te in (2048, 4096, 8192) for ch in (16, 32, 64) for w in (4, 8)]
+    shapes = ((128, 1152), (256, 768), (256, 384))
+    t = 256
+    if bench.args.quick:
+        grid, shapes, t = grid[:2], ((2, 40),), 19
+    for n, d in shapes:
+        x = torch.randn(n, t, d, device=dev)
+        y = torch.randn(n, t, d, device=dev, dtype=torch.bfloat16)
+        mod = torch.randn(n, 3 * d, device=dev, dtype=torch.bfloat16)
+        shift, scale, gate = mod.chunk(3, dim=1)
+        dh = torch.randn(n, t, d, device=dev, dtype=torch.bfloat16)
+        dxin = torch.randn(n, t, d, device=dev)
+        moved_f = n * t * d * (4 + 2 + 4 + 2)  # x, y read; x', h written
+        moved_b = n * t * d * (4 + 2 + 4 + 2 + 4 + 2)  # x', dh, dx_in, y read; dx, dy written
+        rows = []
+        for te, ch, w in grid:
+            if bench.left() < bench.args.reserve_s:
+                break
+            adaln.TUNING.update(tile_elems=te, bwd_chunk=ch, warps=w)
+            try:
+                f, b = _time_fused(x, y, gate, shift, scale, dh, dxin)
+            except Exception as exc:  # a shape Triton cannot compile (too many registers, ...)
+                rows.append({"tile_elems": te, "bwd_chunk": ch, "warps": w, "error": str(exc)[:200]})
+                continue
+            rows.append({"tile_elems": te, "bwd_chunk": ch, "warps": w, "fwd_ms": f, "bwd_ms": b,
+                         "fwd_tb_s": moved_f / f / 1e9, "bwd_tb_s": moved_b / b / 1e9})
+        ok = [r for r in rows if "fwd_ms" in r]
+        out[f"D{d}"] = {
+            "best_fwd": min(ok, key=lambda r: r["fwd_ms"]) if ok else None,
+            "best_bwd": min(ok, key=lambda r: r["bwd_ms"]) if ok else None,
+            "best_sum": min(ok, key=lambda r: r["fwd_ms"] + r["bwd_ms"]) if ok else None,
+            "tuned": next((r for r in ok if (r["tile_elems"], r["bwd_chunk"], r["warps"]) ==
+                           adaln.TUNED.get(triton_block(d))), None),
+            "all": rows,
+        }
+        bench.results["tune"] = out
+        bench.save()
+    adaln.TUNING.clear()
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+
+def section_profile(bench: Bench) -> None:
+    """CUDA kernel time of one training step by kernel name (top 25) for plain and fast, DiT-XL/2 b128."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, batch = bench.args.profile_model.split(":")
+    out: dict[str, Any] = {}
+    for mode in ("plain", "fast"):
+        run, _ = build_step(name, int(batch), mode, bench)
+        for i in range(3):
+            run(i)
+        bench.sync()
+        cuda = bench.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            run(3)
+            bench.sync()
+        totals: dict[str, float] = {}
+        for evt in prof.key_averages():
+            us = getattr(evt, "device_time_total", 0) if cuda else evt.cpu_time_total
+            if us and evt.key:
+                totals[evt.key] = totals.get(evt.key, 0.0) + us / 1e3
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[:25]
+        out[mode] = {"kernel_ms_total": sum(totals.values()), "top": [[k[:120], round(v, 2)] for k, v in top]}
+        del run
+        bench.results["profile"] = out
+        bench.save()
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def section_memory(bench: Bench) -> None:
+    """Largest DiT-XL/2 batch without checkpointing: peak memory at two batches gives fixed + per-image bytes,
+    the capacity gives the predicted largest batch, and one step at that batch (rounded down to 8) checks it."""
+    if bench.device.type != "cuda":
+        return
+    capacity = torch.cuda.get_device_properties(bench.device).total_memory
+    out: dict[str, Any] = {"capacity_gb": capacity / 1e9}
+    for mode in ("plain", "fast"):
+        peaks = {}
+        for batch in (32, 64):
+            if bench.left() < bench.args.reserve_s:
+                break
+            peaks[batch] = train_row("DiT-XL/2", batch, mode, bench, None)["peak_gb"] * 1e9
+        if len(peaks) < 2:
+            continue
+        per = (peaks[64] - peaks[32]) / 32
+        fixed = peaks[32] - 32 * per
+        predicted = int((capacity * 0.97 - fixed) / per) // 8 * 8
+        row: dict[str, Any] = {"gb_per_image": per / 1e9, "fixed_gb": fixed / 1e9, "predicted_max": predicted}
+        if bench.left() > bench.args.reserve_s + 60:
+            try:
+                r = train_row("DiT-XL/2", predicted, mode, bench, None)
+                row["checked"] = {"batch": predicted, "fits": True, "peak_gb": r["peak_gb"], "img_s": r["img_s"]}
+            except torch.OutOfMemoryError:
+                row["checked"] = {"batch": predicted, "fits": False}
+                torch.cuda.empty_cache()
+        out[mode] = row
+        bench.results["memory"] = out
+        bench.save()
+    bench.results["memory"] = out
+
+
+SECTIONS = {"check": section_check, "tune": section_tune, "profile": section_profile, "micro": section_micro,
+            "train": section_train, "curve": section_curve, "memory": section_memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny models, few steps (a CPU smoke run)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--train", nargs="+", default=["DiT-XL/2:128", "DiT-B/2:256", "DiT-S/2:256"],
+                   help="model:batch pairs for the train section")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--curve-model", default="DiT-S/2:64")
+    p.add_argument("--profile-model", default="DiT-XL/2:128")
+    p.add_argument("--curve-steps", type=int, default=300)
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
+    p.add_argument("--reserve-s", type=float, default=30.0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.curve_steps = 2, 20
+    bench = Bench(args)
+    for name in args.sections:
+        if bench.left() < args.reserve_s:
+            bench.results.setdefault("skipped", []).append(name)
+            continue
+        t0 = time.monotonic()
+        try:
+            SECTIONS[name](bench)
+        except Exception as exc:  # keep the other sections' results; say what failed
+            bench.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            import traceback
+
+            traceback.print_exc()
+        bench.results.setdefault("section_s", {})[name] = round(time.monotonic() - t0, 1)
+        bench.save()
+        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+    print(json.dumps({k: v for k, v in bench.results.items() if k != "args"}, indent=1, default=str))
+    return 0 if "errors" not in bench.results else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

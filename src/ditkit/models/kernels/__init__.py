@@ -1,0 +1,69 @@
+"""Fused GPU paths for the DiT block; the plain PyTorch code in `ditkit.models.dit` is the reference.
+
+- `adaln`: LayerNorm (no affine) + adaLN modulate, alone or after the gated residual, forward and backward.
+- `residual`: the adaLN-Zero gated residual x + gate·y, forward and backward.
+- `attention`: the SDPA backend (cuDNN / flash / memory-efficient) chosen by measurement.
+- `fp8`: FP8 GEMMs for the block linears (`--precision fp8`).
+
+The Triton kernels are used on CUDA tensors when Triton imports and `set_fused(False)` (or the environment
+variable DITKIT_FUSED=0) has not turned them off; CPU tensors always take the plain path.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+_STATE: dict[str, object] = {"enabled": os.environ.get("DITKIT_FUSED", "1") != "0", "modules": None}
+
+
+def set_fused(enabled: bool) -> None:
+    """Turn the fused Triton kernels (and the measured attention backend) on or off for CUDA tensors."""
+    _STATE["enabled"] = bool(enabled)
+
+
+def fused_enabled() -> bool:
+    """Whether the fused path is switched on (it still applies to CUDA tensors only)."""
+    return bool(_STATE["enabled"])
+
+
+def _load() -> tuple[ModuleType, ModuleType] | None:
+    """The kernel modules, imported on first use (Triton is only needed where a GPU is)."""
+    if _STATE["modules"] is None:
+        try:
+            from ditkit.models.kernels import adaln, residual
+
+            _STATE["modules"] = (adaln, residual)
+        except ImportError:  # no Triton: the plain path serves
+            _STATE["modules"] = ()
+    return _STATE["modules"] or None  # type: ignore[return-value]
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """True when x's block should run through the fused kernels (CUDA tensor, switched on, Triton present)."""
+    return x.is_cuda and fused_enabled() and _load() is not None
+
+
+def out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the block's linears will consume: the autocast dtype when autocast is on, else x's dtype."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused LN(x)·(1 + scale) + shift (see `adaln`)."""
+    return _load()[0].ln_modulate(x.contiguous(), shift, scale, eps, out_dtype(x))
+
+
+def residual_ln_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused x' = x + gate·y, then LN(x')·(1 + scale) + shift; returns (x', h)."""
+    return _load()[0].residual_ln_modulate(x.contiguous(), y, gate, shift, scale, eps, out_dtype(x))
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Fused x + gate·y (see `residual`)."""
+    return _load()[1].gated_residual(x.contiguous(), y, gate)

@@ -1,0 +1,103 @@
+"""The fused GPU kernels (ditkit.models.kernels) against float64 references, on the CPU.
+
+The Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1 on CPU tensors) in a subprocess
+(tests/kernel_check.py), so the variable is set before Triton is imported and no other test sees it. The FP8
+GEMMs run through torch._scaled_mm, which PyTorch also implements on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ditkit.models import create_model  # noqa: E402
+from ditkit.models.kernels import fp8  # noqa: E402
+
+CHECK = Path(__file__).with_name("kernel_check.py")
+
+# Tolerances on ‖out − ref‖/‖ref‖. fp32 storage: fp32 arithmetic lands near 1e-7, so 1e-5 leaves room for
+# reduction order only. bf16 storage of h, dy and the modulation gradients: one bf16 rounding is 2^-9 ≈ 0.2%
+# per element, so 1e-2. The residual stream x stays fp32 in both modes (1e-6).
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_fp32_kernels_match_float64(interpreted):
+    errors = interpreted["fp32"]
+    assert set(errors) == {"h1", "x1", "h2", "x2", "dx", "dy", "dmod"}
+    assert max(errors.values()) < FP32_TOL, errors
+
+
+def test_kernels_with_several_token_chunks_match_float64(interpreted):
+    errors = interpreted["fp32_small_tiles"]
+    assert max(errors.values()) < FP32_TOL, errors
+
+
+def test_bf16_kernels_match_float64(interpreted):
+    errors = interpreted["bf16"]
+    assert errors["x1"] < 1e-6 and errors["x2"] < 1e-6, errors  # fp32 stream, bf16 branch: exact-ish
+    assert max(errors.values()) < BF16_TOL, errors
+    assert errors["h1"] > 1e-4, "bf16 outputs should show bf16 rounding; were they written in fp32?"
+
+
+def test_fused_block_matches_plain_model(interpreted):
+    # Two adaLN-Zero blocks and the final layer through the kernels vs the plain path in float64.
+    errors = interpreted["block_fp32"]
+    assert errors["out"] < FP32_TOL and errors["worst_param_grad"] < FP32_TOL, errors
+
+
+def test_fp8_linear_forward_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=gen, requires_grad=True)
+    w = (torch.randn(32, 48, generator=gen) * 0.1).requires_grad_()
+    b = torch.randn(32, generator=gen, requires_grad=True)
+    gy = torch.randn(64, 32, generator=gen)
+    (fp8.fp8_linear(x, w, b) * gy).sum().backward()
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.linear(xr, wr, br)
+    (ref * gy.double()).sum().backward()
+    out = fp8.fp8_linear(x.detach(), w.detach(), b.detach())
+
+    def rel(a, r):
+        return float((a.detach().double() - r.detach()).norm() / r.detach().norm())
+
+    # e4m3 keeps 3 mantissa bits (relative step 1/16 at worst, ~2% rms per element after scaling); e5m2
+    # keeps 2 for the gradient. Errors average down over the 48-term (and 64-term) sums: 5% / 10% bounds.
+    assert rel(out, ref) < 0.05
+    assert rel(x.grad, xr.grad) < 0.10 and rel(w.grad, wr.grad) < 0.10
+    assert rel(b.grad, br.grad) < 1e-6  # the bias gradient is an fp32 sum, not an FP8 product
+    assert rel(out, ref) > 1e-4, "no FP8 rounding seen: did the product run in full precision?"
+
+
+def test_fp8_falls_back_for_odd_shapes_and_keeps_state_dict():
+    model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2)
+    keys = list(model.state_dict())
+    assert fp8.enable_fp8(model) == 8  # qkv, proj, fc1, fc2 in each of 2 blocks
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.blocks[0].mlp.fc1, fp8.Float8Linear)
+    assert not isinstance(model.final_layer.linear, fp8.Float8Linear)
+    x = torch.randn(5, 48)
+    w, b = torch.randn(24, 48), torch.randn(24)
+    torch.testing.assert_close(fp8.fp8_linear(x, w, b), torch.nn.functional.linear(x, w, b))  # 5 rows: plain
+
+
+def test_cpu_tensors_take_the_plain_path():
+    from ditkit.models import kernels
+
+    assert not kernels.use_fused(torch.zeros(1, 2, 3))
