@@ -108,8 +108,17 @@ def test_a_cosine_run_samples_with_cosine_betas_from_the_checkpoint_alone(tmp_pa
     assert _stored_recipe(ckpt / "model.safetensors").process.noise_schedule == schedule
     args = _sample_args(ckpt, sampler="ddim", num_steps=5, cfg_scale=1.0)
     before = vars(args).copy()
-    sampler = load_for_sampling(args, torch.device("cpu"))
+    import ditkit.checkpoints as ck
+
+    reads = []
+    real_read = ck.read_safetensors
+    ck.read_safetensors = lambda path: reads.append(path) or real_read(path)
+    try:
+        sampler = load_for_sampling(args, torch.device("cpu"))
+    finally:
+        ck.read_safetensors = real_read
     assert vars(args) == before  # load_for_sampling does not write into the arguments (defect 3)
+    assert len(reads) == 1  # ... and reads the checkpoint once
     assert sampler.recipe.process.noise_schedule == schedule
 
     labels = torch.tensor([0, 1, 2])
@@ -178,3 +187,21 @@ def test_diffusion_tables_are_moved_once_per_device():
     assert diffusion._device_tables.keys() == tables.keys()
     assert all(diffusion._device_tables[k] is v for k, v in tables.items())  # the same tensors, not new copies
     assert torch.equal(diffusion.table("log_betas", torch.device("cpu")), torch.from_numpy(np.log(diffusion.betas)))
+
+
+def test_train_flags_default_to_the_options_fields():
+    """Defect 3: each default is written once (the TrainOptions field); the flags read it from there."""
+    import dataclasses
+
+    from ditkit.train import TrainOptions, add_arguments
+    from ditkit.train.options import options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data-path", "digits"])
+    opts = TrainOptions(**options_from_args(args))
+    assert opts == TrainOptions(data_path="digits")
+    flagged = {a.dest for a in parser._actions} & {f.name for f in dataclasses.fields(TrainOptions)}
+    assert {"lr", "noise_schedule", "global_batch_size", "exif_transpose"} <= flagged
+    args = parser.parse_args(["--data-path", "digits", "--lr", "3e-4", "--noise-schedule", "cosine"])
+    assert TrainOptions(**options_from_args(args)).lr == 3e-4  # a flag's value reaches its field
