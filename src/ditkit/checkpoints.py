@@ -22,7 +22,7 @@ import torch
 
 from ditkit.diffusers_folder import folder_recipe, read_diffusers_folder
 from ditkit.errors import UserError
-from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
@@ -315,9 +315,7 @@ def checkpoint_metadata(config: DiTConfig, recipe: Recipe | None = None) -> dict
 def save_model(
     model: DiT, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, recipe: Recipe | None = None
 ) -> None:
-    """Write weights, config and recipe as one safetensors file (atomically)."""
-    from safetensors.torch import save_file
-
+    """Write weights, config and recipe as one safetensors file (atomically; equal weights give equal bytes)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {**checkpoint_metadata(model.config, recipe), **(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))

@@ -64,7 +64,7 @@ from ditkit.diffusers_folder import (
 )
 from ditkit.errors import UserError
 from ditkit.folder_lock import check_writable
-from ditkit.io import atomic_write
+from ditkit.io import apply_umask, atomic_write
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
@@ -393,6 +393,7 @@ def to_diffusers(
         if recipe is not None:  # read back by `ditkit.load_model_with_recipe` and `--to ditkit`
             meta["recipe"] = recipe.replace(model=model.config).to_dict()
         atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        apply_umask(tmp)  # diffusers writes its weights through safetensors, as 0600 files
         stock = _verify_written(model, tmp)
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
