@@ -192,3 +192,18 @@ def test_an_identical_run_writes_identical_checkpoint_bytes(tmp_path, one_thread
         save_model(model, tmp_path / f"m{i}.safetensors")
         copies.append((tmp_path / f"m{i}.safetensors").read_bytes())
     assert len(set(copies)) == 1
+
+
+def test_a_filesystem_without_locks_warns_and_works_on(tmp_path, monkeypatch, capsys):
+    """Lustre mounted without `-o flock` and some FUSE filesystems refuse flock (ENOSYS, ENOLCK): the run
+    must not die of it; it goes on unguarded and says so."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with FolderLock(tmp_path / "f", "ditkit train", "--results-dir"):
+        pass
+    assert "does not support locks (Function not implemented)" in capsys.readouterr().err

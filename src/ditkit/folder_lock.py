@@ -17,12 +17,14 @@ import errno
 import fcntl
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 from ditkit.errors import UserError
 
 LOCK_NAME = ".ditkit.lock"
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # filesystems without flock
 
 
 class FolderLock:
@@ -44,6 +46,10 @@ class FolderLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in _NO_LOCKS:  # e.g. Lustre mounted without -o flock: work on, unguarded, and say so
+                print(f"warning: {self.folder}'s filesystem does not support locks ({err.strerror}); a second "
+                      "writer into it would not be refused", file=sys.stderr)
+                return
             holder = _read_holder(self._fd)
             self.release()
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
