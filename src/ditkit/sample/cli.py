@@ -76,7 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "classes, sharded over torchrun processes, into OUT/samples_N.npz (ADM layout)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="samples per shard and process (default 32)")
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--precision", choices=["fp32", "tf32", "bf16", "fp8"], default=None,
+        help="default: bf16 on a GPU, fp32 on a CPU (fp32/tf32 for bit-level comparisons; fp8: FP8 block matmuls)",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile each DiT block (default: on for GPUs, off on CPU)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU if any, else cpu)")
     parser.add_argument(
         "--cache-dir", help="where released checkpoints are kept (default $DITKIT_CACHE or ~/.cache/ditkit)"

@@ -100,7 +100,8 @@ class Sampler:
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
         config = self.model.config
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        low = self.precision in ("bf16", "fp8")  # fp8: the FP8 block linears run inside bf16 autocast
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low)
         with autocast:
             x = samplers.sample(
                 self.denoiser(),
@@ -117,7 +118,8 @@ class Sampler:
             )
         x = x.float()
         if self.vae is not None:
-            x = self.vae.decode(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):  # decoder convs in bf16
+                x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated.
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
@@ -216,11 +218,9 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     cfg = float(args.cfg_scale)
     if cfg != 1.0 and not config.is_text and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
-    if args.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = _fast_path(model, args, device)
     return Sampler(
-        model=model.to(device),
+        model=model,
         vae=vae,
         sampler=sampler,
         num_steps=num_steps,
@@ -230,8 +230,30 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         eta=args.eta,
         device=device,
         progress=not args.no_progress,
-        precision=args.precision,
+        precision=precision,
     )
+
+
+def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> str:
+    """Move the model to `device` and apply the precision and compile settings (GPU defaults: bf16, compiled
+    blocks); returns the precision."""
+    precision = getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
+    if precision in ("tf32", "bf16", "fp8"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    if precision == "fp8":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+        from ditkit.models.kernels.fp8 import enable_fp8
+
+        enable_fp8(model)
+    compile_on = getattr(args, "compile", None)
+    if (compile_on if compile_on is not None else device.type == "cuda") and hasattr(model, "blocks"):
+        from ditkit.fast import compile_blocks
+
+        compile_blocks(model)
+    return precision
 
 
 def _checkpoint_in_channels(path: Path) -> int:
