@@ -3,7 +3,11 @@ moments (some aimed at the instant a checkpoint or shard is being written), resu
 
 - after every kill, every checkpoint / shard on disk under its final name is readable,
 - nothing finished before a kill is lost or redone after it (data lost: must be none),
-- the finished job equals an uninterrupted run exactly (weights, shards, .npz bytes) on the CPU.
+- the finished job equals an uninterrupted run exactly (checkpoint, shard and .npz bytes) on the CPU;
+- `train-workers` (an image folder read by 2 DataLoader worker processes) is stopped by SIGTERM to its whole
+  process group instead, as SLURM pre-empts a job: every stop must exit 0 with a checkpoint, losing no step;
+- a second run started on a folder in use is refused (exit 2, one line naming the first one's pid), the first
+  goes on, and once it is SIGKILLed its folder is free again and the run finishes equal to the reference.
 
 Run:  .venv/bin/python benchmarks/soak_kill.py --seconds 240        (CI runs a short version: tests/
 test_reliability_kill.py). It prints one summary per job and, with --json, one JSON object.
@@ -23,6 +27,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,11 +50,13 @@ class SoakReport:
     data_lost: list[str] = field(default_factory=list)  # finished items that vanished, changed or went unreadable
     unreadable: list[str] = field(default_factory=list)
     final_equal: bool = False
+    second_writer: str = "not tried"  # "refused" when a second run on the same folder was turned away
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.final_equal and not self.data_lost and not self.unreadable
+        writer_ok = self.second_writer in ("not tried", "refused")
+        return self.final_equal and not self.data_lost and not self.unreadable and writer_ok
 
     def summary(self) -> str:
         lost = self.lost_per_kill
@@ -58,7 +65,7 @@ class SoakReport:
             f"{self.job}: {self.kills} kills survived ({self.kills_during_write} during a write), {self.runs} runs, "
             f"lost per kill mean {mean:.2f} max {max(lost, default=0)}, data lost {len(self.data_lost)}, "
             f"unreadable {len(self.unreadable)}, final equal to uninterrupted: {self.final_equal}, "
-            f"{self.seconds:.0f} s"
+            f"second writer: {self.second_writer}, {self.seconds:.0f} s"
         )
 
 
@@ -119,16 +126,23 @@ def _digest_files(paths: list[Path]) -> str:
 class TrainJob(Job):
     name = "train"
 
-    def __init__(self, steps: int = 24, ckpt_every: int = 1) -> None:
-        settings = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1,
-                        lr=1e-3, num_workers=0, progress=False, model_overrides=TINY, max_steps=steps,
-                        ckpt_every=ckpt_every, resume="auto")
+    def __init__(self, steps: int = 24, ckpt_every: int = 1, images: Path | None = None, workers: int = 0) -> None:
+        """Digits by default; with `images` an image folder read by `workers` DataLoader processes."""
+        data = dict(data_path=str(images), global_batch_size=4) if images else dict(data_path="digits",
+                                                                                   global_batch_size=16)
+        settings = dict(**data, model="DiT-S/2", image_size=8, log_every=1, lr=1e-3, num_workers=workers,
+                        progress=False, model_overrides=TINY, max_steps=steps, ckpt_every=ckpt_every, resume="auto")
         self.steps, self.settings = steps, settings
+        self.model_config = dict(in_channels=3, num_classes=3) if images else dict(in_channels=1, num_classes=10)
         self.script = textwrap.dedent(
             f"""
             import sys
+            from ditkit.errors import UserError
             from ditkit.train import TrainOptions, train
-            train(TrainOptions(results_dir=sys.argv[1], **{settings!r}))
+            try:
+                train(TrainOptions(results_dir=sys.argv[1], **{settings!r}))
+            except UserError as err:  # as the command line reports it
+                sys.exit(print(f"ditkit train: error: {{err}}", file=sys.stderr) or 2)
             """
         )
 
@@ -174,7 +188,7 @@ class TrainJob(Job):
         from ditkit.models import DiT, DiTConfig
         from ditkit.train.checkpoint import load_training_checkpoint
 
-        model = DiT(DiTConfig.from_name("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY))
+        model = DiT(DiTConfig.from_name("DiT-S/2", input_size=8, **self.model_config, **TINY))
         try:
             ckpt = load_training_checkpoint(work / "checkpoints" / name, model)
             model.load_state_dict(ckpt.model)
@@ -184,17 +198,9 @@ class TrainJob(Job):
         return None if ckpt.step == int(name) else f"step {ckpt.step} stored in folder {name}"
 
     def result(self, work: Path) -> str:
-        # Tensors, not file bytes: safetensors writes its metadata map in arbitrary order.
-        from safetensors.torch import load_file
-
+        # File bytes: weights, EMA, optimizer state and RNG state all equal an uninterrupted run's.
         final = work / "checkpoints" / f"{self.steps:07d}"
-        h = hashlib.sha256()
-        for name in ("model", "ema"):
-            tensors = load_file(str(final / f"{name}.safetensors"))
-            for key in sorted(tensors):
-                h.update(key.encode())
-                h.update(tensors[key].numpy().tobytes())
-        return h.hexdigest()
+        return _digest_files([final / "model.safetensors", final / "ema.safetensors", final / "state.pt"])
 
 
 class ExtractJob(Job):
@@ -300,13 +306,16 @@ def _run_to_end(job: Job, work: Path, timeout: float = 600) -> None:
 
 
 def kill_loop(job: Job, work: Path, reference: Path, kills: int, rng: random.Random,
-              max_delay: float = 6.0, deadline: float | None = None) -> SoakReport:
+              max_delay: float = 6.0, deadline: float | None = None, how: str = "kill") -> SoakReport:
     """Kill `job` up to `kills` times (or until `deadline`), resume, finish, and compare with `reference`.
 
     Every other kill waits for a temporary checkpoint/shard to appear and kills at once (a write in flight);
     the others come after a random delay in [0, max_delay] s from the process start (imports included).
+    `how`: "kill" sends SIGKILL to the process; "term-group" sends SIGTERM to its whole process group (it is
+    started in a session of its own), workers included, as SLURM does before pre-emption: the process must
+    then write a checkpoint at the step it reached and exit 0, so no step is lost.
     """
-    report = SoakReport(job.name)
+    report = SoakReport(job.name if how == "kill" else f"{job.name} ({how})")
     start = time.time()
     before: dict[str, str] = {}
     for i in range(kills):
@@ -314,8 +323,16 @@ def kill_loop(job: Job, work: Path, reference: Path, kills: int, rng: random.Ran
             break
         stale = job.temporaries(work)  # leftovers of earlier kills are not a write in flight
         job.started(work)
-        proc = subprocess.Popen(job.command(work), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        errors = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the job runs
+        proc = subprocess.Popen(job.command(work), env=ENV, stdout=subprocess.DEVNULL, stderr=errors,
+                                start_new_session=how == "term-group")
         report.runs += 1
+        if how == "term-group":
+            # A stop is asked of a running loop: before its signal handler exists (imports) SIGTERM kills any
+            # process, which loses nothing here but tests nothing either.
+            begun = job.progress(work)
+            while proc.poll() is None and job.progress(work) == begun:
+                time.sleep(0.01)
         aim_at_write = i % 2 == 1
         delay = rng.uniform(0.0, max_delay)
         t0 = time.time()
@@ -335,8 +352,18 @@ def kill_loop(job: Job, work: Path, reference: Path, kills: int, rng: random.Ran
         if proc.poll() is not None:
             break  # finished before the kill: the loop is over
         hit_write = hit_write or bool(job.temporaries(work) - stale)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if how == "term-group":
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=300)
+            if proc.returncode != 0:
+                errors.seek(0)
+                tail = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+                report.data_lost.append(f"kill {report.kills + 1}: exit {proc.returncode} after SIGTERM to the "
+                                        f"group: {tail}")
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        errors.close()
         report.kills += 1
         report.kills_during_write += int(hit_write)
         reached = job.progress(work)
@@ -359,6 +386,35 @@ def kill_loop(job: Job, work: Path, reference: Path, kills: int, rng: random.Ran
     report.final_equal = job.result(work) == job.result(reference)
     report.seconds = time.time() - start
     return report
+
+
+def second_writer(job: Job, work: Path, timeout: float = 120) -> str | None:
+    """Start `job` on `work`; once it holds the folder's lock, pause it (SIGSTOP: so that it cannot finish
+    first, however small the job) and start the job again on the same folder. The second must be refused at
+    once: exit 2, one line naming the folder and the first one's pid. Then the first is SIGKILLed, and its
+    lock must die with it (the caller's next run on `work` shows that). None when all holds, else the problem."""
+    job.started(work)
+    first = subprocess.Popen(job.command(work), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = work / ".ditkit.lock"
+    try:
+        deadline = time.time() + timeout
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+            if first.poll() is not None:
+                return f"the first run ended (exit {first.returncode}) before it was seen holding the lock"
+            if time.time() > deadline:
+                return "the first run took no lock"
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(job.command(work), env=ENV, capture_output=True, text=True, timeout=timeout)
+        lines = [ln for ln in second.stderr.splitlines() if ln.startswith("ditkit") or "Error" in ln]
+        if second.returncode != 2 or len(lines) != 1 or f"pid {first.pid}" not in lines[0] or \
+                str(work) not in lines[0]:
+            return f"second writer: exit {second.returncode}, {second.stderr.strip()[-300:]!r}"
+        return None
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)  # a stopped process takes SIGKILL too
+        first.wait()
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -394,15 +450,37 @@ def make_inputs(base: Path, num_images: int = 30) -> dict[str, Path]:
 def make_jobs(inputs: dict[str, Path], train_steps: int = 24, num_samples: int = 48) -> dict[str, Job]:
     return {
         "train": TrainJob(steps=train_steps),
+        # An image folder read by two DataLoader worker processes: what a process-group SIGTERM must spare.
+        "train-workers": TrainJob(steps=train_steps, images=inputs["images"], workers=2),
         "extract": ExtractJob(inputs["images"], inputs["vae"]),
         "sample": SampleJob(inputs["ckpt"], num_samples=num_samples),
     }
 
 
+HOW = {"train-workers": "term-group"}  # jobs stopped by SIGTERM to their process group; the others by SIGKILL
+
+
+def soak_job(job: Job, name: str, base: Path, rng: random.Random, seconds: float, max_delay: float) -> SoakReport:
+    """The kill loop for one job, then the two-writer check on a fresh folder (finished afterwards, so the
+    lock is shown to have died with its SIGKILLed holder and the output to be intact)."""
+    reference = base / f"{name}-reference"
+    _run_to_end(job, reference)
+    report = kill_loop(job, base / f"{name}-killed", reference, kills=10**6, rng=rng, max_delay=max_delay,
+                       deadline=time.time() + seconds, how=HOW.get(name, "kill"))
+    two = base / f"{name}-two-writers"
+    problem = second_writer(job, two)
+    if problem is None:
+        _run_to_end(job, two)
+        problem = None if job.result(two) == job.result(reference) else "the output differs after the refusal"
+    report.second_writer = problem or "refused"
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=240, help="wall-clock budget over all jobs")
-    parser.add_argument("--jobs", default="train,extract,sample")
+    parser.add_argument("--jobs", default="train,train-workers,extract,sample",
+                        help="train-workers: image folder with 2 DataLoader workers, stopped by SIGTERM to the group")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=400, help="images the sample job makes")
     parser.add_argument("--num-images", type=int, default=60, help="images the extract job encodes")
@@ -411,8 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    import tempfile
-
     base = Path(args.work or tempfile.mkdtemp(prefix="ditkit-soak-"))
     inputs = make_inputs(base / "inputs", args.num_images)
     jobs = make_jobs(inputs, args.train_steps, args.num_samples)
@@ -420,12 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     reports = []
     for name in names:
-        job = jobs[name]
-        reference = base / f"{name}-reference"
-        _run_to_end(job, reference)
-        share = args.seconds / len(names)  # kill time per job; reference and final runs come on top
-        report = kill_loop(job, base / f"{name}-killed", reference, kills=10**6, rng=rng,
-                           max_delay=args.max_delay, deadline=time.time() + share)
+        share = args.seconds / len(names)  # kill time per job; reference, final and two-writer runs come on top
+        report = soak_job(jobs[name], name, base, rng, share, args.max_delay)
         reports.append(report)
         print(report.summary(), flush=True)
         for line in report.data_lost + report.unreadable:

@@ -205,3 +205,76 @@ def test_stand_in_full_disk_during_sample_shard_is_one_line(tmp_path, monkeypatc
     for name in ("shard_000000.npz", "shard_000001.npz"):
         with np.load(out / "shards" / name) as f:
             assert f["arr_0"].shape == (4, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------------------------- logs (item 3)
+
+TRAIN_TINY = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1, lr=1e-3,
+                  num_workers=0, progress=False, model_overrides={"depth": 2, "hidden_size": 64, "num_heads": 4})
+
+
+def test_log_writes_that_fail_warn_once_and_training_goes_on(tmp_path, capsys, monkeypatch, one_thread):
+    """log.txt and metrics.jsonl on a device that is always full (/dev/full: real ENOSPC on every write),
+    TensorBoard's writer failing the same way: one warning each, and the run trains and checkpoints to the end."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    from ditkit.train import TrainOptions, train
+    from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint
+
+    results = tmp_path / "run"
+    results.mkdir()
+    for name in ("log.txt", "metrics.jsonl"):
+        (results / name).symlink_to("/dev/full")
+    tensorboard = pytest.importorskip("torch.utils.tensorboard")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorboard.SummaryWriter, "add_scalar", full)
+    result = train(TrainOptions(results_dir=str(results), max_steps=4, ckpt_every=2, **TRAIN_TINY))
+    err = capsys.readouterr().err
+    assert result.step == 4 and not result.stopped_by_signal
+    assert [p.name for p in list_checkpoints(results / "checkpoints")] == ["0000002", "0000004"]
+    load_training_checkpoint(results / "checkpoints" / "0000004", result.model)
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 3, warnings  # once per file, not once per write
+    assert any("log.txt (No space left on device)" in w for w in warnings)
+    assert any("metrics.jsonl (No space left on device)" in w for w in warnings)
+    assert any("TensorBoard logging stopped" in w for w in warnings)
+    assert "step 4: checkpoint" in err  # the log lines still reach stderr
+
+
+def test_real_full_disk_while_training_warns_then_stops_naming_the_intact_checkpoint(small_fs, capsys, one_thread):
+    """On a filesystem that fills up mid-run the logs fail first (warned once), training goes on, and the first
+    checkpoint that no longer fits stops the run with one line naming the newest intact one (issue 17, item 3)."""
+    from ditkit.errors import UserError
+    from ditkit.train import TrainOptions, train
+    from ditkit.train.checkpoint import list_checkpoints
+
+    results = small_fs / "run"
+    train(TrainOptions(results_dir=str(results), max_steps=2, ckpt_every=2, **TRAIN_TINY))
+    fill(small_fs, leave=8 * 1024)
+    capsys.readouterr()
+    with pytest.raises(UserError) as caught:
+        train(TrainOptions(results_dir=str(results), max_steps=6, ckpt_every=2, resume="auto", **TRAIN_TINY))
+    message = str(caught.value)
+    assert message.startswith(f"disk full while writing checkpoint {results / 'checkpoints' / '0000004'}")
+    assert f"the newest intact checkpoint is {results / 'checkpoints' / '0000002'}" in message
+    assert "\n" not in message
+    assert [p.name for p in list_checkpoints(results / "checkpoints")] == ["0000002"]
+    assert temporaries(small_fs) == [] and not list((results / "checkpoints").glob(".tmp-*"))
+
+
+def test_disk_full_on_the_first_checkpoint_does_not_claim_earlier_ones(tmp_path, monkeypatch):
+    """Issue 17, item 15: "earlier checkpoints are intact" was said when there were none."""
+    import safetensors.torch
+
+    from ditkit.train.checkpoint import save_training_checkpoint
+
+    def full(*args, **kwargs):
+        raise _safetensor_error()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    model = ditkit.create_model("DiT-S/2", **TINY)
+    with pytest.raises(UserError, match=r"disk full while writing checkpoint .*0000001; no earlier checkpoint exists"):
+        save_training_checkpoint(tmp_path / "checkpoints", 1, model, model, {"step": 1, "optimizer": {}}, "{}")

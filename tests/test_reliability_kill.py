@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from soak_kill import kill_loop, make_inputs, make_jobs, run_in_process  # noqa: E402
+from soak_kill import HOW, kill_loop, make_inputs, make_jobs, run_in_process, second_writer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,15 @@ def jobs(tmp_path_factory):
     return make_jobs(inputs, train_steps=10)
 
 
-@pytest.mark.parametrize("name,max_delay", [("train", 4.0), ("sample", 4.0), ("extract", 6.0)])
+@pytest.mark.parametrize("name,max_delay", [("train", 4.0), ("train-workers", 6.0), ("sample", 4.0),
+                                            ("extract", 6.0)])
 def test_kill_resume_loop_loses_nothing_and_matches_uninterrupted(jobs, tmp_path, name, max_delay):
+    """SIGKILL at random moments; for train-workers SIGTERM to the whole process group, DataLoader workers
+    included (what a scheduler sends before pre-emption), which must checkpoint and exit 0 each time."""
     job = jobs[name]
     run_in_process(job, tmp_path / "reference")
     report = kill_loop(job, tmp_path / "killed", tmp_path / "reference", kills=2, rng=random.Random(1),
-                       max_delay=max_delay)
+                       max_delay=max_delay, how=HOW.get(name, "kill"))
     print(report.summary())
     assert report.kills >= 1, "the job finished before it could be killed; raise the job size"
     assert not report.unreadable, report.unreadable
@@ -36,7 +39,20 @@ def test_kill_resume_loop_loses_nothing_and_matches_uninterrupted(jobs, tmp_path
     assert report.final_equal, "the resumed output differs from the uninterrupted run's"
     if name == "train":
         assert max(report.lost_per_kill) <= 1, "checkpoints are written every step: at most one step is lost"
+    elif name == "train-workers":
+        assert max(report.lost_per_kill) == 0, "a SIGTERM must leave a checkpoint at the step reached"
     else:
         assert max(report.lost_per_kill) == 0
     temporaries = job.temporaries(tmp_path / "killed")
     assert not temporaries, f"temporary files left after the final run: {sorted(temporaries)}"
+
+
+@pytest.mark.parametrize("name", ["train", "sample"])
+def test_a_second_writer_is_refused_and_the_lock_dies_with_the_first(jobs, tmp_path, name):
+    """Two runs on one folder: the second is refused at once naming the first's pid; after the first is
+    SIGKILLed the folder is free, and the run finishes equal to an uninterrupted one."""
+    job = jobs[name]
+    run_in_process(job, tmp_path / "reference")
+    assert second_writer(job, tmp_path / "two") is None
+    run_in_process(job, tmp_path / "two")
+    assert job.result(tmp_path / "two") == job.result(tmp_path / "reference")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -133,3 +134,61 @@ def test_lock_is_released_in_process_and_refuses_a_second_holder(tmp_path):
         with pytest.raises(UserError, match=rf"pid {os.getpid()} on .*; wait for it to end, or choose another"):
             FolderLock(tmp_path / "f", "ditkit train", "--results-dir")
     FolderLock(tmp_path / "f", "ditkit train", "--results-dir").release()
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _train_tiny(results: Path, **kw):
+    from ditkit.train import TrainOptions, train
+
+    return train(TrainOptions(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1,
+                              lr=1e-3, num_workers=0, progress=False, model_overrides=TINY, results_dir=str(results),
+                              **kw))
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)  # group may read, others nothing: tells the umask apart from 0644 and from 0600
+    yield 0o640
+    os.umask(old)
+
+
+def test_outputs_are_written_with_the_process_umask(tmp_path, tiny_ckpt, umask_027, one_thread, capsys):
+    """Issue 17, item 16: checkpoints, model files, sample shards, .npz, grids, settings and converted folders
+    were 0600 (mkstemp; safetensors' own writer) while state.pt was 0644."""
+    _train_tiny(tmp_path / "run", max_steps=1, ckpt_every=1)
+    save_model(ditkit.load_model(tiny_ckpt), tmp_path / "model.safetensors")
+    base = ["sample", "--ckpt", str(tiny_ckpt), "--sampler", "ddim", "--num-steps", "2", "--device", "cpu",
+            "--no-progress"]
+    assert main(base + ["--num-samples", "4", "--batch-size", "2", "--out", str(tmp_path / "npz")]) == 0
+    assert main(base + ["--save-images", "--out", str(tmp_path / "grid")]) == 0
+    folders = [tmp_path / "run", tmp_path / "npz", tmp_path / "grid"]
+    if __import__("importlib").util.find_spec("diffusers") is not None:
+        latent = ditkit.create_model("DiT-S/2", input_size=8, in_channels=4, num_classes=10, **TINY)
+        save_model(latent, tmp_path / "latent.safetensors")
+        assert main(["convert", "--to", "diffusers", str(tmp_path / "latent.safetensors"),
+                     str(tmp_path / "converted")]) == 0
+        folders.append(tmp_path / "converted")
+    files = [tmp_path / "model.safetensors"] + [p for f in folders for p in f.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.safetensors", "ema.safetensors", "state.pt", "settings.json", "grid.png"} <= names, names
+    wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != umask_027}
+    assert not wrong, f"not written with the umask (expected {oct(umask_027)}): {wrong}"
+
+
+def test_an_identical_run_writes_identical_checkpoint_bytes(tmp_path, one_thread):
+    """Issue 17, item 17: safetensors wrote its metadata map in a different order each time."""
+    for name in ("a", "b"):
+        _train_tiny(tmp_path / name, max_steps=2, ckpt_every=2)
+    for file in ("model.safetensors", "ema.safetensors", "state.pt"):
+        a = (tmp_path / "a" / "checkpoints" / "0000002" / file).read_bytes()
+        b = (tmp_path / "b" / "checkpoints" / "0000002" / file).read_bytes()
+        assert a == b, f"{file} differs between two identical runs"
+    model = ditkit.load_model(tmp_path / "a" / "checkpoints" / "0000002")
+    copies = []
+    for i in range(5):  # in one process too: the map's order is randomised per map
+        save_model(model, tmp_path / f"m{i}.safetensors")
+        copies.append((tmp_path / f"m{i}.safetensors").read_bytes())
+    assert len(set(copies)) == 1

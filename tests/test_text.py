@@ -153,3 +153,40 @@ def test_extract_encodes_captions_beside_the_latents_row_for_row(tmp_path):
     bad = subprocess.run([*cmd[:6], str(tmp_path / "store2"), *cmd[7:]], capture_output=True, text=True)
     assert bad.returncode == 2 and "3.png: no caption" in bad.stderr
     assert not (tmp_path / "store2" / "manifest.json").exists()
+
+
+def test_a_captioned_store_trains_a_text_model_that_samples_from_prompts(tmp_path):
+    """extract --text-encoder → train (text model, stored captions) → sample --prompt, end to end."""
+    import subprocess
+    import sys
+
+    import ditkit
+    from ditkit.train import TrainOptions, train
+    from test_data_fixtures import make_tiny_vae
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    words = ["a red cube", "a blue seven", "red on blue", "a cube on a red background"] * 2
+    for i in range(len(words)):
+        Image.new("RGB", (16, 16), (30 * i, 0, 255 - 30 * i)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": t})
+                                                     for i, t in enumerate(words)) + "\n")
+    vae = make_tiny_vae(tmp_path / "vae")
+    save_t5(tmp_path / "t5")
+    env_cmd = [sys.executable, "-m", "ditkit"]
+    subprocess.run([*env_cmd, "extract", str(folder), "--out", str(tmp_path / "store"), "--vae", str(vae),
+                    "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
+                    "--text-encoder", str(tmp_path / "t5"), "--max-tokens", "6"], check=True, capture_output=True)
+    result = train(TrainOptions(data_path=str(tmp_path / "store"), model="DiT-S/2", global_batch_size=4,
+                                max_steps=3, ckpt_every=3, log_every=1, num_workers=0, progress=False,
+                                results_dir=str(tmp_path / "run"), lr=1e-3,
+                                model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2}))
+    assert result.ema.config.is_text and result.ema.config.caption_channels == 16
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    assert ditkit.load_model(ckpt).config.max_tokens == 6
+    out = subprocess.run([*env_cmd, "sample", "--ckpt", str(ckpt), "--vae", str(vae), "--text-encoder",
+                          str(tmp_path / "t5"), "--prompt", "a red cube", "--sampler", "ddim", "--num-steps", "3",
+                          "--per-label", "2", "--out", str(tmp_path / "samples"), "--no-progress"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "samples" / "grid.png").is_file()

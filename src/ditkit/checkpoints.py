@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
-from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
@@ -255,9 +255,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
 
 
 def save_model(model: DiT, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write weights and config as one safetensors file (atomically)."""
-    from safetensors.torch import save_file
-
+    """Write weights and config as one safetensors file (atomically; equal weights give equal bytes)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "ditkit", **(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))

@@ -52,7 +52,7 @@ from ditkit import convert_pixart
 from ditkit.checkpoints import load_model, save_model
 from ditkit.errors import UserError
 from ditkit.folder_lock import check_writable
-from ditkit.io import atomic_write, read_safetensors, safe_torch_load
+from ditkit.io import apply_umask, atomic_write, read_safetensors, safe_torch_load
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, DiT
@@ -595,6 +595,7 @@ def to_diffusers(
                 atomic_write(tmp / "model_index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
         meta = {"config": model.config.to_dict(), "note": convert_pixart.NOTE if text else DIFFERENCES_NOTE}
         atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        apply_umask(tmp)  # diffusers writes its weights through safetensors, as 0600 files
         stock = _verify_written(model, tmp)
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) leave it 0600
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -51,6 +53,64 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _new_temporary(path: Path) -> str:
+    """An empty new file `.NAME.PID.RANDOM.tmp` next to `path`, made with the process's umask (mkstemp's is
+    0600). The pid lets a later run tell a killed writer's leftover from a running writer's file."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (0644 under the usual 022): outputs are shared
+    files that colleagues on a cluster filesystem must be able to read, as with any other program."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the umask's mode (for writers that make 0600 files, like safetensors)."""
+    mode = file_mode()
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), mode)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file` with the metadata keys in sorted order, so equal tensors and metadata give
+    equal bytes: safetensors serialises its metadata map in an arbitrary order that changes from run to run.
+
+    Only the order changes, so the sorted header has the same length and is written over the old one in place
+    (no second copy of the tensors in memory or on disk).
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # a JSON spelling that differs from serde's: keep the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))  # safetensors pads its header with spaces itself
 
 
 def fsync_file(path: str | os.PathLike) -> None:

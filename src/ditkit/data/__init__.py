@@ -19,11 +19,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ditkit.data.images import ImageFolderDataset, check_image_size
 from ditkit.data.store import LatentStore, is_latent_store
 from ditkit.errors import UserError
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
+
+
+def __getattr__(name: str):
+    # Image folders need Pillow; imported on first use, so that training on a latent store (and everything that
+    # imports ditkit.data on the way, e.g. the training loop) runs where Pillow is not installed.
+    if name == "ImageFolderDataset":
+        from ditkit.data.images import ImageFolderDataset
+
+        return ImageFolderDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -113,6 +122,8 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
                 f"{note}"
             ),
         )
+    from ditkit.data.images import ImageFolderDataset, check_image_size
+
     image_size = 256 if image_size is None else image_size
     dataset = ImageFolderDataset(path, image_size, seed=seed, exif_transpose=exif_transpose)
     labels = np.asarray(dataset.labels, dtype=np.int64)

@@ -112,3 +112,32 @@ class StoredCaptions:
             feats[sel] = arrays["caption"][rows]
             mask[sel] = arrays["caption_mask"][rows] != 0
         return torch.from_numpy(feats), torch.from_numpy(mask)
+
+
+class CaptionedLatents:
+    """A latent store's training items with their stored captions: item i is (latent, packed caption), the
+    caption packed as one float32 L×(C+1) tensor whose last channel is the token mask (1 = real token), so that
+    the DataLoader's default collation and the training loop's device copy handle it like a label."""
+
+    def __init__(self, store: Any, captions: StoredCaptions):
+        self.store, self.captions = store, captions
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.store.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        items = self.store.__getitems__(indices)
+        feats, mask = self.captions.batch(indices)
+        packed = torch.cat([feats, mask.float()[..., None]], dim=-1)
+        return [(x, packed[j]) for j, (x, _) in enumerate(items)]
+
+
+def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features N×L×C, mask N×L bool) of a batch of packed captions."""
+    return packed[..., :-1], packed[..., -1] > 0.5

@@ -164,9 +164,7 @@ def get_digits_classifier(image_size: int, verbose: bool = True) -> DigitsCNN:
     Training takes up to a minute the first time; the result is written atomically to the cache folder
     (`$DITKIT_CACHE` or `~/.cache/ditkit`), so concurrent runs never read a partial file.
     """
-    from safetensors.torch import save_file
-
-    from ditkit.io import atomic_write, read_safetensors
+    from ditkit.io import atomic_write, read_safetensors, save_safetensors
 
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"digits classifier: image size must be a positive integer, got {image_size!r}")
@@ -194,7 +192,7 @@ def get_digits_classifier(image_size: int, verbose: bool = True) -> DigitsCNN:
         print(f"digits classifier: test accuracy {acc:.4f}", file=sys.stderr)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"version": VERSION, "image_size": str(image_size), "test_accuracy": f"{acc:.6f}"}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))
     _LOADED[key] = model
     return model
 

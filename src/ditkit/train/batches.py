@@ -24,6 +24,7 @@ class TrainData:
     description: str
     labels: torch.Tensor | None
     classes: list[str] | None = None  # label k's name (class folder), when the data names its classes
+    captions: dict | None = None  # a captioned latent store's text encoder, max_tokens, channels
 
 
 def open_data(opts: TrainOptions, seed: int) -> TrainData:
@@ -42,8 +43,14 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
     store = hasattr(data.dataset, "manifest")
     check_patch(opts, opts.image_size or (256 if not store else data.input_size), data.input_size, store)
     labels = getattr(data, "labels", None)
+    dataset, captions = data.dataset, None
+    if store and data.dataset.manifest.get("captions"):
+        from ditkit.data.caption_store import CaptionedLatents, StoredCaptions
+
+        stored = StoredCaptions(opts.data_path)  # items become (latent, packed caption): a text model trains
+        dataset, captions = CaptionedLatents(data.dataset, stored), stored.info
     return TrainData(
-        data.dataset,
+        dataset,
         data.num_classes,
         data.in_channels,
         data.input_size,
@@ -51,6 +58,7 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         data.describe(),
         torch.as_tensor(labels) if labels is not None else None,
         data.classes or None,
+        captions,
     )
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ditkit.checkpoints import CONFIG_KEY, check_shapes
 from ditkit.errors import UserError
-from ditkit.io import disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load
+from ditkit.io import apply_umask, disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load, save_safetensors
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -48,8 +48,6 @@ def save_training_checkpoint(
     config_json: str,
 ) -> Path:
     """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{step:07d}"
@@ -61,8 +59,9 @@ def save_training_checkpoint(
         for name, module in (("model", model), ("ema", ema)):
             weights = module.state_dict() if isinstance(module, torch.nn.Module) else module
             tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-            save_file(tensors, tmp / f"{name}.safetensors", metadata=meta)
+            save_safetensors(tensors, tmp / f"{name}.safetensors", meta)  # same run, same bytes
         torch.save(state, tmp / "state.pt")
+        apply_umask(tmp)  # safetensors writes 0600 files; colleagues on a shared filesystem must read them
         for f in tmp.iterdir():
             fsync_file(f)
         fsync_dir(tmp)
@@ -74,8 +73,10 @@ def save_training_checkpoint(
         full = disk_full(err, folder)  # before the partial folder is removed and its space freed
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
+            earlier = [p for p in list_checkpoints(folder) if p != final]
+            kept = f"the newest intact checkpoint is {earlier[-1]}" if earlier else "no earlier checkpoint exists"
             raise UserError(
-                f"disk full while writing checkpoint {final}; earlier checkpoints are intact; free space and resume"
+                f"disk full while writing checkpoint {final}; {kept}; free space and resume with --resume auto"
             ) from None
         raise
     except BaseException:  # KeyboardInterrupt and the like: leave no partial folder behind
@@ -171,7 +172,14 @@ def gather_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -
     """The full AdamW state keyed by parameter name, on the CPU (collective for a sharded model, as above)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    state = get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    # AdamW's betas are a tuple in a fresh optimizer and a list in one restored from a checkpoint; store lists,
+    # so that a resumed run writes the same state.pt bytes as an uninterrupted one.
+    for group in state.get("param_groups", []):
+        for key, value in group.items():
+            if isinstance(value, tuple):
+                group[key] = list(value)
+    return state
 
 
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -21,9 +21,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
+from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.kernels.fp8 import enable_fp8
@@ -161,6 +163,17 @@ def train(opts: TrainOptions) -> TrainResult:
         dist_utils.cleanup()
 
 
+def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
+    """A captioned latent store trains a text model (PixArt-α's block) reading its stored caption features."""
+    if data.captions is None:
+        if opts.conditioning == "text":
+            raise UserError("--conditioning text trains on captions: give a latent store made by ditkit extract "
+                            "--text-encoder ENCODER from a captioned image folder")
+        return {}
+    return {"conditioning": "text", "caption_channels": int(data.captions["channels"]),
+            "max_tokens": int(data.captions["max_tokens"])}
+
+
 def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:  # noqa: C901 - the loop reads top-down
     from ditkit.diffusion import create_diffusion
 
@@ -198,6 +211,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             "learn_sigma": opts.learn_sigma,
             "class_dropout_prob": opts.class_dropout_prob,
             "conditioning": opts.conditioning,
+            **_text_overrides(data, opts),
             **opts.model_overrides,
         },
     )
@@ -211,10 +225,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
     dist_utils.barrier()
 
     torch.manual_seed(opts.global_seed)
-    model = DiT(config)
+    model = build_model(config)
     if opts.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = DiT(config)
+    ema = build_model(config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -310,7 +324,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
         weights = gather_model_state(module)
         if not info.is_main:
             return module
-        plain = DiT(config)
+        plain = build_model(config)
         plain.load_state_dict(weights)
         return plain.to(device)
 
@@ -362,7 +376,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             with stop_signals_held():  # workers start here; held until they ignore the stop signals
                 batch_iter = iter(loader)
             for x, y in batch_iter:
-                if y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
+                mask = None
+                if config.is_text:  # packed captions (features + mask), not labels
+                    y, mask = unpack(y.to(device, non_blocking=True))
+                elif y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
                     raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
@@ -370,7 +387,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                     with torch.no_grad():
                         x = data.encoder(x)
                 log_now = (step + 1) % opts.log_every == 0
-                out = train_step(x, y, step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite)
+                out = train_step(x, y, step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
                 grad_norm, finite = out.grad_norm, out.finite
                 if not out.stepped:
                     skipped += 1
@@ -409,8 +426,9 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
                     sums.zero_()
                     window = 0
                     t_window = time.perf_counter()
-                grid_now = bool(opts.sample_every) and step % opts.sample_every == 0
-                eval_now = bool(opts.eval_every) and step % opts.eval_every == 0
+                # Class-label grids and the digits yardstick; text models are sampled from prompts (ditkit sample).
+                grid_now = bool(opts.sample_every) and step % opts.sample_every == 0 and not config.is_text
+                eval_now = bool(opts.eval_every) and step % opts.eval_every == 0 and not config.is_text
                 if grid_now or eval_now:
                     full_ema = unsharded(ema) if fsdp else ema  # collective under FSDP
                     if grid_now and info.is_main:

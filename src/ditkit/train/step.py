@@ -107,9 +107,12 @@ class TrainStep:
 
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, step: int, *, want_grad_norm: bool = False,
-        skip_nonfinite: bool = False,
+        skip_nonfinite: bool = False, mask: torch.Tensor | None = None,
     ) -> StepOutput:
-        """Train on this rank's rows `x`, `y` (local batch) of the global batch of step `step` (0-based)."""
+        """Train on this rank's rows `x`, `y` (local batch) of the global batch of step `step` (0-based).
+
+        Text models: y holds caption features (N×L×C) and `mask` their token mask (N×L).
+        """
         if x.shape[0] != self.local:
             raise ValueError(f"expected this rank's {self.local} rows, got {x.shape[0]}")
         t_all, noise_all, drop_all = draw_step_randomness(
@@ -130,7 +133,9 @@ class TrainStep:
             with self._sync_context(k == self.accum - 1), _autocast(self.device, self.precision):
                 terms = self.diffusion.training_losses(
                     fp32_output, x[mine], t_all[rows],
-                    model_kwargs={"y": y[mine], "force_drop_ids": drop_all[rows]}, noise=noise_all[rows],
+                    model_kwargs={"y": y[mine], "force_drop_ids": drop_all[rows],
+                                  **({} if mask is None else {"mask": mask[mine]})},
+                    noise=noise_all[rows],
                 )
                 loss = terms["loss"].mean()
                 # 1/accum: the sum over micro-steps is the mean over this rank's rows (1.0 exactly when accum=1)
