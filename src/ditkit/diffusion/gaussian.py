@@ -187,13 +187,20 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # Tables looked up per step are attributes, never temporaries: the device-table cache is keyed by the
+        # array's identity, and a new array on every call missed it, grew it and copied host→device each step.
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        # fixed_large: β_t, except β̃_1 at t=0 for a better decoder likelihood (the reference's choice).
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
     # --------------------------------------------------------------------------------------- forward process
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Mean, variance and log-variance of q(x_t | x_0), each broadcast to x_start's shape."""
         mean = extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start).expand_as(x_start)
+        variance = extract(self.one_minus_alphas_cumprod, t, x_start).expand_as(x_start)
         log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
@@ -266,14 +273,12 @@ class GaussianDiffusion:
                 )
             model_output, var_values = torch.split(model_output, c, dim=1)
             min_log = extract(self.posterior_log_variance_clipped, t, x)
-            max_log = extract(np.log(self.betas), t, x)
+            max_log = extract(self.log_betas, t, x)
             frac = (var_values + 1) / 2  # the model's [-1, 1] spans [log β̃_t, log β_t]
             log_variance = frac * max_log + (1 - frac) * min_log
             return model_output, torch.exp(log_variance), log_variance
         if self.var_type == "fixed_large":
-            # β_t, except β̃_1 at t=0 for a better decoder likelihood (the reference's choice).
-            variance = np.append(self.posterior_variance[1], self.betas[1:])
-            log_variance = np.log(variance)
+            variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
         else:
             variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
         return model_output, extract(variance, t, x).expand_as(x), extract(log_variance, t, x).expand_as(x)
