@@ -452,16 +452,9 @@ def section_cli(bench: Bench) -> None:
     store.mkdir()
     write_synthetic_store(store, 64 if quick else 8192, 32 if quick else 1024, side=8 if quick else 32)
     batch, steps = (8, 4) if quick else (128, 80)
-    cmd = py + ["train", "--data-path", str(store), "--model", name, "--global-batch-size", str(batch),
-                "--max-steps", str(steps), "--log-every", str(steps // 4), "--ckpt-every", "100000",
-                "--results-dir", str(work / "run"), "--num-workers", "4", "--no-progress"]
-    row = _run_cli(cmd, min(240.0, max(bench.left() - 200, 30)), env)
-    metrics = work / "run" / "metrics.jsonl"
-    if metrics.exists():
-        recs = [json.loads(line) for line in metrics.read_text().splitlines() if "images_per_sec" in line]
-        row["images_per_sec"] = [round(r["images_per_sec"], 1) for r in recs]
-    out["train"] = row
-    bench.save()
+    if "train" in bench.args.cli_jobs:
+        out["train"] = _train_cli(py, store, name, batch, steps, work, bench, env)
+        bench.save()
     # a random DiT-XL/2 (official state_dict layout) and a random SD-VAE folder
     torch.manual_seed(0)
     image = 64 if quick else 256
@@ -473,20 +466,34 @@ def section_cli(bench: Bench) -> None:
 
     AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(work / "vae")
     n = 16 if quick else 1024
-    for sampler, num_steps in (("dpm-solver", 20), ("ddpm", 250)):
+    for k, job in enumerate(j for j in bench.args.cli_jobs if j != "train"):
+        sampler, _, flag = job.partition("+")
+        key = f"{k}:{job}"
         if bench.left() < bench.args.reserve_s + 20:
-            out[sampler] = {"skipped": "time budget"}
+            out[key] = {"skipped": "time budget"}
             continue
         cmd = py + ["sample", "--ckpt", str(work / "dit.pt"), "--model", name, "--image-size", str(image),
                     "--num-classes", "1000", "--vae", str(work / "vae"), "--num-samples", str(n),
                     "--batch-size", str(8 if quick else 256), "--sampler", sampler,
-                    "--num-steps", str(4 if quick else num_steps), "--cfg-scale", "4.0",
-                    "--out", str(work / f"samples_{sampler}"), "--no-progress"]
+                    "--num-steps", str(4 if quick else {"ddpm": 250, "dpm-solver": 20}[sampler]), "--cfg-scale",
+                    "4.0", "--out", str(work / f"samples_{k}"), "--no-progress"] + (["--no-compile"] if flag else [])
         row = _run_cli(cmd, max(bench.left() - bench.args.reserve_s, 20), env)
         row["images_per_s"] = n / row["wall_s"] if row["rc"] == 0 else None
-        row["npz"] = [p.name for p in (work / f"samples_{sampler}").glob("samples_*.npz")]
-        out[sampler] = row
+        row["npz"] = [p.name for p in (work / f"samples_{k}").glob("samples_*.npz")]
+        out[key] = row
         bench.save()
+
+
+def _train_cli(py, store, name, batch, steps, work, bench, env) -> dict[str, Any]:
+    cmd = py + ["train", "--data-path", str(store), "--model", name, "--global-batch-size", str(batch),
+                "--max-steps", str(steps), "--log-every", str(steps // 4), "--ckpt-every", "100000",
+                "--results-dir", str(work / "run"), "--num-workers", "4", "--no-progress"]
+    row = _run_cli(cmd, min(240.0, max(bench.left() - 200, 30)), env)
+    metrics = work / "run" / "metrics.jsonl"
+    if metrics.exists():
+        recs = [json.loads(line) for line in metrics.read_text().splitlines() if "images_per_sec" in line]
+        row["images_per_sec"] = [round(r["images_per_sec"], 1) for r in recs]
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -540,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--curve-model", default="DiT-S/2:64")
     p.add_argument("--profile-model", default="DiT-XL/2:128")
+    p.add_argument("--cli-jobs", nargs="+", default=["train", "dpm-solver", "ddpm"],
+                   help="cli section: train, ddpm, dpm-solver, or SAMPLER+nocompile")
     p.add_argument("--curve-steps", type=int, default=300)
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
     p.add_argument("--reserve-s", type=float, default=30.0)
