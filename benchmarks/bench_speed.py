@@ -55,7 +55,7 @@ from ditkit.flops import count_macs
 from ditkit.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.train.step import _autocast, _step_generator, update_ema
+from ditkit.train.step import TrainStep, _autocast, update_ema
 
 CFG_SCALE = 4.0  # the sample.py default of the official code; the cost does not depend on it
 
@@ -265,8 +265,9 @@ def specs(quick: bool) -> dict[str, Spec]:
 # ----------------------------------------------------------------------------------------------- training
 
 
-class TrainStep:
-    """train.py's step (without the loader) on synthetic latents: loss, backward, AdamW, EMA."""
+class TrainJob:
+    """`ditkit train`'s own step (`ditkit.train.step.TrainStep`, without the loader) on synthetic latents:
+    the (seed, step) draws, loss in fp32, backward, AdamW, EMA."""
 
     def __init__(self, spec: Spec, batch: int, mode: Mode, device: torch.device, quick: bool):
         self.device, self.mode, self.batch = device, mode, batch
@@ -308,30 +309,15 @@ class TrainStep:
         self.sums = torch.zeros(3, device=device)
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.macs = count_macs(config)
+        self.step = TrainStep(self.model, self.forward, self.ema, self.opt, self.diffusion, device=device,
+                              precision=precision, global_batch=batch, seed=0, ema_decay=0.9999,
+                              class_dropout_prob=self.dropout)
 
     def __call__(self) -> None:
-        batch, device = self.batch, self.device
-        gen = _step_generator(0, self.step_index, device)
-        t = torch.randint(0, self.diffusion.num_timesteps, (batch,), generator=gen, device=device)
-        noise = torch.randn(self.x.shape, generator=gen, device=device)
-        drop = (torch.rand(batch, generator=gen, device=device) < self.dropout).long()
-
-        def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return self.forward(*args, **kwargs).float()  # train.py computes the loss in fp32
-
-        with _autocast(device, self.precision):
-            terms = self.diffusion.training_losses(
-                fp32_output, self.x, t, model_kwargs={"y": self.y, "force_drop_ids": drop}, noise=noise
-            )
-        loss = terms["loss"].mean()
-        self.last_loss = loss.detach()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = torch.isfinite(loss)
-        self.opt.step()
-        update_ema(self.ema, self.model, 0.9999)
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step_index + 1, self.first_bad)
-        self.sums += torch.stack([loss.detach(), terms["mse"].mean().detach(), terms["vb"].mean().detach()])
+        out = self.step(self.x, self.y, self.step_index)
+        self.last_loss = out.terms[0]
+        self.first_bad = torch.where((self.first_bad < 0) & ~out.finite, self.step_index + 1, self.first_bad)
+        self.sums += out.terms
         self.step_index += 1
 
 
@@ -340,7 +326,7 @@ def train_job(
 ) -> Row:
     bench.reset_compiled()
     with applied(mode, bench.device):
-        step = TrainStep(spec, batch, mode, bench.device, bench.quick)
+        step = TrainJob(spec, batch, mode, bench.device, bench.quick)
         times = bench.time_ms(step, warmup=1 if bench.quick else 3, repeats=repeats)
         ms = statistics.median(times)
         if profile:
@@ -378,7 +364,7 @@ def loss_curve_job(bench: Bench, spec: Spec, batch: int, steps: int, section: st
     for mode in (BASELINE, Mode("bf16")):
         bench.reset_compiled()
         with applied(mode, bench.device):
-            step = TrainStep(spec, batch, mode, bench.device, bench.quick)
+            step = TrainJob(spec, batch, mode, bench.device, bench.quick)
             losses = []
             for _ in range(steps):
                 step()

@@ -41,3 +41,20 @@ def test_find_model_takes_a_released_name_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DITKIT_CACHE", str(tmp_path))
     got = find_model("DiT-XL-2-256x256.pt")
     assert torch.equal(got["pos_embed"], model.pos_embed)
+
+
+def test_broadcast_object_alone_and_in_a_one_process_group(tmp_path):
+    """`ditkit.distributed.broadcast_object` (used by benchmarks/bench_ddp.py): the object itself without a
+    process group, and through `broadcast_object_list` in one."""
+    import torch.distributed as dist
+
+    from ditkit.distributed import broadcast_object
+
+    payload = {"step": 3, "rows": [1, 2]}
+    assert broadcast_object(payload) is payload
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        got = broadcast_object(payload)
+    finally:
+        dist.destroy_process_group()
+    assert got == payload

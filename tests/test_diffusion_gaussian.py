@@ -269,28 +269,3 @@ def test_create_diffusion_defaults_and_float32_path():
     t32 = d.training_losses(model32, x0.float(), t, noise=noise.float())
     assert t32["loss"].dtype == torch.float32
     torch.testing.assert_close(t32["loss"].double(), t64["loss"], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_per_step_lookups_hit_the_device_table_cache(learn_sigma):
-    # Every table a training step or a sampling step reads must be one persistent array: the cache is keyed by
-    # identity, and a temporary (np.log(betas) made per call) missed it and grew it on every step.
-    from ditkit.diffusion import gaussian
-
-    diffusion = create_diffusion("", learn_sigma=learn_sigma)
-    x = torch.randn(2, 3, 4, 4)
-    out_channels = 6 if learn_sigma else 3
-
-    def model(x_t, t, **kwargs):
-        return torch.zeros(x_t.shape[0], out_channels, *x_t.shape[2:])
-
-    def step():
-        t = torch.tensor([3, 500])
-        diffusion.training_losses(model, x, t)
-        diffusion.p_mean_variance(model, x, t)
-
-    step()
-    size = len(gaussian._DEVICE_TABLES)
-    for _ in range(3):
-        step()
-    assert len(gaussian._DEVICE_TABLES) == size

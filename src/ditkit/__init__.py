@@ -3,11 +3,13 @@
     import ditkit
     model = ditkit.create_model("DiT-XL/2", input_size=32, num_classes=1000)
     model = ditkit.load_model("DiT-XL-2-256x256.pt")   # official, train.py or ditkit checkpoints
+    model, recipe = ditkit.load_model_with_recipe(path)  # and how it was made (schedule, VAE, classes)
 """
 
-from ditkit.checkpoints import load_model, save_model
+from ditkit.checkpoints import load_model, load_model_with_recipe, save_model
 from ditkit.errors import UserError
 from ditkit.models import CONDITIONINGS, MODEL_NAMES, DiT, DiTConfig, create_model
+from ditkit.recipe import Recipe
 
 __version__ = "0.1.0"
 
@@ -16,9 +18,11 @@ __all__ = [
     "MODEL_NAMES",
     "DiT",
     "DiTConfig",
+    "Recipe",
     "UserError",
     "create_model",
     "load_model",
+    "load_model_with_recipe",
     "save_model",
     "list_models",
 ]

@@ -14,17 +14,20 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ditkit.diffusers_folder import folder_recipe, read_diffusers_folder
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.pixart import PixArtDiT
+from ditkit.recipe import METADATA_KEY, LatentSpace, Recipe, infer_recipe
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -151,11 +154,11 @@ def check_stored_config(stored: DiTConfig, state_dict: Mapping[str, torch.Tensor
     if table is not None:  # class labels: the table has a null row when trained with label dropout
         found = dataclasses.replace(found, num_classes=max(1, table.shape[0] - int(stored.class_dropout_prob > 0)))
         fields.append("num_classes")
-    for field in fields:
-        if getattr(stored, field) != getattr(found, field):
+    for name in fields:
+        if getattr(stored, name) != getattr(found, name):
             raise UserError(
-                f"{path}: the stored model config says {field}={getattr(stored, field)!r} but the tensors say "
-                f"{getattr(found, field)!r}; the file is inconsistent (pass --model to ignore the stored config)"
+                f"{path}: the stored model config says {name}={getattr(stored, name)!r} but the tensors say "
+                f"{getattr(found, name)!r}; the file is inconsistent (pass --model to ignore the stored config)"
             )
 
 
@@ -179,9 +182,11 @@ def check_size_overrides(config: DiTConfig, state_dict: Mapping[str, torch.Tenso
         )
 
 
-def _config_from_official_args(args: Any) -> dict[str, Any]:
-    """Settings recorded by the official train.py (`args.model`, `args.image_size`, `args.num_classes`)."""
+def _official_args(args: Any) -> tuple[dict[str, Any], LatentSpace | None]:
+    """Settings recorded by the official train.py (`args.image_size`, `args.num_classes`, `args.vae`): config
+    hints, and the SD-VAE it encoded with ("ema" or "mse")."""
     found: dict[str, Any] = {}
+    latents = None
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     if isinstance(args, Mapping):
@@ -189,20 +194,36 @@ def _config_from_official_args(args: Any) -> dict[str, Any]:
             found["input_size"] = args["image_size"] // 8
         if isinstance(args.get("num_classes"), int):
             found["num_classes"] = args["num_classes"]
-    return found
+        if args.get("vae") in ("ema", "mse"):
+            latents = LatentSpace.sd_vae(f"stabilityai/sd-vae-ft-{args['vae']}")
+    return found, latents
 
 
-def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTConfig | None, dict[str, Any]]:
-    """(state_dict, stored config or None, hints) from any supported file; hints are settings the file states."""
+@dataclass
+class CheckpointFile:
+    """What one read of a checkpoint gives: the weights (EMA when present), the stored config or None, config
+    hints the file states, its stored recipe (JSON text, parsed only when asked) or what it says of its latents."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    config: DiTConfig | None = None
+    hints: dict[str, Any] = field(default_factory=dict)
+    recipe_json: str | None = None
+    latents: LatentSpace | None = None
+    diffusers: bool = False
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
+    """Read any supported checkpoint once: official `.pt`, train.py dict, ditkit safetensors or training
+    folder (its EMA), diffusers transformer or pipeline folder."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / "ema.safetensors").is_file():
         path = path / "ema.safetensors"  # a ditkit training checkpoint folder: sample its EMA weights
     elif path.is_dir():
-        from ditkit import convert  # a diffusers transformer or pipeline folder
-
-        return convert.read_diffusers_folder(path)
+        state_dict, config, hints = read_diffusers_folder(path)  # a diffusers transformer or pipeline folder
+        return CheckpointFile(path, state_dict, config, hints, diffusers=True)
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         config = None
@@ -211,13 +232,47 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTC
                 config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
             except json.JSONDecodeError:
                 raise UserError(f"{path}: the stored model config is not valid JSON") from None
-        return extract_state_dict(tensors, path), config, {}
+        return CheckpointFile(path, extract_state_dict(tensors, path), config, recipe_json=metadata.get(METADATA_KEY))
     obj = safe_torch_load(path)
-    hints = _config_from_official_args(obj.get("args")) if isinstance(obj, Mapping) else {}
+    hints, latents = _official_args(obj.get("args")) if isinstance(obj, Mapping) else ({}, None)
     config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         config = DiTConfig.from_dict(dict(obj["config"]))
-    return extract_state_dict(obj, path), config, hints
+    return CheckpointFile(path, extract_state_dict(obj, path), config, hints, latents=latents)
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DiTConfig | None, dict[str, Any]]:
+    """(state_dict, stored config or None, hints) from any supported file; hints are settings the file states."""
+    found = read_checkpoint(path)
+    return found.state_dict, found.config, found.hints
+
+
+def build_checked(found: CheckpointFile, model: str | None = None, **overrides: Any) -> DiT | PixArtDiT:
+    """The network of a read checkpoint, its weights loaded (CPU, eval mode); see `load_model`."""
+    state_dict, stored, path = found.state_dict, found.config, found.path
+    if model is not None:
+        config = DiTConfig.from_name(model, **overrides)
+    elif stored is not None:
+        check_stored_config(stored, state_dict, path)
+        config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
+    else:
+        config = infer_config(state_dict, **{**found.hints, **overrides})
+    check_size_overrides(config, state_dict, path, overrides)
+    net = build_model(config)
+    check_shapes(net, state_dict, path)
+    check_finite(state_dict, path)
+    net.load_state_dict(state_dict, strict=True)
+    return net.eval()
+
+
+def checkpoint_recipe(found: CheckpointFile, config: DiTConfig) -> Recipe:
+    """The recipe of a read checkpoint for the model built from it: the stored one (its model part replaced by
+    `config`, which may carry overrides), else inferred as for files written before recipes existed."""
+    if found.recipe_json is not None:
+        return Recipe.from_json(found.recipe_json, where=str(found.path)).replace(model=config)
+    if found.diffusers:
+        return folder_recipe(found.path, config)
+    return infer_recipe(config, found.latents)
 
 
 def load_model(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> DiT | PixArtDiT:
@@ -227,20 +282,16 @@ def load_model(path: str | os.PathLike, model: str | None = None, **overrides: A
     checkpoint that does not fit gets one line naming the first mismatched tensor. Without them the stored
     config is used, or one inferred from the tensor shapes.
     """
-    state_dict, stored, hints = load_weights(path)
-    if model is not None:
-        config = DiTConfig.from_name(model, **overrides)
-    elif stored is not None:
-        check_stored_config(stored, state_dict, path)
-        config = DiTConfig.from_dict({**stored.to_dict(), **overrides})
-    else:
-        config = infer_config(state_dict, **{**hints, **overrides})
-    check_size_overrides(config, state_dict, path, overrides)
-    net = build_model(config)
-    check_shapes(net, state_dict, path)
-    check_finite(state_dict, path)
-    net.load_state_dict(state_dict, strict=True)
-    return net.eval()
+    return build_checked(read_checkpoint(path), model, **overrides)
+
+
+def load_model_with_recipe(
+    path: str | os.PathLike, model: str | None = None, **overrides: Any
+) -> tuple[DiT | PixArtDiT, Recipe]:
+    """`load_model`, and the recipe the checkpoint was made with (stored, or inferred for older files)."""
+    found = read_checkpoint(path)
+    net = build_checked(found, model, **overrides)
+    return net, checkpoint_recipe(found, net.config)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -254,8 +305,17 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
             )
 
 
-def save_model(model: DiT, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write weights and config as one safetensors file (atomically; equal weights give equal bytes)."""
+def checkpoint_metadata(config: DiTConfig, recipe: Recipe | None = None) -> dict[str, str]:
+    """The safetensors metadata of every ditkit weights file: the config (for older readers) and the recipe
+    (inferred from the config when none is given, so the file reads back as it would have anyway)."""
+    recipe = recipe.replace(model=config) if recipe is not None else infer_recipe(config)
+    return {CONFIG_KEY: json.dumps(config.to_dict()), METADATA_KEY: recipe.to_json(), "format": "ditkit"}
+
+
+def save_model(
+    model: DiT, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, recipe: Recipe | None = None
+) -> None:
+    """Write weights, config and recipe as one safetensors file (atomically; equal weights give equal bytes)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "ditkit", **(metadata or {})}
+    meta = {**checkpoint_metadata(model.config, recipe), **(metadata or {})}
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))

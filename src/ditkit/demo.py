@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ditkit.errors import UserError
 
 # Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings"): the digits at their
@@ -52,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditkit.metrics.digits_classifier import digits_metrics, real_digits_frechet
+    from ditkit.metrics.digits_classifier import real_digits_frechet, score_sampler
     from ditkit.sample import Sampler, sample_grid
     from ditkit.train import TrainOptions, train
 
@@ -96,14 +94,11 @@ def run(args: argparse.Namespace) -> int:
     trained = time.perf_counter()
     device = next(result.ema.parameters()).device
     sampler = Sampler(model=result.ema, vae=None, sampler="dpm-solver", num_steps=20, cfg_scale=args.cfg_scale,
-                      guide_channels="all", device=device, progress=True)
+                      guide_channels="all", device=device, progress=True, recipe=result.recipe)
     print(f"[2/3] sampling: {sampler.describe()}", file=sys.stderr)
     grid = sample_grid(sampler, list(range(10)), args.per_class, args.seed, results, save_images=False)
-    labels = torch.arange(args.num_samples) % 10
-    images = sampler.images(labels, torch.Generator(device=device).manual_seed(args.seed + 1))
-    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # back to N×1×S×S in [-1, 1]
     print(f"[3/3] scoring {args.num_samples} samples with the digits classifier", file=sys.stderr)
-    scores = digits_metrics(pixels, labels, verbose=False)
+    scores = score_sampler(sampler, args.num_samples, seed=args.seed + 1)
     # As many real digits (the train split has 1,437): the distance a perfect generator would get.
     floor = real_digits_frechet(DEMO_IMAGE_SIZE, min(args.num_samples, 1437))
     done = time.perf_counter()

@@ -197,11 +197,6 @@ def shard_dit(model: torch.nn.Module, *, bf16: bool) -> torch.nn.Module:
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True for a module sharded by FSDP2 (its parameters are DTensors)."""
-    return any(hasattr(p, "to_local") for p in model.parameters())
-
-
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel as training uses it: gradients live in the all-reduce buckets
     (`gradient_as_bucket_view`, one copy less per step and less memory) and buckets of 100 MB, fewer and larger

@@ -288,7 +288,33 @@ def infer_recipe(model: DiTConfig, latents: LatentSpace | None = None, **process
     SD-VAE space for 4-channel models (pixels otherwise), unless `latents` says better."""
     if latents is None:
         latents = LatentSpace.sd_vae() if model.in_channels == 4 else LatentSpace()
-    return Recipe(model=model, process=DiffusionProcess(**process), latents=latents)
+    conditioning = Conditioning()
+    if getattr(model, "is_text", False):  # PixArt-α-style captions (T5 features)
+        conditioning = Conditioning(kind="text", max_tokens=model.max_tokens)
+    return Recipe(model=model, process=DiffusionProcess(**process), latents=latents, conditioning=conditioning)
+
+
+def parts_to_dict(latents: LatentSpace, conditioning: Conditioning) -> dict[str, Any]:
+    """The two parts a latent store knows (its `manifest.json` key `recipe`), serialised as in a recipe."""
+    cond = dataclasses.asdict(conditioning)
+    if cond["classes"] is not None:
+        cond["classes"] = list(cond["classes"])
+    return {"version": RECIPE_VERSION, "latents": dataclasses.asdict(latents), "conditioning": cond}
+
+
+def parts_from_dict(data: Any, where: str = "recipe") -> tuple[LatentSpace, Conditioning]:
+    """Read back what `parts_to_dict` wrote (one line for anything malformed)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the stored recipe part must be a JSON object")
+    _known_keys(data, {"version", "latents", "conditioning"}, where)
+    conditioning = dict(data.get("conditioning") or {})
+    if conditioning.get("classes") is not None:
+        conditioning["classes"] = tuple(conditioning["classes"])
+    latents = _build(LatentSpace, dict(data.get("latents") or {}), "latents")
+    cond = _build(Conditioning, conditioning, "conditioning")
+    latents.validate()
+    cond.validate()
+    return latents, cond
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -375,19 +375,14 @@ def report(record: dict[str, Any], models: list[str], metric: str, out: Path) ->
 # ----------------------------------------------------------------------------------------------- the study
 
 
-def _evaluate(ema: Any, opts: ScalingOptions, device: Any) -> dict[str, float]:
-    import torch
-
-    from ditkit.metrics.digits_classifier import digits_metrics
+def _evaluate(result: Any, opts: ScalingOptions, device: Any) -> dict[str, float]:
+    from ditkit.metrics.digits_classifier import score_sampler
     from ditkit.sample import Sampler
 
-    sampler = Sampler(model=ema, vae=None, sampler="dpm-solver", num_steps=opts.sample_steps,
-                      cfg_scale=opts.cfg_scale, guide_channels="all", device=device)
-    labels = torch.arange(opts.num_samples) % ema.config.num_classes
+    sampler = Sampler(model=result.ema, vae=None, sampler="dpm-solver", num_steps=opts.sample_steps,
+                      cfg_scale=opts.cfg_scale, guide_channels="all", device=device, recipe=result.recipe)
     # The same noise for every model and step: differences come from the weights only.
-    images = sampler.images(labels, torch.Generator(device=device).manual_seed(opts.seed + 1))
-    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    scores = digits_metrics(pixels, labels, verbose=False)
+    scores = score_sampler(sampler, opts.num_samples, seed=opts.seed + 1)
     return {"accuracy": round(float(scores["accuracy"]), 5), "frechet": round(float(scores["frechet"]), 5)}
 
 
@@ -480,7 +475,7 @@ def run_scaling(opts: ScalingOptions, log: Any = None) -> dict[str, Any]:
             entry["gflops"] = count_macs(config) / 1e9
             entry["params"] = count_params(config)
             device = next(result.ema.parameters()).device
-            entry["evals"][str(step)] = {**_evaluate(result.ema, opts, device),
+            entry["evals"][str(step)] = {**_evaluate(result, opts, device),
                                          "train_seconds": round(t1 - t0, 2),
                                          "eval_seconds": round(time.perf_counter() - t1, 2)}
             log(f"{name} step {step}: {json.dumps(entry['evals'][str(step)])}")

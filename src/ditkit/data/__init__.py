@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ditkit.data.store import LatentStore, is_latent_store
+from ditkit.data.store import LatentStore, is_latent_store, store_recipe
 from ditkit.errors import UserError
+from ditkit.recipe import LatentSpace
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
 
@@ -53,6 +54,7 @@ class TrainingData:
     description: str
     labels: np.ndarray | None = None
     classes: list[str] | None = None
+    latents: LatentSpace = field(default_factory=LatentSpace)  # how the model's inputs decode to images
 
     def describe(self) -> str:
         """One line for logs."""
@@ -116,6 +118,7 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
             encoder=None,
             labels=store.labels,
             classes=list(m.get("classes") or []),
+            latents=store_recipe(m)[0],
             description=(
                 f"latent store {data_path}: {len(store)} images, {store.num_classes} classes, latents "
                 f"{channels}x{side}x{side} from {m['vae']} at {image_size}px, random flip + posterior resampling"
@@ -152,6 +155,8 @@ def open_training_data(data_path: str, image_size: int | None, vae: str | None, 
         encoder=encoder,
         labels=labels,
         classes=list(dataset.classes),
+        latents=LatentSpace(vae=vae, scale=encoder.vae.scale, shift=encoder.vae.shift,
+                            downsample=encoder.vae.downsample),
         description=(
             f"image folder {data_path}: {len(dataset)} images, {kind}, {image_size}px, random flip, encoded on "
             f"the fly by {vae} to {encoder.vae.latent_channels}x{side}x{side} (extract a store to train faster)"

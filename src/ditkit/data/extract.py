@@ -38,6 +38,7 @@ from ditkit.data.store import (
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.io import atomic_write
+from ditkit.recipe import Conditioning, LatentSpace, parts_to_dict
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -100,11 +101,7 @@ def extract(
     share of the shards, `barrier()` waits for the others, and rank 0 writes the manifest (others return None).
     """
     folder, out = Path(folder), Path(out)
-    if dtype not in STORE_DTYPES:
-        raise UserError(f"--dtype {dtype} is not supported; use one of {', '.join(STORE_DTYPES)}")
-    if shard_size <= 0 or batch_size <= 0:
-        raise UserError("--shard-size and --batch-size must be positive")
-    check_image_size(image_size, vae.downsample)
+    _check_settings(dtype, shard_size, batch_size, image_size, vae)
     paths, labels, classes = find_images(folder)
     settings = dict(vae=vae.name, image_size=image_size, shard_size=shard_size, dtype=dtype, format=VERSION)
     if exif_transpose:  # only when on: stores extracted before the option existed keep their fingerprint
@@ -113,30 +110,18 @@ def extract(
     num_shards = math.ceil(len(paths) / shard_size)
     out.mkdir(parents=True, exist_ok=True)
 
-    existing = read_manifest(out) if is_latent_store(out) else None
-    if existing is not None and existing.get("fingerprint") == fingerprint and _intact(out, existing, num_shards):
+    existing = _complete_store(out, fingerprint, num_shards)
+    if existing is not None:
         if rank == 0:
             print(f"ditkit extract: {out} is already complete ({existing['count']} images)", file=sys.stderr)
         return existing if rank == 0 else None
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-        existing = None  # damaged: the broken shards are encoded again below and the manifest rewritten
-    if existing is not None:
-        raise UserError(
-            f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
-        )
 
     if world_size == 1:  # leftovers of a killed run; with several ranks another rank may be mid-write
         for tmp in out.glob(".shard-*.tmp"):
             tmp.unlink(missing_ok=True)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not _shard_is_done(out / shard_name(k), fingerprint)]
-    # Batches never straddle shards, so a shard's batches are the same whether or not the run was resumed:
-    # with deterministic kernels its bytes are too.
-    batches = [
-        list(range(b, min(b + batch_size, (k + 1) * shard_size, len(paths))))
-        for k in todo
-        for b in range(k * shard_size, min((k + 1) * shard_size, len(paths)), batch_size)
-    ]
+    batches = _plan_batches(todo, shard_size, batch_size, len(paths))
     total = sum(len(b) for b in batches)
     if rank == 0 and len(todo) < len(mine):
         print(f"ditkit extract: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done", file=sys.stderr)
@@ -157,13 +142,8 @@ def extract(
     for positions, good, images in loader:
         mean = std = None
         if images is not None:
-            x = images.to(vae.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            # One batch of 2N: the images and their mirror images share the VAE call.
-            m, s = vae.encode(torch.cat([x, x.flip(-1)]))
-            n = x.shape[0]
-            mean = torch.stack([m[:n], m[n:]], dim=1).to("cpu", STORE_DTYPES[dtype])
-            std = torch.stack([s[:n], s[n:]], dim=1).to("cpu", STORE_DTYPES[dtype])
-            encoded += n
+            mean, std = _encode_with_flip(vae, images, STORE_DTYPES[dtype])
+            encoded += images.shape[0]
         row = {i: r for r, i in enumerate(good)}
         for i in positions:
             k = i // shard_size
@@ -196,6 +176,47 @@ def extract(
         print(f"ditkit extract: skipped {manifest['skipped']} unreadable image(s), listed in {out / MANIFEST}",
               file=sys.stderr)
     return manifest
+
+
+def _complete_store(out: Path, fingerprint: str, num_shards: int) -> dict[str, Any] | None:
+    """The manifest of a finished, intact store made by this same job; None when there is work to do (no store
+    yet, or a damaged one: its broken shards are encoded again and the manifest rewritten); one line when `out`
+    holds a store made from other images or settings."""
+    existing = read_manifest(out) if is_latent_store(out) else None
+    if existing is None:
+        return None
+    if existing.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{out} already holds a latent store made from other images or settings; choose a new --out folder"
+        )
+    return existing if _intact(out, existing, num_shards) else None
+
+
+def _check_settings(dtype: str, shard_size: int, batch_size: int, image_size: int, vae: Any) -> None:
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported; use one of {', '.join(STORE_DTYPES)}")
+    if shard_size <= 0 or batch_size <= 0:
+        raise UserError("--shard-size and --batch-size must be positive")
+    check_image_size(image_size, vae.downsample)
+
+
+def _plan_batches(todo: list[int], shard_size: int, batch_size: int, count: int) -> list[list[int]]:
+    """The image positions of each batch of the shards `todo`. Batches never straddle shards, so a shard's
+    batches are the same whether or not the run was resumed: with deterministic kernels its bytes are too."""
+    return [
+        list(range(b, min(b + batch_size, (k + 1) * shard_size, count)))
+        for k in todo
+        for b in range(k * shard_size, min((k + 1) * shard_size, count), batch_size)
+    ]
+
+
+def _encode_with_flip(vae: Any, images: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) N×2×C×h×w of uint8 N×H×W×3 images and their mirror images, on the CPU in `dtype`."""
+    x = images.to(vae.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    # One batch of 2N: the images and their mirror images share the VAE call.
+    m, s = vae.encode(torch.cat([x, x.flip(-1)]))
+    n = x.shape[0]
+    return torch.stack([m[:n], m[n:]], dim=1).to("cpu", dtype), torch.stack([s[:n], s[n:]], dim=1).to("cpu", dtype)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -302,6 +323,11 @@ def _build_manifest(
         "skipped": len(skipped),
         "skipped_paths": skipped,
         "source": str(folder.resolve()),
+        # How the latents must be decoded and what the labels mean, as every checkpoint trained on them records.
+        "recipe": parts_to_dict(
+            LatentSpace(vae=settings["vae"], scale=vae.scale, shift=vae.shift, downsample=vae.downsample),
+            Conditioning(classes=tuple(classes) or None),
+        ),
     }
 
 

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ditkit.errors import UserError
+from ditkit.recipe import Conditioning, LatentSpace, parts_from_dict
 
 MANIFEST = "manifest.json"
 FORMAT = "ditkit-latents"
@@ -104,6 +105,17 @@ def open_shard(path: Path) -> dict[str, np.ndarray]:
             path, dtype=_SAFETENSORS_TO_NUMPY[info["dtype"]], mode="r", offset=start + begin, shape=shape
         )
     return arrays
+
+
+def store_recipe(manifest: dict[str, Any]) -> tuple[LatentSpace, Conditioning]:
+    """The latent space and conditioning of a store: its manifest's `recipe` part, or (stores extracted before
+    recipes existed) the same facts read from the manifest's older fields."""
+    if "recipe" in manifest:
+        return parts_from_dict(manifest["recipe"], "manifest.json recipe")
+    side = int(manifest["latent_shape"][1])
+    latents = LatentSpace(vae=manifest["vae"], scale=float(manifest["scale"]), shift=float(manifest.get("shift", 0.0)),
+                          downsample=max(1, int(manifest["image_size"]) // side))
+    return latents, Conditioning(classes=tuple(manifest.get("classes") or ()) or None)
 
 
 def read_manifest(store: str | os.PathLike) -> dict[str, Any]:

@@ -28,6 +28,9 @@ import torch
 from ditkit.errors import UserError
 
 Model = Callable[..., torch.Tensor]
+Shape = tuple[int, ...] | list[int]
+Device = torch.device | str | None
+Denoise = Callable[[torch.Tensor], torch.Tensor] | None
 
 MEAN_TYPES = ("epsilon", "x0", "v")
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
@@ -75,26 +78,9 @@ def coef_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-_DEVICE_TABLES: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
-
-
-def on_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`table` as a tensor on `device`, copied once: a copy from pageable host memory on every lookup would
-    make the host wait for the GPU at each step. Keyed by the array's identity (the cache holds the array, so
-    the id cannot be reused); bounded, since a process builds only a handful of processes' tables."""
-    key = (id(table), str(device))
-    hit = _DEVICE_TABLES.get(key)
-    if hit is None:
-        if len(_DEVICE_TABLES) >= 512:
-            _DEVICE_TABLES.clear()
-        hit = (table, torch.from_numpy(table).to(device=device))
-        _DEVICE_TABLES[key] = hit
-    return hit[1]
-
-
-def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample entries table[t] shaped N×1×…×1 to broadcast against `like` (N×C×…)."""
-    values = on_device(table, t.device)[t.long()].to(coef_dtype(like))
+def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample entries table[t] (a float64 table on t's device) shaped N×1×…×1 to broadcast against `like`."""
+    values = table[t.long()].to(coef_dtype(like))
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 
@@ -187,21 +173,34 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-        # Tables looked up per step are attributes, never temporaries: the device-table cache is keyed by the
-        # array's identity, and a new array on every call missed it, grew it and copied host→device each step.
+        # Derived tables looked up per step, built once here (a new array per call would also be a new copy).
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.log_betas = np.log(betas)
-        # fixed_large: β_t, except β̃_1 at t=0 for a better decoder likelihood (the reference's choice).
+        # "fixed_large": β_t, except β̃_1 at t=0 for a better decoder likelihood (the reference's choice).
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The numpy table `name` as a tensor on `device`, copied there once and kept on this object: a copy
+        from pageable host memory on every lookup would make the host wait for the GPU at each step."""
+        key = (name, device)
+        hit = self._device_tables.get(key)
+        if hit is None:
+            hit = self._device_tables[key] = torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(device)
+        return hit
+
+    def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Entries t of table `name`, shaped to broadcast against `like`, in its coefficient dtype."""
+        return extract(self.table(name, t.device), t, like)
 
     # --------------------------------------------------------------------------------------- forward process
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Mean, variance and log-variance of q(x_t | x_0), each broadcast to x_start's shape."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = extract(self.one_minus_alphas_cumprod, t, x_start).expand_as(x_start)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start).expand_as(x_start)
+        mean = self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._coef("one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,17 +210,17 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start shape {tuple(x_start.shape)}")
         return (
-            extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
-        mean = extract(self.posterior_mean_coef1, t, x_t) * x_start + extract(self.posterior_mean_coef2, t, x_t) * x_t
-        variance = extract(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        mean = self._coef("posterior_mean_coef1", t, x_t) * x_start + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        variance = self._coef("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------------------------------- conversions
@@ -229,32 +228,32 @@ class GaussianDiffusion:
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε."""
         return (
-            extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
         """ε̂ = (x_t/√ᾱ_t − x̂_0) / √(1/ᾱ_t − 1)."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x̂_0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v."""
-        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        return self._coef("sqrt_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * v
 
     def v_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ_t·ε − √(1 − ᾱ_t)·x_0 (Salimans & Ho 2022)."""
         return (
-            extract(self.sqrt_alphas_cumprod, t, x_start) * noise
-            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+            self._coef("sqrt_alphas_cumprod", t, x_start) * noise
+            - self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
         )
 
     # ------------------------------------------------------------------------------------------- the model
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model sees: the original process's indices (identity unless respaced)."""
-        return on_device(self.timestep_map, t.device)[t.long()].to(t.dtype)
+        return self.table("timestep_map", t.device)[t.long()].to(t.dtype)
 
     def call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None) -> torch.Tensor:
         """model(x, original t, **model_kwargs); of an (output, extra) tuple, the output (as reference)."""
@@ -272,25 +271,20 @@ class GaussianDiffusion:
                     f"a learned-variance model must output {2 * c} channels, got {tuple(model_output.shape)}"
                 )
             model_output, var_values = torch.split(model_output, c, dim=1)
-            min_log = extract(self.posterior_log_variance_clipped, t, x)
-            max_log = extract(self.log_betas, t, x)
+            min_log = self._coef("posterior_log_variance_clipped", t, x)
+            max_log = self._coef("log_betas", t, x)
             frac = (var_values + 1) / 2  # the model's [-1, 1] spans [log β̃_t, log β_t]
             log_variance = frac * max_log + (1 - frac) * min_log
             return model_output, torch.exp(log_variance), log_variance
         if self.var_type == "fixed_large":
-            variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
+            variance, log_variance = "fixed_large_variance", "fixed_large_log_variance"
         else:
-            variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-        return model_output, extract(variance, t, x).expand_as(x), extract(log_variance, t, x).expand_as(x)
+            variance, log_variance = "posterior_variance", "posterior_log_variance_clipped"
+        return model_output, self._coef(variance, t, x).expand_as(x), self._coef(log_variance, t, x).expand_as(x)
 
     def p_mean_variance(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, model_kwargs: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from one model call: dict with "mean", "variance", "log_variance", "pred_xstart".
 
@@ -393,15 +387,9 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------------------------- one step
 
     def p_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        generator: torch.Generator | None = None,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """One ancestral step x_t → x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0.
 
@@ -419,28 +407,27 @@ class GaussianDiffusion:
         sample = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
+    def _ddim_prediction(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool,
+                         denoised_fn: Denoise, cond_fn: Callable[..., torch.Tensor] | None,
+                         model_kwargs: dict | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """p_mean_variance (classifier-guided when `cond_fn`) and the ε̂ it implies: what a DDIM step starts from."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
+        return out, self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+
     def ddim_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t → x_{t-1} (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like.
 
         The learned variance is not used: DDIM's σ_t = eta·√((1−ᾱ_{t-1})/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t-1}).
         """
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x)
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
+        alpha_bar = self._coef("alphas_cumprod", t, x)
+        alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -448,24 +435,15 @@ class GaussianDiffusion:
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        eta: float = 0.0,
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, eta: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """One deterministic DDIM inversion step x_t → x_{t+1} (the ODE run forwards)."""
         if eta != 0.0:
             raise ValueError("DDIM inversion is deterministic: eta must be 0")
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = extract(self.alphas_cumprod_next, t, x)
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
+        alpha_bar_next = self._coef("alphas_cumprod_next", t, x)
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
 
@@ -478,7 +456,7 @@ class GaussianDiffusion:
         model_kwargs: dict | None,
     ) -> dict[str, torch.Tensor]:
         """Classifier guidance on the score (Song et al.): ε ← ε − √(1 − ᾱ_t)·∇ log p(y | x)."""
-        alpha_bar = extract(self.alphas_cumprod, t, x)
+        alpha_bar = self._coef("alphas_cumprod", t, x)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         new = dict(out)
@@ -487,88 +465,60 @@ class GaussianDiffusion:
         return new
 
     # --------------------------------------------------------------------------------------- loops (compat)
+    # guided-diffusion's loop API, same arguments; each runs one step function over all steps of this process.
 
-    def p_sample_loop(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
+    def p_sample_loop(self, model: Model, shape: Shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
+                      denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+                      model_kwargs: dict | None = None, device: Device = None, progress: bool = False) -> torch.Tensor:
         """Ancestral sampling over all steps of this process, from `noise` (or fresh N(0, I) of `shape`)."""
-        final: dict = {}
-        for step in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
-        ):
-            final = step  # only the last step's output is returned
-        return final["sample"]
+        return _last_sample(self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress))
 
     def p_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
+        self, model: Model, shape: Shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, device: Device = None, progress: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """p_sample_loop, yielding each step's {"sample", "pred_xstart"}."""
-        x = _initial_noise(model, shape, noise, device)
-        for t in _steps(self.num_timesteps, x, progress):
-            with torch.no_grad():
-                out = self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
-            yield out
-            x = out["sample"]
+        def one(x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
 
-    def ddim_sample_loop(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-    ) -> torch.Tensor:
+        return self._progressive(one, model, shape, noise, device, progress)
+
+    def ddim_sample_loop(self, model: Model, shape: Shape, noise: torch.Tensor | None = None,
+                         clip_denoised: bool = True, denoised_fn: Denoise = None,
+                         cond_fn: Callable[..., torch.Tensor] | None = None, model_kwargs: dict | None = None,
+                         device: Device = None, progress: bool = False, eta: float = 0.0) -> torch.Tensor:
         """DDIM sampling over all steps of this process (respace it, e.g. "ddim50", for fewer steps)."""
-        final: dict = {}
-        for step in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
-        ):
-            final = step  # only the last step's output is returned
-        return final["sample"]
+        return _last_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta))
 
     def ddim_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...] | list[int],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cond_fn: Callable[..., torch.Tensor] | None = None,
-        model_kwargs: dict | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
+        self, model: Model, shape: Shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
+        denoised_fn: Denoise = None, cond_fn: Callable[..., torch.Tensor] | None = None,
+        model_kwargs: dict | None = None, device: Device = None, progress: bool = False, eta: float = 0.0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """ddim_sample_loop, yielding each step's {"sample", "pred_xstart"}."""
+        def one(x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
+
+        return self._progressive(one, model, shape, noise, device, progress)
+
+    def _progressive(self, one_step: Callable[..., dict], model: Model, shape: Shape, noise: torch.Tensor | None,
+                     device: Device, progress: bool) -> Iterator[dict[str, torch.Tensor]]:
         x = _initial_noise(model, shape, noise, device)
         for t in _steps(self.num_timesteps, x, progress):
             with torch.no_grad():
-                out = self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
+                out = one_step(x, t)
             yield out
             x = out["sample"]
+
+
+def _last_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    final: dict = {}
+    for step in steps:
+        final = step  # only the last step's output is returned
+    return final["sample"]
 
 
 def _initial_noise(

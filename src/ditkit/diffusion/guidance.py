@@ -23,6 +23,23 @@ from ditkit.errors import UserError
 Model = Callable[..., torch.Tensor]
 
 
+def cfg_mix(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor, channels: int
+) -> torch.Tensor:
+    """ε_u + s·(ε_c − ε_u) on the first `channels` channels: ditkit's one classifier-free-guidance formula,
+    used by `guided` below and by the models' `forward_with_cfg` (through `cfg_halves`)."""
+    return uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+
+
+def cfg_halves(out: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
+    """The authors' `forward_with_cfg` output from a forward over [cond; uncond] (2N rows): both halves get the
+    guided ε on the first `channels` channels; the other channels (and the variance values) pass through from
+    each half unchanged, as in the official code."""
+    cond, uncond = torch.split(out, len(out) // 2, dim=0)
+    half_eps = cfg_mix(cond, uncond, scale, channels)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), out[:, channels:]], dim=1)
+
+
 def _doubled(value: object, n: int) -> object:
     """Per-sample tensors (first dimension N) are repeated for the unconditional half; others pass unchanged."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
@@ -69,8 +86,7 @@ def guided(
         c = x.shape[1] if channels == "all" else min(int(channels), x.shape[1])
         s = torch.where(active, torch.as_tensor(scale, dtype=out.dtype, device=out.device), 1.0)
         s = s.to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
-        eps = uncond[:, :c] + s * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)
+        return torch.cat([cfg_mix(cond, uncond, s, c), cond[:, c:]], dim=1)
 
     guided_model.scale = scale  # type: ignore[attr-defined]
     return guided_model

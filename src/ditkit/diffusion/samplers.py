@@ -46,6 +46,15 @@ def _batch_t(i: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
 
 
+def _run(diffusion: GaussianDiffusion, noise: torch.Tensor, progress: bool, desc: str,
+         step: Callable[[torch.Tensor, torch.Tensor], dict]) -> torch.Tensor:
+    """x_T = noise through `step(x, t)["sample"]` for t = N−1 … 0."""
+    x = noise
+    for i in _indices(diffusion.num_timesteps, progress, desc):
+        x = step(x, _batch_t(i, x))["sample"]
+    return x
+
+
 @torch.no_grad()
 def ddpm(
     diffusion: GaussianDiffusion,
@@ -58,12 +67,8 @@ def ddpm(
     progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling over every step of `diffusion` (respace it for fewer): x_{t-1} ~ p(x_{t-1} | x_t)."""
-    x = noise
-    for i in _indices(diffusion.num_timesteps, progress, "ddpm"):
-        x = diffusion.p_sample(model, x, _batch_t(i, x), clip_denoised, model_kwargs=model_kwargs, generator=generator)[
-            "sample"
-        ]
-    return x
+    return _run(diffusion, noise, progress, "ddpm", lambda x, t: diffusion.p_sample(
+        model, x, t, clip_denoised, model_kwargs=model_kwargs, generator=generator))
 
 
 @torch.no_grad()
@@ -79,12 +84,8 @@ def ddim(
     progress: bool = False,
 ) -> torch.Tensor:
     """DDIM over every step of `diffusion`; eta ∈ [0, 1] scales the fresh noise (0: deterministic)."""
-    x = noise
-    for i in _indices(diffusion.num_timesteps, progress, "ddim"):
-        x = diffusion.ddim_sample(
-            model, x, _batch_t(i, x), clip_denoised, model_kwargs=model_kwargs, eta=eta, generator=generator
-        )["sample"]
-    return x
+    return _run(diffusion, noise, progress, "ddim", lambda x, t: diffusion.ddim_sample(
+        model, x, t, clip_denoised, model_kwargs=model_kwargs, eta=eta, generator=generator))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -263,3 +264,13 @@ def real_digits_frechet(image_size: int, num_samples: int, seed: int = 0, verbos
         raise UserError(f"digits floor: num_samples must be in 2..{len(images)}, got {num_samples}")
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
     return digits_metrics(images[idx], labels[idx], verbose=verbose)["frechet"]
+
+
+def score_sampler(sampler: Any, num_samples: int, seed: int) -> dict:
+    """The digits yardstick on `num_samples` class-balanced samples (label k mod the model's classes) of a
+    `ditkit.sample.Sampler`, the noise drawn from `seed` on its device: what train's --eval-every, the demo
+    and `ditkit scaling` report. The uint8 images are mapped back to [-1, 1] as the classifier was trained."""
+    labels = torch.arange(num_samples) % sampler.model.config.num_classes
+    images = sampler.images(labels, torch.Generator(device=sampler.device).manual_seed(seed))
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return digits_metrics(pixels, labels, verbose=False)

@@ -24,7 +24,6 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -39,14 +38,6 @@ _MISSING_WEIGHTS = (
     f"--inception-weights PATH to {WEIGHTS_FILE_NAME} (the pytorch-fid / torch-fidelity FID weights), "
     "or use --metric digits"
 )
-
-
-class FeatureNetwork(Protocol):
-    """What the evaluation pipeline needs from a network (the Inception port, or a small one in tests)."""
-
-    fingerprint: str
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 # ----------------------------------------------------------------------------------------------- import

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditkit.diffusion.guidance import cfg_halves
 from ditkit.errors import UserError
 from ditkit.models import kernels
 from ditkit.models.config import DiTConfig
@@ -67,22 +68,29 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        h = self.num_heads
-        q = self.q(x).view(n, t, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return cross_attend(self.q, self.kv, self.proj, self.num_heads, x, context)
+
+
+def cross_attend(q_proj: nn.Module, kv_proj: nn.Module, out_proj: nn.Module, num_heads: int, x: torch.Tensor,
+                 context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention from tokens x (N×T×D, queries) to `context` (N×L×D, keys and values), with an optional boolean
+    mask N×1×1×L (True = attend); the projections are the caller's (their names follow each paper's keys)."""
+    n, t, d = x.shape
+    h = num_heads
+    q = q_proj(x).view(n, t, h, d // h).transpose(1, 2)
+    k, v = kv_proj(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out_proj(out.transpose(1, 2).reshape(n, t, d))
 
 
 class Mlp(nn.Module):
     """Pointwise feed-forward: Linear → GELU (tanh approximation, as the official code) → Linear."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=True)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim, bias=True)
+        self.fc2 = nn.Linear(hidden, out or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -178,24 +186,48 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x))
 
 
-class DiT(nn.Module):
+class TokenGrid:
+    """What the DiT networks share around their blocks: activation checkpointing and tokens back to an image.
+    A mixin for nn.Modules; `_init_grid` sets what the rest reads, and the patch and timestep embedders."""
+
+    def _init_grid(self, config: DiTConfig) -> None:
+        self.config = config
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+        self.learn_sigma = config.learn_sigma
+        self.grad_checkpointing = False
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
+        self.grad_checkpointing = enabled
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """N×T×(p·p·C) tokens → N×C×H×W, the inverse of patch extraction in row-major token order."""
+        c, p, g = self.out_channels, self.patch_size, self.config.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+class DiT(TokenGrid, nn.Module):
     """Diffusion model with a Transformer backbone. Build one with `ditkit.create_model(name, **overrides)`."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         if config.conditioning == "text":  # PixArt-α's block lives in models/pixart.py
             raise UserError("a text model is a PixArtDiT; build it with ditkit.models.build_model(config)")
-        self.config = config
-        self.in_channels = config.in_channels
-        self.out_channels = config.out_channels
-        self.patch_size = config.patch_size
-        self.num_heads = config.num_heads
+        self._init_grid(config)
         self.num_classes = config.num_classes
-        self.learn_sigma = config.learn_sigma
-        self.grad_checkpointing = False
         d = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         # Fixed, not trained; a buffer-like parameter because the official files store it in the state_dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d), requires_grad=False)
@@ -243,17 +275,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
-        self.grad_checkpointing = enabled
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """N×T×(p·p·C) tokens → N×C×H×W, the inverse of patch extraction in row-major token order."""
-        c, p, g = self.out_channels, self.patch_size, self.config.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, g * p, g * p)
-
     def _choose_attention(self, tokens: torch.Tensor) -> None:
         """Measure the attention backends once for this shape and dtype (eagerly, before compiled blocks run)."""
         dtype = kernels.out_dtype(tokens)
@@ -263,11 +284,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             if block.attn.backend != choice:
                 block.attn.backend = choice
-
-    def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
@@ -321,11 +337,7 @@ class DiT(nn.Module):
         if not isinstance(guide_channels, int) or guide_channels < 1:
             raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return cfg_halves(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale, guide_channels)
 
 
 def create_model(name: str, **overrides: Any) -> DiT:

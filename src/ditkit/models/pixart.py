@@ -21,13 +21,12 @@ mlp.fc1,mlp.fc2}`, `final_layer.{scale_shift_table,linear}`, `pos_embed`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ditkit.diffusion.guidance import cfg_halves
 from ditkit.models.config import DiTConfig
-from ditkit.models.dit import LN_EPS, Attention, Mlp
-from ditkit.models.embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
+from ditkit.models.dit import LN_EPS, Attention, Mlp, TokenGrid, cross_attend
+from ditkit.models.embeddings import sincos_2d
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -45,26 +44,13 @@ def attention_mask(mask: torch.Tensor | None, batch: int, length: int, device: t
     return mask.bool()[:, None, None, :]
 
 
-class CaptionMlp(nn.Module):
-    """Linear C → D, tanh GELU, linear D → D (timm's Mlp as PixArt-α uses it for captions)."""
-
-    def __init__(self, in_features: int, hidden_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_size, bias=True)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_size, hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CaptionEmbedder(nn.Module):
     """Caption features (N×L×C) → the width D by an MLP (C → D → D, tanh GELU); dropout to the null caption."""
 
     def __init__(self, caption_channels: int, hidden_size: int, dropout_prob: float, max_tokens: int):
         super().__init__()
         self.dropout_prob = dropout_prob
-        self.y_proj = CaptionMlp(caption_channels, hidden_size)
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)  # C → D → D (timm's Mlp, as PixArt-α)
         # PixArt-α's initial null caption: N(0, 1/C) entries, the size of a T5 feature.
         self.y_embedding = nn.Parameter(torch.randn(max_tokens, caption_channels) / caption_channels**0.5)
 
@@ -102,12 +88,7 @@ class MultiHeadCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: N×T×D, cond: N×L×D, mask: N×1×1×L boolean (True = attend) or None (every token)."""
-        n, t, d = x.shape
-        h = self.num_heads
-        q = self.q_linear(x).view(n, t, h, d // h).transpose(1, 2)
-        k, v = self.kv_linear(cond).view(n, cond.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return cross_attend(self.q_linear, self.kv_linear, self.proj, self.num_heads, x, cond, mask)
 
 
 class PixArtBlock(nn.Module):
@@ -150,7 +131,7 @@ class T2IFinalLayer(nn.Module):
         return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
 
 
-class PixArtDiT(nn.Module):
+class PixArtDiT(TokenGrid, nn.Module):
     """Text-to-image DiT (PixArt-α). Build with `ditkit.create_model(name, conditioning="text", ...)`.
 
     `model(x, t, y, mask)`: x N×C×H×W latents, t N timesteps, y N×L×caption_channels caption features (or
@@ -161,16 +142,8 @@ class PixArtDiT(nn.Module):
         super().__init__()
         if config.conditioning != "text":
             raise ValueError(f"PixArtDiT builds text models; got conditioning {config.conditioning!r}")
-        self.config = config
-        self.in_channels = config.in_channels
-        self.out_channels = config.out_channels
-        self.patch_size = config.patch_size
-        self.num_heads = config.num_heads
-        self.learn_sigma = config.learn_sigma
-        self.grad_checkpointing = False
+        self._init_grid(config)
         d = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
         self.y_embedder = CaptionEmbedder(config.caption_channels, d, config.class_dropout_prob, config.max_tokens)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d), requires_grad=False)
@@ -215,17 +188,6 @@ class PixArtDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
-        self.grad_checkpointing = enabled
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """N×T×(p·p·C) tokens → N×C×H×W, the inverse of patch extraction in row-major token order."""
-        c, p, g = self.out_channels, self.patch_size, self.config.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, g * p, g * p)
-
     def null_caption(self, batch: int, length: int | None = None) -> torch.Tensor:
         """The null caption (N×L×C) that guidance uses for the unconditional half."""
         return self.y_embedder.null_caption(batch, length or self.config.max_tokens)
@@ -256,10 +218,7 @@ class PixArtDiT(nn.Module):
         context = self.y_embedder(y, self.training, force_drop_ids)
         attn_mask = attention_mask(mask, n, y.shape[1], x.device)
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, context, t0, attn_mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, context, t0, attn_mask)
+            tokens = self._run_block(block, tokens, context, t0, attn_mask)
         return self.unpatchify(self.final_layer(tokens, t_emb))
 
     def forward_with_cfg(
@@ -279,8 +238,4 @@ class PixArtDiT(nn.Module):
         if guide_channels == "all":
             guide_channels = self.in_channels
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y, mask)
-        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return cfg_halves(self.forward(torch.cat([half, half], dim=0), t, y, mask), cfg_scale, guide_channels)

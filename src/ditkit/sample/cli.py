@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ditkit.diffusion import samplers
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
+from ditkit.objectives import sampler_names
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.pipeline import load_for_sampling
@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("T_LO", "T_HI"),
         help="guide only for timesteps in [T_LO, T_HI] (0..999)",
     )
-    parser.add_argument("--sampler", choices=list(samplers.SAMPLERS), default="ddpm")
+    parser.add_argument("--sampler", choices=list(sampler_names()), default=None,
+                        help="default: ddpm (the process's first sampler)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: ddpm 250, ddim 50, dpm-solver 20)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0)

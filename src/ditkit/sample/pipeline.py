@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
-from ditkit.diffusion import samplers
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
+from ditkit.objectives import SAMPLERS, Objective, objective_for
+from ditkit.recipe import LatentSpace, Recipe, infer_recipe
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20}
+DEFAULT_STEPS = SAMPLERS["diffusion"]
+VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
 TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
@@ -40,6 +42,18 @@ class Sampler:
     device: torch.device = torch.device("cpu")
     progress: bool = False
     precision: str = "fp32"
+    recipe: Recipe | None = None  # None: the authors' process for `model`, latents as `vae` says
+
+    def __post_init__(self) -> None:
+        if self.recipe is None:
+            latents = LatentSpace() if self.vae is None else LatentSpace(
+                vae=str(getattr(self.vae, "name", "vae")), scale=float(getattr(self.vae, "scale", 1.0)),
+                shift=float(getattr(self.vae, "shift", 0.0)), downsample=int(getattr(self.vae, "downsample", 8)))
+            self.recipe = infer_recipe(self.model.config, latents)
+
+    @property
+    def objective(self) -> Objective:
+        return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -50,10 +64,7 @@ class Sampler:
 
     def evaluations_per_image(self) -> int:
         """Network evaluations each image costs with these settings (2 per guided step)."""
-        steps = samplers.steps_for(self.sampler, self.num_steps)
-        from ditkit.diffusion import create_diffusion
-
-        return samplers.model_evaluations(create_diffusion(steps), self.cfg_scale, self.interval)
+        return self.objective.evaluations(self.sampler, self.num_steps, self.cfg_scale, self.interval)
 
     def describe(self) -> str:
         guidance = f"cfg {self.cfg_scale:g} on {self.guide_channels} channels" if self.cfg_scale != 1 else "no cfg"
@@ -78,6 +89,7 @@ class Sampler:
             "interval": list(self.interval) if self.interval else None,
             "eta": self.eta,
             "precision": self.precision,
+            "recipe": self.recipe.to_dict(),
         }
 
     def denoiser(self):
@@ -99,11 +111,10 @@ class Sampler:
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
-        config = self.model.config
         low = self.precision in ("bf16", "fp8")  # fp8: the FP8 block linears run inside bf16 autocast
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low)
         with autocast:
-            x = samplers.sample(
+            x = self.objective.sample(
                 self.denoiser(),
                 noise,
                 sampler=self.sampler,
@@ -114,7 +125,6 @@ class Sampler:
                 clip_denoised=self.vae is None,
                 generator=generator,
                 progress=self.progress,
-                learn_sigma=config.learn_sigma,
             )
         x = x.float()
         if self.vae is not None:
@@ -127,26 +137,12 @@ class Sampler:
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
 
 
-def _check_args(args: argparse.Namespace, factor: int | None = None) -> None:
-    """Argument checks; those that need the VAE's downsampling `factor` run once it is known."""
-    if args.image_size is not None:
-        if args.image_size < 1:
-            raise UserError(f"--image-size must be positive, got {args.image_size}")
-        if factor is not None and args.model:
-            patch = int(args.model.split("/")[1])
-            step = factor * patch
-            if args.image_size % step:
-                low = max(step, args.image_size // step * step)
-                raise UserError(
-                    f"--image-size {args.image_size} is not divisible by {step} (VAE factor {factor} × patch "
-                    f"{patch}); use e.g. {low} or {low + step}"
-                )
-        elif factor is not None and args.image_size % factor:
-            raise UserError(f"--image-size {args.image_size} is not divisible by the VAE factor {factor}")
+def _check_args(args: argparse.Namespace) -> None:
+    """Checks of the flags alone, before any file is read (the step count is checked with the sampler)."""
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f"--image-size must be positive, got {args.image_size}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
-    if args.num_steps is not None and args.num_steps < 2:
-        raise UserError(f"--num-steps must be at least 2, got {args.num_steps}")
     if args.per_label < 1 or args.batch_size < 1:
         raise UserError("--per-label and --batch-size must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
@@ -165,72 +161,73 @@ def _check_args(args: argparse.Namespace, factor: int | None = None) -> None:
                             f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
+def _check_image_size(image_size: int | None, model: str | None, factor: int) -> None:
+    """A latent model's image side must be a multiple of the VAE factor (× the patch, when the model is named)."""
+    if image_size is None or factor == 1:
+        return
+    if model is not None:
+        patch = int(model.split("/")[1])
+        if image_size % (factor * patch):
+            raise UserError(
+                f"--image-size {image_size} is not divisible by {factor * patch} (VAE factor {factor} × patch "
+                f"{patch}); use e.g. {256 if patch <= 4 else 512}"
+            )
+    elif image_size % factor:
+        raise UserError(f"--image-size {image_size} is not divisible by the VAE factor {factor}")
+
+
 def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler:
-    """Model (checked against --model/--image-size/--num-classes), VAE and settings from the arguments."""
+    """Model, recipe, VAE and settings from the arguments, reading the checkpoint once; `args` is not changed.
+
+    The recipe stored in the checkpoint (or inferred for older files) gives the process (schedule, steps,
+    prediction) and the VAE; --model/--image-size/--num-classes/--vae state what is expected and override it.
+    """
     from ditkit import pretrained
-    from ditkit.checkpoints import load_model
+    from ditkit.checkpoints import build_checked, checkpoint_recipe, read_checkpoint
 
     _check_args(args)
-    name = Path(args.ckpt).name
-    released = pretrained.PRETRAINED.get(name) if not Path(args.ckpt).exists() else None
-    path = pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress)
-    vae_name = args.vae
-    if released is not None:
-        vae_name = vae_name or "stabilityai/sd-vae-ft-ema"  # the authors sample their release through it
-        args.model = args.model or released.model
-        args.image_size = args.image_size or released.image_size
-        args.num_classes = args.num_classes or released.num_classes
-        _check_args(args)
-    vae = None
-    if vae_name:
-        from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
-
-        vae = load_vae(vae_name, device=device)
-        _check_args(args, vae.downsample)  # the latent side is the image side over this VAE's own factor
+    released = pretrained.PRETRAINED.get(Path(args.ckpt).name) if not Path(args.ckpt).exists() else None
+    expected = {
+        "model": args.model or (released.model if released else None),
+        "image_size": args.image_size or (released.image_size if released else None),
+        "num_classes": args.num_classes or (released.num_classes if released else None),
+    }
+    # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
+    vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
+    found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
+    stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
+    if vae_name is None and stored is not None and not stored.latents.is_pixels:
+        vae_name = stored.latents.vae
+    vae = _load_vae(vae_name, device)
+    factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
+    _check_image_size(expected["image_size"], expected["model"], factor)
     overrides: dict[str, Any] = {}
-    factor = vae.downsample if vae is not None else 1
-    if args.image_size is not None:
-        overrides["input_size"] = args.image_size // factor
-    if args.num_classes is not None:
-        overrides["num_classes"] = args.num_classes
+    if expected["image_size"] is not None:
+        overrides["input_size"] = expected["image_size"] // factor
+    if expected["num_classes"] is not None:
+        overrides["num_classes"] = expected["num_classes"]
     if args.in_channels is not None:
         overrides["in_channels"] = args.in_channels
-    elif args.model is not None and not vae_name:
-        overrides["in_channels"] = _checkpoint_in_channels(path)
-    model = load_model(path, model=args.model, **overrides)
-    config = model.config
-    if args.model is None and vae_name is None and config.input_size % config.patch_size:
-        raise UserError(f"image size {config.input_size} is not divisible by the patch size {config.patch_size}")
-    if vae_name is None and config.in_channels not in (1, 3):
-        raise UserError(
-            f"the model takes {config.in_channels}-channel inputs, which are latents, not pixels; pass --vae PATH"
-        )
-    if vae is not None and config.input_size % config.patch_size:
-        raise UserError(f"latent size {config.input_size} is not divisible by the patch size {config.patch_size}")
-    if vae is not None:
-        if vae.latent_channels != config.in_channels:
-            raise UserError(
-                f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}"
-            )
-    sampler = args.sampler
-    num_steps = args.num_steps or DEFAULT_STEPS[sampler]
-    samplers.steps_for(sampler, num_steps)  # validates the step count
+    elif expected["model"] is not None and not vae_name:
+        weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
+        overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
+    model = build_checked(found, expected["model"], **overrides)
+    _check_model_and_vae(model, vae, expected["model"] is None)
+    recipe = checkpoint_recipe(found, model.config).replace(latents=_latent_space(vae))
+    objective = objective_for(recipe)
+    sampler = args.sampler or objective.default_sampler
+    num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
+    objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
     cfg = float(args.cfg_scale)
-    if cfg != 1.0 and not config.is_text and model.y_embedder.embedding_table.num_embeddings <= config.num_classes:
+    if cfg != 1.0 and not model.config.is_text and \
+            model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     precision = _fast_path(model, args, device)
     return Sampler(
-        model=model,
-        vae=vae,
-        sampler=sampler,
-        num_steps=num_steps,
-        cfg_scale=cfg,
+        model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        eta=args.eta,
-        device=device,
-        progress=not args.no_progress,
-        precision=precision,
+        eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
     )
 
 
@@ -256,12 +253,36 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
     return precision
 
 
-def _checkpoint_in_channels(path: Path) -> int:
-    """Input channels stated by a checkpoint's patch embedding (pixel models need not have 4)."""
-    from ditkit.checkpoints import load_weights
+def _latent_space(vae: Any | None) -> LatentSpace:
+    """What was used to decode: pixels, or the VAE as loaded (its own scale and shift)."""
+    if vae is None:
+        return LatentSpace()
+    return LatentSpace(vae=vae.name, scale=vae.scale, shift=vae.shift, downsample=vae.downsample)
 
-    state_dict, _, _ = load_weights(path)
-    weight = state_dict.get("x_embedder.proj.weight")
-    return int(weight.shape[1]) if weight is not None else 4
+
+def _load_vae(name: str | None, device: torch.device) -> Any:
+    """The VAE named by the flag or the recipe, loaded on `device`; None for a pixel-space model."""
+    if name is None:
+        return None
+    from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
+
+    return load_vae(name, device=device)
+
+
+def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) -> None:
+    """The model's input fits pixels or the VAE's latents (one line each)."""
+    config = model.config
+    if config_from_file and vae is None and config.input_size % config.patch_size:
+        raise UserError(f"image size {config.input_size} is not divisible by the patch size {config.patch_size}")
+    if vae is None and config.in_channels not in (1, 3):
+        raise UserError(
+            f"the model takes {config.in_channels}-channel inputs, which are latents, not pixels; pass --vae PATH"
+        )
+    if vae is None:
+        return
+    if config.input_size % config.patch_size:
+        raise UserError(f"latent size {config.input_size} is not divisible by the patch size {config.patch_size}")
+    if vae.latent_channels != config.in_channels:
+        raise UserError(f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}")
 
 

@@ -14,56 +14,26 @@ import argparse
 import sys
 from typing import Any
 
-from ditkit.train.options import PRECISIONS, TrainOptions, add_arguments, validate
+from ditkit.train.options import PRECISIONS, TrainOptions, add_arguments, options_from_args, validate
 
 __all__ = ["PRECISIONS", "TrainOptions", "TrainResult", "add_arguments", "run", "train", "validate"]
 
 
 def __getattr__(name: str) -> Any:
-    # The loop (and through it the data pipeline: PIL, diffusers) loads on first use, so that importing
-    # `ditkit.train.step` alone, as the GPU benchmarks do on a machine without those packages, stays light.
+    """`train` and `TrainResult` load the loop (and the data stack) on first use, so that importing
+    `ditkit.train.step` (the benchmarks do) stays as light as the step itself."""
     if name in ("train", "TrainResult"):
         from ditkit.train import loop
 
         return getattr(loop, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module 'ditkit.train' has no attribute {name!r}")
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = TrainOptions(
-        data_path=args.data_path,
-        model=args.model,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        vae=args.vae,
-        global_batch_size=args.global_batch_size,
-        grad_accum_steps=args.grad_accum_steps,
-        strategy=args.strategy,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        global_seed=args.global_seed,
-        lr=args.lr,
-        ema_decay=args.ema_decay,
-        precision=args.precision,
-        compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing,
-        grad_clip=args.grad_clip,
-        log_every=args.log_every,
-        ckpt_every=args.ckpt_every,
-        keep_last=args.keep_last,
-        sample_every=args.sample_every,
-        eval_every=args.eval_every,
-        results_dir=args.results_dir,
-        resume=args.resume,
-        num_workers=args.num_workers,
-        conditioning=args.conditioning,
-        skip_nonfinite=args.skip_nonfinite,
-        exif_transpose=args.exif_transpose,
-        progress=not args.no_progress,
-    )
+    """`ditkit train`: the flags as TrainOptions, then the run."""
     from ditkit.train.loop import train
 
-    result = train(opts)
+    result = train(TrainOptions(**options_from_args(args)))
     if result.stopped_by_signal:
         print(f"checkpoint written at step {result.step}; exiting cleanly", file=sys.stderr)
     return 0

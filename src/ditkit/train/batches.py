@@ -4,18 +4,21 @@ each rank's share of each global batch, a seeded per-epoch permutation (so a res
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ditkit.errors import UserError
+from ditkit.recipe import LatentSpace
 from ditkit.train.options import TrainOptions
 
 
 @dataclass
 class TrainData:
+    """The data set and what the recipe takes from it: the latent space and the label map."""
+
     dataset: Dataset
     num_classes: int
     in_channels: int
@@ -25,6 +28,7 @@ class TrainData:
     labels: torch.Tensor | None
     classes: list[str] | None = None  # label k's name (class folder), when the data names its classes
     captions: dict | None = None  # a captioned latent store's text encoder, max_tokens, channels
+    latents: LatentSpace = field(default_factory=LatentSpace)  # how the model's inputs decode to images
 
 
 def open_data(opts: TrainOptions, seed: int) -> TrainData:
@@ -35,7 +39,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         size = opts.image_size or 16
         check_patch(opts, size, size, latent_store=False)
         images, labels = load_digits_split(size, "train")
-        return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels)
+        return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels,
+                         classes=[str(k) for k in range(NUM_CLASSES)])
     from ditkit.data import open_training_data
 
     data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed,  # None: the store's own size
@@ -59,6 +64,7 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         torch.as_tensor(labels) if labels is not None else None,
         data.classes or None,
         captions,
+        data.latents,
     )
 
 

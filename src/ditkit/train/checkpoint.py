@@ -26,6 +26,7 @@ import torch
 from ditkit.checkpoints import CONFIG_KEY, check_shapes
 from ditkit.errors import UserError
 from ditkit.io import apply_umask, disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load, save_safetensors
+from ditkit.recipe import METADATA_KEY
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -37,6 +38,7 @@ class TrainingCheckpoint:
     ema: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: Path
+    recipe_json: str | None = None  # the run's recipe (None in checkpoints written before recipes existed)
 
 
 def save_training_checkpoint(
@@ -46,8 +48,10 @@ def save_training_checkpoint(
     ema: torch.nn.Module | Mapping[str, torch.Tensor],
     state: dict[str, Any],
     config_json: str,
+    recipe_json: str | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts."""
+    """Write checkpoint `step` under `folder` atomically; returns its path. model/ema: modules or state dicts.
+    The config (and the recipe, when given) go into both weight files' metadata."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{step:07d}"
@@ -55,6 +59,8 @@ def save_training_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     meta = {CONFIG_KEY: config_json, "format": "ditkit", "step": str(step)}
+    if recipe_json is not None:
+        meta[METADATA_KEY] = recipe_json
     try:
         for name, module in (("model", model), ("ema", ema)):
             weights = module.state_dict() if isinstance(module, torch.nn.Module) else module
@@ -125,7 +131,7 @@ def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module) ->
         reason = f"missing {', '.join(missing)}"
         raise IncompleteCheckpoint(f"{path} is not a complete training checkpoint ({reason})", reason)
     try:
-        weights, _ = read_safetensors(files[0])
+        weights, metadata = read_safetensors(files[0])
         ema, _ = read_safetensors(files[1])
         state = safe_torch_load(files[2])
     except UserError as err:
@@ -134,7 +140,7 @@ def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module) ->
         raise IncompleteCheckpoint(f"{files[2]} holds no training state", "state.pt holds no training state")
     check_shapes(model, weights, files[0])
     check_shapes(model, ema, files[1])
-    return TrainingCheckpoint(int(state["step"]), weights, ema, state, path)
+    return TrainingCheckpoint(int(state["step"]), weights, ema, state, path, metadata.get(METADATA_KEY))
 
 
 def load_newest_complete(folder: str | os.PathLike, model: torch.nn.Module,

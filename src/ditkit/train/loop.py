@@ -13,7 +13,7 @@ import json
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,14 @@ from ditkit import distributed as dist_utils
 from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
+from ditkit.fast import compile_blocks
 from ditkit.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.kernels.fp8 import enable_fp8
+from ditkit.objectives import objective_for
+from ditkit.recipe import Conditioning, DiffusionProcess, Recipe
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -56,6 +59,7 @@ class TrainResult:
     ema: DiT
     model: DiT  # the trained (non-EMA) weights
     stopped_by_signal: bool = False
+    recipe: Recipe | None = None  # how the model was made and must be sampled
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -174,11 +178,56 @@ def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
             "max_tokens": int(data.captions["max_tokens"])}
 
 
-def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:  # noqa: C901 - the loop reads top-down
-    from ditkit.diffusion import create_diffusion
-
+def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:
+    """The run top-down: set up (data, recipe, models, resume, parallel wrappers, AdamW), train epoch by epoch
+    until the step budget or a stop signal, write the last checkpoint, report."""
     validate(opts, info.world_size)
-    device = info.device
+    precision = _set_precision(opts, info.device)
+    data = open_data(opts, opts.global_seed)
+    config = _model_config(opts, data)
+    recipe = build_recipe(opts, config, data)  # built once; everything below reads it
+    results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
+    run_config = _run_config(opts, config, data)
+    if info.is_main:
+        held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
+        _check_results_dir(results, run_config, resuming=opts.resume is not None)
+        remove_stale_temporaries(results / "checkpoints")  # leftovers of a write that was killed
+    dist_utils.barrier()
+
+    torch.manual_seed(opts.global_seed)
+    model, ema = _new_models(config, opts.grad_checkpointing)
+    notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
+    ckpt = _resume(opts, results / "checkpoints", model, notes)
+    resume_from = ckpt.path if ckpt is not None else None
+    if ckpt is not None:
+        check_resumed_recipe(ckpt.recipe_json, recipe, resume_from)
+        model.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+    model.to(info.device)
+    ema.to(info.device).eval()
+    forward, fsdp = _parallelize(model, ema, opts, info, precision)
+    opt = _optimizer(model, opts, info.device)  # after sharding: FSDP2 replaces the parameters by DTensors
+    if ckpt is not None:
+        load_optimizer_state(model, opt, ckpt.state)  # moves the state to the parameters' device (and shards)
+        if "torch_rng" in ckpt.state:
+            torch.set_rng_state(ckpt.state["torch_rng"])
+    step_fn = TrainStep(
+        model, forward, ema, opt, objective_for(recipe).training, device=info.device, precision=precision,
+        global_batch=opts.global_batch_size, rank=info.rank, world=info.world_size, accum=opts.grad_accum_steps,
+        seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
+        class_dropout_prob=config.class_dropout_prob,
+    )
+    run = Run(opts, info, data, recipe, results, model, ema, opt, step_fn, fsdp, precision,
+              RunLogger(results, opts, run_config, info.is_main), step=ckpt.step if ckpt else 0,
+              last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1)
+    del ckpt
+    run.announce(resume_from, notes)
+    stopped_by = run.train_until_done()
+    return run.finish(stopped_by)
+
+
+def _set_precision(opts: TrainOptions, device: torch.device) -> str:
+    """The run's precision (default bf16 on GPU, fp32 on CPU) and the TF32 switches that go with it."""
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision == "fp8":
@@ -187,8 +236,11 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
         allow = precision in ("tf32", "bf16", "fp8")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
+    return precision
 
-    data = open_data(opts, opts.global_seed)
+
+def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
+    """The model config from the flags and the data (channels, side, classes), after checking the data fits."""
     num_classes = opts.num_classes or data.num_classes
     if data.labels is not None and len(data.labels) and int(data.labels.max()) >= num_classes:
         raise UserError(
@@ -202,7 +254,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
         raise UserError(
             f"the data has {n} items, fewer than --global-batch-size {opts.global_batch_size}; lower the batch size"
         )
-    config = DiTConfig.from_name(
+    return DiTConfig.from_name(
         opts.model,
         **{
             "input_size": data.input_size,
@@ -215,256 +267,291 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
             **opts.model_overrides,
         },
     )
-    results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
-    ckpt_dir = results / "checkpoints"
-    run_config = _run_config(opts, config, data)
-    if info.is_main:
-        held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
-        _check_results_dir(results, run_config, resuming=opts.resume is not None)
-        remove_stale_temporaries(ckpt_dir)  # leftovers of a write that was killed
-    dist_utils.barrier()
 
-    torch.manual_seed(opts.global_seed)
+
+def _new_models(config: DiTConfig, grad_checkpointing: bool) -> tuple[DiT, DiT]:
+    """The model (seeded by the caller) and its EMA copy, which holds no gradients."""
     model = build_model(config)
-    if opts.grad_checkpointing:
+    if grad_checkpointing:
         model.set_grad_checkpointing(True)
     ema = build_model(config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.requires_grad_(p.requires_grad)  # _foreach_lerp_ pairs the trained ones; no grads are kept
+    return model, ema
 
-    step = 0
-    resume_from = None
-    notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
-    if opts.resume and opts.resume != "auto":
-        resume_from = Path(opts.resume)
-        if not resume_from.exists():
-            raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
-    # Every rank reads the full checkpoint on the CPU and loads it before wrapping / sharding, whatever world
-    # size or strategy wrote it (the format is the same for all).
+
+def _resume(opts: TrainOptions, ckpt_dir: Path, model: torch.nn.Module, notes: list[str]) -> Any:
+    """The checkpoint to continue from, read on the CPU: --resume auto takes the newest complete one (an
+    incomplete one is passed over with a note), a folder that one; None for a fresh run. Every rank reads the
+    full checkpoint and loads it before wrapping / sharding, whatever world size or strategy wrote it."""
     if opts.resume == "auto":
-        ckpt = load_newest_complete(ckpt_dir, model, notes.append)
-        resume_from = ckpt.path if ckpt is not None else None
-    else:
-        ckpt = load_training_checkpoint(resume_from, model) if resume_from is not None else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        step = ckpt.step
-    model.to(device)
-    ema.to(device).eval()
+        return load_newest_complete(ckpt_dir, model, notes.append)
+    if opts.resume:
+        path = Path(opts.resume)
+        if not path.exists():
+            raise UserError(f"--resume {opts.resume}: no such checkpoint folder")
+        return load_training_checkpoint(path, model)
+    return None
 
-    diffusion = create_diffusion("", noise_schedule=opts.noise_schedule, learn_sigma=config.learn_sigma)
-    compile_on = opts.compile if opts.compile is not None else device.type == "cuda"
+
+def _parallelize(model: DiT, ema: DiT, opts: TrainOptions, info: dist_utils.DistInfo,
+                 precision: str) -> tuple[torch.nn.Module, bool]:
+    """(what runs the batch, whether sharded): DDP-wrapped or FSDP2-sharded over the processes, blocks compiled
+    on GPUs by default."""
+    compile_on = opts.compile if opts.compile is not None else info.device.type == "cuda"
     if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
         enable_fp8(model)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
         if compile_on:  # compiled blocks first, then sharded: FSDP's hooks stay outside the compiled graphs
-            from ditkit.fast import compile_blocks
-
             compile_blocks(model)
         dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
-    else:
-        if info.distributed:
-            forward = dist_utils.wrap_ddp(model, device)
-        if compile_on:
-            from ditkit.fast import compile_blocks
+        return forward, True
+    if info.distributed:
+        forward = dist_utils.wrap_ddp(model, info.device)
+    if compile_on:
+        compile_blocks(model)  # in place, before any step; DDP's hooks are unaffected
+    return forward, False
 
-            compile_blocks(model)  # in place, before any step; DDP's hooks are unaffected
-    opt = torch.optim.AdamW(  # after sharding: FSDP2 replaces the parameters by DTensors
+
+def _optimizer(model: torch.nn.Module, opts: TrainOptions, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's AdamW: no weight decay, constant learning rate (fused on GPUs)."""
+    return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=opts.lr,
         weight_decay=0.0,
         **({"fused": True} if device.type == "cuda" else {}),
     )
-    if ckpt is not None:
-        load_optimizer_state(model, opt, ckpt.state)  # moves the state to the parameters' device (and shards)
-        if "torch_rng" in ckpt.state:
-            torch.set_rng_state(ckpt.state["torch_rng"])
-        del ckpt
-    train_step = TrainStep(
-        model, forward, ema, opt, diffusion, device=device, precision=precision,
-        global_batch=opts.global_batch_size, rank=info.rank, world=info.world_size, accum=opts.grad_accum_steps,
-        seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
-        class_dropout_prob=config.class_dropout_prob,
-    )
 
-    steps_per_epoch = n // opts.global_batch_size
-    total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
-    writer = RunLogger(results, opts, run_config, info.is_main)
-    if info.is_main:
-        for line in notes:
-            writer.line(line)
-        where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
-        params = sum(p.numel() for p in model.parameters())
-        writer.line(
-            f"{config.name}: {params / 1e6:.2f}M params, {data.description}, {n} items, device {device}, "
-            f"world {info.world_size} ({'fsdp' if fsdp else 'ddp'}), {precision}, "
-            f"{opts.grad_accum_steps} micro-step(s) per step; {where}; results in {results}"
+
+@dataclass
+class Run:
+    """The state of a training run between steps, and what the loop does with it."""
+
+    opts: TrainOptions
+    info: dist_utils.DistInfo
+    data: TrainData
+    recipe: Recipe
+    results: Path
+    model: DiT
+    ema: DiT
+    opt: torch.optim.Optimizer
+    step_fn: TrainStep
+    fsdp: bool
+    precision: str
+    writer: RunLogger
+    step: int = 0
+    last_ckpt: Path | None = None
+    saved_step: int = -1  # known on every rank (last_ckpt only on rank 0)
+    skipped: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        device = self.info.device
+        self.n = len(self.data.dataset)
+        self.steps_per_epoch = self.n // self.opts.global_batch_size
+        self.total_steps = self.opts.max_steps if self.opts.max_steps is not None else \
+            self.opts.epochs * self.steps_per_epoch
+        self.sums = torch.zeros(3, device=device)  # loss, mse, vb over the logging window
+        self.window = 0
+        self.t_window = time.perf_counter()
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.check_each_step = device.type == "cpu" or self.opts.skip_nonfinite
+        self.bar = None
+
+    def announce(self, resume_from: Path | None, notes: list[str]) -> None:
+        if self.info.is_main:
+            for line in notes:
+                self.writer.line(line)
+            where = f"resuming from {resume_from} at step {self.step}" if resume_from else "starting fresh"
+            params = sum(p.numel() for p in self.model.parameters())
+            self.writer.line(
+                f"{self.recipe.model.name}: {params / 1e6:.2f}M params, {self.data.description}, {self.n} items, "
+                f"device {self.info.device}, world {self.info.world_size} ({'fsdp' if self.fsdp else 'ddp'}), "
+                f"{self.precision}, {self.opts.grad_accum_steps} micro-step(s) per step; {where}; "
+                f"results in {self.results}"
+            )
+
+    def train_until_done(self) -> int | None:
+        """Epochs until the step budget; the signal that stopped the run, or None."""
+        self.bar = progress_bar(self.total_steps, self.step, self.info.is_main and self.opts.progress)
+        self.model.train()
+        stopped_by = None
+        with _StopFlag() as stop:
+            while self.step < self.total_steps and stopped_by is None:
+                stopped_by = self.train_epoch(stop)
+        if self.bar is not None:
+            self.bar.close()
+        return stopped_by
+
+    def loader(self, epoch: int, position: int) -> Any:
+        """An iterator over this rank's share of the global batches of `epoch`, from batch `position` on."""
+        if hasattr(self.data.dataset, "set_epoch"):
+            self.data.dataset.set_epoch(epoch)
+        opts, tensors = self.opts, isinstance(self.data.dataset, TensorDataset)
+        batches = GlobalBatches(self.n, opts.global_batch_size, self.info.rank, self.info.world_size,
+                                opts.global_seed, epoch, position)
+        loader = DataLoader(
+            self.data.dataset,
+            batch_sampler=batches,
+            num_workers=opts.num_workers if not tensors else 0,
+            pin_memory=self.info.device.type == "cuda",
+            prefetch_factor=4 if opts.num_workers and not tensors else None,
+            worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
         )
+        with stop_signals_held():  # workers start here; held until they ignore the stop signals
+            return iter(loader)
 
-    losses: list[tuple[int, float]] = []
-    sums = torch.zeros(3, device=device)  # loss, mse, vb over the logging window
-    window = 0
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    last_ckpt: Path | None = resume_from
-    t_window = time.perf_counter()
-    check_each_step = device.type == "cpu" or opts.skip_nonfinite
-    skipped = 0
+    def train_epoch(self, stop: _StopFlag) -> int | None:
+        """The rest of the current epoch, step by step; the stop signal if one came, else None."""
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        for x, y in self.loader(epoch, position):
+            self.train_one(x, y, epoch)
+            self.monitor()
+            # Every rank votes after every step: a signal that reached some ranks only, or reached them in
+            # different steps, stops all of them after this same step (a vote by the signalled ranks alone
+            # would be a collective that the others never join).
+            voted = dist_utils.max_over_ranks(stop.signal or 0)
+            stopping = voted > 0
+            if self.step % self.opts.ckpt_every == 0 or self.step == self.total_steps or stopping:
+                self.save()
+            if stopping:
+                return voted
+            if self.step >= self.total_steps:
+                break
+        return None
 
-    saved_step = step if resume_from is not None else -1  # known on every rank (last_ckpt only on rank 0)
+    def train_one(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+        """One optimizer step on this rank's rows, the non-finite bookkeeping, and the logging window."""
+        num_classes, device, opts = self.recipe.model.num_classes, self.info.device, self.opts
+        mask = None
+        if self.recipe.model.is_text:  # packed captions (features + mask), not labels
+            y, mask = unpack(y.to(device, non_blocking=True))
+        elif y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
+            raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if self.data.encoder is not None:
+            with torch.no_grad():
+                x = self.data.encoder(x)
+        log_now = (self.step + 1) % opts.log_every == 0
+        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
+        if not out.stepped:
+            self.skipped += 1
+            if self.info.is_main:
+                self.writer.line(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                                 f"({self.skipped} so far)")
+        else:
+            self.first_bad = torch.where((self.first_bad < 0) & ~out.finite, self.step + 1, self.first_bad)
+        self.step += 1
+        if self.check_each_step:
+            _raise_if_nonfinite(self.first_bad, self.last_ckpt)
+        self.sums += out.terms
+        self.window += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if log_now:
+            self.log(out.grad_norm, epoch)
 
-    def unsharded(module: torch.nn.Module) -> torch.nn.Module:
+    def log(self, grad_norm: torch.Tensor | None, epoch: int) -> None:
+        """Means over the logging window (all ranks), into metrics.jsonl / TensorBoard and the progress bar."""
+        _raise_if_nonfinite(self.first_bad, self.last_ckpt)
+        avg = dist_utils.all_reduce_mean(self.sums / self.window).tolist()
+        elapsed = time.perf_counter() - self.t_window
+        record = {
+            "step": self.step,
+            "loss": avg[0],
+            "mse": avg[1],
+            "vb": avg[2],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": self.opt.param_groups[0]["lr"],
+            "images_per_sec": self.window * self.opts.global_batch_size / max(elapsed, 1e-9),
+            "epoch": epoch,
+        }
+        if self.info.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+        self.losses.append((self.step, avg[0]))
+        if self.info.is_main:
+            self.writer.metrics(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+        self.sums.zero_()
+        self.window = 0
+        self.t_window = time.perf_counter()
+
+    def monitor(self) -> None:
+        """EMA sample grids (--sample-every) and digits scores (--eval-every), on rank 0."""
+        opts, step, text = self.opts, self.step, self.recipe.model.is_text
+        # Class-label grids and the digits yardstick; text models are sampled from prompts (ditkit sample).
+        grid_now = bool(opts.sample_every) and step % opts.sample_every == 0 and not text
+        eval_now = bool(opts.eval_every) and step % opts.eval_every == 0 and not text
+        if not (grid_now or eval_now):
+            return
+        full_ema = self.unsharded(self.ema) if self.fsdp else self.ema  # collective under FSDP
+        device, precision = self.info.device, self.precision
+        if grid_now and self.info.is_main:
+            _sample_grid(full_ema, self.recipe, self.results / "samples" / f"{step:07d}", device, precision)
+        if eval_now and self.info.is_main:
+            self.writer.metrics({"step": step, **_evaluate(full_ema, self.recipe, opts, device, precision)})
+
+    def unsharded(self, module: torch.nn.Module) -> torch.nn.Module:
         """A plain DiT with the full weights of a sharded one, on rank 0 (every rank must call; others get
         `module` back). For sample grids and evaluation, which run on rank 0 alone."""
         weights = gather_model_state(module)
-        if not info.is_main:
+        if not self.info.is_main:
             return module
-        plain = build_model(config)
+        plain = build_model(self.recipe.model)
         plain.load_state_dict(weights)
-        return plain.to(device)
+        return plain.to(self.info.device)
 
-    def save(at_step: int) -> Path | None:
-        nonlocal last_ckpt, saved_step
-        _raise_if_nonfinite(first_bad, last_ckpt)
-        saved_step = at_step
-        # Gathered to full state dicts (collectives under FSDP: every rank takes part), written by rank 0.
-        weights, ema_weights = gather_model_state(model), gather_model_state(ema)
-        optimizer = gather_optimizer_state(model, opt)
-        if info.is_main:
+    def save(self) -> Path | None:
+        """Checkpoint the current step: gathered to full state dicts (collectives under FSDP: every rank takes
+        part), written by rank 0 with the run's recipe."""
+        _raise_if_nonfinite(self.first_bad, self.last_ckpt)
+        at_step = self.saved_step = self.step
+        weights, ema_weights = gather_model_state(self.model), gather_model_state(self.ema)
+        optimizer = gather_optimizer_state(self.model, self.opt)
+        if self.info.is_main:
             state = {
                 "step": at_step,
-                "epoch": at_step // steps_per_epoch,
-                "position": at_step % steps_per_epoch,
+                "epoch": at_step // self.steps_per_epoch,
+                "position": at_step % self.steps_per_epoch,
                 "optimizer": optimizer,
                 "optimizer_format": OPTIMIZER_FORMAT,
                 "torch_rng": torch.get_rng_state(),
-                "global_seed": opts.global_seed,
-                "world_size": info.world_size,
-                "strategy": "fsdp" if fsdp else "ddp",
+                "global_seed": self.opts.global_seed,
+                "world_size": self.info.world_size,
+                "strategy": "fsdp" if self.fsdp else "ddp",
             }
-            last_ckpt = save_training_checkpoint(
-                ckpt_dir, at_step, weights, ema_weights, state, json.dumps(config.to_dict())
-            )
-            prune_checkpoints(ckpt_dir, opts.keep_last)
-            writer.line(f"step {at_step}: checkpoint {last_ckpt}")
+            ckpt_dir = self.results / "checkpoints"
+            self.last_ckpt = save_training_checkpoint(ckpt_dir, at_step, weights, ema_weights, state,
+                                                      json.dumps(self.recipe.model.to_dict()), self.recipe.to_json())
+            prune_checkpoints(ckpt_dir, self.opts.keep_last)
+            self.writer.line(f"step {at_step}: checkpoint {self.last_ckpt}")
         dist_utils.barrier()
-        return last_ckpt
+        return self.last_ckpt
 
-    bar = progress_bar(total_steps, step, info.is_main and opts.progress)
-    stopped_by = None
-    model.train()
-    with _StopFlag() as stop:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            if hasattr(data.dataset, "set_epoch"):
-                data.dataset.set_epoch(epoch)
-            batches = GlobalBatches(n, opts.global_batch_size, info.rank, info.world_size, opts.global_seed,
-                                     epoch, position)
-            loader = DataLoader(
-                data.dataset,
-                batch_sampler=batches,
-                num_workers=opts.num_workers if not isinstance(data.dataset, TensorDataset) else 0,
-                pin_memory=device.type == "cuda",
-                prefetch_factor=4 if opts.num_workers and not isinstance(data.dataset, TensorDataset) else None,
-                worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
-            )
-            with stop_signals_held():  # workers start here; held until they ignore the stop signals
-                batch_iter = iter(loader)
-            for x, y in batch_iter:
-                mask = None
-                if config.is_text:  # packed captions (features + mask), not labels
-                    y, mask = unpack(y.to(device, non_blocking=True))
-                elif y.numel() and (int(y.max()) >= num_classes or int(y.min()) < 0):
-                    raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if data.encoder is not None:
-                    with torch.no_grad():
-                        x = data.encoder(x)
-                log_now = (step + 1) % opts.log_every == 0
-                out = train_step(x, y, step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
-                grad_norm, finite = out.grad_norm, out.finite
-                if not out.stepped:
-                    skipped += 1
-                    if info.is_main:
-                        writer.line(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                else:
-                    first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
-                step += 1
-                if check_each_step:
-                    _raise_if_nonfinite(first_bad, last_ckpt)
-                sums += out.terms
-                window += 1
-                if bar is not None:
-                    bar.update(1)
-                if log_now:
-                    _raise_if_nonfinite(first_bad, last_ckpt)
-                    avg = dist_utils.all_reduce_mean(sums / window).tolist()
-                    elapsed = time.perf_counter() - t_window
-                    record = {
-                        "step": step,
-                        "loss": avg[0],
-                        "mse": avg[1],
-                        "vb": avg[2],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "lr": opt.param_groups[0]["lr"],
-                        "images_per_sec": window * opts.global_batch_size / max(elapsed, 1e-9),
-                        "epoch": epoch,
-                    }
-                    if device.type == "cuda":
-                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    losses.append((step, avg[0]))
-                    if info.is_main:
-                        writer.metrics(record)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['images_per_sec']:.0f}")
-                    sums.zero_()
-                    window = 0
-                    t_window = time.perf_counter()
-                # Class-label grids and the digits yardstick; text models are sampled from prompts (ditkit sample).
-                grid_now = bool(opts.sample_every) and step % opts.sample_every == 0 and not config.is_text
-                eval_now = bool(opts.eval_every) and step % opts.eval_every == 0 and not config.is_text
-                if grid_now or eval_now:
-                    full_ema = unsharded(ema) if fsdp else ema  # collective under FSDP
-                    if grid_now and info.is_main:
-                        _sample_grid(full_ema, config, opts, results / "samples" / f"{step:07d}", device, precision)
-                    if eval_now and info.is_main:
-                        writer.metrics({"step": step, **_evaluate(full_ema, config, opts, device, precision)})
-                # Every rank votes after every step: a signal that reached some ranks only, or reached them in
-                # different steps, stops all of them after this same step (a vote by the signalled ranks alone
-                # would be a collective that the others never join).
-                voted = dist_utils.max_over_ranks(stop.signal or 0)
-                stopping = voted > 0
-                if step % opts.ckpt_every == 0 or step == total_steps or stopping:
-                    save(step)
-                if stopping:
-                    stopped_by = voted
-                    break
-                if step >= total_steps:
-                    break
+    def finish(self, stopped_by: int | None) -> TrainResult:
+        """The last checkpoint (if the current step has none), closing lines, and the result."""
+        if self.saved_step != self.step:
+            self.save()
+        if self.info.is_main:
+            skipped_images = getattr(self.data.dataset, "num_skipped", None)
+            if skipped_images:
+                self.writer.line(f"{int(skipped_images)} unreadable image(s) were skipped (named above)")
             if stopped_by is not None:
-                break
-    if bar is not None:
-        bar.close()
-    if saved_step != step:
-        save(step)
-    if info.is_main:
-        skipped_images = getattr(data.dataset, "num_skipped", None)
-        if skipped_images:
-            writer.line(f"{int(skipped_images)} unreadable image(s) were skipped (named above)")
-        if stopped_by is not None:
-            writer.line(f"stopped by signal {signal.Signals(stopped_by).name} at step {step}; "
-                        f"resume with --resume auto --results-dir {results}")
-        writer.close()
-    if fsdp:  # gathered full copies (rank 0; the other ranks keep their shards)
-        ema, model = unsharded(ema), unsharded(model)
-    return TrainResult(step, results, losses, last_ckpt, ema.eval(), model.eval(),
-                       stopped_by_signal=stopped_by is not None)
+                self.writer.line(f"stopped by signal {signal.Signals(stopped_by).name} at step {self.step}; "
+                                 f"resume with --resume auto --results-dir {self.results}")
+            self.writer.close()
+        ema, model = self.ema, self.model
+        if self.fsdp:  # gathered full copies (rank 0; the other ranks keep their shards)
+            ema, model = self.unsharded(ema), self.unsharded(model)
+        return TrainResult(self.step, self.results, self.losses, self.last_ckpt, ema.eval(), model.eval(),
+                           stopped_by_signal=stopped_by is not None, recipe=self.recipe)
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
@@ -477,37 +564,61 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None
         )
 
 
-def _ema_sampler(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str):
-    """DPM-Solver++ (20 steps) with guidance on every ε channel: cheap enough to run inside training."""
+def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Recipe:
+    """The run's recipe, from the flags (model, process) and the data (its latent space and label map)."""
+    if config.is_text:
+        conditioning = Conditioning(kind="text", text_encoder=(data.captions or {}).get("text_encoder"),
+                                    max_tokens=config.max_tokens)
+    else:
+        classes = data.classes if data.classes and len(data.classes) <= config.num_classes else None
+        conditioning = Conditioning(classes=tuple(classes) if classes else None)
+    return Recipe(
+        model=config,
+        process=DiffusionProcess(noise_schedule=opts.noise_schedule),
+        latents=data.latents,
+        conditioning=conditioning,
+    )
+
+
+def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | None) -> None:
+    """A checkpoint made with another process (schedule, objective...) does not continue this run."""
+    if stored_json is None:
+        return  # written before recipes existed: the results folder's config.json was checked instead
+    stored = Recipe.from_json(stored_json, where=str(path))
+    if stored.process != recipe.process:
+        raise UserError(
+            f"{path} was trained with process {stored.to_dict()['process']} but this run asks for "
+            f"{recipe.to_dict()['process']}; pass the same flags (e.g. --noise-schedule) or another --results-dir"
+        )
+
+
+def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
+    """DPM-Solver++ (20 steps) with guidance on every ε channel: cheap enough to run inside training. The VAE
+    that decodes the grid is the recipe's (a latent store's own, or --vae for an image folder)."""
     from ditkit.sample import Sampler
 
     vae = None
-    if config.in_channels != 1 and opts.vae:
+    if not recipe.latents.is_pixels:
         from ditkit.autoencoder import load_vae
 
-        vae = load_vae(opts.vae, device=device)
+        vae = load_vae(recipe.latents.vae, device=device)
     return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
-                   cfg_scale=4.0 if config.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision="bf16" if precision == "fp8" else precision)  # the EMA copy has no FP8 linears
+                   cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
+                   precision="bf16" if precision == "fp8" else precision,  # the EMA copy has no FP8 linears
+                   recipe=recipe)
 
 
-def _sample_grid(ema: DiT, config: DiTConfig, opts: TrainOptions, folder: Path, device: torch.device,
-                 precision: str) -> None:
+def _sample_grid(ema: DiT, recipe: Recipe, folder: Path, device: torch.device, precision: str) -> None:
     """A guided EMA sample grid: one row per class (at most 10), 8 columns, into RESULTS/samples/STEP/."""
     from ditkit.sample import sample_grid
 
-    sampler = _ema_sampler(ema, config, opts, device, precision)
-    sample_grid(sampler, list(range(min(config.num_classes, 10))), 8, seed=0, out=folder, save_images=False)
+    sampler = _ema_sampler(ema, recipe, device, precision)
+    sample_grid(sampler, list(range(min(recipe.model.num_classes, 10))), 8, seed=0, out=folder, save_images=False)
 
 
-def _evaluate(ema: DiT, config: DiTConfig, opts: TrainOptions, device: torch.device, precision: str) -> dict:
+def _evaluate(ema: DiT, recipe: Recipe, opts: TrainOptions, device: torch.device, precision: str) -> dict:
     """The digits yardstick on `eval_samples` class-balanced EMA samples."""
-    from ditkit.metrics.digits_classifier import digits_metrics
+    from ditkit.metrics.digits_classifier import score_sampler
 
-    labels = torch.arange(opts.eval_samples) % config.num_classes
-    sampler = _ema_sampler(ema, config, opts, device, precision)
-    images = sampler.images(labels, torch.Generator(device=device).manual_seed(0))
-    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return {f"eval_{k}": v for k, v in digits_metrics(pixels, labels, verbose=False).items()}
-
-
+    scores = score_sampler(_ema_sampler(ema, recipe, device, precision), opts.eval_samples, seed=0)
+    return {f"eval_{k}": v for k, v in scores.items()}

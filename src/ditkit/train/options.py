@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
+from ditkit.recipe import DiffusionProcess
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
@@ -111,39 +112,58 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         )
 
 
+# Every flag's default is the TrainOptions field's: written once, there.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainOptions) if f.default is not MISSING}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--model", default="DiT-XL/2", choices=MODEL_NAMES)
+    a("--model", default=DEFAULTS["model"], choices=MODEL_NAMES)
     a("--data-path", required=True, help="'digits' (built in), an image folder, or a latent store from ditkit extract")
-    a("--image-size", type=int, default=None, help="image side (default 256; 16 for digits)")
-    a("--num-classes", type=int, default=None, help="default: number of classes in the data")
-    a("--vae", default=None, help="SD-VAE folder or Hugging Face id, to train on an image folder in latent space")
-    a("--global-batch-size", type=int, default=256)
-    a("--grad-accum-steps", type=int, default=1,
+    a("--image-size", type=int, default=DEFAULTS["image_size"], help="image side (default 256; 16 for digits)")
+    a("--num-classes", type=int, default=DEFAULTS["num_classes"], help="default: number of classes in the data")
+    a("--vae", default=DEFAULTS["vae"],
+      help="SD-VAE folder or Hugging Face id, to train on an image folder in latent space")
+    a("--global-batch-size", type=int, default=DEFAULTS["global_batch_size"])
+    a("--grad-accum-steps", type=int, default=DEFAULTS["grad_accum_steps"],
       help="split each process's share of the global batch into N micro-batches (same result, less memory)")
-    a("--strategy", choices=dist_utils.STRATEGIES, default="ddp",
+    a("--strategy", choices=dist_utils.STRATEGIES, default=DEFAULTS["strategy"],
       help="ddp: replicate the model on every GPU; fsdp: shard parameters, gradients and AdamW state (FSDP2)")
-    a("--epochs", type=int, default=1400)
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    a("--global-seed", type=int, default=0)
-    a("--lr", type=float, default=1e-4)
-    a("--ema-decay", type=float, default=0.9999)
-    a("--precision", choices=PRECISIONS, default=None,
+    a("--epochs", type=int, default=DEFAULTS["epochs"])
+    a("--max-steps", type=int, default=DEFAULTS["max_steps"],
+      help="stop after this many optimizer steps (overrides --epochs)")
+    a("--global-seed", type=int, default=DEFAULTS["global_seed"])
+    a("--lr", type=float, default=DEFAULTS["lr"])
+    a("--ema-decay", type=float, default=DEFAULTS["ema_decay"])
+    a("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
       help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+    a("--compile", action=argparse.BooleanOptionalAction, default=DEFAULTS["compile"],
       help="torch.compile each DiT block (default: on for GPUs, off on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
-    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the paper's setting)")
-    a("--log-every", type=int, default=100)
-    a("--ckpt-every", type=int, default=50_000)
-    a("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
-    a("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0 = off)")
-    a("--eval-every", type=int, default=0, help="score EMA samples every N steps (digits data)")
-    a("--results-dir", default=None, help="run folder (default results/<model>-<data>)")
-    a("--resume", default=None, help="'auto' (newest checkpoint in the results folder) or a checkpoint folder")
-    a("--num-workers", type=int, default=4)
-    a("--conditioning", choices=CONDITIONINGS, default="adaln-zero")
+    a("--grad-clip", type=float, default=DEFAULTS["grad_clip"],
+      help="clip the gradient norm (0 = off, the paper's setting)")
+    a("--log-every", type=int, default=DEFAULTS["log_every"])
+    a("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"])
+    a("--keep-last", type=int, default=DEFAULTS["keep_last"], help="keep only the newest N checkpoints (0 = all)")
+    a("--sample-every", type=int, default=DEFAULTS["sample_every"],
+      help="write an EMA sample grid every N steps (0 = off)")
+    a("--eval-every", type=int, default=DEFAULTS["eval_every"], help="score EMA samples every N steps (digits data)")
+    a("--results-dir", default=DEFAULTS["results_dir"], help="run folder (default results/<model>-<data>)")
+    a("--resume", default=DEFAULTS["resume"],
+      help="'auto' (newest checkpoint in the results folder) or a checkpoint folder")
+    a("--num-workers", type=int, default=DEFAULTS["num_workers"])
+    a("--conditioning", choices=CONDITIONINGS, default=DEFAULTS["conditioning"])
+    a("--noise-schedule", choices=DiffusionProcess.SCHEDULES, default=DEFAULTS["noise_schedule"],
+      help="beta schedule of the diffusion (stored in the checkpoint's recipe; sampling reads it from there)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
     a("--no-progress", action="store_true")
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainOptions keyword arguments from parsed flags: every flag named like a field (no copy by hand)."""
+    names = {f.name for f in fields(TrainOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["progress"] = not args.no_progress
+    return values

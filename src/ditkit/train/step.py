@@ -40,16 +40,21 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 def draw_step_randomness(
-    seed: int, step: int, global_batch: int, item_shape: tuple[int, ...], num_timesteps: int,
+    seed: int, step: int, global_batch: int, item_shape: tuple[int, ...], num_timesteps: int | None,
     class_dropout_prob: float, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Timesteps, noise and label-dropout mask for the whole *global* batch of optimizer step `step`.
 
-    Every rank and every micro-batch draws all of it and keeps its own rows, so the draws depend on
-    (seed, step) only: not on the world size, the rank or the number of accumulation steps.
+    Timesteps are integers 0…num_timesteps−1 (diffusion), or with `num_timesteps` None uniform floats in
+    [0, 1) that a continuous-time objective maps to its own time. Every rank and every micro-batch draws all
+    of it and keeps its own rows, so the draws depend on (seed, step) only: not on the world size, the rank or
+    the number of accumulation steps.
     """
     gen = _step_generator(seed, step, device)
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)
+    if num_timesteps is None:
+        t = torch.rand(global_batch, generator=gen, device=device)
+    else:
+        t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)
     noise = torch.randn((global_batch, *item_shape), generator=gen, device=device)
     drop = (torch.rand(global_batch, generator=gen, device=device) < class_dropout_prob).long()
     return t, noise, drop
