@@ -70,7 +70,19 @@ def _start_nodes(worker: list[str], cwds: tuple[Path, Path], rdzv: str, log_dir:
         cwd.mkdir(parents=True, exist_ok=True)
         procs.append(subprocess.Popen(cmd + worker, cwd=cwd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, start_new_session=True))
+        if node == 0 and rdzv == "c10d":
+            _wait_for_port(port, procs[0])  # node 0 hosts the rendezvous store, as HEAD does on a cluster
     return procs
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None and time.monotonic() < deadline, "node 0 did not open the rendezvous port"
+        time.sleep(0.1)
 
 
 def _run_nodes(worker: list[str], cwds: tuple[Path, Path], rdzv: str, timeout: float = 300) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ditkit.errors import UserError
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if line is None:
             raise
         print(f"ditkit {args.verb}: error: {line}", file=sys.stderr)
-        return 1
+        # Exit now, skipping destructors: tearing down a process group whose collective never completed can
+        # deadlock (gloo's worker thread waits for the GIL while the main thread joins it), so the process
+        # would print its line and then hang instead of exiting.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
                     f"results folder {results} holds a run with another label map ({_label_map_change(old[key], value)}"
                     "); train on the same classes, or choose another --results-dir"
                 )
+            if key == "data" and old.get(key) != value:
+                raise UserError(
+                    f"results folder {results} holds a run on other data ({old.get(key)!r} there, {value!r} now); "
+                    "a run cannot continue on changed data (images added or removed): start a new run with "
+                    "another --results-dir, or resume with the data as it was"
+                )
             if old.get(key) != value:
                 raise UserError(
                     f"results folder {results} holds a run of another config ({key}: {old.get(key)!r} there, "
@@ -217,9 +223,10 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
         seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
         class_dropout_prob=config.class_dropout_prob,
     )
-    run = Run(opts, info, data, recipe, results, model, ema, opt, step_fn, fsdp, precision,
-              RunLogger(results, opts, run_config, info.is_main), step=ckpt.step if ckpt else 0,
-              last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1)
+    writer = RunLogger(results, opts, run_config, info.is_main)
+    held.callback(writer.close)  # also when the run ends by an error: no log file or TensorBoard thread left open
+    run = Run(opts, info, data, recipe, results, model, ema, opt, step_fn, fsdp, precision, writer,
+              step=ckpt.step if ckpt else 0, last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1)
     del ckpt
     run.announce(resume_from, notes)
     stopped_by = run.train_until_done()
