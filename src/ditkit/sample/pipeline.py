@@ -17,7 +17,7 @@ import torch
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
-from ditkit.recipe import LatentSpace, Recipe, infer_recipe
+from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
 
 DEFAULT_STEPS = SAMPLERS["diffusion"]
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -43,6 +43,7 @@ class Sampler:
     progress: bool = False
     precision: str = "fp32"
     recipe: Recipe | None = None  # None: the authors' process for `model`, latents as `vae` says
+    time_shift: float = 1.0  # flow: SD3's timestep shift of the grid
 
     def __post_init__(self) -> None:
         if self.recipe is None:
@@ -68,10 +69,11 @@ class Sampler:
 
     def describe(self) -> str:
         guidance = f"cfg {self.cfg_scale:g} on {self.guide_channels} channels" if self.cfg_scale != 1 else "no cfg"
-        return (
-            f"{self.model.config.name}, {self.sampler} {self.num_steps} steps, {guidance}: "
-            f"{self.evaluations_per_image()} model evaluations per image"
-        )
+        nfe = self.evaluations_per_image()
+        cost = f"{nfe} model evaluations per image" if nfe else "adaptive steps (atol 1e-6, rtol 1e-3)"
+        steps = "" if self.sampler == "dopri5" else f" {self.num_steps} steps"
+        shift = f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
+        return f"{self.model.config.name}, {self.recipe.process.kind} {self.sampler}{steps}{shift}, {guidance}: {cost}"
 
     def settings(self) -> dict[str, Any]:
         """What determines the samples besides (seed, labels): recorded with evaluation shards, so that a
@@ -89,6 +91,7 @@ class Sampler:
             "interval": list(self.interval) if self.interval else None,
             "eta": self.eta,
             "precision": self.precision,
+            "time_shift": self.time_shift,
             "recipe": self.recipe.to_dict(),
         }
 
@@ -125,6 +128,7 @@ class Sampler:
                 clip_denoised=self.vae is None,
                 generator=generator,
                 progress=self.progress,
+                **({"shift": self.time_shift} if self.time_shift != 1.0 else {}),
             )
         x = x.float()
         if self.vae is not None:
@@ -213,8 +217,13 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], **overrides)
     _check_model_and_vae(model, vae, expected["model"] is None)
-    recipe = checkpoint_recipe(found, model.config).replace(latents=_latent_space(vae))
+    recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
+                             found.recipe_json is not None)
+    recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
+    time_shift = float(getattr(args, "time_shift", 1.0))
+    if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
+        raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
@@ -228,7 +237,19 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
+        time_shift=time_shift,
     )
+
+
+def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Recipe:
+    """--objective for a checkpoint that records no recipe (SiT's released files are DiT-shaped: the file name
+    decides by default, see `checkpoints.checkpoint_recipe`); a recorded recipe is never overridden."""
+    if objective is None or objective == recipe.process.kind:
+        return recipe
+    if stored:
+        raise UserError(f"--objective {objective} conflicts with the checkpoint's recipe (a {recipe.process.kind} "
+                        "model); drop the flag")
+    return recipe.replace(process=PROCESSES[objective]())
 
 
 def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> str:
