@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from test_data_fixtures import make_tiny_vae
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """Good and bad inputs, made once."""
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("bad")
@@ -67,7 +68,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
                metadata={"ditkit_config": json.dumps({**tiny.config.to_dict(), "num_classes": 10**12})})
     make_tiny_vae(base / "vae8")
     torch.save({"w": torch.zeros(2), "payload": _Payload()}, base / "payload.pt")  # never runs: weights_only
-    return {"base": base, "tiny": base / "tiny.safetensors", "readonly": _readonly_folder(base / "ro")}
+    readonly, mounted = _readonly_folder(base / "ro")
+    yield {"base": base, "tiny": base / "tiny.safetensors", "readonly": readonly}
+    if mounted:
+        subprocess.run(["umount", str(readonly)], check=False)
 
 
 class _Payload:
@@ -77,19 +81,17 @@ class _Payload:
         return (os.system, ("true",))
 
 
-def _readonly_folder(path: Path) -> Path | None:
-    """A folder nobody may write into: a read-only tmpfs (root), else mode 0555 (others); None if neither."""
+def _readonly_folder(path: Path) -> tuple[Path | None, bool]:
+    """A folder nobody may write into, and whether it is a mount: a read-only tmpfs (root), else mode 0555
+    (others); None if neither."""
     path.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(path)], capture_output=True)
     if mounted.returncode == 0:
-        import atexit
-
-        atexit.register(subprocess.run, ["umount", str(path)], check=False)
-        return path
+        return path, True
     if os.geteuid() != 0:  # root writes through mode bits, so 0555 stops only others
         path.chmod(0o555)
-        return path
-    return None
+        return path, False
+    return None, False
 
 
 def _cases() -> list[tuple[str, list[str], str]]:
@@ -264,8 +266,9 @@ def _assert_one_clear_line(verb: str, code: int, err: str) -> str:
 
 
 @pytest.mark.parametrize("case", _cases(), ids=[c[0] for c in _cases()])
-def test_bad_input_gives_one_line_and_exit_2(files, capsys, case):
+def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, tmp_path, monkeypatch):
     _, argv, pattern = case
+    monkeypatch.chdir(tmp_path)  # verbs with a default output folder (sample's ./samples) write here, not the checkout
     if any("{RO}" in a for a in argv):
         if files["readonly"] is None:
             pytest.skip("no read-only folder can be made here (root without mount)")

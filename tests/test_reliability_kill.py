@@ -47,11 +47,11 @@ def test_kill_resume_loop_loses_nothing_and_matches_uninterrupted(jobs, tmp_path
     assert not temporaries, f"temporary files left after the final run: {sorted(temporaries)}"
 
 
-@pytest.mark.parametrize("name", ["train", "sample"])
-def test_a_second_writer_is_refused_and_the_lock_dies_with_the_first(jobs, tmp_path, name):
-    """Two runs on one folder: the second is refused at once naming the first's pid; after the first is
-    SIGKILLed the folder is free, and the run finishes equal to an uninterrupted one."""
-    job = jobs[name]
+def test_a_second_writer_is_refused_and_the_lock_dies_with_the_first(jobs, tmp_path):
+    """Two trainers on one folder: the second is refused at once naming the first's pid; after the first is
+    SIGKILLed the folder is free, and the run finishes equal to an uninterrupted one. (extract and sample:
+    test_reliability_writers.py; all three for longer: benchmarks/soak_kill.py.)"""
+    job = jobs["train"]
     run_in_process(job, tmp_path / "reference")
     assert second_writer(job, tmp_path / "two") is None
     run_in_process(job, tmp_path / "two")

@@ -3,8 +3,10 @@ each rank's share of each global batch, a seeded per-epoch permutation (so a res
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +45,9 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
                          classes=[str(k) for k in range(NUM_CLASSES)])
     from ditkit.data import open_training_data
 
-    data = open_training_data(opts.data_path, opts.image_size, opts.vae, seed,  # None: the store's own size
+    # The resolved path: `clean`, `./clean/` and `/abs/clean` are one data set, and the run's record says so.
+    path = str(Path(os.path.expanduser(opts.data_path)).resolve())
+    data = open_training_data(path, opts.image_size, opts.vae, seed,  # None: the store's own size
                               exif_transpose=opts.exif_transpose)
     store = hasattr(data.dataset, "manifest")
     check_patch(opts, opts.image_size or (256 if not store else data.input_size), data.input_size, store)

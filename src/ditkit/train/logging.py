@@ -114,11 +114,13 @@ class RunLogger:
               "the same scalars")
 
     def close(self) -> None:
+        """Close the files (again is harmless: a run that ends by an error closes them on its way out)."""
         if self.enabled:
             self.log.close()
             self.jsonl.close()
             if self.tb is not None:
                 try:
                     self.tb.close()
+                    self.tb = None
                 except Exception as err:  # noqa: BLE001 - see metrics()
                     self._tensorboard_failed(err)
