@@ -10,6 +10,7 @@ keeps what it measured):
   train    images/s of plain / fast / fp8 for the models and batches given by --train
   curve    loss curves from the same initialisation and noise: fast bf16 and fp8 against plain bf16
   memory   largest DiT-XL/2 batch that fits without activation checkpointing, plain vs fast
+  cli      `ditkit train` (its own images/s) and `ditkit sample` wall clock, DiT-XL/2 + SD-VAE random weights
 
     python benchmarks/bench_kernels.py --out kernels.json                 # one H200: everything
     python benchmarks/bench_kernels.py --quick --device cpu --out q.json  # CPU smoke run (tiny models)
@@ -32,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))  # kernel_check: the float64 references the CPU tests use
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_loader: the synthetic latent store
 
 from ditkit.diffusion import create_diffusion  # noqa: E402
 from ditkit.fast import compile_blocks  # noqa: E402
@@ -417,6 +419,83 @@ def section_profile(bench: Bench) -> None:
         bench.save()
 
 
+# ------------------------------------------------------------------------------------------------ cli
+
+
+def _run_cli(cmd: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    import subprocess
+
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stderr or "")[-1500:]
+    return {"cmd": " ".join(cmd[3:]), "rc": rc, "wall_s": time.monotonic() - t0, "tail": tail}
+
+
+def section_cli(bench: Bench) -> None:
+    """`ditkit train` from a synthetic latent store (its own images/s), and `ditkit sample` wall clock (start-up,
+    VAE decoding and the .npz included) with DiT-XL/2 and the SD-VAE architecture, random weights."""
+    import tempfile
+
+    from bench_loader import write_synthetic_store
+
+    quick = bench.args.quick
+    work = Path(tempfile.mkdtemp(prefix="ditkit_cli_"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    py = [sys.executable, "-m", "ditkit"]
+    name = "DiT-S/2" if quick else "DiT-XL/2"
+    out: dict[str, Any] = {}
+    bench.results["cli"] = out
+    store = work / "store"
+    store.mkdir()
+    write_synthetic_store(store, 64 if quick else 8192, 32 if quick else 1024, side=8 if quick else 32)
+    batch, steps = (8, 4) if quick else (128, 80)
+    if "train" in bench.args.cli_jobs:
+        out["train"] = _train_cli(py, store, name, batch, steps, work, bench, env)
+        bench.save()
+    # a random DiT-XL/2 (official state_dict layout) and a random SD-VAE folder
+    torch.manual_seed(0)
+    image = 64 if quick else 256
+    model = create_model(name, input_size=image // 8, num_classes=1000)
+    torch.save(model.state_dict(), work / "dit.pt")
+    from diffusers import AutoencoderKL
+
+    from ditkit.autoencoder import SD_VAE_CONFIG
+
+    AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(work / "vae")
+    n = 16 if quick else 1024
+    for k, job in enumerate(j for j in bench.args.cli_jobs if j != "train"):
+        sampler, _, flag = job.partition("+")
+        key = f"{k}:{job}"
+        if bench.left() < bench.args.reserve_s + 20:
+            out[key] = {"skipped": "time budget"}
+            continue
+        cmd = py + ["sample", "--ckpt", str(work / "dit.pt"), "--model", name, "--image-size", str(image),
+                    "--num-classes", "1000", "--vae", str(work / "vae"), "--num-samples", str(n),
+                    "--batch-size", str(8 if quick else 256), "--sampler", sampler,
+                    "--num-steps", str(4 if quick else {"ddpm": 250, "dpm-solver": 20}[sampler]), "--cfg-scale",
+                    "4.0", "--out", str(work / f"samples_{k}"), "--no-progress"] + (["--no-compile"] if flag else [])
+        row = _run_cli(cmd, max(bench.left() - bench.args.reserve_s, 20), env)
+        row["images_per_s"] = n / row["wall_s"] if row["rc"] == 0 else None
+        row["npz"] = [p.name for p in (work / f"samples_{k}").glob("samples_*.npz")]
+        out[key] = row
+        bench.save()
+
+
+def _train_cli(py, store, name, batch, steps, work, bench, env) -> dict[str, Any]:
+    cmd = py + ["train", "--data-path", str(store), "--model", name, "--global-batch-size", str(batch),
+                "--max-steps", str(steps), "--log-every", str(steps // 4), "--ckpt-every", "100000",
+                "--results-dir", str(work / "run"), "--num-workers", "4", "--no-progress"]
+    row = _run_cli(cmd, min(240.0, max(bench.left() - 200, 30)), env)
+    metrics = work / "run" / "metrics.jsonl"
+    if metrics.exists():
+        recs = [json.loads(line) for line in metrics.read_text().splitlines() if "images_per_sec" in line]
+        row["images_per_sec"] = [round(r["images_per_sec"], 1) for r in recs]
+    return row
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 
@@ -453,7 +532,7 @@ def section_memory(bench: Bench) -> None:
 
 
 SECTIONS = {"check": section_check, "tune": section_tune, "profile": section_profile, "micro": section_micro,
-            "train": section_train, "curve": section_curve, "memory": section_memory}
+            "train": section_train, "curve": section_curve, "memory": section_memory, "cli": section_cli}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--curve-model", default="DiT-S/2:64")
     p.add_argument("--profile-model", default="DiT-XL/2:128")
+    p.add_argument("--cli-jobs", nargs="+", default=["train", "dpm-solver", "ddpm"],
+                   help="cli section: train, ddpm, dpm-solver, or SAMPLER+nocompile")
     p.add_argument("--curve-steps", type=int, default=300)
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
     p.add_argument("--reserve-s", type=float, default=30.0)

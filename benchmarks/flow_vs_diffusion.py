@@ -104,7 +104,8 @@ def run_one(kind: str, model: torch.nn.Module, recipe: dict, sampler: str, n: fl
 def plot(rows: list[dict], path: Path) -> None:
     from ditkit.scaling import LinePlot
 
-    for metric, label, log_y in (("frechet", "digits Fréchet distance (lower is better)", True),
+    # ASCII labels: the default bitmap font has no é.
+    for metric, label, log_y in (("frechet", "digits Frechet distance (lower is better)", True),
                                  ("accuracy", "digit-class accuracy (higher is better)", False)):
         chart = LinePlot(f"{label.split(' (')[0]} vs network evaluations, digits demo DiT", "NFE per image (guided)",
                          label, log_x=True, log_y=log_y)

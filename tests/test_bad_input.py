@@ -266,8 +266,9 @@ def _assert_one_clear_line(verb: str, code: int, err: str) -> str:
 
 
 @pytest.mark.parametrize("case", _cases(), ids=[c[0] for c in _cases()])
-def test_bad_input_gives_one_line_and_exit_2(files, capsys, case):
+def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, tmp_path, monkeypatch):
     _, argv, pattern = case
+    monkeypatch.chdir(tmp_path)  # verbs with a default output folder (sample's ./samples) write here, not the checkout
     if any("{RO}" in a for a in argv):
         if files["readonly"] is None:
             pytest.skip("no read-only folder can be made here (root without mount)")

@@ -100,4 +100,21 @@ def test_fp8_falls_back_for_odd_shapes_and_keeps_state_dict():
 def test_cpu_tensors_take_the_plain_path():
     from ditkit.models import kernels
 
-    assert not kernels.use_fused(torch.zeros(1, 2, 3))
+    assert not kernels.use_fused(torch.zeros(1, 2, 1152))
+
+
+def test_fp8_needs_a_gpu_with_fp8_units():
+    import argparse
+
+    from ditkit.errors import UserError
+    from ditkit.sample.pipeline import _fast_path
+    from ditkit.train.loop import _check_fp8
+
+    with pytest.raises(UserError, match="--precision fp8 needs a CUDA GPU"):
+        _check_fp8(torch.device("cpu"))
+    model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=1)
+    with pytest.raises(UserError, match="--precision fp8 needs a CUDA GPU"):
+        _fast_path(model, argparse.Namespace(precision="fp8", compile=None), torch.device("cpu"))
+    # the CPU default stays fp32 and uncompiled (the reference path)
+    assert _fast_path(model, argparse.Namespace(precision=None, compile=None), torch.device("cpu")) == "fp32"
+    assert not hasattr(model.blocks[0], "_compiled_call_impl") or model.blocks[0]._compiled_call_impl is None

@@ -86,8 +86,8 @@ def test_every_sampler_runs_and_guidance_changes_samples(pixel_ckpt):
 
 def test_bad_arguments_exit_2_with_one_line(pixel_ckpt, tmp_path, capsys):
     base = ["--ckpt", str(pixel_ckpt), "--out", str(tmp_path), "--num-steps", "2"]
-    with pytest.raises(SystemExit) as exc:  # argparse: unknown sampler
-        run_cli(*base, "--sampler", "euler")
+    with pytest.raises(SystemExit) as exc:  # argparse: unknown sampler ("euler" is a flow sampler now)
+        run_cli(*base, "--sampler", "lms")
     assert exc.value.code == 2
     capsys.readouterr()
     cases = [

@@ -27,7 +27,7 @@ from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.pixart import PixArtDiT
-from ditkit.recipe import METADATA_KEY, LatentSpace, Recipe, infer_recipe
+from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -272,6 +272,10 @@ def checkpoint_recipe(found: CheckpointFile, config: DiTConfig) -> Recipe:
         return Recipe.from_json(found.recipe_json, where=str(found.path)).replace(model=config)
     if found.diffusers:
         return folder_recipe(found.path, config)
+    if Path(found.path).name.startswith("SiT"):
+        # SiT's released files (SiT-XL-2-256x256.pt) are DiT-shaped state dicts that record nothing: their name is
+        # the only sign of SiT's process (Linear path, velocity). `ditkit sample --objective` decides otherwise.
+        return Recipe(model=config, process=FlowProcess(), latents=infer_recipe(config, found.latents).latents)
     return infer_recipe(config, found.latents)
 
 

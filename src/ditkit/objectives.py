@@ -16,11 +16,12 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.recipe import Recipe
+from ditkit.transport.objective import FLOW_SAMPLERS
 
 SampleFn = Callable[..., torch.Tensor]
 
 # kind -> sampler name -> default number of steps; the first sampler is the kind's default.
-SAMPLERS: dict[str, dict[str, int]] = {"diffusion": {"ddpm": 250, "ddim": 50, "dpm-solver": 20}}
+SAMPLERS: dict[str, dict[str, int]] = {"diffusion": {"ddpm": 250, "ddim": 50, "dpm-solver": 20}, "flow": FLOW_SAMPLERS}
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,21 @@ def _diffusion(recipe: Recipe) -> Objective:
     )
 
 
-OBJECTIVES: dict[str, Callable[[Recipe], Objective]] = {"diffusion": _diffusion}
+def _flow(recipe: Recipe) -> Objective:
+    from ditkit.transport import create_transport
+    from ditkit.transport import objective as flow
+
+    p = recipe.process
+    transport = create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling)
+
+    def sample(denoiser: Any, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return flow.sample(denoiser, noise, transport=transport, **kwargs)
+
+    return Objective(kind="flow", training=flow.FlowTraining(transport), sample=sample,
+                     default_steps=FLOW_SAMPLERS, evaluations=flow.evaluations)
+
+
+OBJECTIVES: dict[str, Callable[[Recipe], Objective]] = {"diffusion": _diffusion, "flow": _flow}
 
 
 def objective_for(recipe: Recipe) -> Objective:

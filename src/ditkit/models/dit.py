@@ -299,7 +299,7 @@ class DiT(TokenGrid, nn.Module):
         kind = self.config.conditioning
         if kind in ("adaln-zero", "adaln"):
             c = t_emb + y_emb
-            if tokens.is_cuda and kernels.use_fused(tokens) and not torch.compiler.is_compiling():
+            if tokens.is_cuda and kernels.fused_enabled() and not torch.compiler.is_compiling():
                 self._choose_attention(tokens)
             for block in self.blocks:
                 tokens = self._run_block(block, tokens, c)

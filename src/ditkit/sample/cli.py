@@ -61,11 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs=2,
         metavar=("T_LO", "T_HI"),
-        help="guide only for timesteps in [T_LO, T_HI] (0..999)",
+        help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data)",
     )
     parser.add_argument("--sampler", choices=list(sampler_names()), default=None,
-                        help="default: ddpm (the process's first sampler)")
-    parser.add_argument("--num-steps", type=int, help="sampling steps (default: ddpm 250, ddim 50, dpm-solver 20)")
+                        help="default: the checkpoint's process's first: ddpm (diffusion), dopri5 (flow)")
+    parser.add_argument("--num-steps", type=int, help="sampling steps (default: ddpm 250, ddim 50, dpm-solver 20; "
+                        "flow: euler 50, heun 25, sde-euler/sde-heun 250; dopri5 is adaptive)")
+    parser.add_argument("--time-shift", type=float, default=1.0,
+                        help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise)")
+    parser.add_argument("--objective", choices=["diffusion", "flow"], default=None,
+                        help="the process of a checkpoint that records none (default: flow/velocity for files "
+                        "named SiT-*, else diffusion); a checkpoint's own recipe cannot be overridden")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
@@ -77,7 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "classes, sharded over torchrun processes, into OUT/samples_N.npz (ADM layout)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="samples per shard and process (default 32)")
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--precision", choices=["fp32", "tf32", "bf16", "fp8"], default=None,
+        help="default: bf16 on a GPU, fp32 on a CPU (fp32/tf32 for bit-level comparisons; fp8: FP8 block matmuls)",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile each DiT block (default: on for GPUs, off on CPU)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU if any, else cpu)")
     parser.add_argument(
         "--cache-dir", help="where released checkpoints are kept (default $DITKIT_CACHE or ~/.cache/ditkit)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,12 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)  # the ADM layout is RGB
+    _write_npz(path, arr_0=images, arr_1=labels)
+
+
 def sample_npz(
     sampler: Sampler, num_samples: int, batch_size: int, seed: int, out: Path, rank: int = 0, world_size: int = 1
 ) -> Path | None:
@@ -68,16 +75,22 @@ def sample_npz(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="shards", unit="shard")
-    for k in todo:
-        size = _shard_size(k, num_samples, batch_size)
-        labels = shard_labels(seed, k, size, num_classes)
-        generator = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + k)
-        images = sampler.images(labels, generator).numpy()
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)  # the ADM layout is RGB
-        _write_npz(shard_path(out, k), arr_0=images, arr_1=labels.numpy())
-        if bar is not None:
-            bar.update(1)
+    # One writer thread: shard k is written to disk while the GPU samples shard k+1 (at most one pending write,
+    # so host memory holds two shards at most; a write error surfaces at the next shard or at the end).
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for k in todo:
+            size = _shard_size(k, num_samples, batch_size)
+            labels = shard_labels(seed, k, size, num_classes)
+            generator = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + k)
+            images = sampler.images(labels, generator).numpy()
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_shard, shard_path(out, k), images, labels.numpy())
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            pending.result()
     if bar is not None:
         bar.close()
     distributed.barrier()

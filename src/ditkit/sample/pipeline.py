@@ -17,7 +17,7 @@ import torch
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
-from ditkit.recipe import LatentSpace, Recipe, infer_recipe
+from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
 
 DEFAULT_STEPS = SAMPLERS["diffusion"]
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -43,6 +43,7 @@ class Sampler:
     progress: bool = False
     precision: str = "fp32"
     recipe: Recipe | None = None  # None: the authors' process for `model`, latents as `vae` says
+    time_shift: float = 1.0  # flow: SD3's timestep shift of the grid
 
     def __post_init__(self) -> None:
         if self.recipe is None:
@@ -68,10 +69,11 @@ class Sampler:
 
     def describe(self) -> str:
         guidance = f"cfg {self.cfg_scale:g} on {self.guide_channels} channels" if self.cfg_scale != 1 else "no cfg"
-        return (
-            f"{self.model.config.name}, {self.sampler} {self.num_steps} steps, {guidance}: "
-            f"{self.evaluations_per_image()} model evaluations per image"
-        )
+        nfe = self.evaluations_per_image()
+        cost = f"{nfe} model evaluations per image" if nfe else "adaptive steps (atol 1e-6, rtol 1e-3)"
+        steps = "" if self.sampler == "dopri5" else f" {self.num_steps} steps"
+        shift = f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
+        return f"{self.model.config.name}, {self.recipe.process.kind} {self.sampler}{steps}{shift}, {guidance}: {cost}"
 
     def settings(self) -> dict[str, Any]:
         """What determines the samples besides (seed, labels): recorded with evaluation shards, so that a
@@ -89,6 +91,7 @@ class Sampler:
             "interval": list(self.interval) if self.interval else None,
             "eta": self.eta,
             "precision": self.precision,
+            "time_shift": self.time_shift,
             "recipe": self.recipe.to_dict(),
         }
 
@@ -111,7 +114,8 @@ class Sampler:
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        low = self.precision in ("bf16", "fp8")  # fp8: the FP8 block linears run inside bf16 autocast
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low)
         with autocast:
             x = self.objective.sample(
                 self.denoiser(),
@@ -124,10 +128,12 @@ class Sampler:
                 clip_denoised=self.vae is None,
                 generator=generator,
                 progress=self.progress,
+                **({"shift": self.time_shift} if self.time_shift != 1.0 else {}),
             )
         x = x.float()
         if self.vae is not None:
-            x = self.vae.decode(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):  # decoder convs in bf16
+                x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated.
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
@@ -211,8 +217,13 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], **overrides)
     _check_model_and_vae(model, vae, expected["model"] is None)
-    recipe = checkpoint_recipe(found, model.config).replace(latents=_latent_space(vae))
+    recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
+                             found.recipe_json is not None)
+    recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
+    time_shift = float(getattr(args, "time_shift", 1.0))
+    if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
+        raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
@@ -220,15 +231,47 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     if cfg != 1.0 and not model.config.is_text and \
             model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
-    if args.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = _fast_path(model, args, device)
     return Sampler(
-        model=model.to(device), vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
+        model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        eta=args.eta, device=device, progress=not args.no_progress, precision=args.precision, recipe=recipe,
+        eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
+        time_shift=time_shift,
     )
+
+
+def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Recipe:
+    """--objective for a checkpoint that records no recipe (SiT's released files are DiT-shaped: the file name
+    decides by default, see `checkpoints.checkpoint_recipe`); a recorded recipe is never overridden."""
+    if objective is None or objective == recipe.process.kind:
+        return recipe
+    if stored:
+        raise UserError(f"--objective {objective} conflicts with the checkpoint's recipe (a {recipe.process.kind} "
+                        "model); drop the flag")
+    return recipe.replace(process=PROCESSES[objective]())
+
+
+def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> str:
+    """Move the model to `device` and apply the precision and compile settings (GPU defaults: bf16, compiled
+    blocks); returns the precision."""
+    precision = getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
+    if precision in ("tf32", "bf16", "fp8"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    if precision == "fp8":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+        from ditkit.models.kernels.fp8 import enable_fp8
+
+        enable_fp8(model)
+    compile_on = getattr(args, "compile", None)
+    if (compile_on if compile_on is not None else device.type == "cuda") and hasattr(model, "blocks"):
+        from ditkit.fast import compile_blocks
+
+        compile_blocks(model)
+    return precision
 
 
 def _latent_space(vae: Any | None) -> LatentSpace:

@@ -31,7 +31,7 @@ from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.objectives import objective_for
-from ditkit.recipe import Conditioning, DiffusionProcess, Recipe
+from ditkit.recipe import Conditioning, Recipe
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -46,7 +46,7 @@ from ditkit.train.checkpoint import (
     save_training_checkpoint,
 )
 from ditkit.train.logging import RunLogger, progress_bar
-from ditkit.train.options import TrainOptions, validate
+from ditkit.train.options import TrainOptions, process_of, validate
 from ditkit.train.step import TrainStep
 
 
@@ -581,7 +581,7 @@ def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Reci
         conditioning = Conditioning(classes=tuple(classes) if classes else None)
     return Recipe(
         model=config,
-        process=DiffusionProcess(noise_schedule=opts.noise_schedule),
+        process=process_of(opts),
         latents=data.latents,
         conditioning=conditioning,
     )
@@ -600,7 +600,7 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
 
 
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
-    """DPM-Solver++ (20 steps) with guidance on every ε channel: cheap enough to run inside training. The VAE
+    """20 evaluations (see below) with guidance on every output channel: cheap enough to run inside training. The VAE
     that decodes the grid is the recipe's (a latent store's own, or --vae for an image folder)."""
     from ditkit.sample import Sampler
 
@@ -609,7 +609,9 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
         from ditkit.autoencoder import load_vae
 
         vae = load_vae(recipe.latents.vae, device=device)
-    return Sampler(model=ema, vae=vae, sampler="dpm-solver", num_steps=20,
+    # 20 model evaluations either way: DPM-Solver++ 20 steps for diffusion, Heun 10 steps for flow.
+    sampler, steps = ("dpm-solver", 20) if recipe.process.kind == "diffusion" else ("heun", 10)
+    return Sampler(model=ema, vae=vae, sampler=sampler, num_steps=steps,
                    cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
                    precision="bf16" if precision == "fp8" else precision,  # the EMA copy has no FP8 linears
                    recipe=recipe)

@@ -10,7 +10,7 @@ from typing import Any
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
-from ditkit.recipe import DiffusionProcess
+from ditkit.recipe import DiffusionProcess, FlowProcess
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
@@ -51,6 +51,13 @@ class TrainOptions:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     noise_schedule: str = "linear"
+    objective: str = "diffusion"  # "diffusion" (the authors' Gaussian diffusion) or "flow" (SiT's interpolants)
+    prediction: str | None = None  # default: the objective's (epsilon | velocity)
+    path_type: str | None = None  # flow: Linear (default) | GVP | VP
+    loss_weight: str | None = None  # flow, noise/score predictions: velocity | likelihood
+    t_sampling: str | None = None  # flow: uniform (default, SiT) | lognormal (SD3, LightningDiT)
+    train_eps: float | None = None  # flow: SiT's defaults when unset
+    sample_eps: float | None = None
     skip_nonfinite: bool = False
     exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
@@ -103,6 +110,7 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
+    process_of(opts)  # the objective's flags: one line for a bad value or combination
     if not 0 <= opts.global_seed <= MAX_SEED:
         raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
     if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
@@ -110,6 +118,39 @@ def validate(opts: TrainOptions, world_size: int) -> None:
             f"--num-classes {opts.num_classes} is more than {MAX_CLASSES:,} (the label table alone would not fit in "
             "memory); give the number of classes in the data"
         )
+
+
+OBJECTIVES = ("diffusion", "flow")
+FLOW_ONLY = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps")
+
+
+def process_of(opts: TrainOptions) -> DiffusionProcess | FlowProcess:
+    """The recipe's process from the objective flags (checked: one line for a flag of the other objective, a
+    prediction it has not, or a flow combination SiT's transport cannot train, e.g. noise with train_eps 0)."""
+    if opts.objective not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {opts.objective!r}")
+    if opts.objective == "diffusion":
+        given = [name for name in FLOW_ONLY if getattr(opts, name) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is a flow-matching setting; add --objective flow")
+        if opts.prediction is not None and opts.prediction not in DiffusionProcess.PREDICTIONS:
+            raise UserError(f"--prediction {opts.prediction!r} is not a diffusion prediction; use one of "
+                            f"{', '.join(DiffusionProcess.PREDICTIONS)} (or --objective flow)")
+        return DiffusionProcess(noise_schedule=opts.noise_schedule, prediction=opts.prediction or "epsilon")
+    if opts.prediction is not None and opts.prediction not in FlowProcess.PREDICTIONS:
+        raise UserError(f"--prediction {opts.prediction!r} is not a flow prediction; use one of "
+                        f"{', '.join(FlowProcess.PREDICTIONS)} (or --objective diffusion)")
+    if opts.noise_schedule != "linear":
+        raise UserError("--noise-schedule is a diffusion setting; flow matching takes --path-type instead")
+    process = FlowProcess(path_type=opts.path_type or "Linear", prediction=opts.prediction or "velocity",
+                          loss_weight=opts.loss_weight, train_eps=opts.train_eps, sample_eps=opts.sample_eps,
+                          t_sampling=opts.t_sampling or "uniform")
+    process.validate()
+    from ditkit.transport import create_transport  # the eps and weighting rules, checked once here
+
+    create_transport(process.path_type, process.prediction, process.loss_weight, process.train_eps,
+                     process.sample_eps, process.t_sampling)
+    return process
 
 
 # Every flag's default is the TrainOptions field's: written once, there.
@@ -155,6 +196,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--conditioning", choices=CONDITIONINGS, default=DEFAULTS["conditioning"])
     a("--noise-schedule", choices=DiffusionProcess.SCHEDULES, default=DEFAULTS["noise_schedule"],
       help="beta schedule of the diffusion (stored in the checkpoint's recipe; sampling reads it from there)")
+    a("--objective", choices=OBJECTIVES, default=DEFAULTS["objective"],
+      help="diffusion: the authors' Gaussian diffusion; flow: SiT's flow matching (stored in the recipe)")
+    a("--prediction", default=None,
+      help="what the model predicts: diffusion epsilon (default) | x0 | v; flow velocity (default) | noise | score")
+    a("--path-type", choices=FlowProcess.PATHS, default=None, help="flow: the interpolant (default Linear)")
+    a("--loss-weight", choices=("velocity", "likelihood"), default=None,
+      help="flow, noise/score predictions: SiT's loss weighting (default none)")
+    a("--t-sampling", choices=FlowProcess.T_SAMPLINGS, default=None,
+      help="flow: training times uniform (SiT, default) or logit-normal (SD3, LightningDiT)")
+    a("--train-eps", type=float, default=None, help="flow: SiT's train_eps (default: SiT's rule)")
+    a("--sample-eps", type=float, default=None, help="flow: SiT's sample_eps (default: SiT's rule)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")

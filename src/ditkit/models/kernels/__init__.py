@@ -5,8 +5,9 @@
 - `attention`: the SDPA backend (cuDNN / flash / memory-efficient) chosen by measurement.
 - `fp8`: FP8 GEMMs for the block linears (`--precision fp8`).
 
-The Triton kernels are used on CUDA tensors when Triton imports and `set_fused(False)` (or the environment
-variable DITKIT_FUSED=0) has not turned them off; CPU tensors always take the plain path.
+The Triton kernels are used on CUDA tensors of models at least MIN_WIDTH wide when Triton imports and
+`set_fused(False)` (or the environment variable DITKIT_FUSED=0) has not turned them off; the attention backend
+is measured for every width. CPU tensors always take the plain path.
 """
 
 from __future__ import annotations
@@ -41,9 +42,16 @@ def _load() -> tuple[ModuleType, ModuleType] | None:
     return _STATE["modules"] or None  # type: ignore[return-value]
 
 
+# Below this width the fused kernels lost to inductor's own fusion on an H200 (DiT-S/2, D=384: 0.87× the plain
+# path's images/s; B/2, D=768: 1.07×; XL/2, D=1152: 1.03×; benchmarks/RESULTS.md), so narrow models keep the
+# compiled plain path.
+MIN_WIDTH = 768
+
+
 def use_fused(x: torch.Tensor) -> bool:
-    """True when x's block should run through the fused kernels (CUDA tensor, switched on, Triton present)."""
-    return x.is_cuda and fused_enabled() and _load() is not None
+    """True when x's block should run through the fused kernels (a CUDA tensor at least MIN_WIDTH wide,
+    switched on, Triton present)."""
+    return x.is_cuda and x.shape[-1] >= MIN_WIDTH and fused_enabled() and _load() is not None
 
 
 def out_dtype(x: torch.Tensor) -> torch.dtype:
