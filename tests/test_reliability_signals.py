@@ -114,8 +114,11 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints_and_re
     while not (metrics.exists() and metrics.read_text().count("\n") >= 6):  # past an epoch boundary (4 steps)
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:] if proc.poll() else ""
         time.sleep(0.05)
-    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    assert len(children) >= 2, "the DataLoader worker processes are missing"
+    # Workers are started afresh each epoch (4 steps), so wait for a moment at which both of them run.
+    children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    while len(children_file.read_text().split()) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the DataLoader worker processes are missing"
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group: trainer and workers
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
