@@ -92,20 +92,31 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
 
 
+def _sde_steps(
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+    ts: torch.Tensor, generator: torch.Generator | None,
+) -> list[torch.Tensor]:
+    """Walk the grid `ts`: each step draws its Brownian increment dW = √h·ξ first, then `step(x, t, h, dW)`."""
+    out = []
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        h = t1 - t0
+        dw = _noise_like(x, generator) * torch.sqrt(h)
+        x = step(x, _batch(t0, x), h, dw)
+        out.append(x)
+    return out
+
+
 @torch.no_grad()
 def sde_euler(
     drift: Drift, diffusion: Callable[..., Any], x: torch.Tensor, ts: torch.Tensor, model: Any, *,
     generator: torch.Generator | None = None, **model_kwargs: Any,
 ) -> list[torch.Tensor]:
     """Euler–Maruyama: x ← x + f(x, t)·h + √(2·w(x, t))·√h·ξ, ξ ~ N(0, I)."""
-    out = []
-    for t0, t1 in zip(ts[:-1], ts[1:]):
-        h = t1 - t0
-        dw = _noise_like(x, generator) * torch.sqrt(h)
-        t = _batch(t0, x)
-        x = x + drift(x, t, model, **model_kwargs) * h + torch.sqrt(2 * diffusion(x, t)) * dw
-        out.append(x)
-    return out
+
+    def step(x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+        return x + drift(x, t, model, **model_kwargs) * h + torch.sqrt(2 * diffusion(x, t)) * dw
+
+    return _sde_steps(step, x, ts, generator)
 
 
 @torch.no_grad()
@@ -114,17 +125,14 @@ def sde_heun(
     generator: torch.Generator | None = None, **model_kwargs: Any,
 ) -> list[torch.Tensor]:
     """SiT's stochastic Heun: add the step's noise first (x̂ = x + √(2w)·dW), then one Heun step of the drift."""
-    out = []
-    for t0, t1 in zip(ts[:-1], ts[1:]):
-        h = t1 - t0
-        dw = _noise_like(x, generator) * torch.sqrt(h)
-        t = _batch(t0, x)
+
+    def step(x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
         x_hat = x + torch.sqrt(2 * diffusion(x, t)) * dw
         k1 = drift(x_hat, t, model, **model_kwargs)
         k2 = drift(x_hat + h * k1, t + h, model, **model_kwargs)
-        x = x_hat + 0.5 * h * (k1 + k2)
-        out.append(x)
-    return out
+        return x_hat + 0.5 * h * (k1 + k2)
+
+    return _sde_steps(step, x, ts, generator)
 
 
 SDE_STEPS = {"Euler": sde_euler, "Heun": sde_heun}
