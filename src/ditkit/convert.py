@@ -67,7 +67,7 @@ from ditkit.folder_lock import check_writable
 from ditkit.io import apply_umask, atomic_write
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
-from ditkit.models.dit import LN_EPS, DiT
+from ditkit.models.dit import DiT
 from ditkit.models.embeddings import sincos_2d
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import Recipe
@@ -92,24 +92,10 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
             f"only adaLN-Zero models convert to diffusers (it has no {config.conditioning!r} variant); "
             "convert a model trained with --conditioning adaln-zero"
         )
-    if float(config.mlp_ratio) != 4.0:
-        raise UserError(f"diffusers' DiT has MLP ratio 4 only; this model has mlp_ratio {config.mlp_ratio}")
     return dict(
-        num_attention_heads=config.num_heads,
-        attention_head_dim=config.hidden_size // config.num_heads,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_layers=config.depth,
-        dropout=0.0,
-        attention_bias=True,
-        sample_size=config.input_size,
-        patch_size=config.patch_size,
-        activation_fn="gelu-approximate",  # DiT's GELU is the tanh approximation
+        **convert_pixart.transformer_args(config, "DiT"),
         num_embeds_ada_norm=config.num_classes,
-        upcast_attention=False,
         norm_type="ada_norm_zero",
-        norm_elementwise_affine=False,
-        norm_eps=LN_EPS,  # diffusers' default 1e-5 would differ from DiT's MLP pre-norm
     )
 
 

@@ -78,12 +78,11 @@ def is_pixart_config(cfg: Mapping[str, Any]) -> bool:
     return cfg.get("_class_name") == CLASS_NAME or cfg.get("norm_type") == "ada_norm_single"
 
 
-def diffusers_config(config: DiTConfig) -> dict[str, Any]:
-    """`PixArtTransformer2DModel` init arguments that reproduce a ditkit text model."""
-    if not config.is_text:
-        raise ValueError("not a text model")
+def transformer_args(config: DiTConfig, family: str) -> dict[str, Any]:
+    """The init arguments that diffusers' DiT and PixArt transformers share, for `config`'s geometry (both
+    have MLP ratio 4 only, DiT's tanh GELU, biased attention and no LayerNorm affine, at DiT's epsilon)."""
     if float(config.mlp_ratio) != 4.0:
-        raise UserError(f"diffusers' PixArt has MLP ratio 4 only; this model has mlp_ratio {config.mlp_ratio}")
+        raise UserError(f"diffusers' {family} has MLP ratio 4 only; this model has mlp_ratio {config.mlp_ratio}")
     return dict(
         num_attention_heads=config.num_heads,
         attention_head_dim=config.hidden_size // config.num_heads,
@@ -91,16 +90,25 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
         out_channels=config.out_channels,
         num_layers=config.depth,
         dropout=0.0,
-        cross_attention_dim=config.hidden_size,  # the caption MLP projects to the width first
         attention_bias=True,
         sample_size=config.input_size,
         patch_size=config.patch_size,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,  # required by diffusers, unused by PixArt
+        activation_fn="gelu-approximate",  # DiT's GELU is the tanh approximation
         upcast_attention=False,
-        norm_type="ada_norm_single",
         norm_elementwise_affine=False,
-        norm_eps=LN_EPS,
+        norm_eps=LN_EPS,  # diffusers' default 1e-5 would differ from DiT's
+    )
+
+
+def diffusers_config(config: DiTConfig) -> dict[str, Any]:
+    """`PixArtTransformer2DModel` init arguments that reproduce a ditkit text model."""
+    if not config.is_text:
+        raise ValueError("not a text model")
+    return dict(
+        **transformer_args(config, "PixArt"),
+        cross_attention_dim=config.hidden_size,  # the caption MLP projects to the width first
+        num_embeds_ada_norm=1000,  # required by diffusers, unused by PixArt
+        norm_type="ada_norm_single",
         interpolation_scale=float(config.interpolation_scale),
         use_additional_conditions=False,  # written out: diffusers would switch them on at sample_size 128
         caption_channels=config.caption_channels,
