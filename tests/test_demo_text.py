@@ -30,3 +30,29 @@ def test_text_demo_bad_arguments_exit_2(tmp_path):
     cmd = [sys.executable, "-m", "ditkit", "demo", "--text", "--results-dir", str(tmp_path / "d"), "--steps", "0"]
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
+def test_score_reads_real_painted_digits_as_the_classifier_reads_grey_ones():
+    # The independent reference: the digits classifier's accuracy on the held-out grey digits themselves. Painting
+    # them in colours and scoring through read_image must give the same digit accuracy and every colour right;
+    # scoring against the wrong digits (labels shifted by one) must fall to about nothing.
+    import torch
+
+    from ditkit import demo_text
+    from ditkit.data import colour_digits as cd
+    from ditkit.data.digits import load_digits_split
+    from ditkit.metrics.digits_classifier import accuracy, get_digits_classifier
+
+    grey, labels = load_digits_split(8, "test")
+    reference = accuracy(get_digits_classifier(8, verbose=False), grey, labels)
+    for held_out in (False, True):
+        data = cd.ColourDigits("test", held_out=held_out)
+        combos = data.combos[torch.arange(len(labels)) % len(data.combos)]
+        painted = cd.paint(data.ink, combos[:, 1], combos[:, 2])
+        truth = torch.stack([labels, combos[:, 1], combos[:, 2]], dim=1)
+        figures = demo_text.score(painted, truth)
+        assert abs(figures["digit"] - reference) <= 0.01 and reference > 0.95
+        assert figures["foreground"] == figures["background"] == figures["colour"] == 1.0
+        wrong = truth.clone()
+        wrong[:, 0] = (labels + 1) % 10
+        assert demo_text.score(painted, wrong)["digit"] < 0.05
