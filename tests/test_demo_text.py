@@ -56,3 +56,22 @@ def test_score_reads_real_painted_digits_as_the_classifier_reads_grey_ones():
         wrong = truth.clone()
         wrong[:, 0] = (labels + 1) % 10
         assert demo_text.score(painted, wrong)["digit"] < 0.05
+
+
+def test_word_encoder_spreads_each_word_over_every_token():
+    # The demo's encoder must contextualise (as T5/CLIP do): changing the digit word changes every output token,
+    # not only its own; a bag of words (the encoder without its self-attention layer) changes one.
+    import torch
+
+    from ditkit.data import colour_digits as cd
+    from ditkit.demo_text import WordEncoder
+
+    torch.manual_seed(0)
+    encoder = WordEncoder(len(cd.VOCAB), cd.MAX_WORDS, 64).eval()
+    ids, _ = cd.tokenize([cd.caption(7, 0, 2), cd.caption(3, 0, 2)])  # only word 2 (the digit) differs
+    with torch.no_grad():
+        out = encoder(ids)
+        bag = encoder.words(ids) + encoder.positions
+    moved = (out[0] - out[1]).norm(dim=1)
+    assert out.shape == (2, cd.MAX_WORDS, 64) and bool((moved > 1e-3).all())
+    assert (bag[0] - bag[1]).norm(dim=1).gt(1e-6).tolist() == [i == 2 for i in range(cd.MAX_WORDS)]
