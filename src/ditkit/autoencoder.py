@@ -68,6 +68,40 @@ def _resolve(path_or_id: str) -> tuple[str, str | None]:
     return (str(path) if path.exists() else path_or_id), None
 
 
+def vae_attributes(config: Any) -> dict[str, Any]:
+    """What the DiT side reads off a VAE's config (a diffusers config or its config.json as a dict)."""
+    return {
+        "scale": float(config.get("scaling_factor") or SD_SCALE),
+        "shift": float(config.get("shift_factor") or 0.0),  # 0 for SD VAEs; set by SD3/Flux VAEs
+        "latent_channels": int(config.get("latent_channels", 4)),
+        "downsample": 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1),
+    }
+
+
+def peek_vae(path_or_id: str) -> dict[str, Any] | None:
+    """`vae_attributes` from the config.json of a VAE folder (or one in the Hugging Face cache) without importing
+    diffusers, which takes seconds; None when it cannot be read that way (`load_vae` then says why)."""
+    import json
+
+    name, subfolder = _resolve(path_or_id)
+    path = Path(name) / (subfolder or "") / "config.json"
+    if not Path(name).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, f"{subfolder}/config.json" if subfolder else "config.json")
+        except Exception:  # noqa: BLE001 - only a shortcut: any failure leaves it to load_vae to explain
+            return None
+        path = Path(found) if isinstance(found, str) else None
+    try:
+        config = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "block_out_channels" not in config:
+        return None
+    return vae_attributes(config)
+
+
 class VAE:
     """An `AutoencoderKL` with the latent scaling applied where DiT code expects it.
 
@@ -78,11 +112,8 @@ class VAE:
     def __init__(self, model: torch.nn.Module, name: str) -> None:
         self.model = model.eval().requires_grad_(False)
         self.name = name
-        config = model.config
-        self.scale = float(getattr(config, "scaling_factor", None) or SD_SCALE)
-        self.shift = float(getattr(config, "shift_factor", None) or 0.0)  # 0 for SD VAEs; set by SD3/Flux VAEs
-        self.latent_channels = int(config.latent_channels)
-        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        for key, value in vae_attributes(model.config).items():
+            setattr(self, key, value)
 
     @property
     def device(self) -> torch.device:
