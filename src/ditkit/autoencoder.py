@@ -196,4 +196,5 @@ def load_vae(
             f"`huggingface-cli download {path_or_id if not Path(name).exists() else DEFAULT_VAE}`, copy its "
             "~/.cache/huggingface here (or set HF_HOME to where you put it), or pass --vae FOLDER"
         ) from None
-    return VAE(model, str(path_or_id)).to(device)
+    with _quiet_diffusers():  # diffusers' .to() warns about fp32-kept modules even when there are none
+        return VAE(model, str(path_or_id)).to(device)
