@@ -79,8 +79,9 @@ class Sampler:
     def settings(self) -> dict[str, Any]:
         """What determines the samples besides (seed, labels): recorded with evaluation shards, so that a
         resumed run never mixes shards made with other settings. The weights enter as a fingerprint."""
-        with torch.no_grad():
-            fingerprint = sum(float(p.detach().double().sum()) for p in self.model.parameters())
+        with torch.no_grad():  # per-tensor float64 sums, one copy to the host, added in order (as ever)
+            sums = [p.detach().double().sum() for p in self.model.parameters()]
+            fingerprint = sum(float(v) for v in torch.stack(sums).cpu()) if sums else 0.0
         return {
             "model": self.model.config.to_dict(),
             "weights": f"{fingerprint:.10g}",
@@ -226,6 +227,8 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
+    if isinstance(vae, PendingVAE):
+        vae.start()
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
                              found.recipe_json is not None)
@@ -307,21 +310,35 @@ def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch
 
 
 class PendingVAE:
-    """A VAE loading in a background thread, with the attributes the pipeline needs before the first decode
-    (name, scale, shift, latent channels, downsampling) read from its config.json. `decode` waits for the load
-    and re-raises its error; `loaded()` waits too."""
+    """A VAE to be loaded in a background thread, with the attributes the pipeline needs before the first
+    decode (name, scale, shift, latent channels, downsampling) read from its config.json. `start()` begins the
+    load; `loaded()` and `decode` wait for it (starting it if need be) and re-raise its error."""
 
-    def __init__(self, future: Future, name: str, attributes: dict[str, Any]) -> None:
-        self._future = future
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, attributes: dict[str, Any]) -> None:
+        self._args = (name, device, dtype)
+        self._future: Future | None = None
         self.name = name
         for key, value in attributes.items():
             setattr(self, key, value)
 
+    def start(self) -> None:
+        if self._future is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ditkit-vae")
+            self._future = pool.submit(_load_vae, *self._args)
+            pool.shutdown(wait=False)  # the load runs on; the pool takes no more work
+
     def loaded(self) -> Any:
+        self.start()
         return self._future.result()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.loaded().decode(latents)
+
+
+# When the VAE thread starts: "sampling" (once the model is on its device, so that importing diffusers does not
+# compete for the GIL with reading the checkpoint and moving it; the load then overlaps the first shard),
+# "start" (before the checkpoint is read), or "none" (load it at once, in this thread).
+VAE_OVERLAP = "sampling"
 
 
 def _load_vae_async(name: str, device: torch.device, dtype: torch.dtype) -> Any:
@@ -329,13 +346,13 @@ def _load_vae_async(name: str, device: torch.device, dtype: torch.dtype) -> Any:
     missing VAE is named before any sampling)."""
     from ditkit.autoencoder import peek_vae
 
-    attributes = peek_vae(name)
+    attributes = peek_vae(name) if VAE_OVERLAP != "none" else None
     if attributes is None:
         return _load_vae(name, device, dtype)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ditkit-vae")
-    future = pool.submit(_load_vae, name, device, dtype)
-    pool.shutdown(wait=False)  # the load runs on; the pool takes no more work
-    return PendingVAE(future, name, attributes)
+    vae = PendingVAE(name, device, dtype, attributes)
+    if VAE_OVERLAP == "start":
+        vae.start()
+    return vae
 
 
 def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) -> None:
