@@ -78,30 +78,6 @@ def vae_attributes(config: Any) -> dict[str, Any]:
     }
 
 
-def peek_vae(path_or_id: str) -> dict[str, Any] | None:
-    """`vae_attributes` from the config.json of a VAE folder (or one in the Hugging Face cache) without importing
-    diffusers, which takes seconds; None when it cannot be read that way (`load_vae` then says why)."""
-    import json
-
-    name, subfolder = _resolve(path_or_id)
-    path = Path(name) / (subfolder or "") / "config.json"
-    if not Path(name).exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(name, f"{subfolder}/config.json" if subfolder else "config.json")
-        except Exception:  # noqa: BLE001 - only a shortcut: any failure leaves it to load_vae to explain
-            return None
-        path = Path(found) if isinstance(found, str) else None
-    try:
-        config = json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict) or "block_out_channels" not in config:
-        return None
-    return vae_attributes(config)
-
-
 class VAE:
     """An `AutoencoderKL` with the latent scaling applied where DiT code expects it.
 

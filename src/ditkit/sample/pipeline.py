@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,10 +136,9 @@ class Sampler:
         if self.vae is not None:
             # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
             # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
-            vae = self.vae.loaded() if isinstance(self.vae, PendingVAE) else self.vae
-            bf16_weights = getattr(vae, "dtype", None) == torch.bfloat16
+            bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low and not bf16_weights):
-                x = vae.decode(x).float()
+                x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated.
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
@@ -204,16 +203,15 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
     vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
+    _start_cuda_init(device)
     low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
     vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
-    # A VAE named up front loads in a thread while the checkpoint is read and the model samples its first
-    # shard: importing diffusers (which pulls in transformers and dynamo) and building the VAE take seconds.
-    vae = _load_vae_async(vae_name, device, vae_dtype) if vae_name else None
+    vae = _load_vae(vae_name, device, vae_dtype)
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
-        vae = _load_vae_async(vae_name, device, vae_dtype)
+        vae = _load_vae(vae_name, device, vae_dtype)
     factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
     _check_image_size(expected["image_size"], expected["model"], factor)
     overrides: dict[str, Any] = {}
@@ -227,8 +225,6 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
-    if isinstance(vae, PendingVAE):
-        vae.start()
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
                              found.recipe_json is not None)
@@ -300,6 +296,17 @@ def _latent_space(vae: Any | None) -> LatentSpace:
     return LatentSpace(vae=vae.name, scale=vae.scale, shift=vae.shift, downsample=vae.downsample)
 
 
+# Create the CUDA context in a thread while this one imports diffusers and reads the checkpoint: on an H200 VM
+# the context took ~5 s (benchmarks/RESULTS.md, issue 13). A VAE loaded in a thread instead gained nothing there:
+# importing diffusers holds the GIL and slowed the main thread's kernel launches by as much as it saved.
+CUDA_INIT_THREAD = True
+
+
+def _start_cuda_init(device: torch.device) -> None:
+    if device.type == "cuda" and CUDA_INIT_THREAD and not torch.cuda.is_initialized():
+        threading.Thread(target=lambda: torch.zeros(1, device=device), name="ditkit-cuda-init", daemon=True).start()
+
+
 def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
     """The VAE named by the flag or the recipe, loaded on `device`; None for a pixel-space model."""
     if name is None:
@@ -307,52 +314,6 @@ def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch
     from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
 
     return load_vae(name, device=device, dtype=dtype)
-
-
-class PendingVAE:
-    """A VAE to be loaded in a background thread, with the attributes the pipeline needs before the first
-    decode (name, scale, shift, latent channels, downsampling) read from its config.json. `start()` begins the
-    load; `loaded()` and `decode` wait for it (starting it if need be) and re-raise its error."""
-
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, attributes: dict[str, Any]) -> None:
-        self._args = (name, device, dtype)
-        self._future: Future | None = None
-        self.name = name
-        for key, value in attributes.items():
-            setattr(self, key, value)
-
-    def start(self) -> None:
-        if self._future is None:
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ditkit-vae")
-            self._future = pool.submit(_load_vae, *self._args)
-            pool.shutdown(wait=False)  # the load runs on; the pool takes no more work
-
-    def loaded(self) -> Any:
-        self.start()
-        return self._future.result()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.loaded().decode(latents)
-
-
-# When the VAE thread starts: "sampling" (once the model is on its device, so that importing diffusers does not
-# compete for the GIL with reading the checkpoint and moving it; the load then overlaps the first shard),
-# "start" (before the checkpoint is read), or "none" (load it at once, in this thread).
-VAE_OVERLAP = "sampling"
-
-
-def _load_vae_async(name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The VAE as a `PendingVAE` when its config can be read without diffusers, else loaded now (so that a
-    missing VAE is named before any sampling)."""
-    from ditkit.autoencoder import peek_vae
-
-    attributes = peek_vae(name) if VAE_OVERLAP != "none" else None
-    if attributes is None:
-        return _load_vae(name, device, dtype)
-    vae = PendingVAE(name, device, dtype, attributes)
-    if VAE_OVERLAP == "start":
-        vae.start()
-    return vae
 
 
 def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) -> None:
