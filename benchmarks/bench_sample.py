@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -361,25 +360,10 @@ def child(argv: list[str], out: str) -> int:
     import ditkit.sample.pipeline as pipe
 
     events.append(("import ditkit (cli, sample, checkpoints)", t0 - PROCESS_START, time.time() - PROCESS_START))
-    pipe.CUDA_INIT_THREAD = os.environ.get("BENCH_CUDA_INIT_THREAD", "1") == "1"
-    events.append((f"CUDA context in a thread: {pipe.CUDA_INIT_THREAD}", 0.0, 0.0))
     ck.read_checkpoint = _timed(events, "read checkpoint", ck.read_checkpoint)
     ck.check_finite = _timed(events, "finite check (on device)", ck.check_finite)
-
     ck.build_checked = _timed(events, "build model + weights to device", ck.build_checked, sync=True)
     pipe._load_vae = _timed(events, "load VAE", pipe._load_vae, sync=True)
-
-    def cuda_init(device: torch.device) -> None:  # pipeline._start_cuda_init, recording when the context exists
-        t0 = time.time()
-
-        def run() -> None:
-            torch.zeros(1, device=device)
-            events.append(("CUDA context (thread)", t0 - PROCESS_START, time.time() - PROCESS_START))
-
-        if device.type == "cuda" and pipe.CUDA_INIT_THREAD and not torch.cuda.is_initialized():
-            threading.Thread(target=run, daemon=True).start()
-
-    pipe._start_cuda_init = cuda_init
     pipe._fast_path = _timed(events, "fast path set-up", pipe._fast_path, sync=True)
     pipe.Sampler.images = _timed(events, "shard: sample + decode + to host", pipe.Sampler.images)
     pipe.Sampler.settings = _timed(events, "settings fingerprint", pipe.Sampler.settings)
@@ -423,16 +407,13 @@ def section_cli(bench: Bench) -> None:
                 "1000", "--vae", str(vae), "--num-samples", str(n), "--batch-size", str(bench.batch),
                 "--sampler", sampler, "--num-steps", str(steps), "--cfg-scale", "4.0",
                 "--out", str(bench.work / f"samples_{k}"), "--no-progress"]
-        job_env = dict(env)
-        if flag == "nocudathread":
-            job_env["BENCH_CUDA_INIT_THREAD"] = "0"
-        elif flag:
+        if flag:
             args.append(f"--{flag}")
         events = bench.work / f"events_{k}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(events), "--", *args]
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=job_env,
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                   timeout=max(bench.left() - bench.args.reserve_s, 20))
             rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
         except subprocess.TimeoutExpired as exc:
@@ -461,8 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="DiT-S/2 at 64 px, tiny batches (a CPU smoke run)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--cli-jobs", nargs="+", default=["dpm-solver", "ddpm"],
-                   help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG (e.g. dpm-solver+compile, "
-                   "dpm-solver+nocudathread: the CUDA context created in the main thread)")
+                   help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG (e.g. dpm-solver+compile)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
     p.add_argument("--reserve-s", type=float, default=20.0)
     args = p.parse_args(argv)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,9 +202,10 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
     vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
-    _start_cuda_init(device)
     low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
     vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
+    # In this thread, before the checkpoint: a thread for the VAE (diffusers' import, ~11 s with the first GPU
+    # use on an H200 VM) gained nothing, its imports hold the GIL (benchmarks/RESULTS.md, issue 13).
     vae = _load_vae(vae_name, device, vae_dtype)
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
@@ -294,17 +294,6 @@ def _latent_space(vae: Any | None) -> LatentSpace:
     if vae is None:
         return LatentSpace()
     return LatentSpace(vae=vae.name, scale=vae.scale, shift=vae.shift, downsample=vae.downsample)
-
-
-# Create the CUDA context in a thread while this one imports diffusers and reads the checkpoint: on an H200 VM
-# the context took ~5 s (benchmarks/RESULTS.md, issue 13). A VAE loaded in a thread instead gained nothing there:
-# importing diffusers holds the GIL and slowed the main thread's kernel launches by as much as it saved.
-CUDA_INIT_THREAD = True
-
-
-def _start_cuda_init(device: torch.device) -> None:
-    if device.type == "cuda" and CUDA_INIT_THREAD and not torch.cuda.is_initialized():
-        threading.Thread(target=lambda: torch.zeros(1, device=device), name="ditkit-cuda-init", daemon=True).start()
 
 
 def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
