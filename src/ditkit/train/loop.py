@@ -413,6 +413,10 @@ class Run:
             pin_memory=self.info.device.type == "cuda",
             prefetch_factor=4 if opts.num_workers and not tensors else None,
             worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
+            # Each DataLoader iterator draws its workers' base seed from this generator, not from the global RNG:
+            # a resumed run starts one more iterator than an uninterrupted one, which would otherwise leave a
+            # different global RNG state in its checkpoints (and give its workers other seeds).
+            generator=torch.Generator().manual_seed(opts.global_seed * 1_000_003 + epoch),
         )
         with stop_signals_held():  # workers start here; held until they ignore the stop signals
             return iter(loader)
