@@ -100,12 +100,18 @@ class VAE:
         return next(self.model.parameters()).dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAE:
-        self.model.to(device=device, dtype=dtype)
+        if hasattr(self.model, "encode"):
+            with _quiet_diffusers():  # diffusers' .to() warns about fp32-kept modules even when there are none
+                self.model.to(device=device, dtype=dtype)
+        else:
+            self.model.to(device=device, dtype=dtype)
         return self
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images N×3×H×W in [-1, 1] → posterior (mean, std), each float32 N×C×H/f×W/f, unscaled."""
+        if not hasattr(self.model, "encode"):
+            raise UserError(f"the VAE {self.name} was loaded for decoding only; load it with load_vae(...) to encode")
         dist = self.model.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
@@ -152,10 +158,36 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
+def _local_folder(path_or_id: str) -> Path | None:
+    """The folder holding the VAE's config.json: the given folder (or its `vae/`), or the id's snapshot in the
+    Hugging Face cache; None when neither is at hand."""
+    name, subfolder = _resolve(path_or_id)
+    if Path(name).exists():
+        return Path(name) / (subfolder or "")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - only a shortcut: diffusers' loader explains any failure
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def load_vae(
-    path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    decode_only: bool = False,
 ) -> VAE:
-    """Load an `AutoencoderKL` offline from a folder or the Hugging Face cache; a one-line UserError if absent."""
+    """Load an `AutoencoderKL` offline from a folder or the Hugging Face cache; a one-line UserError if absent.
+
+    decode_only=True (sampling) loads only the decoder through `ditkit.vae_decoder`, without importing diffusers,
+    when the folder's layout is one it reproduces; otherwise, and for encoding, diffusers loads the whole VAE."""
+    if decode_only:
+        from ditkit.vae_decoder import load_decoder
+
+        folder = _local_folder(path_or_id)
+        decoder = load_decoder(folder, dtype) if folder is not None else None
+        if decoder is not None:
+            return VAE(decoder, str(path_or_id)).to(device)
     AutoencoderKL = _import_autoencoder_kl()
     name, subfolder = _resolve(path_or_id)
     try:
@@ -172,5 +204,4 @@ def load_vae(
             f"`huggingface-cli download {path_or_id if not Path(name).exists() else DEFAULT_VAE}`, copy its "
             "~/.cache/huggingface here (or set HF_HOME to where you put it), or pass --vae FOLDER"
         ) from None
-    with _quiet_diffusers():  # diffusers' .to() warns about fp32-kept modules even when there are none
-        return VAE(model, str(path_or_id)).to(device)
+    return VAE(model, str(path_or_id)).to(device)

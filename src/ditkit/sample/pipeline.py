@@ -204,14 +204,13 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
     low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
     vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
-    # In this thread, before the checkpoint: a thread for the VAE (diffusers' import, ~11 s with the first GPU
-    # use on an H200 VM) gained nothing, its imports hold the GIL (benchmarks/RESULTS.md, issue 13).
-    vae = _load_vae(vae_name, device, vae_dtype)
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
-        vae = _load_vae(vae_name, device, vae_dtype)
+    # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
+    # VAE through diffusers in a thread gained nothing, its imports hold the GIL (benchmarks/RESULTS.md, issue 13).
+    vae = _load_vae(vae_name, device, vae_dtype)
     factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
     _check_image_size(expected["image_size"], expected["model"], factor)
     overrides: dict[str, Any] = {}
@@ -302,7 +301,7 @@ def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch
         return None
     from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
 
-    return load_vae(name, device=device, dtype=dtype)
+    return load_vae(name, device=device, dtype=dtype, decode_only=True)
 
 
 def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) -> None:
