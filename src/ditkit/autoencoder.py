@@ -68,6 +68,16 @@ def _resolve(path_or_id: str) -> tuple[str, str | None]:
     return (str(path) if path.exists() else path_or_id), None
 
 
+def vae_attributes(config: Any) -> dict[str, Any]:
+    """What the DiT side reads off a VAE's config (a diffusers config or its config.json as a dict)."""
+    return {
+        "scale": float(config.get("scaling_factor") or SD_SCALE),
+        "shift": float(config.get("shift_factor") or 0.0),  # 0 for SD VAEs; set by SD3/Flux VAEs
+        "latent_channels": int(config.get("latent_channels", 4)),
+        "downsample": 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1),
+    }
+
+
 class VAE:
     """An `AutoencoderKL` with the latent scaling applied where DiT code expects it.
 
@@ -78,11 +88,8 @@ class VAE:
     def __init__(self, model: torch.nn.Module, name: str) -> None:
         self.model = model.eval().requires_grad_(False)
         self.name = name
-        config = model.config
-        self.scale = float(getattr(config, "scaling_factor", None) or SD_SCALE)
-        self.shift = float(getattr(config, "shift_factor", None) or 0.0)  # 0 for SD VAEs; set by SD3/Flux VAEs
-        self.latent_channels = int(config.latent_channels)
-        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        for key, value in vae_attributes(model.config).items():
+            setattr(self, key, value)
 
     @property
     def device(self) -> torch.device:
@@ -165,4 +172,5 @@ def load_vae(
             f"`huggingface-cli download {path_or_id if not Path(name).exists() else DEFAULT_VAE}`, copy its "
             "~/.cache/huggingface here (or set HF_HOME to where you put it), or pass --vae FOLDER"
         ) from None
-    return VAE(model, str(path_or_id)).to(device)
+    with _quiet_diffusers():  # diffusers' .to() warns about fp32-kept modules even when there are none
+        return VAE(model, str(path_or_id)).to(device)

@@ -93,6 +93,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_gelu_epilogue(x) and isinstance(self.act, nn.GELU) and self.act.approximate == "tanh":
+            return self.fc2(kernels.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -280,7 +282,7 @@ class DiT(TokenGrid, nn.Module):
         dtype = kernels.out_dtype(tokens)
         heads = self.num_heads
         n, t, d = tokens.shape
-        choice = select_backend(n, heads, t, d // heads, dtype, tokens.device)
+        choice = select_backend(n, heads, t, d // heads, dtype, tokens.device, backward=torch.is_grad_enabled())
         for block in self.blocks:
             if block.attn.backend != choice:
                 block.attn.backend = choice
