@@ -93,7 +93,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.use_gelu_epilogue(x) and isinstance(self.act, nn.GELU) and self.act.approximate == "tanh":
+        # fc1 + GELU as one GEMM when sampling on a GPU (not when fc1 was switched to FP8: --precision fp8)
+        if (kernels.use_gelu_epilogue(x) and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
+                and self.act.approximate == "tanh"):
             return self.fc2(kernels.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
