@@ -187,7 +187,12 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise UserError(f"{path} is {kind}, not a checkpoint; give a .pt or .safetensors weights file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
+            if mmap and head.startswith(b"PK"):
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except (RuntimeError, OSError, ValueError):  # a file or filesystem that cannot be mapped
+                    pass  # read it instead; a damaged file fails again below and is reported there
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(
             f"refusing to load {path}: {_unpickling_reason(err)}; only weight files load. Re-save the "
