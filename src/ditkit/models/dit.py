@@ -247,7 +247,8 @@ class DiT(TokenGrid, nn.Module):
             blocks = [PlainBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(d, config.patch_size, self.out_channels, adaptive=kind.startswith("adaln"))
-        self.initialize_weights()
+        if not self.pos_embed.is_meta:  # built on the meta device, it takes a file's tensors (build_checked)
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers."""
