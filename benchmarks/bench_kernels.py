@@ -42,7 +42,7 @@ from ditkit.models import create_model, kernels  # noqa: E402
 from ditkit.models.kernels.fp8 import enable_fp8  # noqa: E402
 from ditkit.train.step import TrainStep  # noqa: E402
 
-MODES = ("plain", "fast", "fp8")
+MODES = ("plain", "fast", "fp8", "autotune")  # autotune: fast, blocks compiled "max-autotune-no-cudagraphs"
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp8_fwd": 0.05, "fp8_grad": 0.10}
 
 
@@ -221,7 +221,8 @@ def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int =
     ema.to(bench.device).eval()
     if mode == "fp8":
         enable_fp8(model)
-    compile_blocks(model, backend="inductor" if bench.device.type == "cuda" else "eager")
+    compile_blocks(model, backend="inductor" if bench.device.type == "cuda" else "eager",
+                   mode="max-autotune-no-cudagraphs" if mode == "autotune" else None)
     cuda = bench.device.type == "cuda"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             **({"fused": True} if cuda else {}))
@@ -283,7 +284,7 @@ def section_train(bench: Bench) -> None:
             print(json.dumps(rows[-1]), flush=True)
             bench.save()
         by_mode = {r["mode"]: r for r in rows if r.get("model") == name and "img_s" in r}
-        for mode in ("fast", "fp8"):
+        for mode in ("fast", "fp8", "autotune"):
             if mode in by_mode and "plain" in by_mode:
                 by_mode[mode]["vs_plain"] = by_mode[mode]["img_s"] / by_mode["plain"]["img_s"]
 
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--train", nargs="+", default=["DiT-XL/2:128", "DiT-B/2:256", "DiT-S/2:256"],
                    help="model:batch pairs for the train section")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES[:3]), choices=MODES)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--curve-model", default="DiT-S/2:64")
     p.add_argument("--profile-model", default="DiT-XL/2:128")

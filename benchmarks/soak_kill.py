@@ -138,9 +138,9 @@ class TrainJob(Job):
             f"""
             import sys
             from ditkit.errors import UserError
-            from ditkit.train import TrainOptions, train
-            try:
-                train(TrainOptions(results_dir=sys.argv[1], **{settings!r}))
+            from ditkit.train import TrainOptions, train_as_command
+            try:  # the tiny model is not a command-line flag; the rest is what `ditkit train` does
+                train_as_command(TrainOptions(results_dir=sys.argv[1], **{settings!r}))
             except UserError as err:  # as the command line reports it
                 sys.exit(print(f"ditkit train: error: {{err}}", file=sys.stderr) or 2)
             """

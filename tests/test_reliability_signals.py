@@ -134,3 +134,45 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints_and_re
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming from {ckpt} at step {stopped_at}" in done.stderr
     assert [int(p.name) for p in list_checkpoints(run / "checkpoints")][-1] == stopped_at + 2
+
+
+# A SIGTERM sent to the process itself at a chosen moment outside the step loop: `HOOK` names the function of
+# ditkit.train.loop that is wrapped, `WHEN` whether the signal goes before it runs or after it returned.
+HOOKED_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from ditkit.train import loop
+    HOOK, WHEN = sys.argv[3], sys.argv[4]
+    original = getattr(loop, HOOK)  # not `real`: the script below uses that name
+    def hooked(*args, **kwargs):
+        if WHEN == "before":
+            os.kill(os.getpid(), signal.SIGTERM)
+        out = original(*args, **kwargs)
+        if WHEN == "after":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the signal is delivered here if nothing catches it
+        return out
+    setattr(loop, HOOK, hooked)
+    """
+) + SCRIPT.replace("sys.exit(main(", "code = main(") .replace("]))", "])\nsys.exit(code)")
+
+
+def _hooked(tmp_path: Path, hook: str, when: str, steps: int = 5) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", HOOKED_SCRIPT, str(tmp_path / "run"), str(steps), hook, when],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_a_sigterm_after_training_returned_lets_the_finished_run_exit_zero(tmp_path):
+    """A scheduler's SIGTERM that lands as the job finishes (after its last checkpoint): exit 0, not -15."""
+    done = _hooked(tmp_path, "train", "after")
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert [int(p.name) for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [5]
+
+
+def test_a_sigterm_during_set_up_stops_after_the_first_step_with_a_checkpoint(tmp_path):
+    """A SIGTERM before the step loop began (here while the data is opened) is not lost and does not kill the
+    process: the first step runs, its checkpoint is written, and the run exits 0 saying so."""
+    done = _hooked(tmp_path, "open_data", "before")
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "stopped by signal SIGTERM at step 1" in done.stderr, done.stderr[-2000:]
+    assert [int(p.name) for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]

@@ -88,6 +88,11 @@ def test_resume_continues_with_exactly_the_same_losses(tmp_path):
     ema_a = full.ema.state_dict()
     for k, v in resumed.ema.state_dict().items():
         assert torch.equal(v, ema_a[k]), k
+    # The checkpoints' global RNG state too (what a later resume restores), not only the weights: the resumed run
+    # starts one DataLoader iterator more than the uninterrupted one.
+    last = [r.results_dir / "checkpoints" / "0000006" / "state.pt" for r in (full, resumed)]
+    rng_a, rng_b = (torch.load(path, weights_only=True)["torch_rng"] for path in last)
+    assert torch.equal(rng_a, rng_b)
 
 
 TINY_FLAGS = ["--data-path", "digits", "--model", "DiT-S/2", "--image-size", "8", "--num-workers", "0", "--no-progress"]

@@ -68,6 +68,16 @@ def _resolve(path_or_id: str) -> tuple[str, str | None]:
     return (str(path) if path.exists() else path_or_id), None
 
 
+def vae_attributes(config: Any) -> dict[str, Any]:
+    """What the DiT side reads off a VAE's config (a diffusers config or its config.json as a dict)."""
+    return {
+        "scale": float(config.get("scaling_factor") or SD_SCALE),
+        "shift": float(config.get("shift_factor") or 0.0),  # 0 for SD VAEs; set by SD3/Flux VAEs
+        "latent_channels": int(config.get("latent_channels", 4)),
+        "downsample": 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1),
+    }
+
+
 class VAE:
     """An `AutoencoderKL` with the latent scaling applied where DiT code expects it.
 
@@ -78,11 +88,8 @@ class VAE:
     def __init__(self, model: torch.nn.Module, name: str) -> None:
         self.model = model.eval().requires_grad_(False)
         self.name = name
-        config = model.config
-        self.scale = float(getattr(config, "scaling_factor", None) or SD_SCALE)
-        self.shift = float(getattr(config, "shift_factor", None) or 0.0)  # 0 for SD VAEs; set by SD3/Flux VAEs
-        self.latent_channels = int(config.latent_channels)
-        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        for key, value in vae_attributes(model.config).items():
+            setattr(self, key, value)
 
     @property
     def device(self) -> torch.device:
@@ -93,12 +100,18 @@ class VAE:
         return next(self.model.parameters()).dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAE:
-        self.model.to(device=device, dtype=dtype)
+        if hasattr(self.model, "encode"):
+            with _quiet_diffusers():  # diffusers' .to() warns about fp32-kept modules even when there are none
+                self.model.to(device=device, dtype=dtype)
+        else:
+            self.model.to(device=device, dtype=dtype)
         return self
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images N×3×H×W in [-1, 1] → posterior (mean, std), each float32 N×C×H/f×W/f, unscaled."""
+        if not hasattr(self.model, "encode"):
+            raise UserError(f"the VAE {self.name} was loaded for decoding only; load it with load_vae(...) to encode")
         dist = self.model.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
@@ -145,10 +158,36 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
+def _local_folder(path_or_id: str) -> Path | None:
+    """The folder holding the VAE's config.json: the given folder (or its `vae/`), or the id's snapshot in the
+    Hugging Face cache; None when neither is at hand."""
+    name, subfolder = _resolve(path_or_id)
+    if Path(name).exists():
+        return Path(name) / (subfolder or "")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - only a shortcut: diffusers' loader explains any failure
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def load_vae(
-    path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path_or_id: str = DEFAULT_VAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    decode_only: bool = False,
 ) -> VAE:
-    """Load an `AutoencoderKL` offline from a folder or the Hugging Face cache; a one-line UserError if absent."""
+    """Load an `AutoencoderKL` offline from a folder or the Hugging Face cache; a one-line UserError if absent.
+
+    decode_only=True (sampling) loads only the decoder through `ditkit.vae_decoder`, without importing diffusers,
+    when the folder's layout is one it reproduces; otherwise, and for encoding, diffusers loads the whole VAE."""
+    if decode_only:
+        from ditkit.vae_decoder import load_decoder
+
+        folder = _local_folder(path_or_id)
+        decoder = load_decoder(folder, dtype) if folder is not None else None
+        if decoder is not None:
+            return VAE(decoder, str(path_or_id)).to(device)
     AutoencoderKL = _import_autoencoder_kl()
     name, subfolder = _resolve(path_or_id)
     try:

@@ -97,10 +97,16 @@ def run(args: argparse.Namespace) -> int:
             objective="flow" if flow else "diffusion",
         )
     )
+    if result.stopped_by_signal:  # a stop was asked for: don't go on to sample a half-trained model
+        print(f"training stopped by a signal at step {result.step} (checkpoint written); run the same command "
+              "again to continue from there", file=sys.stderr)
+        return 0
     trained = time.perf_counter()
     device = next(result.ema.parameters()).device
-    # 20 evaluations either way (measured: flow with Euler 20 scores as diffusion with DPM-Solver++ 20, see README)
-    sampler = Sampler(model=result.ema, vae=None, sampler="euler" if flow else "dpm-solver", num_steps=20,
+    # 20 network evaluations per image either way: DPM-Solver++ 20 steps, or Heun 10 steps on the flow model
+    # (at that budget Heun beat Euler 20 steps on the digits' Fréchet distance, 2.87 vs 3.24: benchmarks/RESULTS.md)
+    sampler = Sampler(model=result.ema, vae=None, sampler="heun" if flow else "dpm-solver",
+                      num_steps=10 if flow else 20,
                       cfg_scale=args.cfg_scale,
                       guide_channels="all", device=device, progress=True, recipe=result.recipe)
     print(f"[2/3] sampling: {sampler.describe()}", file=sys.stderr)

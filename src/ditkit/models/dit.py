@@ -93,6 +93,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fc1 + GELU as one GEMM when sampling on a GPU (not when fc1 was switched to FP8: --precision fp8)
+        if (kernels.use_gelu_epilogue(x) and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
+                and self.act.approximate == "tanh"):
+            return self.fc2(kernels.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -243,7 +247,8 @@ class DiT(TokenGrid, nn.Module):
             blocks = [PlainBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(d, config.patch_size, self.out_channels, adaptive=kind.startswith("adaln"))
-        self.initialize_weights()
+        if not self.pos_embed.is_meta:  # built on the meta device, it takes a file's tensors (build_checked)
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers."""
@@ -280,7 +285,7 @@ class DiT(TokenGrid, nn.Module):
         dtype = kernels.out_dtype(tokens)
         heads = self.num_heads
         n, t, d = tokens.shape
-        choice = select_backend(n, heads, t, d // heads, dtype, tokens.device)
+        choice = select_backend(n, heads, t, d // heads, dtype, tokens.device, backward=torch.is_grad_enabled())
         for block in self.blocks:
             if block.attn.backend != choice:
                 block.attn.backend = choice

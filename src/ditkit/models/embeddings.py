@@ -95,7 +95,13 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
         has_null = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + int(has_null), hidden_size)
+        rows = num_classes + int(has_null)
+        if torch.get_default_device().type == "meta":
+            # Built on meta to take a checkpoint's tensors: skip nn.Embedding's N(0, 1) init, whose meta kernel
+            # imports torch._dynamo (seconds of start-up for `ditkit sample`); other builds draw it as always.
+            self.embedding_table = nn.Embedding(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
+        else:
+            self.embedding_table = nn.Embedding(rows, hidden_size)
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replace dropped labels by the null label; `force_drop_ids == 1` marks labels to drop explicitly."""

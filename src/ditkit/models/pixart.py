@@ -151,7 +151,8 @@ class PixArtDiT(TokenGrid, nn.Module):
             [PixArtBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         )
         self.final_layer = T2IFinalLayer(d, config.patch_size, self.out_channels)
-        self.initialize_weights()
+        if not self.pos_embed.is_meta:  # built on the meta device, it takes a file's tensors (build_checked)
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """PixArt-α's initialisation, plus zero gates: every block starts as the identity, the output at zero.

@@ -78,8 +78,9 @@ class Sampler:
     def settings(self) -> dict[str, Any]:
         """What determines the samples besides (seed, labels): recorded with evaluation shards, so that a
         resumed run never mixes shards made with other settings. The weights enter as a fingerprint."""
-        with torch.no_grad():
-            fingerprint = sum(float(p.detach().double().sum()) for p in self.model.parameters())
+        with torch.no_grad():  # per-tensor float64 sums, one copy to the host, added in order (as ever)
+            sums = [p.detach().double().sum() for p in self.model.parameters()]
+            fingerprint = sum(float(v) for v in torch.stack(sums).cpu()) if sums else 0.0
         return {
             "model": self.model.config.to_dict(),
             "weights": f"{fingerprint:.10g}",
@@ -132,7 +133,10 @@ class Sampler:
             )
         x = x.float()
         if self.vae is not None:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):  # decoder convs in bf16
+            # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
+            # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
+            bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low and not bf16_weights):
                 x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated.
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
@@ -198,11 +202,15 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
     vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
+    low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
+    vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
-    vae = _load_vae(vae_name, device)
+    # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
+    # VAE through diffusers in a thread gained nothing, its imports hold the GIL (benchmarks/RESULTS.md, issue 13).
+    vae = _load_vae(vae_name, device, vae_dtype)
     factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
     _check_image_size(expected["image_size"], expected["model"], factor)
     overrides: dict[str, Any] = {}
@@ -215,7 +223,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     elif expected["model"] is not None and not vae_name:
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
-    model = build_checked(found, expected["model"], **overrides)
+    model = build_checked(found, expected["model"], device=device, **overrides)
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
                              found.recipe_json is not None)
@@ -252,10 +260,14 @@ def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Reci
     return recipe.replace(process=PROCESSES[objective]())
 
 
+def _precision(args: argparse.Namespace, device: torch.device) -> str:
+    return getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
+
+
 def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> str:
-    """Move the model to `device` and apply the precision and compile settings (GPU defaults: bf16, compiled
-    blocks); returns the precision."""
-    precision = getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
+    """Move the model to `device` and apply the precision and compile settings (GPU default: bf16, eager fused
+    kernels); returns the precision."""
+    precision = _precision(args, device)
     if precision in ("tf32", "bf16", "fp8"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -266,8 +278,10 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
         from ditkit.models.kernels.fp8 import enable_fp8
 
         enable_fp8(model)
-    compile_on = getattr(args, "compile", None)
-    if (compile_on if compile_on is not None else device.type == "cuda") and hasattr(model, "blocks"):
+    # Not compiled unless asked: on an H200 the eager fused path (Triton LayerNorm/modulate/residual kernels,
+    # fc1's GELU in the GEMM epilogue, the measured attention) took 241 ms per guided DiT-XL/2 step of 256
+    # against 254 ms compiled, and a cold compile costs tens of seconds (benchmarks/RESULTS.md, issue 13).
+    if getattr(args, "compile", None) and hasattr(model, "blocks"):
         from ditkit.fast import compile_blocks
 
         compile_blocks(model)
@@ -281,13 +295,13 @@ def _latent_space(vae: Any | None) -> LatentSpace:
     return LatentSpace(vae=vae.name, scale=vae.scale, shift=vae.shift, downsample=vae.downsample)
 
 
-def _load_vae(name: str | None, device: torch.device) -> Any:
+def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
     """The VAE named by the flag or the recipe, loaded on `device`; None for a pixel-space model."""
     if name is None:
         return None
     from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
 
-    return load_vae(name, device=device)
+    return load_vae(name, device=device, dtype=dtype, decode_only=True)
 
 
 def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) -> None:

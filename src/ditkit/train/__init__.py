@@ -11,12 +11,14 @@ the one reader of training checkpoints), `logging` (log.txt, metrics.jsonl, Tens
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
 from ditkit.train.options import PRECISIONS, TrainOptions, add_arguments, options_from_args, validate
 
-__all__ = ["PRECISIONS", "TrainOptions", "TrainResult", "add_arguments", "run", "train", "validate"]
+__all__ = ["PRECISIONS", "TrainOptions", "TrainResult", "add_arguments", "run", "train", "train_as_command",
+           "validate"]
 
 
 def __getattr__(name: str) -> Any:
@@ -29,11 +31,27 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ditkit.train' has no attribute {name!r}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """`ditkit train`: the flags as TrainOptions, then the run."""
+def _finished(signum: int, _frame: Any) -> None:
+    """SIGTERM after training returned: the run is over and its checkpoint written; the process is exiting."""
+
+
+def train_as_command(opts: TrainOptions) -> Any:
+    """`train(opts)` as `ditkit train` runs it, in a process that ends when it returns.
+
+    `train` turns a SIGTERM into a checkpoint and a clean stop, and on returning puts back the handler it found.
+    Here that handler ignores SIGTERM, so that a scheduler's SIGTERM landing after the last checkpoint (the job
+    is finishing as it is stopped) lets the process exit 0 instead of killing it with -15. A Python handler
+    rather than SIG_IGN: programs started from this process get the default back.
+    """
     from ditkit.train.loop import train
 
-    result = train(TrainOptions(**options_from_args(args)))
+    signal.signal(signal.SIGTERM, _finished)
+    return train(opts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ditkit train`: the flags as TrainOptions, then the run."""
+    result = train_as_command(TrainOptions(**options_from_args(args)))
     if result.stopped_by_signal:
         print(f"checkpoint written at step {result.step}; exiting cleanly", file=sys.stderr)
     return 0

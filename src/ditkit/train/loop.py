@@ -165,12 +165,16 @@ def _check_fp8(device: torch.device) -> None:
 
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
-    info = dist_utils.init()
-    try:
-        with ExitStack() as held:  # the results folder's lock, released when training ends
-            return _train(opts, info, held)
-    finally:
-        dist_utils.cleanup()
+    # The stop signals are caught from here to the return, set-up and the last checkpoint included: a SIGTERM
+    # that lands outside the step loop (a scheduler does not know where the loop is) would otherwise kill a
+    # process that has already done its work, or is about to start it, with exit -15.
+    with _StopFlag() as stop:
+        info = dist_utils.init()
+        try:
+            with ExitStack() as held:  # the results folder's lock, released when training ends
+                return _train(opts, info, held, stop)
+        finally:
+            dist_utils.cleanup()
 
 
 def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
@@ -184,7 +188,7 @@ def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
             "max_tokens": int(data.captions["max_tokens"])}
 
 
-def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> TrainResult:
+def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop: _StopFlag) -> TrainResult:
     """The run top-down: set up (data, recipe, models, resume, parallel wrappers, AdamW), train epoch by epoch
     until the step budget or a stop signal, write the last checkpoint, report."""
     validate(opts, info.world_size)
@@ -229,7 +233,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack) -> Tr
               step=ckpt.step if ckpt else 0, last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1)
     del ckpt
     run.announce(resume_from, notes)
-    stopped_by = run.train_until_done()
+    stopped_by = run.train_until_done(stop)
     return run.finish(stopped_by)
 
 
@@ -383,14 +387,14 @@ class Run:
                 f"results in {self.results}"
             )
 
-    def train_until_done(self) -> int | None:
-        """Epochs until the step budget; the signal that stopped the run, or None."""
+    def train_until_done(self, stop: _StopFlag) -> int | None:
+        """Epochs until the step budget; the signal that stopped the run, or None. A signal that came during
+        set-up stops the run after its first step (all ranks vote after every step)."""
         self.bar = progress_bar(self.total_steps, self.step, self.info.is_main and self.opts.progress)
         self.model.train()
         stopped_by = None
-        with _StopFlag() as stop:
-            while self.step < self.total_steps and stopped_by is None:
-                stopped_by = self.train_epoch(stop)
+        while self.step < self.total_steps and stopped_by is None:
+            stopped_by = self.train_epoch(stop)
         if self.bar is not None:
             self.bar.close()
         return stopped_by
@@ -409,6 +413,10 @@ class Run:
             pin_memory=self.info.device.type == "cuda",
             prefetch_factor=4 if opts.num_workers and not tensors else None,
             worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
+            # Each DataLoader iterator draws its workers' base seed from this generator, not from the global RNG:
+            # a resumed run starts one more iterator than an uninterrupted one, which would otherwise leave a
+            # different global RNG state in its checkpoints (and give its workers other seeds).
+            generator=torch.Generator().manual_seed(opts.global_seed * 1_000_003 + epoch),
         )
         with stop_signals_held():  # workers start here; held until they ignore the stop signals
             return iter(loader)

@@ -4,6 +4,7 @@
 - `residual`: the adaLN-Zero gated residual x + gate·y, forward and backward.
 - `attention`: the SDPA backend (cuDNN / flash / memory-efficient) chosen by measurement.
 - `fp8`: FP8 GEMMs for the block linears (`--precision fp8`).
+- `linear_gelu_tanh`: fc1 with its bias and GELU in the GEMM's epilogue (cuBLASLt), for inference.
 
 The Triton kernels are used on CUDA tensors of models at least MIN_WIDTH wide when Triton imports and
 `set_fused(False)` (or the environment variable DITKIT_FUSED=0) has not turned them off; the attention backend
@@ -75,3 +76,20 @@ def residual_ln_modulate(
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Fused x + gate·y (see `residual`)."""
     return _load()[1].gated_residual(x.contiguous(), y, gate)
+
+
+def use_gelu_epilogue(x: torch.Tensor) -> bool:
+    """True when the MLP's fc1 + GELU should run as one GEMM with a GELU epilogue: CUDA, fused path on, and no
+    gradient (cuBLASLt's epilogue has no backward in PyTorch; training keeps fc1 and GELU apart)."""
+    return x.is_cuda and fused_enabled() and not torch.is_grad_enabled()
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(x·Wᵀ + b) as one cuBLASLt GEMM: the bias and the activation run in the epilogue on the fp32
+    accumulator, so the 4·D-wide hidden activation is written once instead of written, read and written again.
+    On CUDA PyTorch's `_addmm_activation` uses GELU's tanh approximation (the Lt epilogue's), which is the DiT
+    MLP's own. Autocast does not cover this op, so the operands are cast to the autocast dtype here."""
+    dtype = out_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    out = torch._addmm_activation(bias.to(dtype), x2, weight.to(dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])

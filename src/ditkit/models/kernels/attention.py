@@ -42,9 +42,14 @@ CANDIDATES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _time_ms(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+def _time_ms(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             backward: bool = True) -> float:
     def once() -> None:
-        fn(q, k, v).sum().backward()
+        if backward:
+            fn(q, k, v).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(q, k, v)
 
     once()
     best = float("inf")
@@ -60,9 +65,10 @@ def _time_ms(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, 
 
 
 def measure_backends(
-    batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+    backward: bool = True,
 ) -> dict[str, float | None]:
-    """Forward+backward ms of each backend at this shape (None for one that fails or disagrees with math)."""
+    """Forward(+backward) ms of each backend at this shape (None for one that fails or disagrees with math)."""
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (min(batch, PROBE_MAX_BATCH), heads, tokens, head_dim)
     q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3))
@@ -73,28 +79,31 @@ def measure_backends(
         try:
             with torch.no_grad():
                 err = ((fn(q, k, v).double() - ref).norm() / ref.norm()).item()
-            times[name] = _time_ms(fn, q, k, v) if err < 2e-2 else None
+            times[name] = _time_ms(fn, q, k, v, backward) if err < 2e-2 else None
         except (RuntimeError, NotImplementedError):  # unsupported head dim / GPU / build
             times[name] = None
     return times
 
 
-@torch.compiler.disable
 def select_backend(
-    batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+    backward: bool = True,
 ) -> str:
-    """The fastest correct backend for this attention shape on this device (measured once, then cached)."""
-    key = (min(batch, PROBE_MAX_BATCH), heads, tokens, head_dim, dtype, device)
+    """The fastest correct backend for this attention shape on this device (measured once, then cached);
+    `backward=False` (sampling) ranks by the forward alone. Call it eagerly: the DiT does so outside its
+    compiled regions (not decorated with torch.compiler.disable, whose import of dynamo costs a second or two
+    at start-up even when nothing is compiled)."""
+    key = (min(batch, PROBE_MAX_BATCH), heads, tokens, head_dim, dtype, device, backward)
     if key not in _CHOICE:
         # The caller may be sampling (no grad, inference mode) or inside autocast: measure in a clean state.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            times = measure_backends(batch, heads, tokens, head_dim, dtype, device)
+            times = measure_backends(batch, heads, tokens, head_dim, dtype, device, backward)
         usable = {k: t for k, t in times.items() if t is not None}
         _CHOICE[key] = min(usable, key=usable.get) if usable else "default"
         shown = ", ".join(f"{k} {t:.2f} ms" if t is not None else f"{k} unavailable" for k, t in times.items())
         print(f"ditkit: attention backend {_CHOICE[key]} for {heads} heads × {tokens} tokens × head dim "
-              f"{head_dim} {str(dtype).removeprefix('torch.')} (fwd+bwd at batch {key[0]}: {shown})",
-              file=sys.stderr)
+              f"{head_dim} {str(dtype).removeprefix('torch.')} ({'fwd+bwd' if backward else 'fwd'} at batch "
+              f"{key[0]}: {shown})", file=sys.stderr)
     return _CHOICE[key]
 
 

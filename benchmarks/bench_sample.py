@@ -1,0 +1,471 @@
+"""Where `ditkit sample`'s wall clock goes on a GPU, and the variants of its network evaluation side by side.
+
+DiT-XL/2 (random weights, official layout) with the SD-VAE architecture (random weights), 256 px, guided
+(cfg 4): every guided step is one forward over 2 × batch rows. Sections (each saved to the JSON file as it
+finishes, so a run stopped by its budget keeps what it measured):
+  forward  ms per guided forward (batch 256 → 512 rows) for: plain eager, fused eager, fused eager + fc1's GELU
+           in the GEMM epilogue (the sampling default), compiled blocks (the old default; compile time too),
+           FP8; each checked against fp32 eager on the same inputs; the GELU epilogue against float64
+  vae      SD-VAE decode of 256 latents: fp32 weights under bf16 autocast (the default), bf16 weights,
+           bf16 + channels_last; errors against fp32
+  sampler  one DPM-Solver++ 20 / DDPM shard loop against its forwards alone (host work per step)
+  cli      `ditkit sample --num-samples 1024 --batch-size 256` wall clock, instrumented: the child process
+           records when each phase (imports, checkpoint, model, VAE, each shard's sampling and decoding,
+           the .npz) starts and ends, relative to the process's start
+
+    python benchmarks/bench_sample.py --out sample.json                     # one H200
+    python benchmarks/bench_sample.py --quick --device cpu --out q.json     # CPU smoke run (DiT-S/2, tiny)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ditkit.models import create_model, kernels  # noqa: E402
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.start = time.monotonic()
+        self.results: dict[str, Any] = {"torch": torch.__version__, "device": str(self.device), "args": vars(args)}
+        if self.device.type == "cuda":
+            self.results["gpu"] = torch.cuda.get_device_name(self.device)
+        self.name = "DiT-S/2" if args.quick else "DiT-XL/2"
+        self.image = 64 if args.quick else 256
+        self.batch = 4 if args.quick else 256
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.start)
+
+    def save(self) -> None:
+        if self.args.out:
+            tmp = Path(self.args.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1, default=str))
+            os.replace(tmp, self.args.out)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
+        """Median ms per call after warm-up (CUDA events on a GPU)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            if self.device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+
+def random_model(bench: Bench) -> torch.nn.Module:
+    """The model with every weight random (the official init zeroes the adaLN and output layers, which would
+    make every block the identity and hide wrong kernels)."""
+    with torch.device(bench.device):
+        model = create_model(bench.name, input_size=bench.image // 8, num_classes=1000)
+    gen = torch.Generator(device=bench.device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm())
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def gelu_check(bench: Bench) -> dict[str, Any]:
+    """`_addmm_activation(use_gelu=True)` against float64 GELU (tanh and erf): which GELU it computes, and how
+    close, in fp32 (TF32 off) and bf16."""
+    gen = torch.Generator(device=bench.device).manual_seed(1)
+    x = torch.randn(4096, 1152, device=bench.device, generator=gen)
+    w = torch.randn(4608, 1152, device=bench.device, generator=gen) / 34
+    b = torch.randn(4608, device=bench.device, generator=gen)
+    pre = torch.addmm(b.double(), x.double(), w.double().t())
+    refs = {a: torch.nn.functional.gelu(pre, approximate=a) for a in ("tanh", "none")}
+    out: dict[str, Any] = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            y = torch._addmm_activation(b.to(dtype), x.to(dtype), w.to(dtype).t(), use_gelu=True)
+            out[str(dtype).removeprefix("torch.")] = {a: rel(y, r) for a, r in refs.items()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out
+
+
+def _variants() -> dict[str, dict[str, Any]]:
+    # name -> fused kernels on, GELU epilogue on, compiled blocks, fp8
+    return {
+        "plain eager": dict(fused=False, gelu=False, compile=False, fp8=False),
+        "fused eager": dict(fused=True, gelu=False, compile=False, fp8=False),
+        "fused eager + GELU epilogue (default)": dict(fused=True, gelu=True, compile=False, fp8=False),
+        "compiled blocks, fused (old default)": dict(fused=True, gelu=False, compile=True, fp8=False),
+        "compiled blocks, plain": dict(fused=False, gelu=False, compile=True, fp8=False),
+        "fp8 fused eager (fc1 in FP8, GELU apart)": dict(fused=True, gelu=False, compile=False, fp8=True),
+    }
+
+
+def section_forward(bench: Bench) -> None:
+    from ditkit.fast import compile_blocks
+    from ditkit.models.kernels.fp8 import enable_fp8
+
+    out: dict[str, Any] = {"gelu_epilogue_check": gelu_check(bench) if bench.device.type == "cuda" else None}
+    bench.results["forward"] = out
+    bench.save()
+    rows = 2 * bench.batch
+    gen = torch.Generator(device=bench.device).manual_seed(2)
+    g = bench.image // 8
+    x = torch.randn(rows, 4, g, g, device=bench.device, generator=gen)
+    t = torch.randint(0, 1000, (rows,), device=bench.device, generator=gen)
+    y = torch.randint(0, 1001, (rows,), device=bench.device, generator=gen)
+    base = random_model(bench)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    kernels.set_fused(False)
+    with torch.no_grad():
+        ref = base(x, t, y).float()  # fp32 eager plain (TF32 as the CLI sets it for bf16 runs: off here)
+    del base
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gelu_on = kernels.use_gelu_epilogue
+    for name, v in _variants().items():
+        if bench.left() < bench.args.reserve_s + 60:
+            out[name] = {"skipped": "time budget"}
+            continue
+        try:
+            out[name] = _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu_on)
+        except Exception as exc:  # keep the other rows
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        finally:
+            kernels.use_gelu_epilogue = gelu_on
+            kernels.set_fused(True)
+            torch.cuda.empty_cache() if bench.device.type == "cuda" else None
+        print(f"forward {name}: {out[name]}", flush=True)
+        bench.save()
+
+
+def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu_on) -> dict[str, Any]:
+    kernels.set_fused(v["fused"])
+    if not v["gelu"]:
+        kernels.use_gelu_epilogue = lambda _x: False
+    with torch.device("meta"):
+        model = create_model(bench.name, input_size=bench.image // 8, num_classes=1000)
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    if v["fp8"]:
+        enable_fp8(model)
+    if v["compile"]:
+        compile_blocks(model)
+
+    def fwd() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):
+            return model(x, t, y)
+
+    t0 = time.monotonic()
+    first = fwd()
+    bench.sync()
+    first_s = time.monotonic() - t0
+    ms = bench.time_ms(fwd, warmup=1, repeats=5)
+    row = {"ms": round(ms, 2), "first_call_s": round(first_s, 2), "rel_err_vs_fp32": rel(first.float(), ref)}
+    if bench.device.type == "cuda":
+        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def section_profile(bench: Bench) -> None:
+    """CUDA kernel time of one guided forward (the sampling default), by kernel, summed over the 28 blocks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = random_model(bench)
+    rows, g = 2 * bench.batch, bench.image // 8
+    gen = torch.Generator(device=bench.device).manual_seed(6)
+    x = torch.randn(rows, 4, g, g, device=bench.device, generator=gen)
+    t = torch.randint(0, 1000, (rows,), device=bench.device, generator=gen)
+    y = torch.randint(0, 1001, (rows,), device=bench.device, generator=gen)
+
+    def fwd() -> None:
+        with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):
+            model(x, t, y)
+
+    ms = bench.time_ms(fwd, warmup=2, repeats=3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd()
+        bench.sync()
+    kernels_ = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, "device_time_total", 0) for e in kernels_) / 1e3
+    top = sorted(kernels_, key=lambda e: -getattr(e, "device_time_total", 0))[:30]
+    bench.results["profile"] = {
+        "forward_ms": round(ms, 2), "kernel_ms": round(total, 2),
+        "top": [(e.key[:120], round(e.device_time_total / 1e3, 2), e.count) for e in top]}
+    for row in bench.results["profile"]["top"][:20]:
+        print("profile", row, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ vae
+
+
+def vae_folder(work: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    from ditkit.autoencoder import SD_VAE_CONFIG
+
+    path = work / "vae"
+    if not path.exists():
+        torch.manual_seed(0)
+        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(path)
+    return path
+
+
+def section_vae(bench: Bench) -> None:
+    from ditkit.autoencoder import load_vae
+
+    out: dict[str, Any] = {}
+    bench.results["vae"] = out
+    vae = load_vae(str(vae_folder(bench.work)), device=bench.device)
+    n = bench.batch
+    gen = torch.Generator(device=bench.device).manual_seed(3)
+    z = torch.randn(n, 4, bench.image // 8, bench.image // 8, device=bench.device, generator=gen)
+    ref = vae.decode(z[:8])
+    variants = {"fp32 weights, bf16 autocast (default)": (torch.float32, False, True),
+                "fp32": (torch.float32, False, False),
+                "bf16 weights": (torch.bfloat16, False, False),
+                "bf16 weights, channels_last": (torch.bfloat16, True, False),
+                "fp32 weights, bf16 autocast, channels_last": (torch.float32, True, True)}
+    for name, (dtype, cl, autocast) in variants.items():
+        if bench.left() < bench.args.reserve_s + 30:
+            break
+        vae.model.to(dtype=dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+        def dec(k: int = n, autocast: bool = autocast) -> torch.Tensor:
+            with torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=autocast):
+                return vae.decode(z[:k])
+
+        try:
+            err = rel(dec(8), ref)
+            ms = bench.time_ms(dec, warmup=1, repeats=3)
+            out[name] = {"ms_per_batch": round(ms, 1), "batch": n, "images_per_s": round(n / ms * 1e3, 1),
+                         "rel_err_vs_fp32": err}
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"vae {name}: {out[name]}", flush=True)
+        bench.save()
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+
+
+def section_sampler(bench: Bench) -> None:
+    """A shard's sampling loop (guided, fused eager default path) against its forwards alone."""
+    from ditkit.diffusion.guidance import guided
+    from ditkit.diffusion.samplers import sample
+
+    out: dict[str, Any] = {}
+    bench.results["sampler"] = out
+    model = random_model(bench)
+    g = bench.image // 8
+    gen = torch.Generator(device=bench.device).manual_seed(4)
+    noise = torch.randn(bench.batch, 4, g, g, device=bench.device, generator=gen)
+    y = torch.randint(0, 1000, (bench.batch,), device=bench.device, generator=gen)
+    den = guided(model, 4.0, 1000)
+    for sampler, steps in (("dpm-solver", 20), ("ddpm", 25)):
+        if bench.left() < bench.args.reserve_s + 30:
+            break
+
+        def run(sampler=sampler, steps=steps) -> None:
+            with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):
+                sample(den, noise, sampler=sampler, num_steps=steps, model_kwargs={"y": y}, learn_sigma=True,
+                       generator=torch.Generator(device=bench.device).manual_seed(5))
+
+        def fwd() -> None:
+            with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):
+                den(noise, torch.full((bench.batch,), 500, device=bench.device), y)
+
+        loop = bench.time_ms(run, warmup=1, repeats=3)
+        one = bench.time_ms(fwd, warmup=1, repeats=5)
+        out[f"{sampler} {steps}"] = {"loop_ms": round(loop, 1), "forward_ms": round(one, 2),
+                                     "overhead_ms_per_step": round(loop / steps - one, 2)}
+        print(f"sampler {sampler}: {out[f'{sampler} {steps}']}", flush=True)
+        bench.save()
+
+
+# ------------------------------------------------------------------------------------------------ cli
+
+
+def _timed(events: list, label: str, fn: Callable, sync: bool = False) -> Callable:
+    """fn, recording (label, start, end) in seconds since the process started."""
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t0 = time.time()
+        try:
+            return fn(*a, **k)
+        finally:
+            if sync and torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            events.append((label, t0 - PROCESS_START, time.time() - PROCESS_START))
+    return wrapper
+
+
+PROCESS_START = 0.0
+
+
+def process_start() -> float:
+    """This process's start (epoch seconds) from /proc: the kernel's clock-tick start time after boot."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def child(argv: list[str], out: str) -> int:
+    """Run `ditkit sample argv` in this (fresh) process with its phases timed; the events go to `out`."""
+    global PROCESS_START
+    PROCESS_START = process_start()
+    events: list = [("python start → bench imports done", 0.0, time.time() - PROCESS_START)]
+    t0 = time.time()
+    import ditkit.autoencoder as ae
+    import ditkit.checkpoints as ck
+    import ditkit.cli as cli
+    import ditkit.sample.npz as npz
+    import ditkit.sample.pipeline as pipe
+
+    events.append(("import ditkit (cli, sample, checkpoints)", t0 - PROCESS_START, time.time() - PROCESS_START))
+    ck.read_checkpoint = _timed(events, "read checkpoint", ck.read_checkpoint)
+    ck.check_finite = _timed(events, "finite check (on device)", ck.check_finite)
+    ck.build_checked = _timed(events, "build model + weights to device", ck.build_checked, sync=True)
+    pipe._load_vae = _timed(events, "load VAE", pipe._load_vae, sync=True)
+    pipe._fast_path = _timed(events, "fast path set-up", pipe._fast_path, sync=True)
+    pipe.Sampler.images = _timed(events, "shard: sample + decode + to host", pipe.Sampler.images)
+    pipe.Sampler.settings = _timed(events, "settings fingerprint", pipe.Sampler.settings)
+    ae.VAE.decode = _timed(events, "VAE decode", ae.VAE.decode, sync=True)
+    npz._write_npz = _timed(events, "write npz", npz._write_npz)
+    npz.sample_npz = _timed(events, "sample_npz total", npz.sample_npz)
+    import ditkit.sample.cli as scli
+
+    scli.sample_npz = npz.sample_npz
+    scli.load_for_sampling = _timed(events, "load_for_sampling total", pipe.load_for_sampling)
+    try:
+        rc = cli.main(["sample", *argv])
+    finally:
+        events.append(("exit", time.time() - PROCESS_START, time.time() - PROCESS_START))
+        Path(out).write_text(json.dumps(sorted(events, key=lambda e: e[1])))
+    return rc
+
+
+def section_cli(bench: Bench) -> None:
+    """The CLI wall clock, each job in a fresh instrumented process (the parent's clock includes everything)."""
+    from ditkit.models import create_model as make
+
+    out: dict[str, Any] = {}
+    bench.results["cli"] = out
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()  # the children need the GPU's memory, not this process's cache
+    ckpt = bench.work / "dit.pt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        torch.save(make(bench.name, input_size=bench.image // 8, num_classes=1000).state_dict(), ckpt)
+    vae = vae_folder(bench.work)
+    n = 16 if bench.args.quick else 1024
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    for k, job in enumerate(bench.args.cli_jobs):
+        sampler, _, flag = job.partition("+")
+        if bench.left() < bench.args.reserve_s + 20:
+            out[f"{k}:{job}"] = {"skipped": "time budget"}
+            continue
+        steps = 4 if bench.args.quick else {"ddpm": 250, "dpm-solver": 20}[sampler]
+        args = ["--ckpt", str(ckpt), "--model", bench.name, "--image-size", str(bench.image), "--num-classes",
+                "1000", "--vae", str(vae), "--num-samples", str(n), "--batch-size", str(bench.batch),
+                "--sampler", sampler, "--num-steps", str(steps), "--cfg-scale", "4.0",
+                "--out", str(bench.work / f"samples_{k}"), "--no-progress"]
+        if flag:
+            args.append(f"--{flag}")
+        events = bench.work / f"events_{k}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(events), "--", *args]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  timeout=max(bench.left() - bench.args.reserve_s, 20))
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+        except subprocess.TimeoutExpired as exc:
+            rc, tail = "timeout", str(exc.stderr or "")[-1500:]
+        wall = time.monotonic() - t0
+        row = {"cmd": "ditkit sample " + " ".join(args), "rc": rc, "wall_s": round(wall, 2),
+               "images_per_s": round(n / wall, 2) if rc == 0 else None, "tail": tail}
+        if events.exists():
+            row["events"] = [(e[0], round(e[1], 2), round(e[2], 2)) for e in json.loads(events.read_text())]
+        out[f"{k}:{job}"] = row
+        print(f"cli {job}: rc {rc} wall {wall:.1f} s", flush=True)
+        bench.save()
+
+
+SECTIONS = {"forward": section_forward, "profile": section_profile, "vae": section_vae, "sampler": section_sampler,
+            "cli": section_cli}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child"]:
+        return child(argv[3:], argv[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="DiT-S/2 at 64 px, tiny batches (a CPU smoke run)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--cli-jobs", nargs="+", default=["dpm-solver", "ddpm"],
+                   help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG (e.g. dpm-solver+compile)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
+    p.add_argument("--reserve-s", type=float, default=20.0)
+    args = p.parse_args(argv)
+    bench = Bench(args)
+    bench.work = Path(tempfile.mkdtemp(prefix="ditkit_sample_"))
+    for name in args.sections:
+        if bench.left() < args.reserve_s:
+            bench.results.setdefault("skipped", []).append(name)
+            continue
+        t0 = time.monotonic()
+        try:
+            SECTIONS[name](bench)
+        except Exception as exc:  # keep the other sections' results; say what failed
+            import traceback
+
+            traceback.print_exc()
+            bench.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        bench.results.setdefault("section_s", {})[name] = round(time.monotonic() - t0, 1)
+        bench.save()
+        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+    print(json.dumps({k: v for k, v in bench.results.items() if k != "args"}, indent=1, default=str)[-6000:])
+    return 0 if "errors" not in bench.results else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

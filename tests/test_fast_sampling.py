@@ -1,0 +1,81 @@
+"""The sampling start-up path (issue 13): models built on the meta device with the file's tensors assigned,
+mmap'd `.pt` reads, the one-sum finite check, the settings fingerprint, and the CPU path left as it was.
+(The GPU-only parts, fc1's GELU epilogue and the forward-only attention probe, are checked in
+benchmarks/bench_sample.py on the GPU: the epilogue against float64 GELU-tanh.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditkit
+from ditkit.checkpoints import check_finite, load_model
+from ditkit.errors import UserError
+from ditkit.io import safe_torch_load
+from ditkit.models import kernels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small(seed: int = 0) -> ditkit.DiT:
+    torch.manual_seed(seed)
+    model = ditkit.create_model("DiT-S/2", input_size=8, num_classes=10, depth=2, hidden_size=64, num_heads=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)  # every layer random: the official init zeroes the adaLN and output layers
+    return model.eval()
+
+
+def outputs(model: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_model_assigns_the_files_tensors_as_fp32_parameters(tmp_path, dtype):
+    ref = small()
+    path = tmp_path / "m.pt"
+    torch.save({k: v.to(dtype) for k, v in ref.state_dict().items()}, path)
+    model = load_model(path, "DiT-S/2", input_size=8, num_classes=10, depth=2, hidden_size=64, num_heads=2)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    assert not model.pos_embed.requires_grad and model.blocks[0].attn.qkv.weight.requires_grad
+    expected = {k: v.to(dtype).float() for k, v in ref.state_dict().items()}
+    got = model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    if dtype == torch.float32:  # the same function as a model that copied the weights in
+        assert torch.equal(outputs(model), outputs(ref))
+
+
+def test_mmap_reads_zip_files_and_legacy_files_alike(tmp_path):
+    tensors = {"a": torch.randn(5, 3), "b": torch.arange(4)}
+    torch.save(tensors, tmp_path / "zip.pt")
+    torch.save(tensors, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):
+        got = safe_torch_load(tmp_path / name, mmap=True)
+        assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def test_finite_check_passes_huge_finite_values_and_names_a_nan():
+    check_finite({"big": torch.full((1000,), 3e38), "ok": torch.ones(3)}, "f.pt")  # the sum overflows; exact test
+    with pytest.raises(UserError, match="tensor 'bad' holds NaN"):
+        check_finite({"ok": torch.ones(3), "bad": torch.tensor([1.0, float("nan")])}, "f.pt")
+
+
+def test_settings_fingerprint_is_the_per_tensor_float64_sum_in_order():
+    from ditkit.sample.pipeline import Sampler
+
+    model = small()
+    expected = sum(float(p.detach().double().sum()) for p in model.parameters())
+    assert Sampler(model=model, vae=None).settings()["weights"] == f"{expected:.10g}"
+
+
+def test_cpu_keeps_the_plain_mlp():
+    model = small()
+    x = torch.randn(2, 16, 64)
+    assert not kernels.use_gelu_epilogue(x)
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        assert torch.equal(mlp(x), mlp.fc2(mlp.act(mlp.fc1(x))))
