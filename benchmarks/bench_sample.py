@@ -34,8 +34,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # sections: the runner shared with bench_kernels.py
 
 from ditkit.models import create_model, kernels  # noqa: E402
+from sections import run_sections  # noqa: E402
 
 
 class Bench:
@@ -448,23 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = Bench(args)
     bench.work = Path(tempfile.mkdtemp(prefix="ditkit_sample_"))
-    for name in args.sections:
-        if bench.left() < args.reserve_s:
-            bench.results.setdefault("skipped", []).append(name)
-            continue
-        t0 = time.monotonic()
-        try:
-            SECTIONS[name](bench)
-        except Exception as exc:  # keep the other sections' results; say what failed
-            import traceback
-
-            traceback.print_exc()
-            bench.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
-        bench.results.setdefault("section_s", {})[name] = round(time.monotonic() - t0, 1)
-        bench.save()
-        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
-    print(json.dumps({k: v for k, v in bench.results.items() if k != "args"}, indent=1, default=str)[-6000:])
-    return 0 if "errors" not in bench.results else 1
+    return run_sections(bench, args.sections, SECTIONS, args.reserve_s, tail_chars=6000)
 
 
 if __name__ == "__main__":
