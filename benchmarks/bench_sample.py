@@ -37,33 +37,18 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # sections: the runner shared with bench_kernels.py
 
 from ditkit.models import create_model, kernels  # noqa: E402
-from sections import run_sections  # noqa: E402
+from sections import BenchBase, run_sections  # noqa: E402
 
 
-class Bench:
+class Bench(BenchBase):
     def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.start = time.monotonic()
-        self.results: dict[str, Any] = {"torch": torch.__version__, "device": str(self.device), "args": vars(args)}
+        super().__init__(args)
+        self.results = {"torch": torch.__version__, "device": str(self.device), "args": vars(args)}
         if self.device.type == "cuda":
             self.results["gpu"] = torch.cuda.get_device_name(self.device)
         self.name = "DiT-S/2" if args.quick else "DiT-XL/2"
         self.image = 64 if args.quick else 256
         self.batch = 4 if args.quick else 256
-
-    def left(self) -> float:
-        return self.args.budget_s - (time.monotonic() - self.start)
-
-    def save(self) -> None:
-        if self.args.out:
-            tmp = Path(self.args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.results, indent=1, default=str))
-            os.replace(tmp, self.args.out)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
     def time_ms(self, fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
         """Median ms per call after warm-up (CUDA events on a GPU)."""

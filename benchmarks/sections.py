@@ -7,11 +7,41 @@ still run, so that a single call always brings back every figure it could measur
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
+
+
+class BenchBase:
+    """What every section gets: the arguments (`--device`, `--budget-s`, `--out`), the device, the budget's
+    clock, and `results`, saved atomically to `--out` after each section."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.start = time.monotonic()
+        self.results: dict[str, Any] = {}
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.start)
+
+    def save(self) -> None:
+        if not self.args.out:
+            return
+        tmp = Path(self.args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        os.replace(tmp, self.args.out)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def run_sections(bench: Any, names: list[str], sections: dict[str, Callable[[Any], None]], reserve_s: float,
