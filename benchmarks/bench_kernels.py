@@ -41,31 +41,16 @@ from ditkit.flops import count_macs  # noqa: E402
 from ditkit.models import create_model, kernels  # noqa: E402
 from ditkit.models.kernels.fp8 import enable_fp8  # noqa: E402
 from ditkit.train.step import TrainStep  # noqa: E402
+from sections import BenchBase, run_sections  # noqa: E402
 
 MODES = ("plain", "fast", "fp8", "autotune")  # autotune: fast, blocks compiled "max-autotune-no-cudagraphs"
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp8_fwd": 0.05, "fp8_grad": 0.10}
 
 
-class Bench:
+class Bench(BenchBase):
     def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.start = time.monotonic()
-        self.results: dict[str, Any] = {"env": env_info(self.device), "args": vars(args)}
-
-    def left(self) -> float:
-        return self.args.budget_s - (time.monotonic() - self.start)
-
-    def save(self) -> None:
-        if not self.args.out:
-            return
-        tmp = Path(self.args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(tmp, self.args.out)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        super().__init__(args)
+        self.results = {"env": env_info(self.device), "args": vars(args)}
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
@@ -557,23 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.curve_steps = 2, 20
     bench = Bench(args)
-    for name in args.sections:
-        if bench.left() < args.reserve_s:
-            bench.results.setdefault("skipped", []).append(name)
-            continue
-        t0 = time.monotonic()
-        try:
-            SECTIONS[name](bench)
-        except Exception as exc:  # keep the other sections' results; say what failed
-            bench.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
-            import traceback
-
-            traceback.print_exc()
-        bench.results.setdefault("section_s", {})[name] = round(time.monotonic() - t0, 1)
-        bench.save()
-        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
-    print(json.dumps({k: v for k, v in bench.results.items() if k != "args"}, indent=1, default=str))
-    return 0 if "errors" not in bench.results else 1
+    return run_sections(bench, args.sections, SECTIONS, args.reserve_s)
 
 
 if __name__ == "__main__":

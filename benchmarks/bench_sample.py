@@ -34,34 +34,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # sections: the runner shared with bench_kernels.py
 
 from ditkit.models import create_model, kernels  # noqa: E402
+from sections import BenchBase, run_sections  # noqa: E402
 
 
-class Bench:
+class Bench(BenchBase):
     def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.start = time.monotonic()
-        self.results: dict[str, Any] = {"torch": torch.__version__, "device": str(self.device), "args": vars(args)}
+        super().__init__(args)
+        self.results = {"torch": torch.__version__, "device": str(self.device), "args": vars(args)}
         if self.device.type == "cuda":
             self.results["gpu"] = torch.cuda.get_device_name(self.device)
         self.name = "DiT-S/2" if args.quick else "DiT-XL/2"
         self.image = 64 if args.quick else 256
         self.batch = 4 if args.quick else 256
-
-    def left(self) -> float:
-        return self.args.budget_s - (time.monotonic() - self.start)
-
-    def save(self) -> None:
-        if self.args.out:
-            tmp = Path(self.args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.results, indent=1, default=str))
-            os.replace(tmp, self.args.out)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
     def time_ms(self, fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
         """Median ms per call after warm-up (CUDA events on a GPU)."""
@@ -448,23 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = Bench(args)
     bench.work = Path(tempfile.mkdtemp(prefix="ditkit_sample_"))
-    for name in args.sections:
-        if bench.left() < args.reserve_s:
-            bench.results.setdefault("skipped", []).append(name)
-            continue
-        t0 = time.monotonic()
-        try:
-            SECTIONS[name](bench)
-        except Exception as exc:  # keep the other sections' results; say what failed
-            import traceback
-
-            traceback.print_exc()
-            bench.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
-        bench.results.setdefault("section_s", {})[name] = round(time.monotonic() - t0, 1)
-        bench.save()
-        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
-    print(json.dumps({k: v for k, v in bench.results.items() if k != "args"}, indent=1, default=str)[-6000:])
-    return 0 if "errors" not in bench.results else 1
+    return run_sections(bench, args.sections, SECTIONS, args.reserve_s, tail_chars=6000)
 
 
 if __name__ == "__main__":
