@@ -124,9 +124,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
-    """A run killed with SIGKILL after its step-4 checkpoint resumes and ends with the uninterrupted weights."""
-    script = _train_script(max_steps=40, ckpt_every=2, resume="auto")
+def assert_sigkill_resume_matches_uninterrupted(tmp_path: Path, script: str, final_step: int) -> None:
+    """Run `script` (a _train_script with resume="auto"), SIGKILL it after its step-4 checkpoint, run it again to
+    the end, and check its final EMA and model equal those of a run never interrupted."""
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], env=ENV, stderr=subprocess.DEVNULL)
     _wait_for(run_dir / "checkpoints" / "0000004", proc)
@@ -135,12 +135,17 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(run_dir)], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "clean")], env=ENV, check=True, capture_output=True)
-    final_killed = load_training_checkpoint(run_dir / "checkpoints" / "0000040", _tiny_model())
-    final_clean = load_training_checkpoint(tmp_path / "clean" / "checkpoints" / "0000040", _tiny_model())
-    for k, v in final_clean.ema.items():
-        assert torch.equal(v, final_killed.ema[k]), k
-    for k, v in final_clean.model.items():
-        assert torch.equal(v, final_killed.model[k]), k
+    last = f"{final_step:07d}"
+    killed = load_training_checkpoint(run_dir / "checkpoints" / last, _tiny_model())
+    clean = load_training_checkpoint(tmp_path / "clean" / "checkpoints" / last, _tiny_model())
+    for part in ("ema", "model"):
+        for k, v in getattr(clean, part).items():
+            assert torch.equal(v, getattr(killed, part)[k]), (part, k)
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL after its step-4 checkpoint resumes and ends with the uninterrupted weights."""
+    assert_sigkill_resume_matches_uninterrupted(tmp_path, _train_script(max_steps=40, ckpt_every=2, resume="auto"), 40)
 
 
 def _tiny_model():

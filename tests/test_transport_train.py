@@ -4,8 +4,6 @@ from the checkpoint alone, one-line errors for mismatches, SiT's released-file l
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,12 @@ import torch
 import ditkit
 from ditkit.cli import main
 from ditkit.train import train, validate
-from ditkit.train.checkpoint import load_training_checkpoint
-from test_train import ENV, _tiny_model, _train_script, _wait_for, options, read_losses
+from test_train import (
+    _train_script,
+    assert_sigkill_resume_matches_uninterrupted,
+    options,
+    read_losses,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,19 +40,7 @@ def test_flow_training_records_its_recipe_and_logs_the_loss(flow_run):
 def test_flow_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
     script = _train_script(max_steps=16, ckpt_every=2, resume="auto", objective="flow", path_type="GVP",
                            prediction="noise", loss_weight="likelihood")
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], env=ENV, stderr=subprocess.DEVNULL)
-    _wait_for(run_dir / "checkpoints" / "0000004", proc)
-    proc.kill()
-    proc.wait()
-    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "clean")], env=ENV, check=True, capture_output=True)
-    killed = load_training_checkpoint(run_dir / "checkpoints" / "0000016", _tiny_model())
-    clean = load_training_checkpoint(tmp_path / "clean" / "checkpoints" / "0000016", _tiny_model())
-    for part in ("ema", "model"):
-        for k, v in getattr(clean, part).items():
-            assert torch.equal(v, getattr(killed, part)[k]), (part, k)
+    assert_sigkill_resume_matches_uninterrupted(tmp_path, script, 16)
 
 
 def test_resuming_a_flow_run_as_diffusion_is_refused(tmp_path):
