@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
     parser.add_argument("--objective", choices=("diffusion", "flow"), default="diffusion",
                         help="train with the authors' diffusion (default) or SiT's flow matching (same model, data, "
-                        "steps; sampled with Euler, 20 steps, as many evaluations as DPM-Solver++ 20)")
+                        "steps; sampled with Heun, 10 steps: as many evaluations as DPM-Solver++ 20)")
     parser.add_argument("--results-dir", default=None,
                         help="run folder (default results/demo, results/demo-flow with --objective flow, "
                         "or results/demo_text with --text)")
