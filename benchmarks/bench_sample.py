@@ -9,6 +9,8 @@ finishes, so a run stopped by its budget keeps what it measured):
   vae      SD-VAE decode of 256 latents: fp32 weights under bf16 autocast (the default), bf16 weights,
            bf16 + channels_last; errors against fp32
   sampler  one DPM-Solver++ 20 / DDPM shard loop against its forwards alone (host work per step)
+  fp8      row-wise FP8 (`--precision fp8`): its kernels against float64 with the hardware's FP8 cast, and the
+           four block GEMMs of a guided step in bf16, FP8 row-wise and FP8 tensorwise
   cli      `ditkit sample --num-samples 1024 --batch-size 256` wall clock, instrumented: the child process
            records when each phase (imports, checkpoint, model, VAE, each shard's sampling and decoding,
            the .npz) starts and ends, relative to the process's start
@@ -114,14 +116,16 @@ def gelu_check(bench: Bench) -> dict[str, Any]:
 
 
 def _variants() -> dict[str, dict[str, Any]]:
-    # name -> fused kernels on, GELU epilogue on, compiled blocks, fp8
+    # name -> fused kernels on, GELU epilogue on, compiled blocks, fp8 (False, "tensorwise" or "rows")
     return {
         "plain eager": dict(fused=False, gelu=False, compile=False, fp8=False),
         "fused eager": dict(fused=True, gelu=False, compile=False, fp8=False),
         "fused eager + GELU epilogue (default)": dict(fused=True, gelu=True, compile=False, fp8=False),
         "compiled blocks, fused (old default)": dict(fused=True, gelu=False, compile=True, fp8=False),
         "compiled blocks, plain": dict(fused=False, gelu=False, compile=True, fp8=False),
-        "fp8 fused eager (fc1 in FP8, GELU apart)": dict(fused=True, gelu=False, compile=False, fp8=True),
+        "fp8 tensorwise (training's kernels.fp8)": dict(fused=True, gelu=False, compile=False, fp8="tensorwise"),
+        "fp8 rows (--precision fp8: row-wise scales, weights once)": dict(fused=True, gelu=True, compile=False,
+                                                                         fp8="rows"),
     }
 
 
@@ -131,6 +135,7 @@ def section_forward(bench: Bench) -> None:
 
     out: dict[str, Any] = {"gelu_epilogue_check": gelu_check(bench) if bench.device.type == "cuda" else None}
     bench.results["forward"] = out
+    names = bench.args.variants or list(_variants())
     bench.save()
     rows = 2 * bench.batch
     gen = torch.Generator(device=bench.device).manual_seed(2)
@@ -147,6 +152,8 @@ def section_forward(bench: Bench) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     gelu_on = kernels.use_gelu_epilogue
     for name, v in _variants().items():
+        if not any(name.startswith(n) for n in names):
+            continue
         if bench.left() < bench.args.reserve_s + 60:
             out[name] = {"skipped": "time budget"}
             continue
@@ -170,8 +177,12 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
         model = create_model(bench.name, input_size=bench.image // 8, num_classes=1000)
     model.load_state_dict(state, assign=True)
     model.eval()
-    if v["fp8"]:
+    if v["fp8"] == "tensorwise":
         enable_fp8(model)
+    elif v["fp8"] == "rows":
+        from ditkit.models.kernels import fp8_rows
+
+        fp8_rows.prepare(model)
     if v["compile"]:
         compile_blocks(model)
 
@@ -394,7 +405,7 @@ def section_cli(bench: Bench) -> None:
                 "1000", "--vae", str(vae), "--num-samples", str(n), "--batch-size", str(bench.batch),
                 "--sampler", sampler, "--num-steps", str(steps), "--cfg-scale", "4.0",
                 "--out", str(bench.work / f"samples_{k}"), "--no-progress"]
-        if flag:
+        if flag:  # FLAG or FLAG=VALUE
             args.append(f"--{flag}")
         events = bench.work / f"events_{k}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(events), "--", *args]
@@ -415,8 +426,62 @@ def section_cli(bench: Bench) -> None:
         bench.save()
 
 
+# ------------------------------------------------------------------------------------------------ fp8
+
+
+def section_fp8(bench: Bench) -> None:
+    """Row-wise FP8 on the GPU: the kernels against float64 (tests/kernel_check.py with the hardware's FP8
+    cast), and each block GEMM of a guided XL/2 step (M = 512 rows × 256 tokens) in bf16, FP8 row-wise and FP8
+    tensorwise, with the row quantisation pass that proj and fc2 need."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import kernel_check
+
+    out: dict[str, Any] = {"check_rows": kernel_check.check_fp8_rows(str(bench.device)),
+                           "check_block": kernel_check.check_fp8_block(str(bench.device))}
+    bench.results["fp8"] = out
+    print(f"fp8 checks: {out}", flush=True)
+    bench.save()
+    m = 2 * bench.batch * (bench.image // 16) ** 2
+    gen = torch.Generator(device=bench.device).manual_seed(7)
+    shapes = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4608, 1152), "fc2": (1152, 4608)}
+    gemms: dict[str, Any] = {}
+    for name, (n, k) in shapes.items():
+        gemms[f"{name} {m}x{k}->{n}"] = row = _gemm_row(bench, m, n, k, gen)
+        print(f"gemm {name}: {row}", flush=True)
+    out["gemms"] = gemms
+    bench.save()
+
+
+def _gemm_row(bench: Bench, m: int, n: int, k: int, gen: torch.Generator) -> dict[str, Any]:
+    """One block GEMM (M×K by N×K, bias) timed in bf16, FP8 row-wise and FP8 tensorwise; errors vs float64."""
+    import torch.nn.functional as F
+
+    from ditkit.models.kernels import fp8_rows
+
+    x = torch.randn(m, k, device=bench.device, generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=bench.device, generator=gen) / k**0.5
+    b = torch.randn(n, device=bench.device, generator=gen)
+    wb, bb = w.bfloat16(), b.bfloat16()
+    rows = fp8_rows.quantize_rows(x)
+    weight = fp8_rows.quantize_weight(w, b, torch.bfloat16)
+    x8t = x.float().div(x.abs().amax() / 448).to(fp8_rows.E4M3)
+    one = torch.ones((), device=bench.device)
+    ref = x.double() @ w.double().t() + b.double()
+    row = {"bf16_ms": bench.time_ms(lambda: F.linear(x, wb, bb)),
+           "fp8_rows_ms": bench.time_ms(lambda: fp8_rows.linear(rows, weight)),
+           "fp8_tensorwise_ms": bench.time_ms(lambda: torch._scaled_mm(
+               x8t, weight.data.t(), scale_a=one, scale_b=one, bias=bb, out_dtype=torch.bfloat16)),
+           "quantize_rows_ms": bench.time_ms(lambda: fp8_rows.quantize_rows(x)),
+           "quantize_rows_gelu_ms": bench.time_ms(lambda: fp8_rows.quantize_rows(x, gelu=True)),
+           "rel_err_fp8_rows": rel(fp8_rows.linear(rows, weight), ref),
+           "rel_err_bf16": rel(F.linear(x, wb, bb), ref)}
+    for key in ("bf16", "fp8_rows", "fp8_tensorwise"):
+        row[f"{key}_tflops"] = round(2 * m * n * k / row[f"{key}_ms"] / 1e9, 1)
+    return row
+
+
 SECTIONS = {"forward": section_forward, "profile": section_profile, "vae": section_vae, "sampler": section_sampler,
-            "cli": section_cli}
+            "cli": section_cli, "fp8": section_fp8}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="DiT-S/2 at 64 px, tiny batches (a CPU smoke run)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--cli-jobs", nargs="+", default=["dpm-solver", "ddpm"],
-                   help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG (e.g. dpm-solver+compile)")
+                   help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG[=VALUE] (e.g. ddpm+precision=fp8)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="forward section: only the variants whose names start with these (default: all)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
     p.add_argument("--reserve-s", type=float, default=20.0)
     args = p.parse_args(argv)

@@ -109,12 +109,106 @@ def check_block(dtype_name: str) -> dict[str, float]:
     return out
 
 
+def _dequantized(rows) -> torch.Tensor:
+    return rows.data.double() * rows.scale.double().view(*rows.data.shape[:-1], 1)
+
+
+def _row_top(rows) -> float:
+    """The largest |scaled value| per row, worst distance from E4M3's max over the rows, relative."""
+    top = rows.data.double().abs().amax(dim=-1)
+    return float((top - 448.0).abs().max() / 448.0)
+
+
+def check_fp8_rows(device: str = "cpu") -> dict[str, float]:
+    """The FP8-row kernels (inference): LayerNorm + modulate (± gated residual) and `quantize_rows` (± GELU)
+    dequantised against float64, the row maxima at E4M3's 448, and the row-scaled GEMM against float64 of its
+    FP8 operands. On the CPU the kernels write the scaled rows in float32 (the interpreter's FP8 rounding is
+    wrong just below powers of two) and PyTorch casts them; on CUDA they write float8_e4m3fn themselves."""
+    import ditkit.models.kernels as kernels
+    from ditkit.models.kernels import fp8_rows
+
+    storage = torch.float32 if device == "cpu" else fp8_rows.E4M3
+    fp8_rows.ACTIVATIONS, saved = storage, fp8_rows.ACTIVATIONS
+    try:
+        gen = torch.Generator().manual_seed(8)
+        n, t, d = 3, 21, 40
+        x0 = (torch.randn(n, t, d, generator=gen) * 3 + 1).to(device)
+        y0 = torch.randn(n, t, d, generator=gen).to(device, torch.bfloat16)
+        m0 = (torch.randn(n, 5 * d, generator=gen) * 0.5).to(device, torch.bfloat16)
+        shift1, scale1, gate, shift2, scale2 = m0.chunk(5, dim=1)
+        _, h1 = kernels.ln_modulate_rows(x0, None, None, shift1, scale1, EPS)
+        x1, h2 = kernels.ln_modulate_rows(x0, y0, gate, shift2, scale2, EPS)
+        s1, c1, g, s2, c2 = (v.double().unsqueeze(1) for v in m0.chunk(5, dim=1))
+        r1 = F.layer_norm(x0.double(), (d,), eps=EPS) * (1 + c1) + s1
+        rx1 = x0.double() + g * y0.double()
+        r2 = F.layer_norm(rx1, (d,), eps=EPS) * (1 + c2) + s2
+        wide = torch.randn(n * t, 4 * d, generator=gen).to(device, torch.bfloat16) * 2
+        q_plain, q_gelu = fp8_rows.quantize_rows(wide), fp8_rows.quantize_rows(wide, gelu=True)
+        out = {"h1": rel(_dequantized(h1), r1), "x1": rel(x1, rx1), "h2": rel(_dequantized(h2), r2),
+               "rows": rel(_dequantized(q_plain), wide.double()),
+               "gelu_rows": rel(_dequantized(q_gelu), F.gelu(wide.double(), approximate="tanh")),
+               "row_max": max(_row_top(r) for r in (h1, h2, q_plain, q_gelu))}
+        w = torch.randn(3 * d, d, generator=gen).to(device) / 7
+        b = torch.randn(3 * d, generator=gen).to(device)
+        weight = fp8_rows.quantize_weight(w, b, torch.bfloat16)
+        a = fp8_rows.Rows(h1.data.to(fp8_rows.E4M3), h1.scale)
+        ref = _dequantized(a) @ (weight.data.double() * weight.scale.double()[:, None]).t() + weight.bias.double()
+        out["gemm"] = rel(fp8_rows.linear(a, weight), ref)
+        out["weight"] = rel(weight.data.double() * weight.scale.double()[:, None], w.double())
+        return out
+    finally:
+        fp8_rows.ACTIVATIONS = saved
+
+
+def check_fp8_block(device: str = "cpu") -> dict[str, float]:
+    """A 2-block DiT with its block linears as row-wise FP8 GEMMs against the plain model in float64 (output
+    only: the path has no backward). On the CPU the FP8 casts are PyTorch's, as in `check_fp8_rows`."""
+    import ditkit.models.kernels as kernels
+    from ditkit.models.config import DiTConfig
+    from ditkit.models.dit import DiT
+    from ditkit.models.kernels import fp8_rows
+
+    torch.manual_seed(1)
+    cfg = DiTConfig.from_name("DiT-S/2", input_size=8, num_classes=10, depth=2, hidden_size=48, num_heads=4)
+    model = DiT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ref = DiT(cfg).double()
+    ref.load_state_dict(model.state_dict())
+    model.to(device).eval(), ref.eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 50.0, 999.0]), torch.tensor([0, 3, 10])
+    with torch.no_grad():
+        plain = ref(x.double(), t.double(), y)
+        assert fp8_rows.prepare(model) == 8
+        saved = fp8_rows.ACTIVATIONS, fp8_rows.linear, kernels.use_fp8_rows
+        if device == "cpu":
+            gemm = fp8_rows.linear
+            fp8_rows.ACTIVATIONS = torch.float32
+            fp8_rows.linear = lambda a, w: gemm(fp8_rows.Rows(a.data.to(fp8_rows.E4M3), a.scale), w)
+            kernels.use_fp8_rows = lambda tensor, linear: True
+        try:
+            fast = model(x.to(device), t.to(device), y.to(device))
+        finally:
+            fp8_rows.ACTIVATIONS, fp8_rows.linear, kernels.use_fp8_rows = saved
+        for block in model.blocks:  # the same weights with no FP8 rows: shows the path above was taken
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                del lin.fp8_rowwise
+        use_fused, kernels.use_fused = kernels.use_fused, lambda tensor: True
+        try:
+            fused = model(x.to(device), t.to(device), y.to(device))
+        finally:
+            kernels.use_fused = use_fused
+    return {"out": rel(fast, plain), "fused_fp32_out": rel(fused, plain)}
+
+
 def main() -> None:
     results = {
         "fp32": check_ops(2, 19, 40, torch.float32, torch.float32),
         "bf16": check_ops(3, 21, 24, torch.bfloat16, torch.bfloat16),
         "fp32_small_tiles": small_tiles(),
         "block_fp32": check_block("fp32"),
+        "fp8_rows": check_fp8_rows(),
+        "fp8_block": check_fp8_block(),
     }
     json.dump(results, sys.stdout)
 

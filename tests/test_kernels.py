@@ -62,6 +62,45 @@ def test_fused_block_matches_plain_model(interpreted):
     assert errors["out"] < FP32_TOL and errors["worst_param_grad"] < FP32_TOL, errors
 
 
+# Row-wise FP8 (sampling). Before the cast the kernels' float32 rows are exact up to fp32 arithmetic (1e-5); one
+# e4m3 rounding is up to 2^-4 relative per element (RMS ≈ 2.5% for these random values), so the dequantised
+# weight lands near 2.4% and the 2-block DiT with all eight linears in FP8 near 1.6%: 5% bounds both. The GEMM is
+# compared with float64 of its own FP8 operands, leaving the bf16 output rounding (2^-9 ≈ 0.2%): 5e-3.
+FP8_TOL = 5e-2
+
+
+def test_fp8_row_kernels_match_float64(interpreted):
+    errors = interpreted["fp8_rows"]
+    assert max(errors[k] for k in ("h1", "x1", "h2", "rows", "gelu_rows")) < FP32_TOL, errors
+    assert errors["row_max"] < 1e-6, "each row's largest value should map to e4m3's 448"
+    assert errors["gemm"] < 5e-3, errors
+    assert 1e-3 < errors["weight"] < FP8_TOL, errors  # really rounded to FP8, and only that
+
+
+def test_fp8_row_block_follows_the_float64_model(interpreted):
+    errors = interpreted["fp8_block"]
+    assert errors["fused_fp32_out"] < FP32_TOL, errors  # the same model without FP8 rows: exact
+    assert 1e-3 < errors["out"] < FP8_TOL, errors  # FP8 error, so the FP8 path ran
+
+
+def test_fp8_row_path_is_inference_only_and_keeps_the_state_dict():
+    from ditkit.models.kernels import fp8_rows
+
+    model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fp8_rows.prepare(model) == 8
+    assert {k: v for k, v in model.state_dict().items()}.keys() == keys.keys()
+    assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
+    x = torch.zeros(1, 384)
+    assert not kernels_mod().use_fp8_rows(x, model.blocks[0].mlp.fc2)  # CPU tensors: the plain path
+
+
+def kernels_mod():
+    import ditkit.models.kernels as kernels
+
+    return kernels
+
+
 def test_fp8_linear_forward_and_gradients():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 48, generator=gen, requires_grad=True)

@@ -48,13 +48,26 @@ class Attention(nn.Module):
         self.backend = "default"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(self._attend(self.qkv(x)))
+
+    def forward_fp8(self, h: Any) -> torch.Tensor:
+        """The same from FP8 rows (`kernels.fp8_rows.Rows`; inference, after `fp8_rows.prepare`): qkv and proj
+        as FP8 GEMMs."""
+        from ditkit.models.kernels import fp8_rows  # Triton: only where a GPU path runs
+
+        out = self._attend(fp8_rows.linear(h, fp8_rows.prepared(self.qkv)))
+        return fp8_rows.linear(fp8_rows.quantize_rows(out), fp8_rows.prepared(self.proj))
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """N×T×3D projections → N×T×D attention output (heads concatenated), before the output projection."""
+        n, t, d3 = qkv.shape
+        d = d3 // 3
+        q, k, v = qkv.view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.backend == "default" or not q.is_cuda:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = measured_attention(q, k, v, self.backend)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return out.transpose(1, 2).reshape(n, t, d)
 
 
 class CrossAttention(nn.Module):
@@ -99,6 +112,13 @@ class Mlp(nn.Module):
             return self.fc2(kernels.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
+    def forward_fp8(self, h: Any) -> torch.Tensor:
+        """The same from FP8 rows (inference, after `fp8_rows.prepare`; GELU-tanh inside fc2's quantisation)."""
+        from ditkit.models.kernels import fp8_rows
+
+        hidden = fp8_rows.linear(h, fp8_rows.prepared(self.fc1))
+        return fp8_rows.linear(fp8_rows.quantize_rows(hidden, gelu=True), fp8_rows.prepared(self.fc2))
+
 
 class DiTBlock(nn.Module):
     """Transformer block with adaptive LayerNorm conditioning.
@@ -118,6 +138,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.gated and kernels.use_fp8_rows(x, self.mlp.fc2):
+            return self._forward_fp8(x, c)
         if self.gated and kernels.use_fused(x):
             return self._forward_fused(x, c)
         if self.gated:
@@ -135,6 +157,14 @@ class DiTBlock(nn.Module):
         h = kernels.ln_modulate(x, shift_msa, scale_msa, LN_EPS)
         x, h = kernels.residual_ln_modulate(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
         return kernels.gated_residual(x, self.mlp(h), gate_mlp)
+
+    def _forward_fp8(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The fused block with the four linears as FP8 GEMMs: the LayerNorm kernels hand qkv and fc1 FP8 rows."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x.contiguous()
+        x, h = kernels.ln_modulate_rows(x, None, None, shift_msa, scale_msa, LN_EPS)
+        x, h = kernels.ln_modulate_rows(x, self.attn.forward_fp8(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
+        return kernels.gated_residual(x, self.mlp.forward_fp8(h), gate_mlp)
 
 
 class CrossAttentionBlock(nn.Module):

@@ -275,9 +275,11 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
     if precision == "fp8":
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
-        from ditkit.models.kernels.fp8 import enable_fp8
+        from ditkit.models.kernels import fp8_rows
 
-        enable_fp8(model)
+        # Row-wise FP8 (scales made inside the LayerNorm kernels, weights quantised once): the tensorwise path
+        # that training uses quantised every operand on every call and was 2× slower here (RESULTS.md, issue 13).
+        fp8_rows.prepare(model)
     # Not compiled unless asked: on an H200 the eager fused path (Triton LayerNorm/modulate/residual kernels,
     # fc1's GELU in the GEMM epilogue, the measured attention) took 241 ms per guided DiT-XL/2 step of 256
     # against 254 ms compiled, and a cold compile costs tens of seconds (benchmarks/RESULTS.md, issue 13).

@@ -3,7 +3,9 @@
 - `adaln`: LayerNorm (no affine) + adaLN modulate, alone or after the gated residual, forward and backward.
 - `residual`: the adaLN-Zero gated residual x + gate·y, forward and backward.
 - `attention`: the SDPA backend (cuDNN / flash / memory-efficient) chosen by measurement.
-- `fp8`: FP8 GEMMs for the block linears (`--precision fp8`).
+- `fp8`: FP8 GEMMs for the block linears in training (`--precision fp8`; tensorwise scales, autograd).
+- `fp8_rows`: FP8 GEMMs for the block linears in sampling (`--precision fp8`; row-wise scales made by the
+  LayerNorm kernels, weights quantised once).
 - `linear_gelu_tanh`: fc1 with its bias and GELU in the GEMM's epilogue (cuBLASLt), for inference.
 
 The Triton kernels are used on CUDA tensors of models at least MIN_WIDTH wide when Triton imports and
@@ -93,3 +95,22 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     out = torch._addmm_activation(bias.to(dtype), x2, weight.to(dtype).t(), use_gelu=True)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def use_fp8_rows(x: torch.Tensor, linear: torch.nn.Module) -> bool:
+    """True when a block should run its linears as row-wise FP8 GEMMs: `fp8_rows.prepare` quantised them, x is
+    on CUDA, the fused path is on and no gradient is needed (the row-wise path has no backward)."""
+    return (getattr(linear, "fp8_rowwise", None) is not None and x.is_cuda and fused_enabled()
+            and not torch.is_grad_enabled() and _load() is not None)
+
+
+def ln_modulate_rows(
+    x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float,
+):
+    """(x', h as FP8 rows): [x' = x + gate·y, then] LN(x')·(1 + scale) + shift quantised per row (see `adaln`)."""
+    from ditkit.models.kernels import fp8_rows
+
+    dtype, top = fp8_rows.ACTIVATIONS, fp8_rows.E4M3_MAX
+    x_new, h, s = _load()[0].ln_modulate_rows(x.contiguous(), y, gate, shift, scale, eps, dtype, top)
+    return x_new, fp8_rows.Rows(h, s)

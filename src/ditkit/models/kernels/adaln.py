@@ -30,8 +30,8 @@ TUNING: dict[str, int] = {}  # overrides for all widths (the benchmark's sweep a
 
 @triton.jit
 def _fwd_kernel(
-    X, Y, G, SHIFT, SCALE, XOUT, H, MEAN, RSTD, NT, T, D, stride_mod, eps,
-    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+    X, Y, G, SHIFT, SCALE, XOUT, H, HSCALE, MEAN, RSTD, NT, T, D, stride_mod, eps,
+    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, QUANT_MAX: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = n·T + t
     rmask = rows < NT
@@ -52,6 +52,10 @@ def _fwd_kernel(
     shift = tl.load(SHIFT + moffs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + moffs, mask=mask, other=0.0).to(tl.float32)
     h = xc * rstd[:, None] * (1.0 + scale) + shift
+    if QUANT_MAX > 0:  # FP8 rows for the next GEMM: h / s with s = amax(|h|) / QUANT_MAX, s per row
+        s = tl.maximum(tl.max(tl.where(mask, tl.abs(h), 0.0), axis=1), 1e-12) / QUANT_MAX
+        tl.store(HSCALE + rows, s, mask=rmask)
+        h = h / s[:, None]
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
@@ -123,7 +127,9 @@ def _check(x: torch.Tensor, *mods: torch.Tensor) -> None:
             raise ValueError(f"expected N×D modulation rows with unit column stride, got {tuple(m.shape)}")
 
 
-def _forward(x, y, gate, shift, scale, eps, out_dtype):
+def _forward(x, y, gate, shift, scale, eps, out_dtype, quant_max=0.0):
+    """(x', h, mean, rstd, row scales); with quant_max > 0 h holds h / s per row (s in the row scales), ready
+    for a cast to FP8, else the row scales are empty."""
     n, t, d = x.shape
     has_res = y is not None
     _check(x, shift, scale, *((gate,) if has_res else ()))
@@ -133,12 +139,14 @@ def _forward(x, y, gate, shift, scale, eps, out_dtype):
     x_out = torch.empty_like(x) if has_res else x.new_empty(0)
     mean = torch.empty(n * t, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
+    row_scale = torch.empty_like(mean) if quant_max > 0 else mean.new_empty(0)
     block_d, tile, _, warps = launch_shape(d)
     _fwd_kernel[(triton.cdiv(n * t, tile),)](
-        x, y if has_res else x, gate if has_res else shift, shift, scale, x_out, h, mean, rstd, n * t, t, d,
-        shift.stride(0), eps, HAS_RES=has_res, BLOCK_D=block_d, ROWS=tile, num_warps=warps,
+        x, y if has_res else x, gate if has_res else shift, shift, scale, x_out, h, row_scale, mean, rstd, n * t,
+        t, d, shift.stride(0), eps, HAS_RES=has_res, BLOCK_D=block_d, ROWS=tile, QUANT_MAX=float(quant_max),
+        num_warps=warps,
     )
-    return x_out, h, mean, rstd
+    return x_out, h, mean, rstd, row_scale
 
 
 def _backward(x_norm, dh, mean, rstd, scale, gate, y, dx_in):
@@ -166,7 +174,7 @@ def _backward(x_norm, dh, mean, rstd, scale, gate, y, dx_in):
 def _ln_mod_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, h, mean, rstd = _forward(x, None, None, shift, scale, eps, out_dtype)
+    _, h, mean, rstd, _ = _forward(x, None, None, shift, scale, eps, out_dtype)
     return h, mean, rstd
 
 
@@ -223,7 +231,7 @@ def _res_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if y.shape != x.shape:
         raise ValueError(f"residual branch shape {tuple(y.shape)} != stream shape {tuple(x.shape)}")
-    return _forward(x, y.contiguous(), gate, shift, scale, eps, out_dtype)
+    return _forward(x, y.contiguous(), gate, shift, scale, eps, out_dtype)[:4]
 
 
 @_res_fwd.register_fake
@@ -271,3 +279,18 @@ def residual_ln_modulate(
     """x' = x + gate·y and LN(x')·(1 + scale) + shift in one pass; returns (x', h)."""
     x_new, h, _, _ = _res_fwd(x, y, gate, shift, scale, eps, out_dtype)
     return x_new, h
+
+
+# ---- inference only: the same forward with h as FP8 rows (no autograd) -----------------------------------
+
+
+def ln_modulate_rows(
+    x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float, dtype: torch.dtype, quant_max: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x', h/s, s): the forward above (with the gated residual when y is given; x' is x without it), h divided
+    by its per-row scale s = amax(|h|)/quant_max and written in `dtype` (float8_e4m3fn for the FP8 GEMMs)."""
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"residual branch shape {tuple(y.shape)} != stream shape {tuple(x.shape)}")
+    x_out, h, _, _, s = _forward(x, None if y is None else y.contiguous(), gate, shift, scale, eps, dtype, quant_max)
+    return (x if y is None else x_out), h, s

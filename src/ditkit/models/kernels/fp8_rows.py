@@ -1,0 +1,128 @@
+"""FP8 inference for the DiT block's linears with row-wise scales (`ditkit sample --precision fp8`).
+
+Every GEMM input row (a token) gets its own scale s = amax(|row|)/448 and every weight row (an output channel)
+its own, so one outlier token or channel costs precision only in its own row. cuBLASLt/CUTLASS apply the two
+scale vectors on the fp32 accumulator (`torch._scaled_mm` with an M×1 and a 1×N scale, bf16 out), so nothing is
+dequantised in memory.
+
+Where the row scales come from (no separate amax pass over any activation):
+- qkv and fc1: the LayerNorm + modulate kernels write their output as FP8 rows (`adaln.ln_modulate_rows`);
+- proj and fc2: `quantize_rows` below reads the attention output / fc1's output once (fc2's input takes the
+  GELU on the way) and writes FP8 rows.
+The weights are quantised once, when the model is prepared (`prepare`); the fp32 parameters and the
+state_dict are unchanged. Forward only: training's `--precision fp8` is `kernels.fp8` (tensorwise, autograd).
+
+Triton's interpreter (the CPU tests) rounds float32 → float8 wrongly just below a power of two (125.5 → 64),
+so the CPU tests let the kernels write the scaled rows in float32 and cast them with PyTorch; on the GPU the
+cast is the hardware's round-to-nearest-even (checked against float64 in benchmarks/bench_sample.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# The activations' storage dtype. The CPU tests set float32 (the scaled rows before the cast; see above).
+ACTIVATIONS = E4M3
+
+
+class Rows(NamedTuple):
+    """An activation as FP8 rows: `data` …×K (float8_e4m3fn, or float32 in the CPU tests) and `scale` (one fp32
+    per row): the value is data·scale."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+class RowwiseWeight(NamedTuple):
+    """A linear layer's weight as FP8 rows (N×K, N scales) and its bias in the output dtype."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # tanh(u) = 1 − 2 / (e^{2u} + 1): exact limits at ±inf, and no libdevice call (the interpreter has none)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Q, S, M, K, QUANT_MAX: tl.constexpr, GELU: tl.constexpr, BLOCK_K: tl.constexpr,
+                          ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < K)
+    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        x = _gelu_tanh(x)
+    s = tl.maximum(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), 1e-12) / QUANT_MAX
+    tl.store(S + rows, s, mask=rmask)
+    tl.store(Q + offs, (x / s[:, None]).to(Q.dtype.element_ty), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None = None) -> Rows:
+    """x (…×K, any float dtype, made contiguous) as FP8 rows (in `dtype`, default ACTIVATIONS), GELU-tanh
+    applied first when `gelu`."""
+    dtype = dtype or ACTIVATIONS
+    x = x.contiguous()
+    k = x.shape[-1]
+    m = x.numel() // k
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    rows = max(1, 4096 // block)
+    _quantize_rows_kernel[(triton.cdiv(m, rows),)](
+        x, q, s, m, k, QUANT_MAX=E4M3_MAX, GELU=gelu, BLOCK_K=block, ROWS=rows, num_warps=8 if block >= 4096 else 4)
+    return Rows(q, s)
+
+
+def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> RowwiseWeight:
+    """A weight N×K as FP8 rows (scale per output channel), in fp32 arithmetic; the bias cast to `out_dtype`."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
+    data = (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return RowwiseWeight(data, scale, None if bias is None else bias.detach().to(out_dtype))
+
+
+def linear(x: Rows, weight: RowwiseWeight, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x·Wᵀ + b from FP8 rows, both row scales applied on the fp32 accumulator; …×N in `out_dtype`."""
+    k = x.data.shape[-1]
+    out = torch._scaled_mm(x.data.reshape(-1, k), weight.data.t(), scale_a=x.scale.view(-1, 1),
+                           scale_b=weight.scale.view(1, -1), bias=weight.bias, out_dtype=out_dtype)
+    return out.view(*x.data.shape[:-1], weight.data.shape[0])
+
+
+def prepare(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Quantise the four linears (qkv, proj, fc1, fc2) of every DiT block once, as `fp8_rowwise` on each
+    nn.Linear (parameters and state_dict untouched); returns how many. A block whose sizes are not multiples of
+    16 (the FP8 GEMMs' rule) keeps its bf16 path. Call it after the model is on its device, and again if the
+    weights change."""
+    count = 0
+    for block in getattr(model, "blocks", ()):
+        linears = [getattr(getattr(block, part, None), name, None)
+                   for part, name in (path.split(".") for path in LINEARS)]
+        if not all(isinstance(lin, nn.Linear) for lin in linears):
+            continue  # not a self-attention DiT block (e.g. a cross-attention block)
+        if any(size % 16 for lin in linears for size in lin.weight.shape):
+            continue
+        for lin in linears:
+            lin.fp8_rowwise = quantize_weight(lin.weight, lin.bias, out_dtype)
+        count += len(linears)
+    return count
+
+
+def prepared(module: nn.Module) -> RowwiseWeight | None:
+    """The FP8 weight `prepare` stored on a linear layer, or None."""
+    return getattr(module, "fp8_rowwise", None)
