@@ -96,11 +96,23 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: 
     return RowwiseWeight(data, scale, None if bias is None else bias.detach().to(out_dtype))
 
 
+_BIAS_IN_GEMM = {"ok": True}  # turned off once if this build's row-wise GEMM refuses a bias
+
+
 def linear(x: Rows, weight: RowwiseWeight, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x·Wᵀ + b from FP8 rows, both row scales applied on the fp32 accumulator; …×N in `out_dtype`."""
     k = x.data.shape[-1]
-    out = torch._scaled_mm(x.data.reshape(-1, k), weight.data.t(), scale_a=x.scale.view(-1, 1),
-                           scale_b=weight.scale.view(1, -1), bias=weight.bias, out_dtype=out_dtype)
+    a, b = x.data.reshape(-1, k), weight.data.t()
+    scales = {"scale_a": x.scale.view(-1, 1), "scale_b": weight.scale.view(1, -1), "out_dtype": out_dtype}
+    if weight.bias is not None and _BIAS_IN_GEMM["ok"]:
+        try:
+            out = torch._scaled_mm(a, b, bias=weight.bias, **scales)
+        except RuntimeError:  # the bias then goes in a separate add (one more pass over the output)
+            _BIAS_IN_GEMM["ok"] = False
+            out = torch._scaled_mm(a, b, **scales) + weight.bias
+    else:
+        out = torch._scaled_mm(a, b, **scales)
+        out = out if weight.bias is None else out + weight.bias
     return out.view(*x.data.shape[:-1], weight.data.shape[0])
 
 
