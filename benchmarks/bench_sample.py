@@ -203,10 +203,15 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
 
 
 def section_profile(bench: Bench) -> None:
-    """CUDA kernel time of one guided forward (the sampling default), by kernel, summed over the 28 blocks."""
+    """CUDA kernel time of one guided forward (the sampling default, or --precision fp8's with --profile-fp8),
+    by kernel, summed over the 28 blocks."""
     from torch.profiler import ProfilerActivity, profile
 
     model = random_model(bench)
+    if bench.args.profile_fp8:
+        from ditkit.models.kernels import fp8_rows
+
+        fp8_rows.prepare(model)
     rows, g = 2 * bench.batch, bench.image // 8
     gen = torch.Generator(device=bench.device).manual_seed(6)
     x = torch.randn(rows, 4, g, g, device=bench.device, generator=gen)
@@ -224,10 +229,11 @@ def section_profile(bench: Bench) -> None:
     kernels_ = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(getattr(e, "device_time_total", 0) for e in kernels_) / 1e3
     top = sorted(kernels_, key=lambda e: -getattr(e, "device_time_total", 0))[:30]
-    bench.results["profile"] = {
+    key = "profile_fp8" if bench.args.profile_fp8 else "profile"
+    bench.results[key] = {
         "forward_ms": round(ms, 2), "kernel_ms": round(total, 2),
         "top": [(e.key[:120], round(e.device_time_total / 1e3, 2), e.count) for e in top]}
-    for row in bench.results["profile"]["top"][:20]:
+    for row in bench.results[key]["top"][:20]:
         print("profile", row, flush=True)
 
 
@@ -495,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--cli-jobs", nargs="+", default=["dpm-solver", "ddpm"],
                    help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG[=VALUE] (e.g. ddpm+precision=fp8)")
+    p.add_argument("--profile-fp8", action="store_true", help="profile section: the --precision fp8 forward")
     p.add_argument("--variants", nargs="+", default=None,
                    help="forward section: only the variants whose names start with these (default: all)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
