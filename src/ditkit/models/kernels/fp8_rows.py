@@ -51,9 +51,11 @@ class RowwiseWeight(NamedTuple):
 
 @triton.jit
 def _gelu_tanh(x):
-    # tanh(u) = 1 − 2 / (e^{2u} + 1): exact limits at ±inf, and no libdevice call (the interpreter has none)
+    # GELU's tanh form as x·σ(2u) = x / (1 + e^(−2u)): one exp and one fast division (no IEEE rounding: a few
+    # instructions instead of ~10; at 4,608 values per row the precise one made this pass ALU-bound). The
+    # exponent is capped so that the fast division never sees an infinite divisor (x/e^80 is 0 in fp32 anyway).
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    return tl.fdiv(x, 1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)), ieee_rounding=False)
 
 
 @triton.jit
@@ -67,9 +69,9 @@ def _quantize_rows_kernel(X, Q, S, M, K, QUANT_MAX: tl.constexpr, GELU: tl.const
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
         x = _gelu_tanh(x)
-    s = tl.maximum(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), 1e-12) / QUANT_MAX
-    tl.store(S + rows, s, mask=rmask)
-    tl.store(Q + offs, (x / s[:, None]).to(Q.dtype.element_ty), mask=mask)
+    amax = tl.maximum(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), 1e-12)
+    tl.store(S + rows, amax / QUANT_MAX, mask=rmask)
+    tl.store(Q + offs, (x * (QUANT_MAX / amax)[:, None]).to(Q.dtype.element_ty), mask=mask)  # one division a row
 
 
 def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None = None) -> Rows:
