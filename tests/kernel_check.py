@@ -23,7 +23,7 @@ EPS = 1e-6
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()  # the GPU checks compare with CPU float64
     return float((a - b).norm() / b.norm())
 
 
