@@ -458,6 +458,31 @@ def section_fp8(bench: Bench) -> None:
     bench.save()
 
 
+def section_quant_tune(bench: Bench) -> None:
+    """`fp8_rows.quantize_rows` at the two widths of a guided XL/2 step (M = 131,072 rows; K = 1,152 plain, for
+    proj, and 4,608 with GELU, for fc2) for each (rows per program, warps); ms medians and GB/s (bytes once)."""
+    from ditkit.models.kernels import fp8_rows
+
+    m = 2 * bench.batch * (bench.image // 16) ** 2
+    out: dict[str, Any] = {}
+    bench.results["quant_tune"] = out
+    for k, gelu in ((1152, False), (4608, True)):
+        x = torch.randn(m, k, device=bench.device, dtype=torch.bfloat16)
+        block = 1 << (k - 1).bit_length()
+        for rows in (1, 2, 4, 8):
+            for warps in (4, 8, 16, 32):
+                if rows * block > 32768 or warps * 32 > rows * block:
+                    continue
+                fp8_rows.TUNING[(block, gelu)] = (rows, warps)
+                ms = bench.time_ms(lambda x=x, gelu=gelu: fp8_rows.quantize_rows(x, gelu=gelu), repeats=7)
+                out[f"K={k} gelu={gelu} rows={rows} warps={warps}"] = {
+                    "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
+        fp8_rows.TUNING.clear()
+        best = min((v["ms"], name) for name, v in out.items() if name.startswith(f"K={k} "))
+        print(f"quant K={k}: best {best}, default {out.get(next(iter(out)))}", flush=True)
+    bench.save()
+
+
 def _gemm_row(bench: Bench, m: int, n: int, k: int, gen: torch.Generator) -> dict[str, Any]:
     """One block GEMM (M×K by N×K, bias) timed in bf16, FP8 row-wise and FP8 tensorwise; errors vs float64."""
     import torch.nn.functional as F
@@ -487,7 +512,7 @@ def _gemm_row(bench: Bench, m: int, n: int, k: int, gen: torch.Generator) -> dic
 
 
 SECTIONS = {"forward": section_forward, "profile": section_profile, "vae": section_vae, "sampler": section_sampler,
-            "cli": section_cli, "fp8": section_fp8}
+            "cli": section_cli, "fp8": section_fp8, "quant-tune": section_quant_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

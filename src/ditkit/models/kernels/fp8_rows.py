@@ -84,10 +84,14 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None
     q = torch.empty(x.shape, dtype=dtype, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)
-    rows = max(1, 4096 // block)
+    rows, warps = TUNING.get((block, gelu), (max(1, 4096 // block), 8 if block >= 4096 else 4))
     _quantize_rows_kernel[(triton.cdiv(m, rows),)](
-        x, q, s, m, k, QUANT_MAX=E4M3_MAX, GELU=gelu, BLOCK_K=block, ROWS=rows, num_warps=8 if block >= 4096 else 4)
+        x, q, s, m, k, QUANT_MAX=E4M3_MAX, GELU=gelu, BLOCK_K=block, ROWS=rows, num_warps=warps)
     return Rows(q, s)
+
+
+# (padded width, GELU) -> (rows per program, warps); empty: the defaults above (the benchmark's sweep sets it)
+TUNING: dict[tuple[int, bool], tuple[int, int]] = {}
 
 
 def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> RowwiseWeight:
