@@ -343,6 +343,18 @@ def _timed(events: list, label: str, fn: Callable, sync: bool = False) -> Callab
 PROCESS_START = 0.0
 
 
+def _first_calls_timed(events: list, label: str, fn: Callable, calls: int) -> Callable:
+    """fn with its first `calls` calls timed (synchronised: where the first batch's warm-up goes)."""
+    count = [0]
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        count[0] += 1
+        if count[0] > calls:
+            return fn(*a, **k)
+        return _timed(events, f"{label} {count[0]}", fn, sync=True)(*a, **k)
+    return wrapper
+
+
 def process_start() -> float:
     """This process's start (epoch seconds) from /proc: the kernel's clock-tick start time after boot."""
     ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
@@ -374,6 +386,10 @@ def child(argv: list[str], out: str) -> int:
     ae.VAE.decode = _timed(events, "VAE decode", ae.VAE.decode, sync=True)
     npz._write_npz = _timed(events, "write npz", npz._write_npz)
     npz.sample_npz = _timed(events, "sample_npz total", npz.sample_npz)
+    import ditkit.models.dit as dit
+
+    dit.select_backend = _timed(events, "attention probe", dit.select_backend, sync=True)
+    dit.DiT.forward = _first_calls_timed(events, "network evaluation", dit.DiT.forward, calls=3)
     import ditkit.sample.cli as scli
 
     scli.sample_npz = npz.sample_npz
