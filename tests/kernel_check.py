@@ -201,7 +201,25 @@ def check_fp8_block(device: str = "cpu") -> dict[str, float]:
     return {"out": rel(fast, plain), "fused_fp32_out": rel(fused, plain)}
 
 
+def imports_dynamo(through_custom_ops: bool) -> dict[str, bool]:
+    """Whether a no-grad fused forward of a small DiT imports torch._dynamo (run alone in a fresh process:
+    `kernel_check.py dynamo [custom-ops]`); `through_custom_ops` forces the training path's custom ops."""
+    import ditkit.models.kernels as kernels
+    from ditkit.models import create_model
+
+    model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2, hidden_size=64, num_heads=4).eval()
+    kernels.use_fused = lambda tensor: True
+    if through_custom_ops:
+        kernels._direct = lambda: False
+    with torch.no_grad():
+        model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 500.0]), torch.tensor([0, 10]))
+    return {"dynamo": "torch._dynamo" in sys.modules}
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["dynamo"]:
+        json.dump(imports_dynamo(sys.argv[2:3] == ["custom-ops"]), sys.stdout)
+        return
     results = {
         "fp32": check_ops(2, 19, 40, torch.float32, torch.float32),
         "bf16": check_ops(3, 21, 24, torch.bfloat16, torch.bfloat16),

@@ -83,6 +83,17 @@ def test_fp8_row_block_follows_the_float64_model(interpreted):
     assert 1e-3 < errors["out"] < FP8_TOL, errors  # FP8 error, so the FP8 path ran
 
 
+@pytest.mark.parametrize("custom_ops", [False, True])
+def test_a_no_grad_fused_forward_does_not_import_dynamo(custom_ops):
+    # The custom ops' first call imports torch._dynamo (3.7 s of every sampling start on the H200); sampling
+    # launches the kernels directly. The custom-op run shows that the check can see the import.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    argv = [sys.executable, str(CHECK), "dynamo", *(["custom-ops"] if custom_ops else [])]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["dynamo"] is custom_ops
+
+
 def test_fp8_row_path_is_inference_only_and_keeps_the_state_dict():
     from ditkit.models.kernels import fp8_rows
 

@@ -281,15 +281,16 @@ def residual_ln_modulate(
     return x_new, h
 
 
-# ---- inference only: the same forward with h as FP8 rows (no autograd) -----------------------------------
+# ---- inference: the same forward without the custom op (no autograd), optionally as FP8 rows ----------------
 
 
-def ln_modulate_rows(
+def forward_only(
     x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor,
-    eps: float, dtype: torch.dtype, quant_max: float,
+    eps: float, dtype: torch.dtype, quant_max: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x', h/s, s): the forward above (with the gated residual when y is given; x' is x without it), h divided
-    by its per-row scale s = amax(|h|)/quant_max and written in `dtype` (float8_e4m3fn for the FP8 GEMMs)."""
+    """(x', h, s): the forward above launched directly (with the gated residual when y is given; x' is x
+    without it), h in `dtype`. With quant_max > 0, h is divided by its per-row scale s = amax(|h|)/quant_max
+    (FP8 rows for the next GEMM: dtype float8_e4m3fn); else s is empty."""
     if y is not None and y.shape != x.shape:
         raise ValueError(f"residual branch shape {tuple(y.shape)} != stream shape {tuple(x.shape)}")
     x_out, h, _, _, s = _forward(x, None if y is None else y.contiguous(), gate, shift, scale, eps, dtype, quant_max)

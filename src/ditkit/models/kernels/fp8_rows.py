@@ -6,7 +6,7 @@ scale vectors on the fp32 accumulator (`torch._scaled_mm` with an M×1 and a 1×
 dequantised in memory.
 
 Where the row scales come from (no separate amax pass over any activation):
-- qkv and fc1: the LayerNorm + modulate kernels write their output as FP8 rows (`adaln.ln_modulate_rows`);
+- qkv and fc1: the LayerNorm + modulate kernels write their output as FP8 rows (`adaln.forward_only`);
 - proj and fc2: `quantize_rows` below reads the attention output / fc1's output once (fc2's input takes the
   GELU on the way) and writes FP8 rows.
 The weights are quantised once, when the model is prepared (`prepare`); the fp32 parameters and the
@@ -84,13 +84,15 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None
     q = torch.empty(x.shape, dtype=dtype, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)
-    rows, warps = TUNING.get((block, gelu), (max(1, 4096 // block), 8 if block >= 4096 else 4))
+    rows, warps = TUNING.get((block, gelu), (1, 4))
     _quantize_rows_kernel[(triton.cdiv(m, rows),)](
         x, q, s, m, k, QUANT_MAX=E4M3_MAX, GELU=gelu, BLOCK_K=block, ROWS=rows, num_warps=warps)
     return Rows(q, s)
 
 
-# (padded width, GELU) -> (rows per program, warps); empty: the defaults above (the benchmark's sweep sets it)
+# (padded width, GELU) -> (rows per program, warps); empty: one row, 4 warps, the fastest of bench_sample.py's
+# sweep (`--sections quant-tune`, H200) at both widths of an XL/2 step: K = 1,152 0.163 ms (2 rows: 0.173) and
+# K = 4,608 with GELU 0.947 ms (8 warps: 0.987). The sweep sets entries here.
 TUNING: dict[tuple[int, bool], tuple[int, int]] = {}
 
 

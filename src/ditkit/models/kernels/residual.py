@@ -49,8 +49,8 @@ def _bwd_kernel(
     tl.store(PGATE + (n * num_chunks + chunk) * D + cols, acc, mask=cmask)
 
 
-@torch.library.custom_op("ditkit::gated_residual_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def forward_only(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate·y launched directly (no autograd; `gated_residual` below is the op that has a backward)."""
     if x.dim() != 3 or not x.is_contiguous() or y.shape != x.shape:
         raise ValueError(f"expected contiguous N×T×D x and y of the same shape, got {tuple(x.shape)}, {tuple(y.shape)}")
     if gate.shape != (x.shape[0], x.shape[2]) or gate.stride(1) != 1:
@@ -61,6 +61,11 @@ def _fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     _fwd_kernel[(triton.cdiv(n * t, tile),)](x, y.contiguous(), gate, out, n * t, t, d, gate.stride(0),
                                              BLOCK_D=block_d, ROWS=tile, num_warps=warps)
     return out
+
+
+@torch.library.custom_op("ditkit::gated_residual_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return forward_only(x, y, gate)
 
 
 @_fwd.register_fake
