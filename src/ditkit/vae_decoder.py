@@ -157,7 +157,7 @@ def _current_name(key: str) -> str:
 def load_decoder(folder: Path, dtype: torch.dtype = torch.float32) -> DecoderKL | None:
     """The decoder of the AutoencoderKL saved in `folder` (config.json + safetensors weights), or None when this
     module does not cover it (the caller then loads the whole VAE through diffusers)."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -170,10 +170,12 @@ def load_decoder(folder: Path, dtype: torch.dtype = torch.float32) -> DecoderKL 
         model = DecoderKL(config)
     wanted = model.state_dict()
     state = {}
-    for key, value in load_file(str(weights)).items():
-        key = _current_name(key)
-        if key in wanted:  # the encoder's tensors are not needed
-            state[key] = value.reshape(wanted[key].shape) if value.numel() == wanted[key].numel() else value
+    with safe_open(str(weights), framework="pt") as f:
+        for stored in f.keys():
+            key = _current_name(stored)
+            if key in wanted:  # the encoder's tensors are never read
+                value = f.get_tensor(stored)
+                state[key] = value.reshape(wanted[key].shape) if value.numel() == wanted[key].numel() else value
     if set(state) != set(wanted) or any(state[k].shape != wanted[k].shape for k in wanted):
         return None  # an unexpected layout: diffusers knows it better
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
