@@ -94,10 +94,15 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return _load()[1].gated_residual(x.contiguous(), y, gate)
 
 
+def _gpu_inference(x: torch.Tensor) -> bool:
+    """x on CUDA, the fused path switched on, and no gradient wanted: where the forward-only paths apply."""
+    return x.is_cuda and fused_enabled() and not torch.is_grad_enabled()
+
+
 def use_gelu_epilogue(x: torch.Tensor) -> bool:
     """True when the MLP's fc1 + GELU should run as one GEMM with a GELU epilogue: CUDA, fused path on, and no
     gradient (cuBLASLt's epilogue has no backward in PyTorch; training keeps fc1 and GELU apart)."""
-    return x.is_cuda and fused_enabled() and not torch.is_grad_enabled()
+    return _gpu_inference(x)
 
 
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -114,8 +119,7 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 def use_fp8_rows(x: torch.Tensor, linear: torch.nn.Module) -> bool:
     """True when a block should run its linears as row-wise FP8 GEMMs: `fp8_rows.prepare` quantised them, x is
     on CUDA, the fused path is on and no gradient is needed (the row-wise path has no backward)."""
-    return (getattr(linear, "fp8_rowwise", None) is not None and x.is_cuda and fused_enabled()
-            and not torch.is_grad_enabled() and _load() is not None)
+    return getattr(linear, "fp8_rowwise", None) is not None and _gpu_inference(x) and _load() is not None
 
 
 def ln_modulate_rows(
