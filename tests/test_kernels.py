@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from ditkit.models import create_model  # noqa: E402
-from ditkit.models.kernels import fp8  # noqa: E402
+from ditkit.models import create_model, kernels  # noqa: E402
+from ditkit.models.kernels import fp8, fp8_rows  # noqa: E402
 
 CHECK = Path(__file__).with_name("kernel_check.py")
 
@@ -95,21 +95,13 @@ def test_a_no_grad_fused_forward_does_not_import_dynamo(custom_ops):
 
 
 def test_fp8_row_path_is_inference_only_and_keeps_the_state_dict():
-    from ditkit.models.kernels import fp8_rows
-
     model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     assert fp8_rows.prepare(model) == 8
-    assert {k: v for k, v in model.state_dict().items()}.keys() == keys.keys()
+    assert model.state_dict().keys() == keys.keys()
     assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
     x = torch.zeros(1, 384)
-    assert not kernels_mod().use_fp8_rows(x, model.blocks[0].mlp.fc2)  # CPU tensors: the plain path
-
-
-def kernels_mod():
-    import ditkit.models.kernels as kernels
-
-    return kernels
+    assert not kernels.use_fp8_rows(x, model.blocks[0].mlp.fc2)  # CPU tensors: the plain path
 
 
 def test_fp8_linear_forward_and_gradients():
@@ -148,8 +140,6 @@ def test_fp8_falls_back_for_odd_shapes_and_keeps_state_dict():
 
 
 def test_cpu_tensors_take_the_plain_path():
-    from ditkit.models import kernels
-
     assert not kernels.use_fused(torch.zeros(1, 2, 1152))
 
 
