@@ -378,28 +378,74 @@ def section_tune(bench: Bench) -> None:
 # ------------------------------------------------------------------------------------------------ profile
 
 
+# Kernel-name fragments → where the time goes (first match wins; "other" is everything else: aten's
+# elementwise/reduction kernels outside the compiled blocks, copies, the loss terms).
+CATEGORIES = (
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitk")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("ditkit triton", ("_fwd_kernel", "_bwd_kernel", "_quantize_rows")),
+    ("inductor triton", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (µs in, ms out): the time the GPU ran any kernel."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e3
+
+
 def section_profile(bench: Bench) -> None:
-    """CUDA kernel time of one training step by kernel name (top 25) for plain and fast, DiT-XL/2 b128."""
+    """One training step of --profile-model, plain vs fast: CUDA kernel time by category and by kernel (top 25),
+    the GPU's busy time (union of kernel intervals) against the step's wall time (so the idle time shows), and
+    the host's time to issue one step when it never waits for the GPU."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     name, batch = bench.args.profile_model.split(":")
+    cuda = bench.device.type == "cuda"
     out: dict[str, Any] = {}
-    for mode in ("plain", "fast"):
+    for mode in bench.args.modes:
         run, _ = build_step(name, int(batch), mode, bench)
         for i in range(3):
             run(i)
         bench.sync()
-        cuda = bench.device.type == "cuda"
+        t0 = time.perf_counter()
+        run(3)  # the queue is empty, so this is the host's own time to launch one step (if it never syncs)
+        host_ms = (time.perf_counter() - t0) * 1e3
+        bench.sync()
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            run(3)
+            t0 = time.perf_counter()
+            run(4)
             bench.sync()
+            wall_ms = (time.perf_counter() - t0) * 1e3
         totals: dict[str, float] = {}
-        for evt in prof.key_averages():
-            us = getattr(evt, "device_time_total", 0) if cuda else evt.cpu_time_total
-            if us and evt.key:
-                totals[evt.key] = totals.get(evt.key, 0.0) + us / 1e3
+        categories: dict[str, float] = {}
+        intervals = []
+        for evt in prof.events():
+            if cuda and evt.device_type != DeviceType.CUDA:
+                continue
+            ms = evt.time_range.elapsed_us() / 1e3  # a kernel's own duration on the GPU
+            totals[evt.key] = totals.get(evt.key, 0.0) + ms
+            categories[kernel_category(evt.key)] = categories.get(kernel_category(evt.key), 0.0) + ms
+            intervals.append((evt.time_range.start, evt.time_range.end))
         top = sorted(totals.items(), key=lambda kv: -kv[1])[:25]
-        out[mode] = {"kernel_ms_total": sum(totals.values()), "top": [[k[:120], round(v, 2)] for k, v in top]}
+        busy = busy_ms(intervals)
+        out[mode] = {"kernel_ms_total": round(sum(totals.values()), 2), "gpu_busy_ms": round(busy, 2),
+                     "step_wall_ms": round(wall_ms, 2), "gpu_idle_ms": round(wall_ms - busy, 2),
+                     "host_issue_ms": round(host_ms, 2), "kernels": len(intervals),
+                     "by_category": {k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+                     "top": [[k[:120], round(v, 2)] for k, v in top]}
+        print(json.dumps({mode: {k: v for k, v in out[mode].items() if k != "top"}}), flush=True)
         del run
         bench.results["profile"] = out
         bench.save()

@@ -476,7 +476,9 @@ def section_fp8(bench: Bench) -> None:
 
 def section_quant_tune(bench: Bench) -> None:
     """`fp8_rows.quantize_rows` at the two widths of a guided XL/2 step (M = 131,072 rows; K = 1,152 plain, for
-    proj, and 4,608 with GELU, for fc2) for each (rows per program, warps); ms medians and GB/s (bytes once)."""
+    proj, and 4,608 with GELU, for fc2) for each (rows per program, warps), with each row read as two
+    power-of-two blocks (the default) and as one padded block (the old layout); ms medians and GB/s (bytes
+    once)."""
     from ditkit.models.kernels import fp8_rows
 
     m = 2 * bench.batch * (bench.image // 16) ** 2
@@ -485,14 +487,16 @@ def section_quant_tune(bench: Bench) -> None:
     for k, gelu in ((1152, False), (4608, True)):
         x = torch.randn(m, k, device=bench.device, dtype=torch.bfloat16)
         block = 1 << (k - 1).bit_length()
-        for rows in (1, 2, 4, 8):
-            for warps in (4, 8, 16, 32):
-                if rows * block > 32768 or warps * 32 > rows * block:
-                    continue
-                fp8_rows.TUNING[(block, gelu)] = (rows, warps)
-                ms = bench.time_ms(lambda x=x, gelu=gelu: fp8_rows.quantize_rows(x, gelu=gelu), repeats=7)
-                out[f"K={k} gelu={gelu} rows={rows} warps={warps}"] = {
-                    "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
+        for padded in (False, True):
+            for rows in (1, 2, 4, 8):
+                for warps in (4, 8, 16, 32):
+                    if rows * block > 32768 or warps * 32 > rows * block:
+                        continue
+                    fp8_rows.TUNING[(k, gelu)] = (rows, warps)
+                    ms = bench.time_ms(lambda x=x, gelu=gelu, padded=padded: fp8_rows.quantize_rows(
+                        x, gelu=gelu, padded=padded), repeats=7)
+                    out[f"K={k} gelu={gelu} {'padded ' if padded else ''}rows={rows} warps={warps}"] = {
+                        "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
         fp8_rows.TUNING.clear()
         best = min((v["ms"], name) for name, v in out.items() if name.startswith(f"K={k} "))
         print(f"quant K={k}: best {best}, default {out.get(next(iter(out)))}", flush=True)

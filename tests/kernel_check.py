@@ -155,6 +155,15 @@ def check_fp8_rows(device: str = "cpu") -> dict[str, float]:
         ref = _dequantized(a) @ (weight.data.double() * weight.scale.double()[:, None]).t() + weight.bias.double()
         out["gemm"] = rel(fp8_rows.linear(a, weight), ref)
         out["weight"] = rel(weight.data.double() * weight.scale.double()[:, None], w.double())
+        # Row widths that split into two power-of-two blocks exactly (1,152 = 1,024 + 128), a power of two (the
+        # second block all masked) and a ragged one: each against float64 and against the one padded block.
+        for k in (1152, 256, 200):
+            xk = torch.randn(37, k, generator=gen).to(device, torch.bfloat16) * 3
+            ref_k = F.gelu(xk.double(), approximate="tanh")
+            split, padded = (fp8_rows.quantize_rows(xk, gelu=True, padded=p) for p in (False, True))
+            out[f"gelu_rows_k{k}"] = rel(_dequantized(split), ref_k)
+            out[f"split_vs_padded_k{k}"] = rel(_dequantized(split), _dequantized(padded).double())
+            out["row_max"] = max(out["row_max"], _row_top(split))
         return out
     finally:
         fp8_rows.ACTIVATIONS = saved

@@ -72,6 +72,8 @@ FP8_TOL = 5e-2
 def test_fp8_row_kernels_match_float64(interpreted):
     errors = interpreted["fp8_rows"]
     assert max(errors[k] for k in ("h1", "x1", "h2", "rows", "gelu_rows")) < FP32_TOL, errors
+    assert max(errors[f"gelu_rows_k{k}"] for k in (1152, 256, 200)) < FP32_TOL, errors  # the two-block rows
+    assert max(errors[f"split_vs_padded_k{k}"] for k in (1152, 256, 200)) < 1e-6, errors
     assert errors["row_max"] < 1e-6, "each row's largest value should map to e4m3's 448"
     assert errors["gemm"] < 5e-3, errors
     assert 1e-3 < errors["weight"] < FP8_TOL, errors  # really rounded to FP8, and only that
