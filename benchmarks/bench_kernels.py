@@ -43,7 +43,9 @@ from ditkit.models.kernels.fp8 import enable_fp8  # noqa: E402
 from ditkit.train.step import TrainStep  # noqa: E402
 from sections import BenchBase, run_sections  # noqa: E402
 
-MODES = ("plain", "fast", "fp8", "autotune")  # autotune: fast, blocks compiled "max-autotune-no-cudagraphs"
+# autotune: fast, blocks compiled "max-autotune-no-cudagraphs"; torchao-<recipe>: fast with the block linears
+# as torchao's Float8Linear (its float8 training, recipe "rowwise" or "tensorwise"; torchao carried as a wheel)
+MODES = ("plain", "fast", "fp8", "autotune", "torchao-rowwise", "torchao-tensorwise")
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp8_fwd": 0.05, "fp8_grad": 0.10}
 
 
@@ -206,13 +208,16 @@ def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int =
     ema.to(bench.device).eval()
     if mode == "fp8":
         enable_fp8(model)
+    if mode.startswith("torchao-"):
+        torchao_fp8(model, mode.removeprefix("torchao-"))
     compile_blocks(model, backend="inductor" if bench.device.type == "cuda" else "eager",
                    mode="max-autotune-no-cudagraphs" if mode == "autotune" else None)
     cuda = bench.device.type == "cuda"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             **({"fused": True} if cuda else {}))
     diffusion = create_diffusion("", learn_sigma=model.config.learn_sigma)
-    precision = "fp8" if mode == "fp8" else ("bf16" if cuda or not bench.args.quick else "fp32")
+    precision = "bf16" if cuda or not bench.args.quick else "fp32"
+    precision = "fp8" if mode == "fp8" else precision
     step = TrainStep(model, model, ema, opt, diffusion, device=bench.device, precision=precision,
                      global_batch=batch)
     cfg = model.config
@@ -222,6 +227,15 @@ def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int =
     x = torch.nn.functional.interpolate(coarse, size=cfg.input_size, mode="bilinear").to(bench.device)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(bench.device)
     return (lambda i: step(x, y, i)), model
+
+
+def torchao_fp8(model: torch.nn.Module, recipe: str) -> None:
+    """Swap the four block linears (qkv, proj, fc1, fc2) for torchao's Float8Linear under `recipe`."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    wanted = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda mod, fqn: fqn.startswith("blocks.") and fqn.endswith(wanted))
 
 
 def train_row(name: str, batch: int, mode: str, bench: Bench, peak_tflops: float | None) -> dict[str, Any]:
@@ -269,7 +283,7 @@ def section_train(bench: Bench) -> None:
             print(json.dumps(rows[-1]), flush=True)
             bench.save()
         by_mode = {r["mode"]: r for r in rows if r.get("model") == name and "img_s" in r}
-        for mode in ("fast", "fp8", "autotune"):
+        for mode in MODES[1:]:
             if mode in by_mode and "plain" in by_mode:
                 by_mode[mode]["vs_plain"] = by_mode[mode]["img_s"] / by_mode["plain"]["img_s"]
 
@@ -285,7 +299,8 @@ def section_curve(bench: Bench) -> None:
     name, batch = bench.args.curve_model.split(":")
     steps = bench.args.curve_steps
     curves: dict[str, list[float]] = {}
-    for mode in ("plain", "fast", "fp8"):
+    modes = ["plain"] + [m for m in bench.args.modes if m != "plain"]
+    for mode in modes:
         if bench.left() < bench.args.reserve_s:
             break
         run, _ = build_step(name, int(batch), mode, bench)
@@ -295,7 +310,7 @@ def section_curve(bench: Bench) -> None:
     if "plain" in curves:
         ref = window_means(curves["plain"])
         out["plain"] = {"first": ref[0], "last": ref[-1]}
-        for mode in ("fast", "fp8"):
+        for mode in modes[1:]:
             if mode in curves:
                 means = window_means(curves[mode])
                 gap = max(abs(a - b) / abs(b) for a, b in zip(means, ref))

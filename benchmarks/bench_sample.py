@@ -484,6 +484,7 @@ def section_quant_tune(bench: Bench) -> None:
     m = 2 * bench.batch * (bench.image // 16) ** 2
     out: dict[str, Any] = {}
     bench.results["quant_tune"] = out
+    saved = dict(fp8_rows.TUNING)
     for k, gelu in ((1152, False), (4608, True)):
         x = torch.randn(m, k, device=bench.device, dtype=torch.bfloat16)
         block = 1 << (k - 1).bit_length()
@@ -498,6 +499,14 @@ def section_quant_tune(bench: Bench) -> None:
                     out[f"K={k} gelu={gelu} {'padded ' if padded else ''}rows={rows} warps={warps}"] = {
                         "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
         fp8_rows.TUNING.clear()
+        if gelu:  # the GELU's tanh as exp + division (two special-function ops) instead of tanh.approx (one)
+            for rows, warps in ((1, 4), (2, 8)):
+                fp8_rows.TUNING[(k, gelu)] = (rows, warps)
+                ms = bench.time_ms(lambda x=x: fp8_rows.quantize_rows(x, gelu=True, hw_tanh=False), repeats=7)
+                out[f"K={k} gelu={gelu} exp-tanh rows={rows} warps={warps}"] = {
+                    "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
+        fp8_rows.TUNING.clear()
+        fp8_rows.TUNING.update(saved)
         best = min((v["ms"], name) for name, v in out.items() if name.startswith(f"K={k} "))
         print(f"quant K={k}: best {best}, default {out.get(next(iter(out)))}", flush=True)
     bench.save()

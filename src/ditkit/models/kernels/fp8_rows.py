@@ -50,17 +50,22 @@ class RowwiseWeight(NamedTuple):
 
 
 @triton.jit
-def _gelu_tanh(x):
-    # GELU's tanh form as x·σ(2u) = x / (1 + e^(−2u)): one exp and one fast division (no IEEE rounding: a few
-    # instructions instead of ~10; at 4,608 values per row the precise one made this pass ALU-bound). The
-    # exponent is capped so that the fast division never sees an infinite divisor (x/e^80 is 0 in fp32 anyway).
+def _gelu_tanh(x, HW_TANH: tl.constexpr):
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    if HW_TANH:
+        # The GPU's tanh.approx.f32 (one special-function op, relative error ~2^-11, far below e4m3's 2^-4):
+        # the exp + division form below costs two, and at 4,608 values a row those ops bound the pass.
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return 0.5 * x * (1.0 + t)
+    # x·σ(2u) = x / (1 + e^(−2u)) with a fast division (no IEEE rounding); Triton's interpreter (the CPU tests)
+    # cannot run PTX. The exponent is capped so the fast division never sees an infinite divisor.
     return tl.fdiv(x, 1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)), ieee_rounding=False)
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Q, S, M, K, QUANT_MAX: tl.constexpr, GELU: tl.constexpr, BLOCK_A: tl.constexpr,
-                          BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
+def _quantize_rows_kernel(X, Q, S, M, K, QUANT_MAX: tl.constexpr, GELU: tl.constexpr, HW_TANH: tl.constexpr,
+                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
     # A row is read as two power-of-two blocks, [0, BLOCK_A) and [BLOCK_A, BLOCK_A + BLOCK_B) (`split_width`):
     # 4,608 = 4,096 + 512 and 1,152 = 1,024 + 128 exactly, where one block padded to the next power of two
     # (8,192 / 2,048 lanes) spent ~44% of the arithmetic (GELU's) on masked lanes.
@@ -74,8 +79,8 @@ def _quantize_rows_kernel(X, Q, S, M, K, QUANT_MAX: tl.constexpr, GELU: tl.const
     xa = tl.load(X + base + cols_a, mask=mask_a, other=0.0).to(tl.float32)
     xb = tl.load(X + base + cols_b, mask=mask_b, other=0.0).to(tl.float32)
     if GELU:
-        xa = _gelu_tanh(xa)
-        xb = _gelu_tanh(xb)
+        xa = _gelu_tanh(xa, HW_TANH)
+        xb = _gelu_tanh(xb, HW_TANH)
     amax = tl.maximum(tl.max(tl.where(mask_a, tl.abs(xa), 0.0), axis=1),
                       tl.max(tl.where(mask_b, tl.abs(xb), 0.0), axis=1))
     amax = tl.maximum(amax, 1e-12)
@@ -96,9 +101,10 @@ def split_width(k: int, padded: bool = False) -> tuple[int, int]:
 
 
 def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None = None,
-                  padded: bool = False) -> Rows:
+                  padded: bool = False, hw_tanh: bool | None = None) -> Rows:
     """x (…×K, any float dtype, made contiguous) as FP8 rows (in `dtype`, default ACTIVATIONS), GELU-tanh
-    applied first when `gelu`. `padded`: the one-block launch of `split_width` (benchmarks only)."""
+    applied first when `gelu`. `padded` (the one-block launch of `split_width`) and `hw_tanh` (default: on a
+    GPU) are there for the benchmark's comparisons."""
     dtype = dtype or ACTIVATIONS
     x = x.contiguous()
     k = x.shape[-1]
@@ -108,15 +114,16 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None
     block_a, block_b = split_width(k, padded)
     rows, warps = TUNING.get((k, gelu), (1, 4))
     _quantize_rows_kernel[(triton.cdiv(m, rows),)](
-        x, q, s, m, k, QUANT_MAX=E4M3_MAX, GELU=gelu, BLOCK_A=block_a, BLOCK_B=block_b, ROWS=rows,
+        x, q, s, m, k, QUANT_MAX=E4M3_MAX, GELU=gelu, HW_TANH=x.is_cuda if hw_tanh is None else hw_tanh,
+        BLOCK_A=block_a, BLOCK_B=block_b, ROWS=rows,
         num_warps=warps)
     return Rows(q, s)
 
 
-# (width, GELU) -> (rows per program, warps); empty: one row, 4 warps, the fastest of bench_sample.py's
-# sweep (`--sections quant-tune`, H200) at both widths of an XL/2 step: K = 1,152 0.163 ms (2 rows: 0.173) and
-# K = 4,608 with GELU 0.947 ms (8 warps: 0.987). The sweep sets entries here.
-TUNING: dict[tuple[int, bool], tuple[int, int]] = {}
+# (width, GELU) -> (rows per program, warps); otherwise one row, 4 warps. From bench_sample.py's sweep
+# (`--sections quant-tune`, H200, M = 131,072, two-block rows): K = 1,152 4 rows 0.149 ms (1 row: 0.206);
+# K = 4,608 with GELU: 1 row, 4 warps, 0.991 ms, the fastest. The sweep sets entries here.
+TUNING: dict[tuple[int, bool], tuple[int, int]] = {(1152, False): (4, 4)}
 
 
 def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> RowwiseWeight:
