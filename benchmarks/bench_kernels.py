@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="model:batch pairs for the train section")
     p.add_argument("--modes", nargs="+", default=list(MODES[:3]), choices=MODES)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--curve-model", default="DiT-S/2:64")
+    p.add_argument("--curve-model", default="DiT-B/2:64",
+                   help="at least 768 wide: narrower models take the plain path (kernels.MIN_WIDTH)")
     p.add_argument("--profile-model", default="DiT-XL/2:128")
     p.add_argument("--cli-jobs", nargs="+", default=["train", "dpm-solver", "ddpm"],
                    help="cli section: train, ddpm, dpm-solver, or SAMPLER+nocompile")

@@ -121,9 +121,10 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False, dtype: torch.dtype | None
 
 
 # (width, GELU) -> (rows per program, warps); otherwise one row, 4 warps. From bench_sample.py's sweep
-# (`--sections quant-tune`, H200, M = 131,072, two-block rows): K = 1,152 4 rows 0.149 ms (1 row: 0.206);
-# K = 4,608 with GELU: 1 row, 4 warps, 0.991 ms, the fastest. The sweep sets entries here.
-TUNING: dict[tuple[int, bool], tuple[int, int]] = {(1152, False): (4, 4)}
+# (`--sections quant-tune`, two H200 machines, M = 131,072, two-block rows, 2026-12-02): 2 rows and 4 warps were
+# within 15% of the best at both widths on both machines: K = 1,152 0.169–0.171 ms (1 row: 0.206–0.226);
+# K = 4,608 with GELU (tanh.approx) 0.667 ms (1 row: 0.697). The sweep sets entries here.
+TUNING: dict[tuple[int, bool], tuple[int, int]] = {(1152, False): (2, 4), (4608, True): (2, 4)}
 
 
 def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> RowwiseWeight:
