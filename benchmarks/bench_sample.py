@@ -285,6 +285,18 @@ def section_vae(bench: Bench) -> None:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"vae {name}: {out[name]}", flush=True)
         bench.save()
+    # ditkit's own decoder (what `ditkit sample` loads: no diffusers import), bf16 weights, same latents
+    mine = load_vae(str(vae_folder(bench.work)), device=bench.device, dtype=torch.bfloat16, decode_only=True)
+    name = "ditkit.vae_decoder, bf16 weights (ditkit sample's)"
+    try:
+        err = rel(mine.decode(z[:8]), ref)
+        ms = bench.time_ms(lambda: mine.decode(z), warmup=1, repeats=3)
+        out[name] = {"ms_per_batch": round(ms, 1), "batch": n, "images_per_s": round(n / ms * 1e3, 1),
+                     "rel_err_vs_fp32": err, "class": type(mine.model).__name__}
+    except Exception as exc:
+        out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print(f"vae {name}: {out[name]}", flush=True)
+    bench.save()
 
 
 # ------------------------------------------------------------------------------------------------ sampler
