@@ -132,6 +132,9 @@ def _forward(x, y, gate, shift, scale, eps, out_dtype, quant_max=0.0):
     for a cast to FP8, else the row scales are empty."""
     n, t, d = x.shape
     has_res = y is not None
+    if has_res and y.shape != x.shape:
+        raise ValueError(f"residual branch shape {tuple(y.shape)} != stream shape {tuple(x.shape)}")
+    y = y.contiguous() if has_res else None
     _check(x, shift, scale, *((gate,) if has_res else ()))
     if shift.stride(0) != scale.stride(0) or (has_res and gate.stride(0) != shift.stride(0)):
         raise ValueError("shift, scale and gate must share one row stride (chunks of one tensor)")
@@ -229,9 +232,7 @@ def _res_fwd(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if y.shape != x.shape:
-        raise ValueError(f"residual branch shape {tuple(y.shape)} != stream shape {tuple(x.shape)}")
-    return _forward(x, y.contiguous(), gate, shift, scale, eps, out_dtype)[:4]
+    return _forward(x, y, gate, shift, scale, eps, out_dtype)[:4]
 
 
 @_res_fwd.register_fake
@@ -291,7 +292,5 @@ def forward_only(
     """(x', h, s): the forward above launched directly (with the gated residual when y is given; x' is x
     without it), h in `dtype`. With quant_max > 0, h is divided by its per-row scale s = amax(|h|)/quant_max
     (FP8 rows for the next GEMM: dtype float8_e4m3fn); else s is empty."""
-    if y is not None and y.shape != x.shape:
-        raise ValueError(f"residual branch shape {tuple(y.shape)} != stream shape {tuple(x.shape)}")
-    x_out, h, _, _, s = _forward(x, None if y is None else y.contiguous(), gate, shift, scale, eps, dtype, quant_max)
+    x_out, h, _, _, s = _forward(x, y, gate, shift, scale, eps, dtype, quant_max)
     return (x if y is None else x_out), h, s

@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from ditkit.models.kernels.fp8 import BLOCK_LINEARS
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
-LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 # The activations' storage dtype. The CPU tests set float32 (the scaled rows before the cast; see above).
 ACTIVATIONS = E4M3
 
@@ -163,7 +164,7 @@ def prepare(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
     count = 0
     for block in getattr(model, "blocks", ()):
         linears = [getattr(getattr(block, part, None), name, None)
-                   for part, name in (path.split(".") for path in LINEARS)]
+                   for part, name in (path.split(".") for path in BLOCK_LINEARS)]
         if not all(isinstance(lin, nn.Linear) for lin in linears):
             continue  # not a self-attention DiT block (e.g. a cross-attention block)
         if any(size % 16 for lin in linears for size in lin.weight.shape):
