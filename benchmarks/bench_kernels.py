@@ -39,7 +39,7 @@ from ditkit.diffusion import create_diffusion  # noqa: E402
 from ditkit.fast import compile_blocks  # noqa: E402
 from ditkit.flops import count_macs  # noqa: E402
 from ditkit.models import create_model, kernels  # noqa: E402
-from ditkit.models.kernels.fp8 import enable_fp8  # noqa: E402
+from ditkit.models.kernels.fp8 import BLOCK_LINEARS, enable_fp8  # noqa: E402
 from ditkit.train.step import TrainStep  # noqa: E402
 from sections import BenchBase, run_sections  # noqa: E402
 
@@ -216,8 +216,7 @@ def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int =
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             **({"fused": True} if cuda else {}))
     diffusion = create_diffusion("", learn_sigma=model.config.learn_sigma)
-    precision = "bf16" if cuda or not bench.args.quick else "fp32"
-    precision = "fp8" if mode == "fp8" else precision
+    precision = "fp8" if mode == "fp8" else ("bf16" if cuda or not bench.args.quick else "fp32")
     step = TrainStep(model, model, ema, opt, diffusion, device=bench.device, precision=precision,
                      global_batch=batch)
     cfg = model.config
@@ -233,9 +232,9 @@ def torchao_fp8(model: torch.nn.Module, recipe: str) -> None:
     """Swap the four block linears (qkv, proj, fc1, fc2) for torchao's Float8Linear under `recipe`."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    wanted = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=lambda mod, fqn: fqn.startswith("blocks.") and fqn.endswith(wanted))
+    convert_to_float8_training(
+        model, config=Float8LinearConfig.from_recipe_name(recipe),
+        module_filter_fn=lambda mod, fqn: fqn.startswith("blocks.") and fqn.endswith(BLOCK_LINEARS))
 
 
 def train_row(name: str, batch: int, mode: str, bench: Bench, peak_tflops: float | None) -> dict[str, Any]:
@@ -456,7 +455,8 @@ def section_profile(bench: Bench) -> None:
                 continue
             ms = evt.time_range.elapsed_us() / 1e3  # a kernel's own duration on the GPU
             totals[evt.key] = totals.get(evt.key, 0.0) + ms
-            categories[kernel_category(evt.key)] = categories.get(kernel_category(evt.key), 0.0) + ms
+            category = kernel_category(evt.key)
+            categories[category] = categories.get(category, 0.0) + ms
             intervals.append((evt.time_range.start, evt.time_range.end))
         top = sorted(totals.items(), key=lambda kv: -kv[1])[:25]
         busy = busy_ms(intervals)

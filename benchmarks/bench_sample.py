@@ -276,27 +276,28 @@ def section_vae(bench: Bench) -> None:
             with torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=autocast):
                 return vae.decode(z[:k])
 
-        try:
-            err = rel(dec(8), ref)
-            ms = bench.time_ms(dec, warmup=1, repeats=3)
-            out[name] = {"ms_per_batch": round(ms, 1), "batch": n, "images_per_s": round(n / ms * 1e3, 1),
-                         "rel_err_vs_fp32": err}
-        except Exception as exc:
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        out[name] = _decode_row(bench, dec, ref)
         print(f"vae {name}: {out[name]}", flush=True)
         bench.save()
     # ditkit's own decoder (what `ditkit sample` loads: no diffusers import), bf16 weights, same latents
     mine = load_vae(str(vae_folder(bench.work)), device=bench.device, dtype=torch.bfloat16, decode_only=True)
     name = "ditkit.vae_decoder, bf16 weights (ditkit sample's)"
-    try:
-        err = rel(mine.decode(z[:8]), ref)
-        ms = bench.time_ms(lambda: mine.decode(z), warmup=1, repeats=3)
-        out[name] = {"ms_per_batch": round(ms, 1), "batch": n, "images_per_s": round(n / ms * 1e3, 1),
-                     "rel_err_vs_fp32": err, "class": type(mine.model).__name__}
-    except Exception as exc:
-        out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    out[name] = _decode_row(bench, lambda k=n: mine.decode(z[:k]), ref)
+    out[name]["class"] = type(mine.model).__name__  # DecoderKL: ditkit's, not diffusers' fallback
     print(f"vae {name}: {out[name]}", flush=True)
     bench.save()
+
+
+def _decode_row(bench: Bench, dec: Callable[..., torch.Tensor], ref: torch.Tensor) -> dict[str, Any]:
+    """ms per batch of `dec()` (all the latents) and its error on the first 8 (`dec(8)`) against `ref`."""
+    n = bench.batch
+    try:
+        err = rel(dec(8), ref)
+        ms = bench.time_ms(dec, warmup=1, repeats=3)
+        return {"ms_per_batch": round(ms, 1), "batch": n, "images_per_s": round(n / ms * 1e3, 1),
+                "rel_err_vs_fp32": err}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 # ------------------------------------------------------------------------------------------------ sampler
@@ -497,30 +498,33 @@ def section_quant_tune(bench: Bench) -> None:
     out: dict[str, Any] = {}
     bench.results["quant_tune"] = out
     saved = dict(fp8_rows.TUNING)
-    for k, gelu in ((1152, False), (4608, True)):
-        x = torch.randn(m, k, device=bench.device, dtype=torch.bfloat16)
-        block = 1 << (k - 1).bit_length()
-        for padded in (False, True):
-            for rows in (1, 2, 4, 8):
-                for warps in (4, 8, 16, 32):
-                    if rows * block > 32768 or warps * 32 > rows * block:
-                        continue
-                    fp8_rows.TUNING[(k, gelu)] = (rows, warps)
-                    ms = bench.time_ms(lambda x=x, gelu=gelu, padded=padded: fp8_rows.quantize_rows(
-                        x, gelu=gelu, padded=padded), repeats=7)
-                    out[f"K={k} gelu={gelu} {'padded ' if padded else ''}rows={rows} warps={warps}"] = {
-                        "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
-        fp8_rows.TUNING.clear()
-        if gelu:  # the GELU's tanh as exp + division (two special-function ops) instead of tanh.approx (one)
-            for rows, warps in ((1, 4), (2, 8)):
-                fp8_rows.TUNING[(k, gelu)] = (rows, warps)
-                ms = bench.time_ms(lambda x=x: fp8_rows.quantize_rows(x, gelu=True, hw_tanh=False), repeats=7)
-                out[f"K={k} gelu={gelu} exp-tanh rows={rows} warps={warps}"] = {
-                    "ms": round(ms, 3), "gb_s": round(m * k * 3 / ms / 1e6, 1)}
+
+    def entry(x: torch.Tensor, rows: int, warps: int, **kw: Any) -> dict[str, float]:
+        fp8_rows.TUNING[(x.shape[-1], kw.get("gelu", False))] = (rows, warps)
+        ms = bench.time_ms(lambda: fp8_rows.quantize_rows(x, **kw), repeats=7)
+        return {"ms": round(ms, 3), "gb_s": round(x.numel() * 3 / ms / 1e6, 1)}
+
+    try:
+        for k, gelu in ((1152, False), (4608, True)):
+            x = torch.randn(m, k, device=bench.device, dtype=torch.bfloat16)
+            block = 1 << (k - 1).bit_length()
+            for padded in (False, True):
+                for rows in (1, 2, 4, 8):
+                    for warps in (4, 8, 16, 32):
+                        if rows * block <= 32768 and warps * 32 <= rows * block:
+                            out[f"K={k} gelu={gelu} {'padded ' if padded else ''}rows={rows} warps={warps}"] = entry(
+                                x, rows, warps, gelu=gelu, padded=padded)
+            if gelu:  # the GELU's tanh as exp + division (two special-function ops) instead of tanh.approx (one)
+                for rows, warps in ((1, 4), (2, 8)):
+                    out[f"K={k} gelu={gelu} exp-tanh rows={rows} warps={warps}"] = entry(
+                        x, rows, warps, gelu=True, hw_tanh=False)
+            rows, warps = saved.get((k, gelu), (1, 4))
+            best = min((v["ms"], name) for name, v in out.items() if name.startswith(f"K={k} "))
+            print(f"quant K={k}: best {best}, default {out.get(f'K={k} gelu={gelu} rows={rows} warps={warps}')}",
+                  flush=True)
+    finally:
         fp8_rows.TUNING.clear()
         fp8_rows.TUNING.update(saved)
-        best = min((v["ms"], name) for name, v in out.items() if name.startswith(f"K={k} "))
-        print(f"quant K={k}: best {best}, default {out.get(next(iter(out)))}", flush=True)
     bench.save()
 
 
