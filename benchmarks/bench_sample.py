@@ -126,6 +126,8 @@ def _variants() -> dict[str, dict[str, Any]]:
         "fp8 tensorwise (training's kernels.fp8)": dict(fused=True, gelu=False, compile=False, fp8="tensorwise"),
         "fp8 rows (--precision fp8: row-wise scales, weights once)": dict(fused=True, gelu=True, compile=False,
                                                                          fp8="rows"),
+        "fp8 rows, fp32 residual stream (before this session)": dict(fused=True, gelu=True, compile=False,
+                                                                    fp8="rows", stream=torch.float32),
     }
 
 
@@ -164,9 +166,18 @@ def section_forward(bench: Bench) -> None:
         finally:
             kernels.use_gelu_epilogue = gelu_on
             kernels.set_fused(True)
+            _reset_stream()
             torch.cuda.empty_cache() if bench.device.type == "cuda" else None
         print(f"forward {name}: {out[name]}", flush=True)
         bench.save()
+
+
+def _reset_stream() -> None:
+    try:
+        from ditkit.models.kernels import fp8_rows
+    except ImportError:  # no Triton: no FP8 rows either
+        return
+    fp8_rows.STREAM = torch.bfloat16
 
 
 def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu_on) -> dict[str, Any]:
@@ -183,6 +194,7 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
         from ditkit.models.kernels import fp8_rows
 
         fp8_rows.prepare(model)
+        fp8_rows.STREAM = v.get("stream", torch.bfloat16)  # section_forward restores the default
     if v["compile"]:
         compile_blocks(model)
 
@@ -286,6 +298,38 @@ def section_vae(bench: Bench) -> None:
     out[name]["class"] = type(mine.model).__name__  # DecoderKL: ditkit's, not diffusers' fallback
     print(f"vae {name}: {out[name]}", flush=True)
     bench.save()
+    vae.model.to(dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+    out["interleaved"] = _interleaved_decodes(bench, {"diffusers": vae, "ditkit": mine}, z)
+    print(f"vae interleaved: {out['interleaved']}", flush=True)
+    bench.save()
+
+
+def _interleaved_decodes(bench: Bench, vaes: dict[str, Any], z: torch.Tensor) -> dict[str, Any]:
+    """The two bf16 decoders timed in alternation (A B A B …, so clocks and heat treat them alike), with cuDNN's
+    heuristic algorithm choice and then with `cudnn.benchmark` (which times the algorithms at each new shape:
+    its first call is reported apart)."""
+    result: dict[str, Any] = {}
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        mode = "cudnn.benchmark" if benchmark else "heuristic"
+        try:
+            if benchmark:
+                for name, v in vaes.items():
+                    t0 = time.monotonic()
+                    v.decode(z)
+                    bench.sync()
+                    result[f"{name} {mode} first call s"] = round(time.monotonic() - t0, 2)
+            times: dict[str, list[float]] = {name: [] for name in vaes}
+            for _ in range(4):
+                if bench.left() < bench.args.reserve_s + 10:
+                    break
+                for name, v in vaes.items():
+                    times[name].append(round(bench.time_ms(lambda v=v: v.decode(z), warmup=1, repeats=1), 1))
+            for name, ts in times.items():
+                result[f"{name} {mode} ms"] = ts
+        finally:
+            torch.backends.cudnn.benchmark = False
+    return result
 
 
 def _decode_row(bench: Bench, dec: Callable[..., torch.Tensor], ref: torch.Tensor) -> dict[str, Any]:

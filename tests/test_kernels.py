@@ -83,6 +83,11 @@ def test_fp8_row_block_follows_the_float64_model(interpreted):
     errors = interpreted["fp8_block"]
     assert errors["fused_fp32_out"] < FP32_TOL, errors  # the same model without FP8 rows: exact
     assert 1e-3 < errors["out"] < FP8_TOL, errors  # FP8 error, so the FP8 path ran
+    # The bf16 residual stream (fp8_rows.STREAM) adds bf16 roundings (2^-9 a store, 2 stores a block) to the
+    # FP8 ones. The two runs differ (a perturbation flips some e4m3 roundings, so they differ by about as much
+    # as either differs from float64), but the bf16 stream's error is within half a point of the fp32 one's.
+    assert errors["stream_gap"] > 1e-5, errors  # the setting took effect
+    assert errors["out"] < errors["out_fp32_stream"] + 5e-3, errors
 
 
 @pytest.mark.parametrize("custom_ops", [False, True])
@@ -160,3 +165,34 @@ def test_fp8_needs_a_gpu_with_fp8_units():
     # the CPU default stays fp32 and uncompiled (the reference path)
     assert _fast_path(model, argparse.Namespace(precision=None, compile=None), torch.device("cpu")) == "fp32"
     assert not hasattr(model.blocks[0], "_compiled_call_impl") or model.blocks[0]._compiled_call_impl is None
+
+
+def test_the_measured_attention_backend_is_kept_across_runs(tmp_path, monkeypatch, capsys):
+    # The probe's timings are kept in ditkit's cache, keyed by GPU, library versions and shape: a second process
+    # (here: the in-process memo cleared) reads them instead of measuring; a damaged file is measured again.
+    from ditkit.models.kernels import attention
+
+    monkeypatch.setenv("DITKIT_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_measure(*args):
+        calls.append(args)
+        return {"cudnn": 0.9, "flash": 1.4, "efficient": None}
+
+    monkeypatch.setattr(attention, "measure_backends", fake_measure)
+    monkeypatch.setattr(attention, "_CHOICE", {})
+    shape = (256, 16, 256, 72, torch.bfloat16, torch.device("cpu"), False)
+    assert attention.select_backend(*shape) == "cudnn" and len(calls) == 1
+    stored = json.loads((tmp_path / attention.CACHE_FILE).read_text())
+    assert stored == {attention.disk_key(*shape): {"cudnn": 0.9, "flash": 1.4, "efficient": None}}
+
+    monkeypatch.setattr(attention, "_CHOICE", {})
+    assert attention.select_backend(*shape) == "cudnn" and len(calls) == 1  # read back, not measured
+    assert "measured on an earlier run" in capsys.readouterr().err
+    other = (256, 16, 256, 64, torch.bfloat16, torch.device("cpu"), False)  # another head dim: its own entry
+    assert attention.select_backend(*other) == "cudnn" and len(calls) == 2
+
+    (tmp_path / attention.CACHE_FILE).write_text("{not json")
+    monkeypatch.setattr(attention, "_CHOICE", {})
+    assert attention.select_backend(*shape) == "cudnn" and len(calls) == 3
+    assert attention.disk_key(*shape) in json.loads((tmp_path / attention.CACHE_FILE).read_text())

@@ -27,6 +27,14 @@ import torch
 from ditkit.errors import UserError
 
 
+def cache_dir() -> Path:
+    """Where ditkit keeps what it computes or downloads once (released checkpoints, digit classifiers, reference
+    statistics, measured kernel choices): `$DITKIT_CACHE` if set, else `~/.cache/ditkit` (created on first
+    write, not here)."""
+    env = os.environ.get("DITKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ditkit"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write a file so that `path` is either the old complete file or the new complete one, never a part.
 

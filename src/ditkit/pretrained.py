@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ditkit.errors import UserError
-from ditkit.io import atomic_write
+from ditkit.io import atomic_write, cache_dir
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
@@ -42,11 +42,6 @@ PRETRAINED: dict[str, Pretrained] = {
     "DiT-XL-2-256x256.pt": Pretrained("DiT-XL/2", 256),
     "DiT-XL-2-512x512.pt": Pretrained("DiT-XL/2", 512),
 }
-
-
-def cache_dir() -> Path:
-    """Where released checkpoints are kept: $DITKIT_CACHE, else ~/.cache/ditkit."""
-    return Path(os.environ.get("DITKIT_CACHE") or Path.home() / ".cache" / "ditkit")
 
 
 def is_pretrained(name: str | os.PathLike) -> bool:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ditkit.data.digits import NUM_CLASSES, load_digits_split, resize_images
 from ditkit.errors import UserError
-from ditkit.metrics.cache import cache_dir
+from ditkit.io import cache_dir
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 
 VERSION = "v2"  # bump when the architecture or the training recipe changes: old cache files are then ignored

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
-from ditkit.metrics.cache import cache_dir
+from ditkit.io import cache_dir
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.metrics.inception_score import inception_score
 from ditkit.metrics.precision_recall import precision_recall

@@ -132,3 +132,15 @@ def ln_modulate_rows(
     dtype, top = fp8_rows.ACTIVATIONS, fp8_rows.E4M3_MAX
     x_new, h, s = _load()[0].forward_only(x.contiguous(), y, gate, shift, scale, eps, dtype, top)
     return x_new, fp8_rows.Rows(h, s)
+
+
+def fp8_stream(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream as the FP8 sampling path stores it, contiguous: `fp8_rows.STREAM` (bf16) under bf16
+    autocast, which `ditkit sample --precision fp8` runs in (the first block casts the embedding's fp32 tokens
+    once, the others get the stream back as they wrote it, and the final layer's linear is autocast too);
+    without autocast x keeps its dtype, as every layer after the blocks expects."""
+    from ditkit.models.kernels import fp8_rows
+
+    if torch.is_autocast_enabled(x.device.type) and out_dtype(x) == torch.bfloat16:
+        x = x.to(fp8_rows.STREAM)
+    return x.contiguous()
