@@ -126,8 +126,8 @@ def _variants() -> dict[str, dict[str, Any]]:
         "fp8 tensorwise (training's kernels.fp8)": dict(fused=True, gelu=False, compile=False, fp8="tensorwise"),
         "fp8 rows (--precision fp8: row-wise scales, weights once)": dict(fused=True, gelu=True, compile=False,
                                                                          fp8="rows"),
-        "fp8 rows, fp32 residual stream (before this session)": dict(fused=True, gelu=True, compile=False,
-                                                                    fp8="rows", stream=torch.float32),
+        "fp8 rows, bf16 residual stream (fp8_rows.STREAM)": dict(fused=True, gelu=True, compile=False,
+                                                                fp8="rows", stream=torch.bfloat16),
     }
 
 
@@ -177,7 +177,7 @@ def _reset_stream() -> None:
         from ditkit.models.kernels import fp8_rows
     except ImportError:  # no Triton: no FP8 rows either
         return
-    fp8_rows.STREAM = torch.bfloat16
+    fp8_rows.STREAM = torch.float32
 
 
 def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu_on) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
         from ditkit.models.kernels import fp8_rows
 
         fp8_rows.prepare(model)
-        fp8_rows.STREAM = v.get("stream", torch.bfloat16)  # section_forward restores the default
+        fp8_rows.STREAM = v.get("stream", torch.float32)  # section_forward restores the default
     if v["compile"]:
         compile_blocks(model)
 
@@ -217,8 +217,6 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
 def section_profile(bench: Bench) -> None:
     """CUDA kernel time of one guided forward (the sampling default, or --precision fp8's with --profile-fp8),
     by kernel, summed over the 28 blocks."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = random_model(bench)
     if bench.args.profile_fp8:
         from ditkit.models.kernels import fp8_rows
@@ -235,18 +233,24 @@ def section_profile(bench: Bench) -> None:
             model(x, t, y)
 
     ms = bench.time_ms(fwd, warmup=2, repeats=3)
+    key = "profile_fp8" if bench.args.profile_fp8 else "profile"
+    bench.results[key] = {"forward_ms": round(ms, 2), **kernel_profile(bench, fwd)}
+    for row in bench.results[key]["top"][:20]:
+        print("profile", row, flush=True)
+
+
+def kernel_profile(bench: Bench, fn: Callable[[], Any], top: int = 30) -> dict[str, Any]:
+    """One call of fn under the CUDA profiler: its kernels' total time and the `top` kernels by summed time."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fwd()
+        fn()
         bench.sync()
     kernels_ = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(getattr(e, "device_time_total", 0) for e in kernels_) / 1e3
-    top = sorted(kernels_, key=lambda e: -getattr(e, "device_time_total", 0))[:30]
-    key = "profile_fp8" if bench.args.profile_fp8 else "profile"
-    bench.results[key] = {
-        "forward_ms": round(ms, 2), "kernel_ms": round(total, 2),
-        "top": [(e.key[:120], round(e.device_time_total / 1e3, 2), e.count) for e in top]}
-    for row in bench.results[key]["top"][:20]:
-        print("profile", row, flush=True)
+    ranked = sorted(kernels_, key=lambda e: -getattr(e, "device_time_total", 0))[:top]
+    return {"kernel_ms": round(total, 2),
+            "top": [(e.key[:160], round(e.device_time_total / 1e3, 2), e.count) for e in ranked]}
 
 
 # ------------------------------------------------------------------------------------------------ vae
@@ -302,6 +306,11 @@ def section_vae(bench: Bench) -> None:
     out["interleaved"] = _interleaved_decodes(bench, {"diffusers": vae, "ditkit": mine}, z)
     print(f"vae interleaved: {out['interleaved']}", flush=True)
     bench.save()
+    for name, v in {"diffusers": vae, "ditkit": mine}.items():  # the same arithmetic, 20% apart: which kernels?
+        out[f"profile {name}"] = kernel_profile(bench, lambda v=v: v.decode(z), top=25)
+        for row in out[f"profile {name}"]["top"]:
+            print(f"vae profile {name}", row, flush=True)
+    bench.save()
 
 
 def _interleaved_decodes(bench: Bench, vaes: dict[str, Any], z: torch.Tensor) -> dict[str, Any]:
@@ -355,6 +364,10 @@ def section_sampler(bench: Bench) -> None:
     out: dict[str, Any] = {}
     bench.results["sampler"] = out
     model = random_model(bench)
+    if bench.args.profile_fp8:
+        from ditkit.models.kernels import fp8_rows
+
+        fp8_rows.prepare(model)
     g = bench.image // 8
     gen = torch.Generator(device=bench.device).manual_seed(4)
     noise = torch.randn(bench.batch, 4, g, g, device=bench.device, generator=gen)
@@ -373,10 +386,17 @@ def section_sampler(bench: Bench) -> None:
             with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):
                 den(noise, torch.full((bench.batch,), 500, device=bench.device), y)
 
+        def sustained(steps=steps) -> None:  # the forwards alone, back to back as in the loop (clocks, heat)
+            for _ in range(steps):
+                fwd()
+
         loop = bench.time_ms(run, warmup=1, repeats=3)
         one = bench.time_ms(fwd, warmup=1, repeats=5)
+        back_to_back = bench.time_ms(sustained, warmup=0, repeats=3) / steps
         out[f"{sampler} {steps}"] = {"loop_ms": round(loop, 1), "forward_ms": round(one, 2),
-                                     "overhead_ms_per_step": round(loop / steps - one, 2)}
+                                     "sustained_forward_ms": round(back_to_back, 2),
+                                     "overhead_ms_per_step": round(loop / steps - back_to_back, 2),
+                                     "fp8": bool(bench.args.profile_fp8)}
         print(f"sampler {sampler}: {out[f'{sampler} {steps}']}", flush=True)
         bench.save()
 
@@ -615,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--cli-jobs", nargs="+", default=["dpm-solver", "ddpm"],
                    help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG[=VALUE] (e.g. ddpm+precision=fp8)")
-    p.add_argument("--profile-fp8", action="store_true", help="profile section: the --precision fp8 forward")
+    p.add_argument("--profile-fp8", action="store_true",
+                   help="profile and sampler sections: the --precision fp8 forward")
     p.add_argument("--variants", nargs="+", default=None,
                    help="forward section: only the variants whose names start with these (default: all)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")

@@ -255,8 +255,8 @@ class SampleJob(Job):
                 str(self.num_samples), "--batch-size", str(self.batch_size), "--sampler", "ddim", "--num-steps",
                 str(self.steps), "--device", "cpu", "--out", str(work), "--no-progress"]
 
-    def temporaries(self, work: Path) -> set[str]:
-        return _names(work / "shards", lambda n: n.endswith(".tmp"))
+    def temporaries(self, work: Path) -> set[str]:  # the shards' and the final file's (written as it goes)
+        return _names(work / "shards", lambda n: n.endswith(".tmp")) | _names(work, lambda n: n.endswith(".tmp"))
 
     def progress(self, work: Path) -> int:
         return len(self.finished(work))

@@ -43,29 +43,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     and the old file stays. A full disk becomes a one-line UserError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temporary(path)
+    tmp = new_temporary(path)
     try:
         write(tmp)
-        os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) leave it 0600
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except Exception as err:
-        full = disk_full(err, path.parent)  # before the temp file is removed and its space freed
-        _remove_quietly(tmp)
-        if full:
-            msg = f"disk full while writing {path}; the previous file is intact; free space and retry"
-            raise UserError(msg) from None
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
+        commit_temporary(tmp, path)
+    except BaseException as err:
+        discard_temporary(tmp, path, err)
         raise
 
 
-def _new_temporary(path: Path) -> str:
-    """An empty new file `.NAME.PID.RANDOM.tmp` next to `path`, made with the process's umask (mkstemp's is
-    0600). The pid lets a later run tell a killed writer's leftover from a running writer's file."""
+def commit_temporary(tmp: str, path: Path) -> None:
+    """Put a fully written temporary (`new_temporary`) in place: synced to disk, renamed over `path`, and the
+    folder entry synced. For writers that cannot hand `atomic_write` one callback (a file written in parts)."""
+    os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) leave it 0600
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def discard_temporary(tmp: str, path: Path, err: BaseException | None = None) -> None:
+    """Remove the temporary of a failed write; when `err` came from a full disk, raise that as a one-line
+    UserError instead (the caller re-raises any other error itself)."""
+    full = isinstance(err, Exception) and disk_full(err, path.parent)  # before its space is freed
+    _remove_quietly(tmp)
+    if full:
+        raise UserError(f"disk full while writing {path}; the previous file is intact; free space and retry") from None
+
+
+def new_temporary(path: Path) -> str:
+    """An empty new file `.NAME.PID.RANDOM.tmp` next to `path` (its folder made if needed), made with the
+    process's umask (mkstemp's is 0600). The pid lets a later run tell a killed writer's leftover from a running
+    writer's file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:

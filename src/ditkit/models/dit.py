@@ -161,7 +161,7 @@ class DiTBlock(nn.Module):
     def _forward_fp8(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The fused block with the four linears as FP8 GEMMs: the LayerNorm kernels hand qkv and fc1 FP8 rows."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = kernels.fp8_stream(x)  # bf16 storage between blocks on this path (fp8_rows.STREAM)
+        x = kernels.fp8_stream(x)  # the stream's storage dtype on this path (fp8_rows.STREAM)
         x, h = kernels.ln_modulate_rows(x, None, None, shift_msa, scale_msa, LN_EPS)
         x, h = kernels.ln_modulate_rows(x, self.attn.forward_fp8(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
         return kernels.gated_residual(x, self.mlp.forward_fp8(h), gate_mlp)

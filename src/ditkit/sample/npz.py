@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
-from ditkit.io import atomic_write
+from ditkit.io import atomic_write, commit_temporary, discard_temporary, new_temporary
 from ditkit.sample.pipeline import Sampler
 
 
@@ -47,21 +48,90 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)  # the ADM layout is RGB
-    _write_npz(path, arr_0=images, arr_1=labels)
+def _rgb(images: np.ndarray) -> np.ndarray:
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images  # the ADM layout is RGB
+
+
+class FinalNpz:
+    """OUT/samples_{N}x{H}x{W}x{C}.npz written shard by shard, in np.savez's layout (uncompressed zip64 members
+    arr_0.npy, arr_1.npy), so that memory holds one shard, not all N images (50,000 at 256 px are 9.8 GB);
+    the file appears complete or not at all (a temporary, renamed by `close`). One thread calls its methods."""
+
+    def __init__(self, out: Path, count: int):
+        self.out, self.count = out, count
+        self.labels: list[np.ndarray] = []
+        self.path: Path | None = None
+        self.tmp: str | None = None
+        self.written = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Append the next shard's uint8 images N×H×W×C and labels."""
+        if self.tmp is None:
+            self._open(images.shape[1:])
+        self.member.write(np.ascontiguousarray(images, dtype=np.uint8).data)
+        self.written += len(images)
+        self.labels.append(labels)
+
+    def _open(self, image_shape: tuple[int, ...]) -> None:
+        self.path = self.out / f"samples_{self.count}x{'x'.join(map(str, image_shape))}.npz"
+        self.tmp = new_temporary(self.path)
+        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.member = self.zip.open("arr_0.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (self.count, *image_shape)}
+        np.lib.format.write_array_header_1_0(self.member, header)
+
+    def close(self) -> Path:
+        """Write the labels, check the count, put the file in place; returns its path."""
+        try:
+            if self.written != self.count:
+                raise RuntimeError(f"{self.written} of {self.count} images reached the final .npz")
+            self.member.close()
+            with self.zip.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.concatenate(self.labels), allow_pickle=False)
+            self.zip.close()
+            commit_temporary(self.tmp, self.path)
+        except BaseException as err:
+            self.discard(err)
+            raise
+        return self.path
+
+    def discard(self, err: BaseException | None = None) -> None:
+        """Remove the unfinished file (a full disk, named in `err`, becomes a one-line UserError)."""
+        if self.tmp is None:
+            return
+        tmp, self.tmp = self.tmp, None
+        try:
+            self.member.close()
+            self.zip.close()
+        except (OSError, ValueError):  # the write that failed may fail again here; the file goes anyway
+            pass
+        discard_temporary(tmp, self.path, err)
+
+
+def _store(path: Path, images: np.ndarray | None, labels: np.ndarray | None, final: FinalNpz | None) -> None:
+    """Write a new shard (images given) for resuming, or read a finished one back; then append it to `final`."""
+    if images is not None:
+        images = _rgb(images)
+        _write_npz(path, arr_0=images, arr_1=labels)
+    elif final is not None:
+        with np.load(path) as f:
+            images, labels = f["arr_0"], f["arr_1"]
+    if final is not None:
+        final.add(images, labels)
 
 
 def sample_npz(
     sampler: Sampler, num_samples: int, batch_size: int, seed: int, out: Path, rank: int = 0, world_size: int = 1
 ) -> Path | None:
     """Write this rank's missing shards (shard k goes to rank k mod world_size), then, on rank 0 after all
-    ranks finish, OUT/samples_{N}x{H}x{W}x3.npz with uint8 `arr_0` (N×H×W×3) and labels `arr_1`."""
+    ranks finish, OUT/samples_{N}x{H}x{W}x3.npz with uint8 `arr_0` (N×H×W×3) and labels `arr_1`.
+
+    One process writes the final file as it goes (each shard appended after its own file is written), so it is
+    complete moments after the last shard; with several, rank 0 assembles it from the shard files at the end."""
     from ditkit import distributed
 
     num_shards = math.ceil(num_samples / batch_size)
-    num_classes = sampler.model.config.num_classes
     _check_settings(out, {**sampler.settings(), "seed": seed, "batch_size": batch_size}, write=rank == 0)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not _shard_done(shard_path(out, k), _shard_size(k, num_samples, batch_size))]
@@ -75,39 +145,68 @@ def sample_npz(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="shards", unit="shard")
-    # One writer thread: shard k is written to disk while the GPU samples shard k+1 (at most one pending write,
-    # so host memory holds two shards at most; a write error surfaces at the next shard or at the end).
+    final = FinalNpz(out, num_samples) if world_size == 1 else None
+    # One writer thread: shard k is written to disk (and appended to the final file) while the GPU samples
+    # shard k+1; at most one write is pending, so host memory holds two shards at most, and a write error
+    # surfaces at the next shard or at the end. It alone touches `final`.
     with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for k in todo:
-            size = _shard_size(k, num_samples, batch_size)
-            labels = shard_labels(seed, k, size, num_classes)
-            generator = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + k)
-            images = sampler.images(labels, generator).numpy()
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(_write_shard, shard_path(out, k), images, labels.numpy())
-            if bar is not None:
-                bar.update(1)
-        if pending is not None:
-            pending.result()
+        try:
+            path = _sample_shards(sampler, seed, out, num_samples, batch_size, mine if final else todo,
+                                  set(todo), writer, final, bar)
+        except BaseException as err:
+            if final is not None:  # after the pending write; a full disk becomes its one-line error here
+                writer.submit(final.discard, err).result()
+            raise
     if bar is not None:
         bar.close()
+    if final is not None:
+        return path
     distributed.barrier()
     if rank != 0:
         return None
-    for tmp in (out / "shards").glob(".shard_*.tmp"):  # left by killed runs; every rank's writes are over now
-        tmp.unlink(missing_ok=True)
-    arrays, labels = [], []
-    for k in range(num_shards):
-        with np.load(shard_path(out, k)) as f:
-            arrays.append(f["arr_0"])
-            labels.append(f["arr_1"])
-    images = np.concatenate(arrays)[:num_samples]
-    n, h, w, c = images.shape
-    final = out / f"samples_{n}x{h}x{w}x{c}.npz"
-    _write_npz(final, arr_0=images, arr_1=np.concatenate(labels)[:num_samples])
-    return final
+    _remove_leftovers(out)  # every rank's writes are over now
+    final = FinalNpz(out, num_samples)
+    try:
+        for k in range(num_shards):
+            _store(shard_path(out, k), None, None, final)
+    except BaseException as err:
+        final.discard(err)
+        raise
+    return final.close()
+
+
+def _sample_shards(sampler: Sampler, seed: int, out: Path, num_samples: int, batch_size: int, shards: list[int],
+                   todo: set[int], writer: ThreadPoolExecutor, final: FinalNpz | None, bar: Any) -> Path | None:
+    """Sample the `todo` shards among `shards` (in order), handing each to the writer; a finished shard is read
+    back into `final` in its turn. Returns the final file's path when `final` is written here."""
+    num_classes = sampler.model.config.num_classes
+    pending = None
+    for k in shards:
+        images = labels = None
+        if k in todo:
+            size = _shard_size(k, num_samples, batch_size)
+            labels = shard_labels(seed, k, size, num_classes)
+            generator = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + k)
+            images, labels = sampler.images(labels, generator).numpy(), labels.numpy()
+        if pending is not None:
+            pending.result()
+        pending = writer.submit(_store, shard_path(out, k), images, labels, final)
+        if bar is not None and k in todo:
+            bar.update(1)
+    if pending is not None:
+        pending.result()
+    if final is None:
+        return None
+    _remove_leftovers(out, keep=final.tmp)  # this process wrote all the shards
+    return writer.submit(final.close).result()
+
+
+def _remove_leftovers(out: Path, keep: str | None = None) -> None:
+    """Remove the temporaries of killed runs (their shards' and their final files', which grow with the run) but
+    `keep`, this run's own final file; call when no other writer of this run is active (`--out` is locked)."""
+    for tmp in [*(out / "shards").glob(".shard_*.tmp"), *out.glob(".samples_*.tmp")]:
+        if str(tmp) != keep:
+            tmp.unlink(missing_ok=True)
 
 
 def _check_settings(out: Path, settings: dict[str, Any], write: bool) -> None:

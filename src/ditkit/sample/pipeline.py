@@ -138,8 +138,11 @@ class Sampler:
             bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low and not bf16_weights):
                 x = self.vae.decode(x).float()
-        # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated.
-        return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+        # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated. To uint8 and NHWC on the
+        # device, then one copy of the bytes: `.to("cpu", dtype=uint8)` of the float tensor copied 4× the bytes
+        # and converted on the host, 0.19 s a shard of 256 at 256 px while the GPU waited (H200, RESULTS.md).
+        pixels = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous().cpu()
 
 
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits

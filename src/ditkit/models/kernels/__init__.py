@@ -135,10 +135,10 @@ def ln_modulate_rows(
 
 
 def fp8_stream(x: torch.Tensor) -> torch.Tensor:
-    """The residual stream as the FP8 sampling path stores it, contiguous: `fp8_rows.STREAM` (bf16) under bf16
-    autocast, which `ditkit sample --precision fp8` runs in (the first block casts the embedding's fp32 tokens
-    once, the others get the stream back as they wrote it, and the final layer's linear is autocast too);
-    without autocast x keeps its dtype, as every layer after the blocks expects."""
+    """The residual stream as the FP8 sampling path stores it, contiguous: in `fp8_rows.STREAM` under bf16
+    autocast, which `ditkit sample --precision fp8` runs in (with a bf16 STREAM the first block casts the
+    embedding's fp32 tokens once, the others get the stream back as they wrote it, and the final layer's linear
+    is autocast too); without autocast x keeps its dtype, as every layer after the blocks expects."""
     from ditkit.models.kernels import fp8_rows
 
     if torch.is_autocast_enabled(x.device.type) and out_dtype(x) == torch.bfloat16:
