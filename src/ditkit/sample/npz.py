@@ -202,9 +202,10 @@ def _sample_shards(sampler: Sampler, seed: int, out: Path, num_samples: int, bat
 
 
 def _remove_leftovers(out: Path, keep: str | None = None) -> None:
-    """Remove the temporaries of killed runs (their shards' and their final files', which grow with the run) but
-    `keep`, this run's own final file; call when no other writer of this run is active (`--out` is locked)."""
-    for tmp in [*(out / "shards").glob(".shard_*.tmp"), *out.glob(".samples_*.tmp")]:
+    """Remove the temporaries of killed runs (`io.new_temporary`'s: shards', settings', and final files', which
+    grow with the run) but `keep`, this run's own final file; call when no other writer of this run is active
+    (`--out` is locked)."""
+    for tmp in [*(out / "shards").glob(".*.tmp"), *out.glob(".*.tmp")]:
         if str(tmp) != keep:
             tmp.unlink(missing_ok=True)
 
