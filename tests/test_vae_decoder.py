@@ -75,3 +75,21 @@ def test_decode_only_vae_through_the_wrapper_scales_and_refuses_to_encode(tmp_pa
     assert torch.allclose(ours.decode(z), full.decode(z), atol=1e-5)
     with pytest.raises(UserError, match="decoding only"):
         ours.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_every_decoder_layer_runs_on_contiguous_maps(tmp_path):
+    # The mid block's attention ends in a channels-last view; kept, every later layer ran channels-last, 19%
+    # slower on an H200 (benchmarks/RESULTS.md). Every 4-d output must be plainly contiguous.
+    tiny_vae(seed=3).save_pretrained(tmp_path / "vae")
+    ours = load_decoder(tmp_path / "vae")
+    layouts = []
+
+    def record(module, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            layouts.append((type(module).__name__, output.is_contiguous()))
+
+    for module in ours.modules():
+        module.register_forward_hook(record)
+    with torch.no_grad():
+        ours.decode(torch.randn(2, 4, 8, 8))
+    assert len(layouts) > 20 and all(ok for _, ok in layouts), [name for name, ok in layouts if not ok]
