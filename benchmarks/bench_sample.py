@@ -465,7 +465,8 @@ def child(argv: list[str], out: str) -> int:
     npz.sample_npz = _timed(events, "sample_npz total", npz.sample_npz)
     import ditkit.models.dit as dit
 
-    dit.select_backend = _timed(events, "attention probe", dit.select_backend, sync=True)
+    # the first call measures (or reads the cache); timing every call would add a host sync to every step
+    dit.select_backend = _first_calls_timed(events, "attention probe", dit.select_backend, calls=1)
     dit.DiT.forward = _first_calls_timed(events, "network evaluation", dit.DiT.forward, calls=3)
     import ditkit.sample.cli as scli
 
