@@ -74,12 +74,17 @@ class FinalNpz:
 
     def _open(self, image_shape: tuple[int, ...]) -> None:
         self.path = self.out / f"samples_{self.count}x{'x'.join(map(str, image_shape))}.npz"
-        self.tmp = new_temporary(self.path)
-        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
-        self.member = self.zip.open("arr_0.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": (self.count, *image_shape)}
-        np.lib.format.write_array_header_1_0(self.member, header)
+        tmp = new_temporary(self.path)
+        try:
+            self.zip = zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+            self.member = self.zip.open("arr_0.npy", "w", force_zip64=True)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (self.count, *image_shape)}
+            np.lib.format.write_array_header_1_0(self.member, header)
+        except BaseException as err:
+            discard_temporary(tmp, self.path, err)
+            raise
+        self.tmp = tmp  # from here on `discard` closes and removes it
 
     def close(self) -> Path:
         """Write the labels, check the count, put the file in place; returns its path."""
