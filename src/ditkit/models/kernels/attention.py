@@ -7,7 +7,7 @@ times the usable backends on a small batch (forward+backward, after a warm-up), 
 backend, keeps the fastest, and says so once on stderr. A backend that raises or disagrees is skipped. The DiT
 runs this eagerly before its (compiled) blocks and stores the answer on each attention module. The answer is
 kept in ditkit's cache (`attention-backends.json`, keyed by GPU name, torch and cuDNN versions and the shape), so
-only a machine's first run pays for the probe (0.25–0.8 s of `ditkit sample`'s start on an H200); delete the
+only a machine's first run pays for the probe (0.25–1.0 s of `ditkit sample`'s start on an H200); delete the
 file to measure again.
 """
 
