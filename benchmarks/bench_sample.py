@@ -73,9 +73,10 @@ class Bench(BenchBase):
         return sorted(times)[len(times) // 2]
 
 
-def random_model(bench: Bench) -> torch.nn.Module:
+def random_model(bench: Bench, fp8: bool = False) -> torch.nn.Module:
     """The model with every weight random (the official init zeroes the adaLN and output layers, which would
-    make every block the identity and hide wrong kernels)."""
+    make every block the identity and hide wrong kernels); with `fp8`, its block linears prepared as
+    `--precision fp8` prepares them."""
     with torch.device(bench.device):
         model = create_model(bench.name, input_size=bench.image // 8, num_classes=1000)
     gen = torch.Generator(device=bench.device).manual_seed(0)
@@ -83,6 +84,10 @@ def random_model(bench: Bench) -> torch.nn.Module:
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.02, generator=gen)
+    if fp8:
+        from ditkit.models.kernels import fp8_rows
+
+        fp8_rows.prepare(model)
     return model.eval()
 
 
@@ -217,11 +222,7 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
 def section_profile(bench: Bench) -> None:
     """CUDA kernel time of one guided forward (the sampling default, or --precision fp8's with --profile-fp8),
     by kernel, summed over the 28 blocks."""
-    model = random_model(bench)
-    if bench.args.profile_fp8:
-        from ditkit.models.kernels import fp8_rows
-
-        fp8_rows.prepare(model)
+    model = random_model(bench, fp8=bench.args.profile_fp8)
     rows, g = 2 * bench.batch, bench.image // 8
     gen = torch.Generator(device=bench.device).manual_seed(6)
     x = torch.randn(rows, 4, g, g, device=bench.device, generator=gen)
@@ -363,11 +364,7 @@ def section_sampler(bench: Bench) -> None:
 
     out: dict[str, Any] = {}
     bench.results["sampler"] = out
-    model = random_model(bench)
-    if bench.args.profile_fp8:
-        from ditkit.models.kernels import fp8_rows
-
-        fp8_rows.prepare(model)
+    model = random_model(bench, fp8=bench.args.profile_fp8)
     g = bench.image // 8
     gen = torch.Generator(device=bench.device).manual_seed(4)
     noise = torch.randn(bench.batch, 4, g, g, device=bench.device, generator=gen)

@@ -40,15 +40,17 @@ def cfg_halves(out: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
     return torch.cat([torch.cat([half_eps, half_eps], dim=0), out[:, channels:]], dim=1)
 
 
-def _guided_rows(out: torch.Tensor, active: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
-    """The N guided rows of a forward over [cond; uncond] (2N rows): `cfg_mix` on the first `channels`
-    channels, with scale 1 where `active` is False, and the conditional half's other channels. The scale is a
-    where() over Python numbers: a tensor made from `scale` would be a copy from host memory, which makes the
-    host wait for the GPU at every step."""
+def _guided_rows(out: torch.Tensor, active: torch.Tensor, scale: float, channels: int | str,
+                 in_channels: int) -> torch.Tensor:
+    """The N guided rows of a forward over [cond; uncond] (2N rows): `cfg_mix` on the first `channels` channels
+    ("all" = the input's `in_channels`), with scale 1 where `active` is False, and the conditional half's other
+    channels. The scale is a where() over Python numbers: a tensor made from `scale` would be a copy from host
+    memory, which makes the host wait for the GPU at every step."""
     n = len(active)
+    c = in_channels if channels == "all" else min(int(channels), in_channels)
     cond, uncond = out[:n], out[n:]
     s = torch.where(active, scale, 1.0).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
-    return torch.cat([cfg_mix(cond, uncond, s, channels), cond[:, channels:]], dim=1)
+    return torch.cat([cfg_mix(cond, uncond, s, c), cond[:, c:]], dim=1)
 
 
 def _doubled(value: object, n: int) -> object:
@@ -93,7 +95,7 @@ def guided(
         out = model(
             torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **{k: _doubled(v, n) for k, v in kwargs.items()}
         )
-        return _guided_rows(out, active, scale, x.shape[1] if channels == "all" else min(int(channels), x.shape[1]))
+        return _guided_rows(out, active, scale, channels, x.shape[1])
 
     guided_model.scale = scale  # type: ignore[attr-defined]
     return guided_model
@@ -151,7 +153,7 @@ def guided_captions(
         uncond_y, uncond_mask = _padded(uncond_y.to(y.dtype), uncond_mask, length)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, uncond_y]),
                     mask=torch.cat([mask, uncond_mask]), **kwargs)
-        return _guided_rows(out, active, scale, x.shape[1] if channels == "all" else min(int(channels), x.shape[1]))
+        return _guided_rows(out, active, scale, channels, x.shape[1])
 
     guided_model.scale = scale  # type: ignore[attr-defined]
     return guided_model

@@ -140,11 +140,10 @@ def _read_cache() -> dict[str, Any]:
 
 
 def _write_cache(name: str, times: dict[str, float | None]) -> None:
-    path = cache_dir() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**_read_cache(), name: times}
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)))
+    data = {**_read_cache(), name: times}  # read again: another process may have added its shapes meanwhile
+    text = json.dumps(data, indent=1, sort_keys=True)
+    try:  # atomic_write makes the cache folder if needed
+        atomic_write(cache_dir() / CACHE_FILE, lambda tmp: Path(tmp).write_text(text))
     except OSError:  # a read-only or full home: the choice still holds for this process
         pass
 
