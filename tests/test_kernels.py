@@ -196,3 +196,12 @@ def test_the_measured_attention_backend_is_kept_across_runs(tmp_path, monkeypatc
     monkeypatch.setattr(attention, "_CHOICE", {})
     assert attention.select_backend(*shape) == "cudnn" and len(calls) == 3
     assert attention.disk_key(*shape) in json.loads((tmp_path / attention.CACHE_FILE).read_text())
+
+    from ditkit.errors import UserError
+
+    def disk_full(path, write):  # atomic_write's report of a full disk
+        raise UserError(f"disk full while writing {path}")
+
+    monkeypatch.setattr(attention, "atomic_write", disk_full)
+    monkeypatch.setattr(attention, "_CHOICE", {})
+    assert attention.select_backend(*other) == "cudnn"  # still chosen; only the cache entry is not written

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ditkit.errors import UserError
 from ditkit.io import atomic_write, cache_dir
 
 _CHOICE: dict[tuple, str] = {}
@@ -144,8 +145,8 @@ def _write_cache(name: str, times: dict[str, float | None]) -> None:
     text = json.dumps(data, indent=1, sort_keys=True)
     try:  # atomic_write makes the cache folder if needed
         atomic_write(cache_dir() / CACHE_FILE, lambda tmp: Path(tmp).write_text(text))
-    except OSError:  # a read-only or full home: the choice still holds for this process
-        pass
+    except (OSError, UserError):  # a read-only or full home (atomic_write names a full disk as a UserError):
+        pass  # the choice still holds for this process
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "default") -> torch.Tensor:
