@@ -19,11 +19,12 @@ import torch
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, commit_temporary, discard_temporary, new_temporary
 from ditkit.sample.pipeline import Sampler
+from ditkit.seeding import generator
 
 
 def shard_labels(seed: int, shard: int, size: int, num_classes: int) -> torch.Tensor:
     """A shard's labels, uniform over the classes, fixed by (seed, shard) alone."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+    g = generator(seed, shard)
     return torch.randint(0, num_classes, (size,), generator=g)
 
 
@@ -191,8 +192,8 @@ def _sample_shards(sampler: Sampler, seed: int, out: Path, num_samples: int, bat
         if k in todo:
             size = _shard_size(k, num_samples, batch_size)
             labels = shard_labels(seed, k, size, num_classes)
-            generator = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + k)
-            images, labels = sampler.images(labels, generator).numpy(), labels.numpy()
+            gen = generator(seed, k, sampler.device)
+            images, labels = sampler.images(labels, gen).numpy(), labels.numpy()
         if pending is not None:
             pending.result()
         pending = writer.submit(_store, shard_path(out, k), images, labels, final)

@@ -18,6 +18,7 @@ from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
 from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
+from ditkit.seeding import MAX_SEED
 
 DEFAULT_STEPS = SAMPLERS["diffusion"]
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -145,7 +146,6 @@ class Sampler:
         return pixels.permute(0, 2, 3, 1).contiguous().cpu()
 
 
-MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ from ditkit.models.dit import DiT
 from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.objectives import objective_for
 from ditkit.recipe import Conditioning, Recipe
+from ditkit.seeding import generator as seeded
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -416,7 +417,7 @@ class Run:
             # Each DataLoader iterator draws its workers' base seed from this generator, not from the global RNG:
             # a resumed run starts one more iterator than an uninterrupted one, which would otherwise leave a
             # different global RNG state in its checkpoints (and give its workers other seeds).
-            generator=torch.Generator().manual_seed(opts.global_seed * 1_000_003 + epoch),
+            generator=seeded(opts.global_seed, epoch),
         )
         with stop_signals_held():  # workers start here; held until they ignore the stop signals
             return iter(loader)

@@ -11,9 +11,9 @@ from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
 from ditkit.recipe import DiffusionProcess, FlowProcess
+from ditkit.seeding import MAX_SEED
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
-MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
 

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
+from ditkit.seeding import generator
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+    return generator(seed, step + 1, device)
 
 
 @torch.no_grad()
