@@ -22,7 +22,7 @@ import torch
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
-from ditkit.objectives import sampler_names
+from ditkit.objectives import OBJECTIVES, sampler_help, sampler_names
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.pipeline import load_for_sampling
@@ -64,12 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data)",
     )
     parser.add_argument("--sampler", choices=list(sampler_names()), default=None,
-                        help="default: the checkpoint's process's first: ddpm (diffusion), dopri5 (flow)")
-    parser.add_argument("--num-steps", type=int, help="sampling steps (default: ddpm 250, ddim 50, dpm-solver 20; "
-                        "flow: euler 50, heun 25, sde-euler/sde-heun 250; dopri5 is adaptive)")
+                        help="default: the first of the checkpoint's objective: " + ", ".join(
+                            f"{next(iter(e.samplers()))} ({e.name})" for e in OBJECTIVES.values()))
+    parser.add_argument("--num-steps", type=int, help=f"sampling steps (default: {sampler_help()}; "
+                        "dopri5 is adaptive)")
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise)")
-    parser.add_argument("--objective", choices=["diffusion", "flow"], default=None,
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default=None,
                         help="the process of a checkpoint that records none (default: flow/velocity for files "
                         "named SiT-*, else diffusion); a checkpoint's own recipe cannot be overridden")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")

@@ -7,6 +7,7 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any
 import torch
 
 from ditkit.diffusion.guidance import guided, guided_captions
+from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
-from ditkit.objectives import SAMPLERS, Objective, objective_for
+from ditkit.objectives import Objective, objective_for
 from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
 from ditkit.seeding import MAX_SEED
 
-DEFAULT_STEPS = SAMPLERS["diffusion"]
+DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
 TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
@@ -53,8 +55,9 @@ class Sampler:
                 shift=float(getattr(self.vae, "shift", 0.0)), downsample=int(getattr(self.vae, "downsample", 8)))
             self.recipe = infer_recipe(self.model.config, latents)
 
-    @property
+    @functools.cached_property
     def objective(self) -> Objective:
+        """The recipe's objective, built once per pipeline (its process tables are built with it)."""
         return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -30,7 +30,7 @@ from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.kernels.fp8 import enable_fp8
-from ditkit.objectives import objective_for
+from ditkit.objectives import entry_for, objective_for
 from ditkit.recipe import Conditioning, Recipe
 from ditkit.seeding import generator as seeded
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
@@ -618,8 +618,8 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
         from ditkit.autoencoder import load_vae
 
         vae = load_vae(recipe.latents.vae, device=device)
-    # 20 model evaluations either way: DPM-Solver++ 20 steps for diffusion, Heun 10 steps for flow.
-    sampler, steps = ("dpm-solver", 20) if recipe.process.kind == "diffusion" else ("heun", 10)
+    # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, ...).
+    sampler, steps = entry_for(recipe.process.kind).preview
     return Sampler(model=ema, vae=vae, sampler=sampler, num_steps=steps,
                    cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
                    precision="bf16" if precision == "fp8" else precision,  # the EMA copy has no FP8 linears
