@@ -373,12 +373,3 @@ class DiT(TokenGrid, nn.Module):
             raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
         half = x[: len(x) // 2]
         return cfg_halves(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale, guide_channels)
-
-
-def create_model(name: str, **overrides: Any) -> DiT:
-    """Build a paper model by its exact name, e.g. `create_model("DiT-XL/2", input_size=32, num_classes=1000)`.
-
-    Overrides: input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, mlp_ratio,
-    conditioning ("adaln-zero" | "adaln" | "cross-attention" | "in-context").
-    """
-    return DiT(DiTConfig.from_name(name, **overrides))

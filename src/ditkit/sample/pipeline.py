@@ -19,7 +19,7 @@ from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
 from ditkit.objectives import Objective, objective_for
-from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
+from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
 from ditkit.seeding import MAX_SEED
 
 DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
@@ -207,7 +207,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         "num_classes": args.num_classes or (released.num_classes if released else None),
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
-    vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
+    vae_name = args.vae or (SD_VAE if released else None)
     low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
     vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))

@@ -77,8 +77,8 @@ class TrainStep:
 
     `model` is the module whose parameters AdamW updates (plain, or FSDP-sharded in place); `forward` is what
     runs the batch (the DDP wrapper, or `model` itself); `loss` is the objective's training loss (an
-    `Objective.training`: `num_timesteps` and `training_losses`, whatever the objective). Rank `rank` of `world` holds rows
-    [rank·local, (rank+1)·local) of the global batch; with `accum` micro-steps its micro-batch k is rows
+    `Objective.training`: `num_timesteps` and `training_losses`, whatever the objective). Rank `rank` of `world`
+    holds rows [rank·local, (rank+1)·local) of the global batch; with `accum` micro-steps its micro-batch k is rows
     [rank·local + k·micro, ... + micro). Each micro loss is scaled by 1/accum, so after the gradient average over
     ranks (DDP / FSDP reduce-scatter) the accumulated gradient is the mean over the whole global batch; gradient
     sync runs on the last micro-step only.
