@@ -22,6 +22,7 @@ import torch
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
+from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, sampler_help, sampler_names
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="samples per shard and process (default 32)")
     parser.add_argument(
-        "--precision", choices=["fp32", "tf32", "bf16", "fp8"], default=None,
+        "--precision", choices=PRECISIONS, default=None,
         help="default: bf16 on a GPU, fp32 on a CPU (fp32/tf32 for bit-level comparisons; fp8: FP8 block matmuls)",
     )
     parser.add_argument(

@@ -7,6 +7,7 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
+from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import Objective, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
 from ditkit.seeding import MAX_SEED
@@ -119,9 +121,8 @@ class Sampler:
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
-        low = self.precision in ("bf16", "fp8")  # fp8: the FP8 block linears run inside bf16 autocast
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low)
-        with autocast:
+        precision = Precision(self.precision, self.device.type)
+        with precision.autocast():  # fp8: the FP8 block linears inside bf16 autocast
             x = self.objective.sample(
                 self.denoiser(),
                 noise,
@@ -140,7 +141,7 @@ class Sampler:
             # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
             # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
             bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low and not bf16_weights):
+            with precision.autocast() if not bf16_weights else contextlib.nullcontext():
                 x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated. To uint8 and NHWC on the
         # device, then one copy of the bytes: `.to("cpu", dtype=uint8)` of the float tensor copied 4× the bytes
@@ -208,8 +209,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
     vae_name = args.vae or (SD_VAE if released else None)
-    low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
-    vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
+    vae_dtype = Precision.resolve(getattr(args, "precision", None), device).inference_dtype
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
@@ -266,26 +266,14 @@ def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Reci
     return recipe.replace(process=PROCESSES[objective]())
 
 
-def _precision(args: argparse.Namespace, device: torch.device) -> str:
-    return getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
-
-
 def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> str:
     """Move the model to `device` and apply the precision and compile settings (GPU default: bf16, eager fused
     kernels); returns the precision."""
-    precision = _precision(args, device)
-    if precision in ("tf32", "bf16", "fp8"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = Precision.resolve(getattr(args, "precision", None), device)
+    precision.set_tf32()
     model.to(device)
-    if precision == "fp8":
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-            raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
-        from ditkit.models.kernels import fp8_rows
-
-        # Row-wise FP8 (scales made inside the LayerNorm kernels, weights quantised once): the tensorwise path
-        # that training uses quantised every operand on every call and was 2× slower here (RESULTS.md, issue 13).
-        fp8_rows.prepare(model)
+    if precision.fp8:
+        prepare_fp8(model, training=False)
     # Not compiled unless asked: on an H200 the eager fused path (Triton LayerNorm/modulate/residual kernels,
     # fc1's GELU in the GEMM epilogue, the measured attention) took 241 ms per guided DiT-XL/2 step of 256
     # against 254 ms compiled, and a cold compile costs tens of seconds (benchmarks/RESULTS.md, issue 13).
@@ -293,7 +281,7 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
         from ditkit.fast import compile_blocks
 
         compile_blocks(model)
-    return precision
+    return precision.name
 
 
 def _latent_space(vae: Any | None) -> LatentSpace:

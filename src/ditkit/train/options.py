@@ -10,11 +10,11 @@ from typing import Any
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
+from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, process_from_flags
 from ditkit.recipe import DiffusionProcess, FlowProcess
 from ditkit.seeding import MAX_SEED
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
 
