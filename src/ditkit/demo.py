@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ditkit.metrics.digits_classifier import real_digits_frechet, score_sampler
-    from ditkit.sample import Sampler, sample_grid
+    from ditkit.sample import SamplingPipeline, sample_grid
     from ditkit.train import TrainOptions, train
 
     if args.text:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     # About 20 network evaluations per image: DPM-Solver++ 20 steps, or Heun 10 steps on the flow model
     # (at that budget Heun beat Euler 20 steps on the digits' Fréchet distance, 2.87 vs 3.24: benchmarks/RESULTS.md)
     preview, steps = entry_for(objective).preview
-    sampler = Sampler(model=result.ema, vae=None, sampler=preview, num_steps=steps,
+    sampler = SamplingPipeline(model=result.ema, vae=None, sampler=preview, num_steps=steps,
                       cfg_scale=args.cfg_scale,
                       guide_channels="all", device=device, progress=True, recipe=result.recipe)
     print(f"[2/3] sampling: {sampler.describe()}", file=sys.stderr)

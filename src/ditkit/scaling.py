@@ -378,9 +378,9 @@ def report(record: dict[str, Any], models: list[str], metric: str, out: Path) ->
 
 def _evaluate(result: Any, opts: ScalingOptions, device: Any) -> dict[str, float]:
     from ditkit.metrics.digits_classifier import score_sampler
-    from ditkit.sample import Sampler
+    from ditkit.sample import SamplingPipeline
 
-    sampler = Sampler(model=result.ema, vae=None, sampler="dpm-solver", num_steps=opts.sample_steps,
+    sampler = SamplingPipeline(model=result.ema, vae=None, sampler="dpm-solver", num_steps=opts.sample_steps,
                       cfg_scale=opts.cfg_scale, guide_channels="all", device=device, recipe=result.recipe)
     # The same noise for every model and step: differences come from the weights only.
     scores = score_sampler(sampler, opts.num_samples, seed=opts.seed + 1)

@@ -33,7 +33,7 @@ TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces 
 
 
 @dataclass
-class Sampler:
+class SamplingPipeline:
     """Everything needed to turn (labels, seed) into images: the model, the VAE and the sampler settings."""
 
     model: torch.nn.Module
@@ -191,7 +191,7 @@ def _check_image_size(image_size: int | None, model: str | None, factor: int) ->
         raise UserError(f"--image-size {image_size} is not divisible by the VAE factor {factor}")
 
 
-def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler:
+def load_for_sampling(args: argparse.Namespace, device: torch.device) -> SamplingPipeline:
     """Model, recipe, VAE and settings from the arguments, reading the checkpoint once; `args` is not changed.
 
     The recipe stored in the checkpoint (or inferred for older files) gives the process (schedule, steps,
@@ -246,7 +246,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
             model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     precision = _fast_path(model, args, device)
-    return Sampler(
+    return SamplingPipeline(
         model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else None,
@@ -317,3 +317,4 @@ def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) ->
         raise UserError(f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}")
 
 
+Sampler = SamplingPipeline  # the old name (until 0.2): "sampler" also names a sampling method and SiT's class

@@ -600,7 +600,7 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
     """20 evaluations (see below) with guidance on every output channel: cheap enough to run inside training. The VAE
     that decodes the grid is the recipe's (a latent store's own, or --vae for an image folder)."""
-    from ditkit.sample import Sampler
+    from ditkit.sample import SamplingPipeline
 
     vae = None
     if not recipe.latents.is_pixels:
@@ -609,7 +609,7 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
         vae = load_vae(recipe.latents.vae, device=device)
     # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, ...).
     sampler, steps = entry_for(recipe.process.kind).preview
-    return Sampler(model=ema, vae=vae, sampler=sampler, num_steps=steps,
+    return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps,
                    cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
                    precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
                    recipe=recipe)
