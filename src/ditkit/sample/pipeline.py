@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ from ditkit.errors import UserError
 from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import Objective, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
-from ditkit.seeding import MAX_SEED
+from ditkit.sample.options import SampleOptions
 
 DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
-TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -152,30 +150,6 @@ class SamplingPipeline:
 
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Checks of the flags alone, before any file is read (the step count is checked with the sampler)."""
-    if args.image_size is not None and args.image_size < 1:
-        raise UserError(f"--image-size must be positive, got {args.image_size}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
-    if args.per_label < 1 or args.batch_size < 1:
-        raise UserError("--per-label and --batch-size must be at least 1")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
-    if args.guidance_interval:
-        lo, hi = args.guidance_interval
-        last = TRAINING_TIMESTEPS - 1
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
-            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
-                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
-
-
 def _check_image_size(image_size: int | None, model: str | None, factor: int) -> None:
     """A latent model's image side must be a multiple of the VAE factor (× the patch, when the model is named)."""
     if image_size is None or factor == 1:
@@ -191,7 +165,7 @@ def _check_image_size(image_size: int | None, model: str | None, factor: int) ->
         raise UserError(f"--image-size {image_size} is not divisible by the VAE factor {factor}")
 
 
-def load_for_sampling(args: argparse.Namespace, device: torch.device) -> SamplingPipeline:
+def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.device) -> SamplingPipeline:
     """Model, recipe, VAE and settings from the arguments, reading the checkpoint once; `args` is not changed.
 
     The recipe stored in the checkpoint (or inferred for older files) gives the process (schedule, steps,
@@ -200,7 +174,8 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Samplin
     from ditkit import pretrained
     from ditkit.checkpoints import build_checked, checkpoint_recipe, read_checkpoint
 
-    _check_args(args)
+    args = SampleOptions.of(args)
+    args.validate()
     released = pretrained.PRETRAINED.get(Path(args.ckpt).name) if not Path(args.ckpt).exists() else None
     expected = {
         "model": args.model or (released.model if released else None),
@@ -209,7 +184,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Samplin
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
     vae_name = args.vae or (SD_VAE if released else None)
-    vae_dtype = Precision.resolve(getattr(args, "precision", None), device).inference_dtype
+    vae_dtype = Precision.resolve(args.precision, device).inference_dtype
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
@@ -231,11 +206,11 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Samplin
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
     _check_model_and_vae(model, vae, expected["model"] is None)
-    recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
+    recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
     recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
-    time_shift = float(getattr(args, "time_shift", 1.0))
+    time_shift = float(args.time_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler

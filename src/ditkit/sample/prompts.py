@@ -155,12 +155,3 @@ def run_prompts(args: argparse.Namespace, sampler: SamplingPipeline, out: Path) 
     if args.num_samples is None:
         return prompt_grid(sampler, encoder, prompts, args.per_label, args.seed, out, args.save_images)
     return prompt_npz(sampler, encoder, prompts, args.num_samples, args.batch_size, args.seed, out)
-
-
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", action="append", help="text models: a prompt, one grid row (repeatable)")
-    parser.add_argument("--prompt-file", help="text models: prompts one a line (cycled with --num-samples)")
-    parser.add_argument("--negative-prompt", help="text models: guide away from this prompt, not the null caption")
-    parser.add_argument("--text-encoder", help="text models: T5/CLIP folder or Hugging Face id in the local cache "
-                        "(default for 4096-feature models: " + "DeepFloyd/t5-v1_1-xxl)")
-    parser.add_argument("--max-tokens", type=int, help="text models: tokens per prompt (default: the model's)")
