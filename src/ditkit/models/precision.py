@@ -67,6 +67,11 @@ class Precision:
             torch.backends.cudnn.allow_tf32 = self.tf32
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks' matmuls and attention run in: bf16 under autocast, else float32."""
+        return torch.bfloat16 if self.low else torch.float32
+
+    @property
     def inference_dtype(self) -> torch.dtype:
         """The dtype of weights used only for inference (the VAE decoder): bf16 weights decoded 1.3× faster
         than bf16 autocast on a GPU (benchmarks/RESULTS.md, issue 13); float32 elsewhere."""

@@ -120,6 +120,10 @@ class SamplingPipeline:
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
         precision = Precision(self.precision, self.device.type)
+        choose = getattr(self.model, "choose_attention", None)
+        if choose is not None:  # measured once per shape (then cached), outside the model's forward
+            rows = len(labels) * (2 if self.cfg_scale != 1.0 else 1)
+            choose(rows, precision.compute_dtype, self.device, training=False)
         with precision.autocast():  # fp8: the FP8 block linears inside bf16 autocast
             x = self.objective.sample(
                 self.denoiser(),

@@ -97,6 +97,7 @@ class TrainStep:
             )
         self.model, self.forward, self.ema, self.opt, self.loss = model, forward, ema, opt, loss
         self.device, self.precision = device, precision
+        self.attention_chosen = False
         self.global_batch, self.rank, self.world, self.accum = global_batch, rank, world, accum
         self.local = global_batch // world
         self.micro = self.local // accum
@@ -122,6 +123,12 @@ class TrainStep:
         """
         if x.shape[0] != self.local:
             raise ValueError(f"expected this rank's {self.local} rows, got {x.shape[0]}")
+        if not self.attention_chosen:  # measured once, here and not inside the model's forward
+            self.attention_chosen = True
+            choose = getattr(self.model, "choose_attention", None)
+            if choose is not None:
+                dtype = Precision(self.precision, self.device.type).compute_dtype
+                choose(self.micro, dtype, self.device, training=True)
         t_all, noise_all, drop_all = draw_step_randomness(
             self.seed, step, self.global_batch, tuple(x.shape[1:]), self.loss.num_timesteps,
             self.class_dropout_prob, self.device,
