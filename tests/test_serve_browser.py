@@ -49,6 +49,7 @@ sys.addaudithook(hook)
 from ditkit.cli import main
 raise SystemExit(main(sys.argv[2:]))
 """
+LONG_STEPS = 300  # the request a client leaves: about 2 s on one thread, longer than it takes to see it start
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -173,7 +174,7 @@ def _wait_images(browser, count: int, seed: int, timeout: float = 40) -> list[st
 def _progress(browser) -> str | None:
     """The gallery's progress text while the request runs (None before it shows)."""
     text = browser.find_element(By.ID, "gallery").text
-    return text if "sampling" in text or "/1000" in text else None
+    return text if "sampling" in text or f"/{LONG_STEPS}" in text else None
 
 
 def _image(url: str) -> np.ndarray:
@@ -240,7 +241,7 @@ def test_server_survives_a_client_that_leaves(server):
     try:
         browser.get(url)
         WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, "generate"))
-        _generate(browser, ["class 1", "class 2"], "ddpm", 1000, 11, 12)  # a few seconds of sampling
+        _generate(browser, ["class 1", "class 2"], "ddpm", LONG_STEPS, 11, 12)  # a few seconds of sampling
         # Leave once the page shows the request running (its progress), before any image arrives.
         WebDriverWait(browser, 20, poll_frequency=0.1).until(lambda b: _progress(b) is not None)
         assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img")

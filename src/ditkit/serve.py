@@ -454,25 +454,30 @@ def describe(served: Served) -> str:
             f"{config.input_size}×{config.input_size} {space}, on {served.base.device}")
 
 
-def model_tab(gr: Any, served: Served, requests: Requests, max_images: int) -> None:
-    """The controls of one model (what its recipe allows), the outputs, and the generate event."""
+def model_tab(gr: Any, served: Served, requests: Requests, max_images: int, index: int = 0) -> None:
+    """The controls of one model (what its recipe allows), the outputs, and the generate event. Element ids
+    (what tests and scripts find) are the names below, with "-INDEX" from the second tab on."""
     d = served.defaults
+
+    def eid(name: str) -> str:
+        return name if index == 0 else f"{name}-{index}"
+
     gr.Markdown(describe(served))
     with gr.Row():
         with gr.Column(scale=1):
             if served.is_text:
                 classes = gr.State([])
                 prompts = gr.Textbox(label="prompts (one a line: one grid row each)", lines=3,
-                                     value=_example_prompt(served), elem_id="prompts")
+                                     value=_example_prompt(served), elem_id=eid("prompts"))
                 negative = gr.Textbox(label="negative prompt (guide away from it; empty: the null caption)")
             else:
                 names = served.class_names or []
                 classes = gr.Dropdown(names, value=names[: min(len(names), 4)], multiselect=True,
-                                      label="classes (one grid row each)", elem_id="classes")
+                                      label="classes (one grid row each)", elem_id=eid("classes"))
                 prompts, negative = gr.State(""), gr.State("")
-            sampler = gr.Dropdown(list(served.samplers), value=d.sampler, label="sampler", elem_id="sampler")
-            steps = gr.Number(d.num_steps, label="steps", precision=0, elem_id="steps")
-            cfg = gr.Slider(0, 10, value=d.cfg_scale, step=0.1, label="guidance scale (1 = none)", elem_id="cfg")
+            sampler = gr.Dropdown(list(served.samplers), value=d.sampler, label="sampler", elem_id=eid("sampler"))
+            steps = gr.Number(d.num_steps, label="steps", precision=0, elem_id=eid("steps"))
+            cfg = gr.Slider(0, 10, value=d.cfg_scale, step=0.1, label="guidance scale (1 = none)", elem_id=eid("cfg"))
             channels = gr.Radio(["3", "all"], value=d.guide_channels, label="guided channels")
             top = 1.0 if served.kind == "flow" else TRAINING_TIMESTEPS - 1
             use_interval = gr.Checkbox(False, label=f"guide only for t in an interval (0..{top:g})")
@@ -481,17 +486,17 @@ def model_tab(gr: Any, served: Served, requests: Requests, max_images: int) -> N
                 hi = gr.Number(top, label="to t")
             shift = gr.Number(1.0, label="time shift (flow)", visible=served.kind == "flow")
             with gr.Row():
-                seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
-                randomise = gr.Checkbox(False, label="randomise", elem_id="randomise")
-            per_label = gr.Slider(1, 16, value=4, step=1, label="images per row", elem_id="per_label")
-            button = gr.Button("Generate", variant="primary", elem_id="generate")
+                seed = gr.Number(0, label="seed", precision=0, elem_id=eid("seed"))
+                randomise = gr.Checkbox(False, label="randomise", elem_id=eid("randomise"))
+            per_label = gr.Slider(1, 16, value=4, step=1, label="images per row", elem_id=eid("per_label"))
+            button = gr.Button("Generate", variant="primary", elem_id=eid("generate"))
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label="samples", columns=8, format="png", elem_id="gallery",
-                                 elem_classes=["ditkit-gallery"], object_fit="contain", height=320)
-            grid = gr.Image(label="grid", type="filepath", format="png", elem_id="grid",
+            gallery = gr.Gallery(label="samples", columns=8, format="png", elem_id=eid("gallery"),
+                                 elem_classes=["ditkit-gallery"], object_fit="contain", height=260)
+            grid = gr.Image(label="grid", type="filepath", format="png", elem_id=eid("grid"),
                             elem_classes=["ditkit-gallery"])
-            command = gr.Textbox(label="the same images with ditkit sample", elem_id="command", lines=2)
-            files = gr.File(label="downloads: grid and command", file_count="multiple", elem_id="files")
+            command = gr.Textbox(label="the same images with ditkit sample", elem_id=eid("command"), lines=2)
+            files = gr.File(label="downloads: grid and command", file_count="multiple", elem_id=eid("files"))
     keys, run = handler(served, requests, max_images)
     fields = dict(classes=classes, prompts=prompts, negative=negative, sampler=sampler, steps=steps, cfg=cfg,
                   channels=channels, use_interval=use_interval, lo=lo, hi=hi, shift=shift, seed=seed,
@@ -520,9 +525,9 @@ def build_page(models: list[Served], requests: Requests, max_images: int) -> Any
             model_tab(gr, models[0], requests, max_images)
         else:
             with gr.Tabs():
-                for served in models:
+                for index, served in enumerate(models):
                     with gr.Tab(served.name):
-                        model_tab(gr, served, requests, max_images)
+                        model_tab(gr, served, requests, max_images, index)
     page.queue(default_concurrency_limit=1, max_size=32)
     return page
 
