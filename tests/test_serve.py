@@ -82,7 +82,7 @@ def test_bad_values_get_one_line(flow_model, change, message):
 
 
 def test_page_fields_that_are_not_numbers(flow_model):
-    values = dict(classes=["class 1"], sampler="euler", steps="many", cfg=1.0, channels="3", use_interval=False,
+    values = dict(classes=[1], sampler="euler", steps="many", cfg=1.0, channels="3", use_interval=False,
                   lo=0, hi=1, shift=1.0, seed=0, randomise=False, per_label=1)
     with pytest.raises(UserError, match="steps must be a number"):
         serve._request_from_page(flow_model, values)
@@ -127,3 +127,21 @@ def test_no_models_says_how_to_make_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["serve"]) == 2
     assert "make demo" in capsys.readouterr().err
+
+
+def test_class_names(tmp_path):
+    from types import SimpleNamespace
+
+    def recipe(n, classes=None):
+        return SimpleNamespace(model=SimpleNamespace(num_classes=n), conditioning=SimpleNamespace(classes=classes))
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "0000100").mkdir(parents=True)
+    (run / "options.json").write_text('{"data_path": "digits"}')
+    digits = serve.class_names(recipe(10, tuple("0123456789")), run / "checkpoints" / "0000100")
+    assert digits[3] == "digit 3"
+    assert serve.class_names(recipe(3, ("cat", "1", "dog")), tmp_path / "x.pt") == ["0: cat", "class 1", "2: dog"]
+    assert serve.class_names(recipe(4), tmp_path / "x.pt")[3] == "class 3"
+    if serve.imagenet_names() is not None:  # Gradio's list, in the standard label order
+        names = serve.class_names(recipe(1000), tmp_path / "x.pt")
+        assert names[0] == "0: tench" and names[207].lower() == "207: golden retriever" and len(names) == 1000

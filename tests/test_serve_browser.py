@@ -153,8 +153,10 @@ def _pick(browser, elem_id: str, choices: list[str]) -> None:
         field.click()
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys(choice)
-        time.sleep(0.2)
-        field.send_keys(Keys.ENTER)
+        shown = f'#{elem_id} [role=option][aria-label="{choice}"]'  # the list filtered to the typed text
+        option = WebDriverWait(browser, 10, poll_frequency=0.1).until(
+            lambda b, css=shown: (b.find_elements(By.CSS_SELECTOR, css) or [False])[0])
+        option.click()
     browser.find_element(By.TAG_NAME, "h2").click()  # close the list
 
 

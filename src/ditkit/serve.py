@@ -141,18 +141,13 @@ def _is_digits_run(ckpt: Path) -> bool:
 
 
 def class_names(recipe: Any, ckpt: Path) -> list[str]:
-    """Names of the labels: the recipe's label map, else ImageNet's for 1000 classes, the digits for a digits
-    run, else the label numbers."""
+    """What the class picker shows for each label: "digit k" for a run on the built-in digits, else "k: NAME"
+    with the recipe's label map or, for 1000 classes, ImageNet's names, else "class k"."""
     n = recipe.model.num_classes
-    if recipe.conditioning.classes:
-        return list(recipe.conditioning.classes)
-    if n == 1000:
-        names = imagenet_names()
-        if names:
-            return names
     if n == 10 and _is_digits_run(ckpt):
         return [f"digit {k}" for k in range(10)]
-    return [f"class {k}" for k in range(n)]
+    names = list(recipe.conditioning.classes or ()) or (imagenet_names() if n == 1000 else None) or []
+    return [f"{k}: {names[k]}" if k < len(names) and names[k] != str(k) else f"class {k}" for k in range(n)]
 
 
 def sample_namespace(ckpt: str, flags: list[str], argv: list[str] = ()) -> argparse.Namespace:
@@ -382,8 +377,7 @@ def _request_from_page(served: Served, values: dict[str, Any]) -> Request:
         classes: list[int] = []
     else:
         prompts = []
-        names = served.class_names or []
-        classes = [names.index(c) if c in names else int(_number(c, "class", True)) for c in values["classes"] or []]
+        classes = [int(_number(c, "class", True)) for c in values["classes"] or []]  # the picker's values: labels
     return Request(
         classes=classes, prompts=prompts, negative=(values.get("negative") or "").strip() or None,
         sampler=str(values["sampler"]), num_steps=int(_number(values["steps"], "steps", True)),
@@ -441,7 +435,7 @@ def _captions(served: Served, req: Request) -> list[str]:
     if served.is_text:
         return [p for p in req.prompts for _ in range(req.per_label)]
     names = served.class_names or []
-    return [f"{y}: {names[y]}" if y < len(names) else str(y) for y in req.classes for _ in range(req.per_label)]
+    return [names[y] if y < len(names) else str(y) for y in req.classes for _ in range(req.per_label)]
 
 
 def describe(served: Served) -> str:
@@ -471,8 +465,8 @@ def model_tab(gr: Any, served: Served, requests: Requests, max_images: int, inde
                                      value=_example_prompt(served), elem_id=eid("prompts"))
                 negative = gr.Textbox(label="negative prompt (guide away from it; empty: the null caption)")
             else:
-                names = served.class_names or []
-                classes = gr.Dropdown(names, value=names[: min(len(names), 4)], multiselect=True,
+                choices = list(zip(served.class_names or [], range(served.base.model.config.num_classes)))
+                classes = gr.Dropdown(choices, value=list(range(min(len(choices), 4))), multiselect=True,
                                       label="classes (one grid row each)", elem_id=eid("classes"))
                 prompts, negative = gr.State(""), gr.State("")
             sampler = gr.Dropdown(list(served.samplers), value=d.sampler, label="sampler", elem_id=eid("sampler"))
