@@ -485,7 +485,7 @@ def model_tab(gr: Any, served: Served, requests: Requests, max_images: int, inde
             per_label = gr.Slider(1, 16, value=4, step=1, label="images per row", elem_id=eid("per_label"))
             button = gr.Button("Generate", variant="primary", elem_id=eid("generate"))
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label="samples", columns=8, format="png", elem_id=eid("gallery"),
+            gallery = gr.Gallery(label="samples", columns=6, format="png", elem_id=eid("gallery"),
                                  elem_classes=["ditkit-gallery"], object_fit="contain", height=260)
             grid = gr.Image(label="grid", type="filepath", format="png", elem_id=eid("grid"),
                             elem_classes=["ditkit-gallery"])
