@@ -118,8 +118,10 @@ def demo_paths(root: Path = Path(".")) -> list[Path]:
 
 def imagenet_names() -> list[str] | None:
     """ImageNet-1k's class names in label order: the list Gradio ships with its examples (none is fetched)."""
-    import gradio
-
+    try:
+        import gradio
+    except ImportError:
+        return None
     path = Path(gradio.__file__).parent / "media_assets" / "data" / "imagenet_labels.json"
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
@@ -544,7 +546,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _gradio() -> Any:
     """Gradio, with its analytics and version check off before it is imported (one line if it is missing)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
     try:
         import gradio
     except ImportError:
