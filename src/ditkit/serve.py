@@ -250,7 +250,7 @@ def load_all(args: argparse.Namespace, device: torch.device) -> list[Served]:
 
 @dataclass
 class Request:
-    """What the page asks for; `argv` is the `ditkit sample` command line that makes the same images."""
+    """What the page asks for; `sample_flags()` says it as `ditkit sample` flags."""
 
     classes: list[int] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
