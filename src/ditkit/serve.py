@@ -30,7 +30,9 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
-from ditkit.sample.pipeline import MAX_SEED, TRAINING_TIMESTEPS, Sampler
+from ditkit.sample.options import TRAINING_TIMESTEPS
+from ditkit.sample.pipeline import SamplingPipeline
+from ditkit.seeding import MAX_SEED
 
 DEMO_RUNS = ("results/demo", "results/demo-flow", "results/demo_text")
 MAKE_DEMOS = ("no models to serve: pass --ckpt PATH, or make the demo models first: `make demo` (results/demo), "
@@ -60,7 +62,7 @@ class Served:
     images are made with `ditkit sample` (`flags`: the loading flags; `ckpt` None: no command reproduces it)."""
 
     name: str
-    base: Sampler
+    base: SamplingPipeline
     defaults: Defaults
     class_names: list[str] | None = None  # class models: label k's name
     encoder: Any | None = None  # text models: prompts -> (features, mask)
@@ -226,7 +228,7 @@ def load_text_demo(path: Path, device: torch.device) -> Served:
     except (OSError, RuntimeError) as err:
         raise UserError(f"{path}: not the text demo's weights ({err}); run `ditkit demo --text` again") from None
     recipe = infer_recipe(config, LatentSpace(), prediction=demo_text.DEMO_PREDICTION)
-    base = Sampler(model=model.eval().to(device), vae=None, device=device, recipe=recipe)
+    base = SamplingPipeline(model=model.eval().to(device), vae=None, device=device, recipe=recipe)
     return Served(f"{path.parent.name} (text demo)", base, Defaults("dpm-solver", 20, demo_text.DEMO_CFG, "all"),
                   encoder=DemoWords())
 
@@ -333,7 +335,7 @@ def command_line(served: Served, req: Request, out: str = "samples") -> str | No
     return shlex.join(argv)
 
 
-def configured(served: Served, req: Request) -> Sampler:
+def configured(served: Served, req: Request) -> SamplingPipeline:
     """The sampler for a request: for a checkpoint, `ditkit sample`'s own one for these flags (its parser and
     `load_for_sampling`'s settings), on the loaded model."""
     if served.ckpt is None:
