@@ -70,6 +70,7 @@ from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.embeddings import sincos_2d
 from ditkit.models.pixart import PixArtDiT
+from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import Recipe
 
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
@@ -347,6 +348,7 @@ def to_diffusers(
     """
     diffusers = _import_diffusers()
     dst = Path(dst)
+    refuse_overlap({"the VAE": vae, "the labels": labels}, dst, "the destination")
     _prepare_destination(dst, overwrite)
     text = model.config.is_text
     if text and (vae is not None or labels is not None):
@@ -454,6 +456,8 @@ def _describe(diff: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
+    # DST may not be SRC (or the --vae / --labels it reads), hold it, or lie inside it: --overwrite replaces DST.
+    refuse_overlap({"SRC": args.src, "--vae": args.vae, "--labels": args.labels}, dst, "DST")
     check_writable(dst.absolute().parent, "DST")  # before minutes of loading and verifying, not after
     if args.to == "diffusers":
         model, recipe = load_model_with_recipe(args.src, model=args.model)

@@ -38,6 +38,7 @@ from ditkit.data.store import (
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.io import atomic_write
+from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import Conditioning, LatentSpace, parts_to_dict
 
 
@@ -365,6 +366,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    refuse_overlap({"FOLDER": args.folder, "--vae": args.vae, "--text-encoder": args.text_encoder}, args.out,
+                   "--out", allow_containing=True)
     try:
         chosen = torch.device(args.device) if args.device is not None else None
     except RuntimeError:

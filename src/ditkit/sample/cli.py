@@ -23,6 +23,7 @@ from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
 from ditkit.objectives import sampler_names
+from ditkit.path_guard import refuse_overlap
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.pipeline import load_for_sampling
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device
     out = Path(args.out)
+    refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow_containing=True)
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling

@@ -31,6 +31,7 @@ from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.kernels.fp8 import enable_fp8
 from ditkit.objectives import objective_for
+from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import Conditioning, Recipe
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
@@ -198,6 +199,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     recipe = build_recipe(opts, config, data)  # built once; everything below reads it
     results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
     run_config = _run_config(opts, config, data)
+    if opts.data_path != "digits":  # checkpoints and grids written into the images would be read back as data
+        refuse_overlap({"--data-path": opts.data_path}, results, "--results-dir", allow_containing=True)
     if info.is_main:
         held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
         _check_results_dir(results, run_config, resuming=opts.resume is not None)
