@@ -203,7 +203,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
          r"cannot write into .*ro: .*; choose another DST"),
         # item 12: tracebacks that became one line
         ("sample-out-is-file", ["sample", "--ckpt", "{T}", "--device", "cpu", "--num-steps", "2", "--out", "{T}"],
-         "it exists and is not a folder; choose another --out"),
+         "is the input --ckpt .*; choose another --out"),
         ("extract-out-is-file", ["extract", "{B}/unreadable", "--out", "{T}", "--device", "cpu"],
          "it exists and is not a folder; choose another --out"),
         ("sample-seed-huge", ["sample", "--ckpt", "{T}", "--device", "cpu", "--seed", str(2**70)],
@@ -216,11 +216,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
                                 "--num-classes", str(10**12), "--results-dir", "{B}/r4"],
          "--num-classes 1000000000000 is more than"),
         ("sample-classes-huge", ["sample", "--ckpt", "{T}", "--device", "cpu", "--num-classes", str(10**12)],
-         "embedding_table.* has 11 rows in the checkpoint but num_classes=1000000000000 needs"),
+         r"--num-classes must be in 1\.\.1,000,000, got 1000000000000"),
         ("sample-stored-classes-huge", ["sample", "--ckpt", "{B}/huge_classes.safetensors", "--device", "cpu"],
-         "stored model config says num_classes=1000000000000 but the tensors say 10"),
+         r"huge_classes.safetensors: model config: num_classes must be an integer in 1\.\.1,000,000"),
         ("sample-size-huge", ["sample", "--ckpt", "{T}", "--device", "cpu", "--image-size", str(10**9)],
-         "pos_embed.* has 16 positions in the checkpoint but input_size=1000000000 needs"),
+         r"--image-size must be in 1\.\.65536"),
         ("flops-size-huge", ["flops", "--image-size", str(10**9)], "--image-size must be at most 65536"),
         # item 15: messages that named the wrong thing or nothing
         ("evaluate-one-image", ["evaluate", "{B}/one_image", "--metric", "digits"],

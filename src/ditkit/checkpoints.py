@@ -28,6 +28,7 @@ from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
+from ditkit.validate import naming
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -229,7 +230,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         config = None
         if CONFIG_KEY in metadata:
             try:
-                config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+                with naming(path):
+                    config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
             except json.JSONDecodeError:
                 raise UserError(f"{path}: the stored model config is not valid JSON") from None
         return CheckpointFile(path, extract_state_dict(tensors, path), config, recipe_json=metadata.get(METADATA_KEY))
@@ -237,7 +239,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
     hints, latents = _official_args(obj.get("args")) if isinstance(obj, Mapping) else ({}, None)
     config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
-        config = DiTConfig.from_dict(dict(obj["config"]))
+        with naming(path):
+            config = DiTConfig.from_dict(dict(obj["config"]))
     return CheckpointFile(path, extract_state_dict(obj, path), config, hints, latents=latents)
 
 

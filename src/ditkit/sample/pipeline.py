@@ -18,6 +18,7 @@ from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
 from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
+from ditkit.validate import MAX_CLASSES
 
 DEFAULT_STEPS = SAMPLERS["diffusion"]
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -145,13 +146,14 @@ class Sampler:
         return pixels.permute(0, 2, 3, 1).contiguous().cpu()
 
 
+MAX_IMAGE_SIZE = 65536  # pixels, as `ditkit flops`; the model config bounds the latent side further
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """Checks of the flags alone, before any file is read (the step count is checked with the sampler)."""
-    if args.image_size is not None and args.image_size < 1:
-        raise UserError(f"--image-size must be positive, got {args.image_size}")
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be in 1..{MAX_IMAGE_SIZE}, got {args.image_size}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.per_label < 1 or args.batch_size < 1:
@@ -162,8 +164,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.num_classes is not None and not 1 <= args.num_classes <= MAX_CLASSES:
+        raise UserError(f"--num-classes must be in 1..{MAX_CLASSES:,}, got {args.num_classes}")
     if args.guidance_interval:
         lo, hi = args.guidance_interval
         last = TRAINING_TIMESTEPS - 1
