@@ -117,14 +117,21 @@ def naming(where: str | os.PathLike) -> Iterator[None]:
         raise UserError(msg if msg.startswith(str(where)) else f"{where}: {msg}") from None
 
 
-def inside(name: Any, folder: str | os.PathLike, field: str, where: str) -> Path:
-    """`folder / name` for a plain relative file name inside `folder`; anything that would leave it (absolute,
-    `..`, a drive, a symlink pointing out) is refused naming the entry."""
+def relative_name(name: Any, folder: str | os.PathLike, field: str, where: str) -> PurePosixPath:
+    """`name` as a relative '/'-separated path if, as written, it stays inside `folder` (no absolute path, drive
+    or `..`); one line naming the entry otherwise. The file itself is not looked at."""
     if not isinstance(name, str) or not name or "\x00" in name or len(name) > 1024:
         raise UserError(f"{where}: {field} must be a file name inside {folder}, got {_shown(name)}")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
         raise UserError(f"{where}: {field} {name!r} leaves {folder}; entries must be relative names inside it")
+    return PurePosixPath(*windows.parts) if "\\" in name else posix
+
+
+def inside(name: Any, folder: str | os.PathLike, field: str, where: str) -> Path:
+    """`folder / name` for a plain relative file name inside `folder`; anything that would leave it (absolute,
+    `..`, a drive, a symlink pointing out) is refused naming the entry."""
+    relative_name(name, folder, field, where)
     path = Path(folder) / name
     base = Path(os.path.realpath(folder))
     real = Path(os.path.realpath(path))
