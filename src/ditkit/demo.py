@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ditkit import counts
 from ditkit.errors import UserError
 
 # Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings"): the digits at their
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ditkit.sample import Sampler, sample_grid
     from ditkit.train import TrainOptions, train
 
+    counts.demo_flags(args)  # before minutes of training
     if args.text:
         from ditkit import demo_text
 

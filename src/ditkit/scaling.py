@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ditkit import counts
 from ditkit.errors import UserError
 
 DEFAULT_MODELS = ("DiT-S/8", "DiT-S/4", "DiT-S/2", "DiT-B/8", "DiT-B/4", "DiT-B/2")
@@ -95,6 +96,7 @@ def validate(opts: ScalingOptions) -> None:
         if opts.image_size % patch:
             raise UserError(f"--image-size {opts.image_size} is not divisible by the patch size of {name}; "
                             "use a multiple of 8 such as 32")
+    counts.scaling_options(opts)  # absurd counts and model sizes, before anything is trained
 
 
 def eval_points(opts: ScalingOptions) -> list[int]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device
     out = Path(args.out)
+    counts.sample_flags(args)  # counts bounded before anything is read or allocated
     refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow_containing=True)
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)
@@ -158,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if info.is_main:
             lock = FolderLock(out, "ditkit sample", "--out")
+            counts.sample_space(args.num_samples, sampler.recipe.image_size, out)
             print(sampler.describe())
         if info.is_main and args.class_labels:
             print("note: --class-labels is ignored with --num-samples (labels are uniform over the classes)")

@@ -7,6 +7,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from ditkit import counts
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
@@ -111,6 +112,7 @@ def validate(opts: TrainOptions, world_size: int) -> None:
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
     process_of(opts)  # the objective's flags: one line for a bad value or combination
+    counts.train_options(opts)  # steps, batch and sizes bounded before any work
     if not 0 <= opts.global_seed <= MAX_SEED:
         raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
     if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
