@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ditkit import flag_checks
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
@@ -166,12 +167,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
     if args.num_classes is not None and not 1 <= args.num_classes <= MAX_CLASSES:
         raise UserError(f"--num-classes must be in 1..{MAX_CLASSES:,}, got {args.num_classes}")
-    if args.guidance_interval:
-        lo, hi = args.guidance_interval
-        last = TRAINING_TIMESTEPS - 1
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
-            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
-                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
 def _check_image_size(image_size: int | None, model: str | None, factor: int) -> None:
@@ -229,11 +224,14 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
+    flag_checks.conditioning_flags(args, model.config.is_text)  # a flag the model cannot use is refused
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
                              found.recipe_json is not None)
     recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
+    flag_checks.guidance_interval(args.guidance_interval, objective.kind,
+                                  getattr(recipe.process, "diffusion_steps", TRAINING_TIMESTEPS))
     time_shift = float(getattr(args, "time_shift", 1.0))
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")

@@ -25,6 +25,7 @@ from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
 from ditkit.fast import compile_blocks
+from ditkit.flag_checks import resumed_lr
 from ditkit.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
@@ -222,6 +223,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     opt = _optimizer(model, opts, info.device)  # after sharding: FSDP2 replaces the parameters by DTensors
     if ckpt is not None:
         load_optimizer_state(model, opt, ckpt.state)  # moves the state to the parameters' device (and shards)
+        notes.extend(filter(None, [resumed_lr(opt, opts.lr)]))  # the checkpoint's rate would win silently
         if "torch_rng" in ckpt.state:
             torch.set_rng_state(ckpt.state["torch_rng"])
     step_fn = TrainStep(

@@ -176,7 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-steps", type=int, default=DEFAULTS["max_steps"],
       help="stop after this many optimizer steps (overrides --epochs)")
     a("--global-seed", type=int, default=DEFAULTS["global_seed"])
-    a("--lr", type=float, default=DEFAULTS["lr"])
+    a("--lr", type=float, default=DEFAULTS["lr"],
+      help=f"AdamW learning rate (default {DEFAULTS['lr']:g}); with --resume a different value is applied from "
+      "the resumed step on and logged (the same value resumes bit-exactly)")
     a("--ema-decay", type=float, default=DEFAULTS["ema_decay"])
     a("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
       help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
