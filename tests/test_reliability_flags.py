@@ -8,7 +8,6 @@ the checkpoint's optimizer state while the log showed the old value.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -78,27 +77,4 @@ def test_flow_guidance_interval_inside_0_1_is_accepted(ckpts, tmp_path, capsys):
     assert (tmp_path / "s" / "grid.png").is_file()
 
 
-def _options(results: Path, **kw):
-    from ditkit.train import TrainOptions
-
-    settings = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1, lr=1e-3,
-                    num_workers=0, progress=False, model_overrides={"depth": 2, "hidden_size": 32, "num_heads": 4},
-                    results_dir=str(results), ckpt_every=2)
-    return TrainOptions(**{**settings, **kw})
-
-
-def test_lr_on_resume_is_applied_from_the_resumed_step_and_logged(tmp_path, capsys, one_thread):
-    from ditkit.io import safe_torch_load
-    from ditkit.train import train
-
-    run = tmp_path / "run"
-    train(_options(run, max_steps=2))
-    capsys.readouterr()
-    train(_options(run, max_steps=4, lr=1e-5, resume="auto"))
-    log = (run / "log.txt").read_text()
-    assert "--lr 1e-05 applied from the resumed step on (the checkpoint was trained at 0.001)" in log
-    rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if '"lr"' in line]
-    assert rates[:2] == [1e-3, 1e-3] and rates[2:] == [1e-5, 1e-5], rates
-    groups = safe_torch_load(run / "checkpoints" / "0000004" / "state.pt")["optimizer"]["param_groups"]
-    assert all(g["lr"] == 1e-5 for g in groups)
+# --lr on --resume (applied and logged) is tested with the NaN advice it serves: test_reliability_nan_advice.py
