@@ -35,7 +35,7 @@ MAX_SAMPLE_STEPS = 10_000
 def bounded(value: Any, flag: str, lo: int, hi: int) -> int:
     """`value` when it is an integer in lo..hi, else one line naming `flag` and the range."""
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise UserError(f"{flag} must be in {lo:,}..{hi:,}, got {value}")
+        raise UserError(f"{flag} must be at least {lo:,} and at most {hi:,}, got {value}")
     return value
 
 
