@@ -222,6 +222,11 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / "ema.safetensors").is_file():
         path = path / "ema.safetensors"  # a ditkit training checkpoint folder: sample its EMA weights
+    elif path.is_dir() and any((path / name).is_file() for name in ("model.safetensors", "state.pt")):
+        raw = path / "model.safetensors"
+        use = f"pass {raw} to use the raw (non-EMA) weights, or " if raw.is_file() else "pass "
+        raise UserError(f"{path} is a ditkit training checkpoint folder without ema.safetensors (incomplete, or "
+                        f"the file was deleted); {use}an earlier checkpoint folder")
     elif path.is_dir():
         state_dict, config, hints = read_diffusers_folder(path)  # a diffusers transformer or pipeline folder
         return CheckpointFile(path, state_dict, config, hints, diffusers=True)

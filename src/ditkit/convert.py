@@ -64,7 +64,7 @@ from ditkit.diffusers_folder import (
 )
 from ditkit.errors import UserError
 from ditkit.folder_lock import check_writable
-from ditkit.io import apply_umask, atomic_write
+from ditkit.io import apply_umask, atomic_write, disk_full
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
@@ -393,6 +393,12 @@ def to_diffusers(
                 old.unlink()
         else:
             os.replace(tmp, dst)
+    except Exception as err:
+        if disk_full(err, dst.parent):  # measured before the partial folder is removed and its space freed
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"disk full while writing {dst}; the source and any earlier {dst.name} are intact "
+                            "(the partial folder was removed); free space and retry") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return stock

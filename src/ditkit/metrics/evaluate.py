@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
-from ditkit.io import cache_dir
+from ditkit.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.metrics.inception_score import inception_score
 from ditkit.metrics.precision_recall import precision_recall
@@ -265,7 +265,7 @@ def compute_activations(
 
 def _cache_path(images: ImageSet, network: Any) -> Path:
     key = json.dumps([CACHE_VERSION, images.fingerprint, getattr(network, "fingerprint", "")])
-    return cache_dir() / "reference-stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    return cache_file(f"reference-stats/{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
 
 
 def reference_features(
