@@ -154,7 +154,7 @@ MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which mus
 def _check_args(args: argparse.Namespace) -> None:
     """Checks of the flags alone, before any file is read (the step count is checked with the sampler)."""
     if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
-        raise UserError(f"--image-size must be in 1..{MAX_IMAGE_SIZE}, got {args.image_size}")
+        raise UserError(f"--image-size must be at least 1 and at most {MAX_IMAGE_SIZE}, got {args.image_size}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.per_label < 1 or args.batch_size < 1:
@@ -166,7 +166,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
     if args.num_classes is not None and not 1 <= args.num_classes <= MAX_CLASSES:
-        raise UserError(f"--num-classes must be in 1..{MAX_CLASSES:,}, got {args.num_classes}")
+        raise UserError(f"--num-classes must be at least 1 and at most {MAX_CLASSES:,}, got {args.num_classes}")
 
 
 def _check_image_size(image_size: int | None, model: str | None, factor: int) -> None:
