@@ -80,10 +80,14 @@ def test_sample_num_samples_that_the_disk_cannot_hold_is_refused_before_sampling
      r"describes a model of ~.* numbers"),
     (["train", "--data-path", "digits", "--max-steps", str(10**12)],
      r"--max-steps must be at least 1 and at most 100,000,000"),
+    (["extract", "imgs", "--out", "store", "--shard-size", str(10**12)], r"--shard-size must be at least 1 and"),
+    (["extract", "imgs", "--out", "store", "--batch-size", str(10**9)], r"--batch-size must be at least 1 and at most"),
+    (["evaluate", "imgs", "--batch-size", str(10**9)], r"--batch-size must be at least 1 and at most 65,536"),
     (["train", "--data-path", "digits", "--global-batch-size", str(10**9)],
      r"--global-batch-size must be at least 1 and at most 65,536"),
 ])
 def test_demo_scaling_and_train_counts_are_refused_before_training(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # default output folders land here, not in the checkout
+    (tmp_path / "imgs").mkdir()
     line = _refused(argv, capsys)
     assert re.search(message, line), line

@@ -234,3 +234,12 @@ def test_fuzz_shard_header_and_side_files(value, key):
             check()
         except UserError:
             pass
+
+
+def test_a_results_folder_config_of_the_wrong_type_is_one_line(tmp_path, capsys):
+    results = tmp_path / "r"
+    results.mkdir()
+    (results / "config.json").write_text("[1, 2]")
+    line = _one_line(["train", "--data-path", "digits", "--model", "DiT-S/8", "--image-size", "8", "--max-steps", "1",
+                      "--results-dir", str(results), "--resume", "auto"], capsys)
+    assert "config.json: the run config must be a JSON object, got list" in line

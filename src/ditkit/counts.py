@@ -141,3 +141,10 @@ def train_options(opts: Any) -> None:
                 ("--image-size", opts.image_size, 1, 65_536), ("--eval-samples", opts.eval_samples, 2, MAX_SAMPLES)])
     if not isinstance(opts.model_overrides, dict):
         raise UserError("--model-overrides must be a JSON object of model config fields")
+
+
+def extract_flags(args: Any) -> None:
+    """`ditkit extract`: crop side, VAE batch, shard size, decoding workers, caption tokens."""
+    run_counts([("--image-size", args.image_size, 1, 65_536), ("--batch-size", args.batch_size, 1, MAX_BATCH),
+                ("--shard-size", args.shard_size, 1, 1_000_000), ("--workers", args.workers, 0, 1024),
+                ("--max-tokens", getattr(args, "max_tokens", None), 1, 65_536)])

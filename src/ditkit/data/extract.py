@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ditkit import counts
 from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
 from ditkit.data.store import (
     FORMAT,
@@ -366,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    counts.extract_flags(args)
     refuse_overlap({"FOLDER": args.folder, "--vae": args.vae, "--text-encoder": args.text_encoder}, args.out,
                    "--out", allow_containing=True)
     try:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditkit.counts import MAX_BATCH, bounded
 from ditkit.errors import UserError
 from ditkit.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
@@ -444,6 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    bounded(args.batch_size, "--batch-size", 1, MAX_BATCH)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)

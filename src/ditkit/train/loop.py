@@ -51,6 +51,7 @@ from ditkit.train.health import GoodCheckpoints, all_finite, nonfinite_advice, s
 from ditkit.train.logging import RunLogger, progress_bar
 from ditkit.train.options import TrainOptions, process_of, validate
 from ditkit.train.step import TrainStep
+from ditkit.validate import mapping
 
 
 @dataclass
@@ -101,6 +102,7 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
             old = json.loads(stored.read_text())
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
+        mapping(old, "the run config", str(stored))  # a list or string there would end in a TypeError
         for key, value in run_config.items():
             if key in _LATER_KEYS and key not in old:
                 continue
