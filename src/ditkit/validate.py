@@ -36,7 +36,7 @@ from ditkit.errors import UserError
 
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841
 MAX_DIFFUSION_STEPS = 100_000  # ADM's largest is 4000; the process tables are float64 arrays of this length
-MAX_IMAGE_TOKENS = 65_536  # (input_size / patch_size)²: PixArt-α at 1024 px has 4,096
+MAX_IMAGE_TOKENS = 2**20  # (input_size / patch_size)²: PixArt-α at 1024 px has 4,096; pixels at 1024, patch 1: 2**20
 MAX_MODEL_NUMBERS = 10**10  # weights + fixed tables: 40 GB in float32, 15× DiT-XL/2
 MAX_STORE_ITEMS = 10**10
 MAX_FILE_ENTRIES = 1_000_000  # shards in a manifest, weight files in an index
