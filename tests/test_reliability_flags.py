@@ -59,6 +59,7 @@ def _refused(argv: list[str], capsys) -> str:
     ("flow", ["--guidance-interval", "0.2", "1.5"],
      r"flow time t in 0\.\.1 \(1 = data\) for this flow model; got 0\.2 1\.5"),
     ("flow", ["--guidance-interval", "0.8", "0.2"], r"flow time t in 0\.\.1 .*got 0\.8 0\.2"),
+    ("diffusion", ["--eta", "0.5"], r"--eta 0\.5 applies to --sampler ddim only \(this run samples with ddpm\)"),
     ("diffusion", ["--guidance-interval", "500", "100"], r"diffusion timesteps in 0\.\.999 for this diffusion model"),
     ("diffusion100", ["--guidance-interval", "10", "200"], r"diffusion timesteps in 0\.\.99 "),
 ])

@@ -7,6 +7,7 @@ value. The rules:
 
 - a sampling flag of the other conditioning kind (text flags on a class model, class flags on a text model) is
   refused in one line naming it;
+- `--eta` (DDIM's noise) with another sampler is refused;
 - `--guidance-interval` is checked against the model's own time axis: diffusion timesteps 0..T-1 (T from the
   recipe), flow time 0..1;
 - `--lr` on resume is applied from the resumed step on, and the change is logged (the same `--lr` as before
@@ -36,6 +37,14 @@ def conditioning_flags(args: Any, is_text: bool) -> None:
     if is_text and (given := _given(args, CLASS_FLAGS)):
         raise UserError(f"{given[0]} applies to class-conditional models, but this checkpoint is a text model; "
                         "use --prompt or --prompt-file")
+
+
+def sampler_flags(args: Any, sampler: str) -> None:
+    """Refuse sampler settings the chosen sampler has no use for (`--eta` is DDIM's noise)."""
+    eta = float(getattr(args, "eta", 0.0) or 0.0)
+    if eta != 0.0 and sampler != "ddim":
+        raise UserError(f"--eta {eta:g} applies to --sampler ddim only (this run samples with {sampler}); drop it "
+                        "or pass --sampler ddim")
 
 
 def guidance_interval(interval: Any, kind: str, diffusion_steps: int = 1000) -> None:

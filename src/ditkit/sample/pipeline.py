@@ -237,6 +237,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
+    flag_checks.sampler_flags(args, sampler)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
     cfg = float(args.cfg_scale)
     if cfg != 1.0 and not model.config.is_text and \
