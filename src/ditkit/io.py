@@ -43,7 +43,7 @@ _CACHE_FALLBACK_NAMED: set[str] = set()
 
 def cache_file(relative: str) -> Path:
     """Where the cache entry `relative` is read or written: in `cache_dir()` when the entry is there or the
-    folder can be written (made if needed); else (a read-only home, a `$DITKIT_CACHE` that is not a folder) in a
+    folder can be written (or made); else (a read-only home, a `$DITKIT_CACHE` that is not a folder) in a
     per-user folder of the system's temporary directory, saying so once. A cache that cannot be written is not
     a reason to fail: the work is redone next time at worst."""
     preferred = cache_dir() / relative
@@ -58,11 +58,12 @@ def cache_file(relative: str) -> Path:
 
 
 def _writable_folder(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK | os.X_OK)
+    """Whether `folder` could be written, or created and written (its nearest existing ancestor is a writable
+    folder); nothing is created here, the writer does that."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    return False
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
