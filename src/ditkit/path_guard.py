@@ -50,18 +50,19 @@ def relation(reads: PathLike, writes: PathLike) -> str | None:
 
 
 def refuse_overlap(
-    inputs: Mapping[str, PathLike | None], output: PathLike, out_flag: str, allow_containing: bool = False
+    inputs: Mapping[str, PathLike | None], output: PathLike, out_flag: str, allow: tuple[str, ...] = ()
 ) -> None:
-    """Refuse an output that is, lies inside, or (unless `allow_containing`) holds any of `inputs`.
+    """Refuse an output that is, lies inside, or holds any of `inputs`, except the relations in `allow`.
 
     `inputs` maps the flag that names each input (e.g. "SRC", "--vae") to its path; None entries are skipped.
-    `allow_containing` suits commands that only add files to their output folder and never replace it: an
-    output folder that holds an input is then harmless (e.g. `--out .` with images in `./imgs`)."""
+    A command that only adds files to its output folder and never replaces it can allow "contains" (e.g. `--out .`
+    with images in `./imgs`) and, where files added inside an input folder are never read back as input,
+    "is inside"."""
     for flag, path in inputs.items():
         if path is None or not Path(path).exists():
             continue
         how = relation(path, output)
-        if how is None or (how == "contains" and allow_containing):
+        if how is None or how in allow:
             continue
         where = {"is": "is the input", "is inside": "is inside the input", "contains": "contains the input"}[how]
         raise UserError(

@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     counts.extract_flags(args)
     refuse_overlap({"FOLDER": args.folder, "--vae": args.vae, "--text-encoder": args.text_encoder}, args.out,
-                   "--out", allow_containing=True)
+                   "--out", allow=("contains",))
     try:
         chosen = torch.device(args.device) if args.device is not None else None
     except RuntimeError:

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device) if args.device else info.device
     out = Path(args.out)
     counts.sample_flags(args)  # counts bounded before anything is read or allocated
-    refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow_containing=True)
+    refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow=("contains", "is inside"))
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling

@@ -204,7 +204,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
     run_config = _run_config(opts, config, data)
     if opts.data_path != "digits":  # checkpoints and grids written into the images would be read back as data
-        refuse_overlap({"--data-path": opts.data_path}, results, "--results-dir", allow_containing=True)
+        refuse_overlap({"--data-path": opts.data_path}, results, "--results-dir", allow=("contains",))
     if info.is_main:
         held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
         _check_results_dir(results, run_config, resuming=opts.resume is not None)
