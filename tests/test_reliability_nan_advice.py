@@ -72,7 +72,9 @@ def test_the_rule_looks_at_the_window_after_each_checkpoint():
     good.logged(3, 0.8)  # trained from checkpoint 2's weights, and fine
     assert good.last_good == Path("0000002")
     good.saved(4, Path("0000004"), finite=True)
-    good.logged(5, 50.0)  # more than 10× the lowest (0.8): checkpoint 4 is not good
+    good.saved(5, Path("0000005"), finite=True)
+    assert good.protected() == [Path("0000002"), Path("0000005")]  # the newest pending one is all that can win
+    good.logged(6, 50.0)  # more than 10× the lowest (0.8): checkpoint 4 is not good
     good.saved(6, Path("0000006"), finite=False)  # a non-finite state is never good
     good.logged(7, 0.7)
     assert good.last_good == Path("0000002")

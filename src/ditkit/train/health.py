@@ -78,8 +78,9 @@ class GoodCheckpoints:
             self.lowest = loss if self.lowest is None else min(self.lowest, loss)
 
     def protected(self) -> list[Path]:
-        """Checkpoints that pruning (`--keep-last`) must leave: the last good one and those still pending."""
-        return [p for p in (self.last_good, *(p for _, p in self.pending)) if p is not None]
+        """Checkpoints that pruning (`--keep-last`) must leave: the last good one and the newest pending one (all
+        pending checkpoints are judged by the same next window, so only the newest can become the last good)."""
+        return [p for p in (self.last_good, self.pending[-1][1] if self.pending else None) if p is not None]
 
 
 def _step_of(path: Path) -> int:

@@ -189,7 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="clip the gradient norm (0 = off, the paper's setting)")
     a("--log-every", type=int, default=DEFAULTS["log_every"])
     a("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"])
-    a("--keep-last", type=int, default=DEFAULTS["keep_last"], help="keep only the newest N checkpoints (0 = all)")
+    a("--keep-last", type=int, default=DEFAULTS["keep_last"],
+      help="keep only the newest N checkpoints (0 = all), and the last good one a NaN would name")
     a("--sample-every", type=int, default=DEFAULTS["sample_every"],
       help="write an EMA sample grid every N steps (0 = off)")
     a("--eval-every", type=int, default=DEFAULTS["eval_every"], help="score EMA samples every N steps (digits data)")
