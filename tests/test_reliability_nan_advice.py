@@ -35,7 +35,7 @@ def test_the_advice_after_a_nan_names_a_good_checkpoint_and_following_it_works(t
     run = tmp_path / "run"
     train(_options(run, lr=1e-3, max_steps=2, ckpt_every=2))  # a healthy start
     with pytest.raises(UserError) as caught:  # then the learning rate is raised far too high: it diverges
-        train(_options(run, lr=1.0, max_steps=40, ckpt_every=1, resume="auto"))
+        train(_options(run, lr=1.0, max_steps=40, ckpt_every=1, keep_last=1, resume="auto"))
     # --lr on resume was applied (class 5), logged, and is what the diverging steps ran at
     assert "--lr 1 applied from the resumed step on (the checkpoint was trained at 0.001)" in \
         (run / "log.txt").read_text()
@@ -48,6 +48,7 @@ def test_the_advice_after_a_nan_names_a_good_checkpoint_and_following_it_works(t
     good = Path(found[1])
     newest = sorted((run / "checkpoints").iterdir())[-1]
     assert good != newest  # the newest one is where the weights had already run away
+    assert good.is_dir()  # --keep-last 1 pruned the others, not the one the advice names
     assert all_finite(read_safetensors(good / "model.safetensors")[0], read_safetensors(good / "ema.safetensors")[0],
                       safe_torch_load(good / "state.pt")["optimizer"])
     # Follow the advice exactly: resume from the named checkpoint with the named --lr.
