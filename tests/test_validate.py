@@ -243,3 +243,25 @@ def test_a_results_folder_config_of_the_wrong_type_is_one_line(tmp_path, capsys)
     line = _one_line(["train", "--data-path", "digits", "--model", "DiT-S/8", "--image-size", "8", "--max-steps", "1",
                       "--results-dir", str(results), "--resume", "auto"], capsys)
     assert "config.json: the run config must be a JSON object, got list" in line
+
+
+@pytest.fixture(scope="module")
+def caption_root(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("captions")
+    Image.new("RGB", (2, 2)).save(root / "a.png")
+    return root
+
+
+@FUZZ
+@given(rows=st.lists(st.one_of(JSON, st.fixed_dictionaries({"file_name": JSON, "text": JSON})), max_size=4))
+def test_fuzz_caption_table(caption_root, rows):
+    from ditkit.data.captions import read_captions
+
+    (caption_root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    try:
+        captions = read_captions(caption_root, [caption_root / "a.png"])
+    except UserError:
+        return
+    assert len(captions) == 1 and isinstance(captions[0], str) and captions[0]
