@@ -28,6 +28,7 @@ from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
+from ditkit.validate import naming
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -221,6 +222,11 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / "ema.safetensors").is_file():
         path = path / "ema.safetensors"  # a ditkit training checkpoint folder: sample its EMA weights
+    elif path.is_dir() and any((path / name).is_file() for name in ("model.safetensors", "state.pt")):
+        raw = path / "model.safetensors"
+        use = f"pass {raw} to use the raw (non-EMA) weights, or " if raw.is_file() else "pass "
+        raise UserError(f"{path} is a ditkit training checkpoint folder without ema.safetensors (incomplete, or "
+                        f"the file was deleted); {use}an earlier checkpoint folder")
     elif path.is_dir():
         state_dict, config, hints = read_diffusers_folder(path)  # a diffusers transformer or pipeline folder
         return CheckpointFile(path, state_dict, config, hints, diffusers=True)
@@ -229,7 +235,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         config = None
         if CONFIG_KEY in metadata:
             try:
-                config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+                with naming(path):
+                    config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
             except json.JSONDecodeError:
                 raise UserError(f"{path}: the stored model config is not valid JSON") from None
         return CheckpointFile(path, extract_state_dict(tensors, path), config, recipe_json=metadata.get(METADATA_KEY))
@@ -237,7 +244,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
     hints, latents = _official_args(obj.get("args")) if isinstance(obj, Mapping) else ({}, None)
     config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
-        config = DiTConfig.from_dict(dict(obj["config"]))
+        with naming(path):
+            config = DiTConfig.from_dict(dict(obj["config"]))
     return CheckpointFile(path, extract_state_dict(obj, path), config, hints, latents=latents)
 
 

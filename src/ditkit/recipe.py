@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.models.config import DiTConfig
 
@@ -216,10 +217,11 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Recipe:
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
         """Read a stored recipe; unknown keys, wrong types and newer versions get one line each."""
         if not isinstance(data, dict):
             raise UserError(f"recipe must be a JSON object, got {type(data).__name__}")
+        validate.recipe_dict(data, where)  # types and bounds before any part is built
         version = data.get("version")
         if not isinstance(version, int) or version < 1:
             raise UserError(f"recipe: version must be a positive integer, got {version!r}")
@@ -250,7 +252,8 @@ class Recipe:
             data = json.loads(text)
         except json.JSONDecodeError:
             raise UserError(f"{where}: the stored recipe is not valid JSON") from None
-        return cls.from_dict(data)
+        with validate.naming(where):
+            return cls.from_dict(data, where)
 
     # --- changes
 
@@ -308,6 +311,7 @@ def parts_from_dict(data: Any, where: str = "recipe") -> tuple[LatentSpace, Cond
     if not isinstance(data, dict):
         raise UserError(f"{where}: the stored recipe part must be a JSON object")
     _known_keys(data, {"version", "latents", "conditioning"}, where)
+    validate.recipe_dict({"model": {}, **data}, where)
     conditioning = dict(data.get("conditioning") or {})
     if conditioning.get("classes") is not None:
         conditioning["classes"] = tuple(conditioning["classes"])

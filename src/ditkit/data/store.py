@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.recipe import Conditioning, LatentSpace, parts_from_dict
 
@@ -90,6 +91,7 @@ def shard_problem(path: Path) -> str | None:
 def open_shard(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a shard as read-only numpy memory maps (pages are read only when touched)."""
     header, start = _read_header(path)
+    validate.shard_header(header, path.stat().st_size - start, str(path))  # shapes fit the bytes, before a map
     arrays = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -126,8 +128,10 @@ def read_manifest(store: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{store} is not a latent store (no {MANIFEST}); create one with ditkit extract") from None
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is unreadable ({err}); rerun ditkit extract to rewrite it") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a ditkit latent-store manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path} is not a ditkit latent-store manifest (format {found!r})")
+    validate.store_manifest(manifest, store, str(path))  # types, ranges, file names inside the store
     return manifest
 
 

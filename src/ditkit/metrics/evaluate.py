@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditkit.counts import MAX_BATCH, bounded
 from ditkit.errors import UserError
-from ditkit.io import cache_dir
+from ditkit.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.metrics.inception_score import inception_score
 from ditkit.metrics.precision_recall import precision_recall
@@ -265,7 +266,7 @@ def compute_activations(
 
 def _cache_path(images: ImageSet, network: Any) -> Path:
     key = json.dumps([CACHE_VERSION, images.fingerprint, getattr(network, "fingerprint", "")])
-    return cache_dir() / "reference-stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    return cache_file(f"reference-stats/{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
 
 
 def reference_features(
@@ -444,6 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    bounded(args.batch_size, "--batch-size", 1, MAX_BATCH)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)

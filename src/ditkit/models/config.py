@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ditkit.errors import UserError
+from ditkit.validate import model_limits
 
 # The class-conditional blocks of the DiT paper's ablation, then PixArt-α's text block.
 CLASS_CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
@@ -108,6 +109,7 @@ class DiTConfig:
             raise UserError(f"model config: interpolation_scale must be positive, got {self.interpolation_scale}")
         if self.conditioning != "text" and float(self.interpolation_scale) != 1.0:
             raise UserError("model config: interpolation_scale applies to text models (conditioning text) only")
+        model_limits(self)  # upper bounds and the model's size, before anything is built from it
 
     @property
     def is_text(self) -> bool:

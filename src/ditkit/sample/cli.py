@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
+from ditkit.path_guard import refuse_overlap
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.options import SampleOptions, add_arguments
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace | SampleOptions) -> int:
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device
     out = Path(args.out)
+    counts.sample_flags(args)  # counts bounded before anything is read or allocated
+    refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow=("contains", "is inside"))
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace | SampleOptions) -> int:
             return 0
         if info.is_main:
             lock = FolderLock(out, "ditkit sample", "--out")
+            counts.sample_space(args.num_samples, sampler.recipe.image_size, out)
             print(sampler.describe())
         if info.is_main and args.class_labels:
             print("note: --class-labels is ignored with --num-samples (labels are uniform over the classes)")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, commit_temporary, discard_temporary, new_temporary
 from ditkit.sample.pipeline import SamplingPipeline
@@ -224,7 +225,7 @@ def _check_settings(out: Path, settings: dict[str, Any], write: bool) -> None:
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
     if path.exists():
         try:
-            stored = json.loads(path.read_text())
+            stored = validate.settings_json(json.loads(path.read_text()), str(path))
         except (OSError, json.JSONDecodeError):
             stored = None
         if stored != settings:

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from ditkit import flag_checks
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
 from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import Objective, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
-from ditkit.sample.options import SampleOptions
+from ditkit.sample.options import TRAINING_TIMESTEPS, SampleOptions
 
 DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -209,16 +210,20 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
+    flag_checks.conditioning_flags(args, model.config.is_text)  # a flag the model cannot use is refused
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
     recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
+    flag_checks.guidance_interval(args.guidance_interval, objective.kind,
+                                  getattr(recipe.process, "diffusion_steps", TRAINING_TIMESTEPS))
     time_shift = float(args.time_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
+    flag_checks.sampler_flags(args, sampler)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
     cfg = float(args.cfg_scale)
     if cfg != 1.0 and not model.config.is_text and \

@@ -7,6 +7,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from ditkit import counts
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
@@ -112,6 +113,7 @@ def validate(opts: TrainOptions, world_size: int) -> None:
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
     process_of(opts)  # the objective's flags: one line for a bad value or combination
+    counts.train_options(opts)  # steps, batch and sizes bounded before any work
     if not 0 <= opts.global_seed <= MAX_SEED:
         raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
     if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
@@ -148,7 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-steps", type=int, default=DEFAULTS["max_steps"],
       help="stop after this many optimizer steps (overrides --epochs)")
     a("--global-seed", type=int, default=DEFAULTS["global_seed"])
-    a("--lr", type=float, default=DEFAULTS["lr"])
+    a("--lr", type=float, default=DEFAULTS["lr"],
+      help=f"AdamW learning rate (default {DEFAULTS['lr']:g}); with --resume a different value is applied from "
+      "the resumed step on and logged (the same value resumes bit-exactly)")
     a("--ema-decay", type=float, default=DEFAULTS["ema_decay"])
     a("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
       help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
@@ -159,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="clip the gradient norm (0 = off, the paper's setting)")
     a("--log-every", type=int, default=DEFAULTS["log_every"])
     a("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"])
-    a("--keep-last", type=int, default=DEFAULTS["keep_last"], help="keep only the newest N checkpoints (0 = all)")
+    a("--keep-last", type=int, default=DEFAULTS["keep_last"],
+      help="keep only the newest N checkpoints (0 = all), and the last good one a NaN would name")
     a("--sample-every", type=int, default=DEFAULTS["sample_every"],
       help="write an EMA sample grid every N steps (0 = off)")
     a("--eval-every", type=int, default=DEFAULTS["eval_every"], help="score EMA samples every N steps (digits data)")
