@@ -92,7 +92,8 @@ def _flow(recipe: Recipe) -> Objective:
     from ditkit.transport import objective as flow
 
     p = recipe.process
-    transport = create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling)
+    transport = create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling,
+                                 t_mean=p.t_mean, t_std=p.t_std, cosine_weight=p.cosine_weight)
 
     def sample(denoiser: Any, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return flow.sample(denoiser, noise, transport=transport, **kwargs)

@@ -61,14 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs=2,
         metavar=("T_LO", "T_HI"),
-        help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data)",
+        help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data; default: the "
+        "checkpoint recipe's, else everywhere)",
     )
     parser.add_argument("--sampler", choices=list(sampler_names()), default=None,
                         help="default: the checkpoint's process's first: ddpm (diffusion), dopri5 (flow)")
     parser.add_argument("--num-steps", type=int, help="sampling steps (default: ddpm 250, ddim 50, dpm-solver 20; "
                         "flow: euler 50, heun 25, sde-euler/sde-heun 250; dopri5 is adaptive)")
-    parser.add_argument("--time-shift", type=float, default=1.0,
-                        help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise)")
+    parser.add_argument("--time-shift", type=float, default=None,
+                        help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise; default: "
+                        "the checkpoint recipe's, else 1)")
     parser.add_argument("--objective", choices=["diffusion", "flow"], default=None,
                         help="the process of a checkpoint that records none (default: flow/velocity for files "
                         "named SiT-*, else diffusion); a checkpoint's own recipe cannot be overridden")

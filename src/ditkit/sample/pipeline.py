@@ -232,7 +232,9 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
                              found.recipe_json is not None)
     recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
-    time_shift = float(getattr(args, "time_shift", 1.0))
+    # The recipe's sampling defaults (`Recipe.sampling`) where the flag is not given; a flag wins.
+    flag_shift = getattr(args, "time_shift", None)
+    time_shift = recipe.sampling.time_shift if flag_shift is None else float(flag_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
@@ -246,7 +248,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     return Sampler(
         model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
-        interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        interval=tuple(args.guidance_interval) if args.guidance_interval else recipe.sampling.guidance_interval,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
         time_shift=time_shift,
     )

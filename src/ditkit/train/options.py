@@ -9,8 +9,8 @@ from typing import Any
 
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
-from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
-from ditkit.recipe import DiffusionProcess, FlowProcess
+from ditkit.models.config import CONDITIONINGS, KNOB_CHOICES, KNOB_DEFAULTS, MODEL_NAMES
+from ditkit.recipe import DiffusionProcess, FlowProcess, SamplingDefaults
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
@@ -61,6 +61,17 @@ class TrainOptions:
     skip_nonfinite: bool = False
     exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
+    # The modern recipe (LightningDiT; docs/lightningdit.md): model switches, flow training terms, sampling defaults.
+    norm: str = "layernorm"
+    qk_norm: str = "none"
+    rope: bool = False
+    mlp: str = "gelu"
+    preset_model: str | None = None  # "lightningdit": RMSNorm + RoPE + SwiGLU (its released XL/1's switches)
+    t_mean: float | None = None  # flow, lognormal t: sigmoid(N(t_mean, t_std²)); default 0, 1
+    t_std: float | None = None
+    loss_cosine_weight: float | None = None  # flow, velocity: weight of the velocity-direction term (default 0)
+    sample_time_shift: float | None = None  # recorded sampling default (flow): SD3-convention timestep shift
+    sample_guidance_interval: tuple[float, float] | None = None  # recorded sampling default: guide only here
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
 
 
@@ -111,6 +122,7 @@ def validate(opts: TrainOptions, world_size: int) -> None:
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
     process_of(opts)  # the objective's flags: one line for a bad value or combination
+    model_knobs(opts), sampling_of(opts)  # the modern recipe's flags, checked here too
     if not 0 <= opts.global_seed <= MAX_SEED:
         raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
     if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
@@ -121,7 +133,28 @@ def validate(opts: TrainOptions, world_size: int) -> None:
 
 
 OBJECTIVES = ("diffusion", "flow")
-FLOW_ONLY = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps")
+FLOW_ONLY = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps", "t_mean", "t_std",
+             "loss_cosine_weight", "sample_time_shift")
+# --preset-model NAME: model switches; a switch given on the command line (away from its default) wins.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {"lightningdit": {"norm": "rmsnorm", "rope": True, "mlp": "swiglu"}}
+
+
+def model_knobs(opts: TrainOptions) -> dict[str, Any]:
+    """The model config's modern-recipe switches from the flags and the preset (checked by DiTConfig)."""
+    if opts.preset_model is not None and opts.preset_model not in MODEL_PRESETS:
+        raise UserError(f"unknown --preset-model {opts.preset_model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    knobs = dict(MODEL_PRESETS.get(opts.preset_model or "", {}))
+    knobs.update({k: getattr(opts, k) for k, default in KNOB_DEFAULTS.items() if getattr(opts, k) != default})
+    return knobs
+
+
+def sampling_of(opts: TrainOptions) -> SamplingDefaults:
+    """The recipe's sampling defaults from --sample-time-shift / --sample-guidance-interval."""
+    interval = opts.sample_guidance_interval
+    sampling = SamplingDefaults(time_shift=1.0 if opts.sample_time_shift is None else float(opts.sample_time_shift),
+                                guidance_interval=tuple(float(v) for v in interval) if interval else None)
+    sampling.validate()
+    return sampling
 
 
 def process_of(opts: TrainOptions) -> DiffusionProcess | FlowProcess:
@@ -144,13 +177,19 @@ def process_of(opts: TrainOptions) -> DiffusionProcess | FlowProcess:
         raise UserError("--noise-schedule is a diffusion setting; flow matching takes --path-type instead")
     process = FlowProcess(path_type=opts.path_type or "Linear", prediction=opts.prediction or "velocity",
                           loss_weight=opts.loss_weight, train_eps=opts.train_eps, sample_eps=opts.sample_eps,
-                          t_sampling=opts.t_sampling or "uniform")
+                          t_sampling=opts.t_sampling or "uniform", **_given(opts, t_mean="t_mean", t_std="t_std",
+                                                                             cosine_weight="loss_cosine_weight"))
     process.validate()
     from ditkit.transport import create_transport  # the eps and weighting rules, checked once here
 
     create_transport(process.path_type, process.prediction, process.loss_weight, process.train_eps,
-                     process.sample_eps, process.t_sampling)
+                     process.sample_eps, process.t_sampling, cosine_weight=process.cosine_weight)
     return process
+
+
+def _given(opts: TrainOptions, **fields_by_name: str) -> dict[str, float]:
+    """{recipe field: float(option)} for the options given (not None)."""
+    return {k: float(getattr(opts, v)) for k, v in fields_by_name.items() if getattr(opts, v) is not None}
 
 
 # Every flag's default is the TrainOptions field's: written once, there.
@@ -211,6 +250,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
     a("--no-progress", action="store_true")
+    a("--norm", choices=KNOB_CHOICES["norm"], default=DEFAULTS["norm"], help="block norm (LightningDiT: rmsnorm)")
+    a("--qk-norm", nargs="?", const="rmsnorm", choices=KNOB_CHOICES["qk_norm"], default=DEFAULTS["qk_norm"],
+      help="normalise q and k per head (bare flag: rmsnorm)")
+    a("--rope", action="store_true", help="2D rotary position embedding on q and k (LightningDiT's axial RoPE)")
+    a("--mlp", choices=KNOB_CHOICES["mlp"], default=DEFAULTS["mlp"], help="MLP (swiglu: LightningDiT's width rule)")
+    a("--preset-model", choices=tuple(MODEL_PRESETS), default=None,
+      help="lightningdit: --norm rmsnorm --rope --mlp swiglu (its released model's switches)")
+    a("--t-mean", type=float, default=None, help="flow, --t-sampling lognormal: mean of the normal (default 0)")
+    a("--t-std", type=float, default=None, help="flow, --t-sampling lognormal: std of the normal (default 1)")
+    a("--loss-cosine-weight", type=float, default=None,
+      help="flow, velocity: weight of the velocity-direction (1 − cos) loss term (LightningDiT: 1; default 0)")
+    a("--sample-time-shift", type=float, default=None,
+      help="flow: the timestep shift `ditkit sample` uses by default, recorded in the recipe (LightningDiT: 1/0.3)")
+    a("--sample-guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
+      help="the guidance interval `ditkit sample` uses by default, recorded in the recipe")
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class FlowTraining:
         """{"loss", "mse"} per sample for data x_start, uniform draws t ∈ [0, 1) and noise (x0)."""
         times = self.transport.times_from_uniform(t.to(x_start.dtype))
         terms = self.transport.training_losses(model, x_start, model_kwargs, t=times, x0=noise)
-        return {"loss": terms["loss"], "mse": terms["mse"]}
+        return {k: terms[k] for k in ("loss", "mse", "cos") if k in terms}
 
 
 class _Counted:
