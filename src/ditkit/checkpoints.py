@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from ditkit import lightningdit
 from ditkit.diffusers_folder import folder_recipe, read_diffusers_folder
 from ditkit.errors import UserError
-from ditkit import lightningdit
 from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig

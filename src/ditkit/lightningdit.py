@@ -52,9 +52,10 @@ def recipe_from_config(config: Mapping[str, Any], model: DiTConfig) -> Recipe:
     process = FlowProcess(t_sampling="lognormal" if transport.get("use_lognorm") else "uniform",
                           cosine_weight=1.0 if transport.get("use_cosine_loss") else 0.0)
     data, vae = dict(config.get("data") or {}), dict(config.get("vae") or {})
-    latents = LatentSpace(vae=str(vae.get("model_name") or "vavae_f16d32"),
-                          scale=float(data.get("latent_multiplier", 1.0)), downsample=int(vae.get("downsample_ratio", 16)))
-    return Recipe(model=model, process=process, latents=latents, sampling=_sampling(dict(config.get("sample") or {})))
+    scale, factor = float(data.get("latent_multiplier", 1.0)), int(vae.get("downsample_ratio", 16))
+    latents = LatentSpace(vae=str(vae.get("model_name") or "vavae_f16d32"), scale=scale, downsample=factor)
+    sampling = _sampling(dict(config.get("sample") or {}))
+    return Recipe(model=model, process=process, latents=latents, sampling=sampling)
 
 
 def released_recipe(model: DiTConfig, latents: LatentSpace) -> Recipe:

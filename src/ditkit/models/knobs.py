@@ -157,7 +157,7 @@ def knobs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, A
     width = state_dict.get("blocks.0.attn.proj.weight")
     if per_head is not None and width is not None and width.shape[0] % per_head.shape[-1] == 0:
         found["num_heads"] = width.shape[0] // per_head.shape[-1]
-    if "blocks.0.norm1.weight" in state_dict:
+    if "blocks.0.norm1.weight" in state_dict and "blocks.0.norm1.bias" not in state_dict:  # affine LN has a bias
         found["norm"] = "rmsnorm"
     if "blocks.0.attn.q_norm.weight" in state_dict:
         found["qk_norm"] = "layernorm" if "blocks.0.attn.q_norm.bias" in state_dict else "rmsnorm"
