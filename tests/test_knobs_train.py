@@ -147,3 +147,37 @@ def test_sigkill_then_resume_with_every_knob_matches_the_uninterrupted_run(tmp_p
         a, b = (load_file(str(r / "checkpoints" / "0000012" / name)) for r in (killed, tmp_path / "clean"))
         assert a.keys() == b.keys() and "feat_rope.freqs_cos" in a
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_latent_norm_uses_the_stores_channel_statistics_and_sampling_undoes_them(tmp_path):
+    """--latent-norm: items are ((z − shift)·scale − mean_c)/std_c with the manifest's statistics (float64 check),
+    the recipe records them, and the sampler maps the model's output back before the VAE decodes it."""
+    from ditkit.autoencoder import load_vae
+    from ditkit.data.extract import extract
+    from ditkit.data.store import LatentStore
+    from ditkit.sample.pipeline import load_for_sampling
+    from test_data_fixtures import make_image_folder, make_tiny_vae
+    from test_sample import parse
+
+    folder, vae_dir = make_image_folder(tmp_path / "images", corrupt=False), make_tiny_vae(tmp_path / "vae")
+    extract(folder, tmp_path / "latents", load_vae(str(vae_dir)), image_size=16, batch_size=4, shard_size=8,
+            dtype="float32", workers=0, progress=False)
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    run = train(options(tmp_path, data_path=str(tmp_path / "latents"), image_size=None, global_batch_size=4,
+                        max_steps=1, ckpt_every=1, latent_norm=True, model_overrides=dict(depth=1, hidden_size=32,
+                                                                                          num_heads=2)))
+    recipe = ditkit.load_model_with_recipe(run.results_dir / "checkpoints" / "0000001")[1]
+    assert recipe.latents.mean == tuple(manifest["channel_mean"])
+    assert recipe.latents.std == tuple(manifest["channel_std"])
+    plain = LatentStore(tmp_path / "latents", resample=False, random_flip=False)
+    normed = LatentStore(tmp_path / "latents", resample=False, random_flip=False)
+    normed.channel_norm = recipe.latents
+    m, s = (torch.tensor(manifest[k], dtype=torch.float64).view(-1, 1, 1) for k in ("channel_mean", "channel_std"))
+    assert torch.allclose(normed[0][0].double(), (plain[0][0].double() - m) / s, atol=1e-6)
+    x = torch.randn(2, *plain[0][0].shape, dtype=torch.float64)
+    assert torch.allclose(recipe.latents.denormalize(recipe.latents.normalize(x)), x, atol=1e-12)
+    sampler = load_for_sampling(parse(run.results_dir / "checkpoints" / "0000001", "--class-labels", "0"),
+                                torch.device("cpu"))
+    assert sampler.recipe.latents.mean == recipe.latents.mean  # kept when the VAE is loaded for decoding
+    with pytest.raises(ditkit.errors.UserError, match="needs a latent store"):
+        train(options(tmp_path / "digits", max_steps=1, latent_norm=True))

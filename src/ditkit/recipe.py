@@ -105,7 +105,9 @@ Process = DiffusionProcess | FlowProcess
 class LatentSpace:
     """Pixels (`vae` None, `downsample` 1) or the latents of a VAE named by a Hugging Face id or a local path.
 
-    Latents fed to the model are `(encode(x) - shift) * scale`, as diffusers' SD/SD3 pipelines use them.
+    Latents fed to the model are `(encode(x) - shift) * scale`, as diffusers' SD/SD3 pipelines use them, and
+    then, when channel statistics are given (`mean`, `std`: of those scaled latents, as a latent store's manifest
+    holds them; LightningDiT's latent_norm), `(· - mean_c) / std_c` per channel.
     The latent channels and side are the model's `in_channels` / `input_size` (recorded once, there).
     """
 
@@ -113,9 +115,7 @@ class LatentSpace:
     scale: float = 1.0
     shift: float = 0.0
     downsample: int = 1
-    # Channel-wise statistics of the VAE's latents (LightningDiT's latent_norm): when given, latents are first
-    # normalised per channel, (z − mean_c) / std_c, then shifted and scaled as above.
-    mean: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = None  # per-channel statistics of the scaled latents (see above)
     std: tuple[float, ...] | None = None
 
     @property
@@ -140,6 +140,18 @@ class LatentSpace:
             for k, (m, s) in enumerate(zip(self.mean, self.std)):
                 _number(m, f"latents.mean[{k}]")
                 _number(s, f"latents.std[{k}]", low=0.0, open_low=True)
+
+    def normalize(self, x: Any) -> Any:
+        """Scaled VAE latents N×C×h×w (a tensor) → the model's units (identity without channel statistics)."""
+        if self.mean is None:
+            return x
+        return (x - x.new_tensor(self.mean).view(1, -1, 1, 1)) / x.new_tensor(self.std).view(1, -1, 1, 1)
+
+    def denormalize(self, x: Any) -> Any:
+        """The model's units → scaled VAE latents, what the VAE's `decode` takes (inverse of `normalize`)."""
+        if self.mean is None:
+            return x
+        return x * x.new_tensor(self.std).view(1, -1, 1, 1) + x.new_tensor(self.mean).view(1, -1, 1, 1)
 
     @classmethod
     def sd_vae(cls, name: str = "stabilityai/sd-vae-ft-ema") -> LatentSpace:

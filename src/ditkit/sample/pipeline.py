@@ -7,6 +7,7 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,7 @@ class Sampler:
             # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
             # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
             bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
+            x = self.recipe.latents.denormalize(x) if self.recipe is not None else x  # channel statistics
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low and not bf16_weights):
                 x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated. To uint8 and NHWC on the
@@ -230,7 +232,9 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
                              found.recipe_json is not None)
-    recipe = recipe.replace(latents=_latent_space(vae))
+    stats = {"mean": recipe.latents.mean, "std": recipe.latents.std}  # of the model's training latents: kept
+    recipe = recipe.replace(latents=dataclasses.replace(_latent_space(vae), **stats) if vae is not None else
+                            _latent_space(vae))
     objective = objective_for(recipe)
     # The recipe's sampling defaults (`Recipe.sampling`) where the flag is not given; a flag wins.
     flag_shift = getattr(args, "time_shift", None)

@@ -607,11 +607,12 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
             f"{path} was trained with process {stored.to_dict()['process']} but this run asks for "
             f"{recipe.to_dict()['process']}; pass the same flags (e.g. --noise-schedule) or another --results-dir"
         )
-    for part, what in (("model", "model switches"), ("sampling", "sampling defaults")):
-        old, new = (stored.model.knobs, recipe.model.knobs) if part == "model" else (stored.sampling, recipe.sampling)
+    for what, old, new in (("model switches", stored.model.knobs, recipe.model.knobs),
+                           ("sampling defaults", stored.sampling, recipe.sampling),
+                           ("latent channel means", stored.latents.mean, recipe.latents.mean)):
         if old != new:
-            raise UserError(f"{path} was trained with {what} {old} but this run asks for {new}; pass the same "
-                            "flags (--norm, --qk-norm, --rope, --mlp, --sample-*) or another --results-dir")
+            raise UserError(f"{path} was trained with {what} {old} but this run asks for {new}; pass the same flags "
+                            "(--norm, --qk-norm, --rope, --mlp, --sample-*, --latent-norm) or another --results-dir")
 
 
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):

@@ -72,6 +72,7 @@ class TrainOptions:
     loss_cosine_weight: float | None = None  # flow, velocity: weight of the velocity-direction term (default 0)
     sample_time_shift: float | None = None  # recorded sampling default (flow): SD3-convention timestep shift
     sample_guidance_interval: tuple[float, float] | None = None  # recorded sampling default: guide only here
+    latent_norm: bool = False  # latent stores: normalise each channel by the store's mean/std (recorded)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
 
 
@@ -119,6 +120,9 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError(f"--eval-samples must be at least 2, got {opts.eval_samples}")
     if opts.eval_every and opts.data_path != "digits":
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
+    if opts.latent_norm and opts.data_path == "digits":
+        raise UserError("--latent-norm needs a latent store (its manifest holds the channel statistics); digits "
+                        "are pixels: drop --latent-norm")
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
     process_of(opts)  # the objective's flags: one line for a bad value or combination
@@ -263,6 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="flow, velocity: weight of the velocity-direction (1 − cos) loss term (LightningDiT: 1; default 0)")
     a("--sample-time-shift", type=float, default=None,
       help="flow: the timestep shift `ditkit sample` uses by default, recorded in the recipe (LightningDiT: 1/0.3)")
+    a("--latent-norm", action="store_true",
+      help="latent stores: normalise each latent channel by the store's mean and std (LightningDiT's latent_norm)")
     a("--sample-guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
       help="the guidance interval `ditkit sample` uses by default, recorded in the recipe")
 
