@@ -74,8 +74,9 @@ class Rope2D(nn.Module):
         self.register_buffer("freqs_sin", sin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.freqs_cos.to(x.dtype), self.freqs_sin.to(x.dtype)
-        return x * cos + rotate_pairs(x) * sin
+        # In float32 with the float32 tables (bf16 tables would be off by up to 2^-9), back in x's dtype.
+        xf = x.float()
+        return (xf * self.freqs_cos + rotate_pairs(xf) * self.freqs_sin).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
