@@ -266,7 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--loss-cosine-weight", type=float, default=None,
       help="flow, velocity: weight of the velocity-direction (1 − cos) loss term (LightningDiT: 1; default 0)")
     a("--sample-time-shift", type=float, default=None,
-      help="flow: the timestep shift `ditkit sample` uses by default, recorded (SD3 convention: LightningDiT 0.3 = 3.333)")
+      help="flow: the timestep shift `ditkit sample` uses by default, recorded (SD3's; LightningDiT 0.3 = 3.333)")
     a("--latent-norm", action="store_true",
       help="latent stores: normalise each latent channel by the store's mean and std (LightningDiT's latent_norm)")
     a("--sample-guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
