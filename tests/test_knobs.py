@@ -3,6 +3,7 @@ built from its code), the fused-kernel routing, and the model config / recipe re
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -200,3 +201,18 @@ def test_rmsnorm_blocks_take_the_plain_path_when_the_fused_kernels_are_on(monkey
 def test_swapped_layers_do_not_take_the_fp8_row_path():
     model = create_model("DiT-S/2", **TINY, qk_norm="rmsnorm")
     assert all(not b.fp8_ok for b in model.blocks) and all(b.fused_ok for b in model.blocks)
+
+
+def test_the_released_lightningdit_xl1_state_dict_layout_loads_strictly():
+    """Every tensor name and shape of their released LightningDiT-XL/1 (the list their class gives at full size,
+    tests/fixtures/lightningdit_xl1_shapes.json): the config read from them builds a DiT that loads it strictly."""
+    data = json.loads(FIXTURE.with_name("lightningdit_xl1_shapes.json").read_text())
+    state = {k: torch.empty(v, device="meta") for k, v in data["shapes"].items()}
+    config = infer_config(state)
+    assert (config.depth, config.hidden_size, config.num_heads, config.patch_size, config.in_channels) == (
+        28, 1152, 16, 1, 32)
+    assert config.knobs == dict(norm="rmsnorm", rope=True, mlp="swiglu") and not config.learn_sigma
+    with torch.device("meta"):
+        model = build_model(config)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == data["shapes"]
+    model.load_state_dict(state, strict=True, assign=True)
