@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ditkit.checkpoints import infer_config
+from ditkit.errors import UserError
 from ditkit.models import DiTConfig, build_model, create_model, kernels
 from ditkit.models.knobs import RMSNorm, Rope2D, SwiGLU, rope_tables, swiglu_hidden
 
@@ -55,6 +56,8 @@ def test_rope_is_a_rotation_of_feature_pairs_by_row_and_column_angles():
     x = torch.randn(2, 3, grid * grid, d)
     assert rel(rope(x), _complex_rope(x, grid)) < 1e-6
     assert torch.allclose(rope(x).norm(dim=-1), x.norm(dim=-1), rtol=1e-5)  # rotations keep the length
+    with pytest.raises(UserError, match="every token"):  # a subset of the tokens (token routing) is refused
+        rope(x[:, :, :10])
 
 
 def test_rope_scores_depend_only_on_the_offset_between_positions():
@@ -169,8 +172,6 @@ def test_default_switches_leave_the_paper_dit_unchanged():
     (dict(mlp="swiglu", conditioning="in-context"), "adaLN models only"),
 ])
 def test_bad_switches_get_one_line(bad, match):
-    from ditkit.errors import UserError
-
     with pytest.raises(UserError, match=match) as err:
         DiTConfig.from_name("DiT-S/2", **{**TINY, **bad})
     assert "\n" not in str(err.value)

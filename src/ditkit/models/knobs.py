@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditkit.errors import UserError
+
 RMS_EPS = 1e-6  # LightningDiT's RMSNorm default
 QK_LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which LightningDiT's LayerNorm QK-norm keeps
 ROPE_THETA = 10000.0
@@ -74,6 +76,9 @@ class Rope2D(nn.Module):
         self.register_buffer("freqs_sin", sin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] != self.freqs_cos.shape[0]:  # e.g. TREAD's routed blocks see a subset of the tokens
+            raise UserError(f"2D RoPE needs every token of the {self.freqs_cos.shape[0]}-token grid, got "
+                            f"{x.shape[-2]}: token routing with --rope is not supported yet; drop one of them")
         # In float32 with the float32 tables (bf16 tables would be off by up to 2^-9), back in x's dtype.
         xf = x.float()
         return (xf * self.freqs_cos + rotate_pairs(xf) * self.freqs_sin).to(x.dtype)
