@@ -57,12 +57,15 @@ def test_a_recipe_with_every_knob_round_trips_and_a_version_1_recipe_reads_with_
                                         std=(1.0, 2.0, 0.5, 1.5)),
                     sampling=SamplingDefaults(time_shift=1 / 0.3, guidance_interval=(0.11, 1.0)))
     assert Recipe.from_json(recipe.to_json()) == recipe
+    assert json.loads(recipe.to_json())["version"] == 2
+    # A recipe that uses none of the new fields is written as before (version 1, no new keys): older ditkits
+    # read it, and it reads back with every new field at its default.
     old = json.loads(Recipe(model=DiTConfig.from_name("DiT-S/2"), process=FlowProcess()).to_json())
-    del old["sampling"], old["process"]["t_mean"], old["process"]["t_std"], old["process"]["cosine_weight"]
-    old["version"] = 1
+    assert old["version"] == 1 and "sampling" not in old and not {"t_mean", "t_std", "cosine_weight"} & set(
+        old["process"]) and not {"mean", "std"} & set(old["latents"]) and not set(KNOBS) & set(old["model"])
     read = Recipe.from_dict(old)
     assert read.sampling == SamplingDefaults() and (read.process.t_mean, read.process.t_std) == (0.0, 1.0)
-    assert "mean" not in old["latents"] and read.latents.mean is None
+    assert read.latents.mean is None and not read.model.knobs
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -29,6 +29,9 @@ from ditkit.errors import UserError
 from ditkit.models.config import DiTConfig
 
 RECIPE_VERSION = 2  # 2: flow t_mean/t_std/cosine_weight, latents mean/std, the sampling part, model knobs
+# Fields of version 2, written only when they differ from their defaults: a recipe that uses none of them is
+# written as version 1, byte for byte as before, and older ditkits still read it.
+V2_PROCESS_DEFAULTS: dict[str, Any] = {"t_mean": 0.0, "t_std": 1.0, "cosine_weight": 0.0}
 METADATA_KEY = "recipe"  # the safetensors metadata key (beside the older "config" key, kept for old readers)
 SD_VAE_SCALE = 0.18215  # the SD-VAE latent scale the DiT paper uses
 
@@ -262,17 +265,25 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         process = {"kind": self.process.kind, **dataclasses.asdict(self.process)}
+        for name, default in V2_PROCESS_DEFAULTS.items():
+            if process.get(name, default) == default:
+                process.pop(name, None)
         conditioning = dataclasses.asdict(self.conditioning)
         if conditioning["classes"] is not None:
             conditioning["classes"] = list(conditioning["classes"])
-        return {
+        out = {
             "version": self.version,
             "model": self.model.to_dict(),
             "process": process,
             "latents": _latents_dict(self.latents),
             "conditioning": conditioning,
-            "sampling": _sampling_dict(self.sampling),
         }
+        if self.sampling != SamplingDefaults():
+            out["sampling"] = _sampling_dict(self.sampling)
+        uses_v2 = ("sampling" in out or self.model.knobs or self.latents.mean is not None
+                   or any(k in process for k in V2_PROCESS_DEFAULTS))
+        out["version"] = min(self.version, RECIPE_VERSION if uses_v2 else 1)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -363,7 +374,8 @@ def parts_to_dict(latents: LatentSpace, conditioning: Conditioning) -> dict[str,
     cond = dataclasses.asdict(conditioning)
     if cond["classes"] is not None:
         cond["classes"] = list(cond["classes"])
-    return {"version": RECIPE_VERSION, "latents": _latents_dict(latents), "conditioning": cond}
+    version = RECIPE_VERSION if latents.mean is not None else 1  # as Recipe.to_dict: v1 unless a v2 field is used
+    return {"version": version, "latents": _latents_dict(latents), "conditioning": cond}
 
 
 def parts_from_dict(data: Any, where: str = "recipe") -> tuple[LatentSpace, Conditioning]:
