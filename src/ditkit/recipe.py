@@ -33,6 +33,7 @@ RECIPE_VERSION = 2  # 2: flow t_mean/t_std/cosine_weight, latents mean/std, the 
 # written as version 1, byte for byte as before, and older ditkits still read it.
 V2_PROCESS_DEFAULTS: dict[str, Any] = {"t_mean": 0.0, "t_std": 1.0, "cosine_weight": 0.0}
 METADATA_KEY = "recipe"  # the safetensors metadata key (beside the older "config" key, kept for old readers)
+SD_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE the DiT authors sample their releases through
 SD_VAE_SCALE = 0.18215  # the SD-VAE latent scale the DiT paper uses
 
 
@@ -157,7 +158,7 @@ class LatentSpace:
         return x * x.new_tensor(self.std).view(1, -1, 1, 1) + x.new_tensor(self.mean).view(1, -1, 1, 1)
 
     @classmethod
-    def sd_vae(cls, name: str = "stabilityai/sd-vae-ft-ema") -> LatentSpace:
+    def sd_vae(cls, name: str = SD_VAE) -> LatentSpace:
         """The SD-VAE space of the DiT paper: ×0.18215, factor 8."""
         return cls(vae=name, scale=SD_VAE_SCALE, shift=0.0, downsample=8)
 
