@@ -169,7 +169,7 @@ def test_default_switches_leave_the_paper_dit_unchanged():
 @pytest.mark.parametrize("bad, match", [
     (dict(norm="batchnorm"), "unknown norm"), (dict(mlp="geglu"), "unknown mlp"),
     (dict(rope="yes"), "rope must be true or false"), (dict(rope=True, num_heads=8), "head width"),
-    (dict(mlp="swiglu", conditioning="in-context"), "adaLN models only"),
+    (dict(mlp="swiglu", conditioning="in-context"), "need an adaLN model"),
 ])
 def test_bad_switches_get_one_line(bad, match):
     with pytest.raises(UserError, match=match) as err:

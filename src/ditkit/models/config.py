@@ -134,8 +134,8 @@ class DiTConfig:
         if not isinstance(self.rope, bool):
             raise UserError(f"model config: rope must be true or false, got {self.rope!r}")
         if self.knobs and self.conditioning not in ("adaln-zero", "adaln"):
-            raise UserError(f"model config: {', '.join(self.knobs)} apply to adaLN models only, not conditioning "
-                            f"{self.conditioning}; drop them or use --conditioning adaln-zero")
+            raise UserError(f"model config: the layer switches ({', '.join(self.knobs)}) need an adaLN model, not "
+                            f"conditioning {self.conditioning}; drop them or use --conditioning adaln-zero")
         if self.rope and (self.hidden_size // self.num_heads) % 4:
             raise UserError(f"model config: rope needs a head width divisible by 4, got "
                             f"{self.hidden_size // self.num_heads}; change hidden_size or num_heads")
