@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
+from ditkit import lightningdit
 from ditkit.diffusers_folder import folder_recipe, read_diffusers_folder
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.knobs import knobs_from_state_dict
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
 from ditkit.validate import naming
@@ -102,7 +104,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTCon
     else:
         conditioning = "in-context"
     heads = next((h for (dep, w, h) in SIZES.values() if (dep, w) == (depth, hidden)), max(1, hidden // 64))
-    guess = dict(
+    guess: dict[str, Any] = dict(
         depth=depth,
         hidden_size=hidden,
         num_heads=heads,
@@ -116,6 +118,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTCon
         mlp_ratio=(fc1.shape[0] / hidden) if fc1 is not None else 4.0,
         conditioning=conditioning,
     )
+    guess.update(knobs_from_state_dict(state_dict))  # LightningDiT's layers (RMSNorm, QK-norm, RoPE, SwiGLU)
     guess.update(known)
     return DiTConfig(**guess)
 
@@ -243,6 +246,10 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
     obj = safe_torch_load(path, mmap=True)
     hints, latents = _official_args(obj.get("args")) if isinstance(obj, Mapping) else ({}, None)
     config = None
+    if isinstance(obj, Mapping) and lightningdit.is_train_config(obj.get("config")):  # its run's YAML
+        state_dict = extract_state_dict(obj, path)
+        recipe = lightningdit.recipe_from_config(obj["config"], infer_config(state_dict))
+        return CheckpointFile(path, state_dict, None, recipe_json=recipe.to_json())
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         with naming(path):
             config = DiTConfig.from_dict(dict(obj["config"]))
@@ -295,6 +302,8 @@ def checkpoint_recipe(found: CheckpointFile, config: DiTConfig) -> Recipe:
         # SiT's released files (SiT-XL-2-256x256.pt) are DiT-shaped state dicts that record nothing: their name is
         # the only sign of SiT's process (Linear path, velocity). `ditkit sample --objective` decides otherwise.
         return Recipe(model=config, process=FlowProcess(), latents=infer_recipe(config, found.latents).latents)
+    if config.knobs:  # no paper DiT has LightningDiT's layers: a bare LightningDiT state dict, flow-trained
+        return lightningdit.released_recipe(config, infer_recipe(config, found.latents).latents)
     return infer_recipe(config, found.latents)
 
 

@@ -93,6 +93,9 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
             f"only adaLN-Zero models convert to diffusers (it has no {config.conditioning!r} variant); "
             "convert a model trained with --conditioning adaln-zero"
         )
+    if config.knobs:
+        raise UserError(f"diffusers' DiT has no {', '.join(config.knobs)} (LightningDiT's layers); keep the ditkit "
+                        "checkpoint, which `ditkit sample` reads")
     return dict(
         **convert_pixart.transformer_args(config, "DiT"),
         num_embeds_ada_norm=config.num_classes,

@@ -150,6 +150,7 @@ class LatentStore(Dataset):
         self.seed, self.random_flip, self.resample = seed, random_flip, resample
         self.epoch = 0
         self.scale = float(self.manifest["scale"])
+        self.channel_norm: Any = None  # set by the trainer for --latent-norm (train/batches.with_channel_norm)
         self.shift = float(self.manifest.get("shift", 0.0))
         self.files = [self.root / s["file"] for s in self.manifest["shards"]]
         counts = [int(s["count"]) for s in self.manifest["shards"]]
@@ -234,6 +235,8 @@ class LatentStore(Dataset):
         if noise is not None:
             x.addcmul_(torch.from_numpy(std), noise)
         x.sub_(self.shift).mul_(self.scale)
+        if self.channel_norm is not None:  # --latent-norm: per-channel statistics (a LatentSpace with mean/std)
+            x = self.channel_norm.normalize(x)
         labels = self.labels[idx].tolist()
         return [(x[j], labels[j]) for j in range(n)]
 

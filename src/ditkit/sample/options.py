@@ -38,7 +38,7 @@ class SampleOptions:
     guidance_interval: tuple[float, float] | None = None
     sampler: str | None = None  # default: the objective's first
     num_steps: int | None = None  # default: the sampler's
-    time_shift: float = 1.0
+    time_shift: float | None = None  # default: the checkpoint recipe's (`Recipe.sampling`), else 1
     objective: str | None = None  # for checkpoints that record no recipe
     eta: float = 0.0
     seed: int = 0
@@ -109,14 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--guide-channels", default=d["guide_channels"], choices=["3", "all"],
       help="ε channels guided: 3 as the official code (default) or all")
     a("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=d["guidance_interval"],
-      help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data)")
+      help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data; default: the "
+      "checkpoint recipe's, else everywhere)")
     a("--sampler", choices=list(sampler_names()), default=d["sampler"],
       help="default: the first of the checkpoint's objective: " + ", ".join(
           f"{next(iter(e.samplers()))} ({e.name})" for e in OBJECTIVES.values()))
     a("--num-steps", type=int, default=d["num_steps"],
       help=f"sampling steps (default: {sampler_help()}; dopri5 is adaptive)")
     a("--time-shift", type=float, default=d["time_shift"],
-      help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise)")
+      help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise; default: the checkpoint "
+      "recipe's, else 1)")
     a("--objective", choices=list(OBJECTIVES), default=d["objective"],
       help="the process of a checkpoint that records none (default: flow/velocity for files named SiT-*, else "
       "diffusion); a checkpoint's own recipe cannot be overridden")

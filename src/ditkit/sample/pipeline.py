@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ class SamplingPipeline:
             # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
             # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
             bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
+            x = self.recipe.latents.denormalize(x) if self.recipe is not None else x  # channel statistics
             with precision.autocast() if not bf16_weights else contextlib.nullcontext():
                 x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated. To uint8 and NHWC on the
@@ -214,11 +216,15 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
-    recipe = recipe.replace(latents=_latent_space(vae))
+    stats = {"mean": recipe.latents.mean, "std": recipe.latents.std}  # of the model's training latents: kept
+    recipe = recipe.replace(latents=dataclasses.replace(_latent_space(vae), **stats) if vae is not None else
+                            _latent_space(vae))
     objective = objective_for(recipe)
     flag_checks.guidance_interval(args.guidance_interval, objective.kind,
                                   getattr(recipe.process, "diffusion_steps", TRAINING_TIMESTEPS))
-    time_shift = float(args.time_shift)
+    # The recipe's sampling defaults (`Recipe.sampling`) where the flag is not given; a flag wins.
+    flag_shift = getattr(args, "time_shift", None)
+    time_shift = recipe.sampling.time_shift if flag_shift is None else float(flag_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
@@ -233,7 +239,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     return SamplingPipeline(
         model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
-        interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        interval=tuple(args.guidance_interval) if args.guidance_interval else recipe.sampling.guidance_interval,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
         time_shift=time_shift,
     )

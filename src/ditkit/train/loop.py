@@ -50,7 +50,7 @@ from ditkit.train.checkpoint import (
 )
 from ditkit.train.health import GoodCheckpoints, all_finite, nonfinite_advice, supersede_newer
 from ditkit.train.logging import RunLogger, progress_bar
-from ditkit.train.options import TrainOptions, process_of, validate
+from ditkit.train.options import TrainOptions, model_knobs, process_of, sampling_of, validate
 from ditkit.train.step import TrainStep
 from ditkit.validate import mapping
 
@@ -277,6 +277,7 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
             "class_dropout_prob": opts.class_dropout_prob,
             "conditioning": opts.conditioning,
             **_text_overrides(data, opts),
+            **model_knobs(opts),
             **opts.model_overrides,
         },
     )
@@ -593,6 +594,7 @@ def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Reci
         process=process_of(opts),
         latents=data.latents,
         conditioning=conditioning,
+        sampling=sampling_of(opts),
     )
 
 
@@ -606,6 +608,12 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
             f"{path} was trained with process {stored.to_dict()['process']} but this run asks for "
             f"{recipe.to_dict()['process']}; pass the same flags (e.g. --noise-schedule) or another --results-dir"
         )
+    for what, old, new in (("model switches", stored.model.knobs, recipe.model.knobs),
+                           ("sampling defaults", stored.sampling, recipe.sampling),
+                           ("latent channel means", stored.latents.mean, recipe.latents.mean)):
+        if old != new:
+            raise UserError(f"{path} was trained with {what} {old} but this run asks for {new}; pass the same flags "
+                            "(--norm, --qk-norm, --rope, --mlp, --sample-*, --latent-norm) or another --results-dir")
 
 
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
@@ -623,7 +631,7 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
     return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps,
                    cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
                    precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
-                   recipe=recipe)
+                   recipe=recipe, time_shift=recipe.sampling.time_shift, interval=recipe.sampling.guidance_interval)
 
 
 def _sample_grid(ema: DiT, recipe: Recipe, folder: Path, device: torch.device, precision: str) -> None:
