@@ -25,7 +25,10 @@ from ditkit.models.config import MODEL_NAMES
 from ditkit.objectives import sampler_names
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
+from ditkit.sample.cache import NAMED as CACHE_NAMES
+from ditkit.sample.cache import RECOMMENDED as CACHE_FAST
 from ditkit.sample.pipeline import load_for_sampling
+from ditkit.sample.presets import add_preset_arguments, apply_preset, describe_preset
 from ditkit.sample.prompts import add_prompt_arguments, run_prompts
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py's demo classes
@@ -97,7 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", help="where released checkpoints are kept (default $DITKIT_CACHE or ~/.cache/ditkit)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--cache", default="off", metavar="NAME",
+                        help=f"feature caching: {', '.join(CACHE_NAMES)} (fast = {CACHE_FAST}; fora-N reuses the "
+                        "block stack's residual N-1 of N steps, taylorK-N forecasts it; default off)")
     add_prompt_arguments(parser)
+    add_preset_arguments(parser)  # last: it marks the defaults of the flags a preset sets
 
 
 
@@ -125,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device
+    if info.is_main and args.preset:
+        print(describe_preset(args.preset, apply_preset(args)))
+    else:
+        apply_preset(args)
     out = Path(args.out)
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)

@@ -18,6 +18,9 @@ from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.errors import UserError
 from ditkit.objectives import SAMPLERS, Objective, objective_for
 from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
+from ditkit.sample import presets
+from ditkit.sample.cache import caching
+from ditkit.sample.cache import parse as parse_cache
 
 DEFAULT_STEPS = SAMPLERS["diffusion"]
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -57,6 +60,9 @@ class Sampler:
         return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: str | None = None  # --cache: feature caching (ditkit.sample.cache); None = every block every step
+    preset: str | None = None  # --preset: the paper protocol these settings came from (ditkit.sample.presets)
+    preset_overrides: tuple[str, ...] = ()  # the preset's flags given other values
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -73,6 +79,8 @@ class Sampler:
         cost = f"{nfe} model evaluations per image" if nfe else "adaptive steps (atol 1e-6, rtol 1e-3)"
         steps = "" if self.sampler == "dopri5" else f" {self.num_steps} steps"
         shift = f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
+        if self.cache:
+            cost += f", cache {self.cache}"
         return f"{self.model.config.name}, {self.recipe.process.kind} {self.sampler}{steps}{shift}, {guidance}: {cost}"
 
     def settings(self) -> dict[str, Any]:
@@ -94,6 +102,7 @@ class Sampler:
             "precision": self.precision,
             "time_shift": self.time_shift,
             "recipe": self.recipe.to_dict(),
+            **({"cache": self.cache} if self.cache else {}),  # only when on: older folders keep resuming
         }
 
     def denoiser(self):
@@ -117,7 +126,7 @@ class Sampler:
         )
         low = self.precision in ("bf16", "fp8")  # fp8: the FP8 block linears run inside bf16 autocast
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low)
-        with autocast:
+        with autocast, caching(self.model, parse_cache(self.cache)):  # a fresh cache state for each batch
             x = self.objective.sample(
                 self.denoiser(),
                 noise,
@@ -209,6 +218,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
+    presets.check_checkpoint(getattr(args, "preset", None), found, getattr(args, "objective", None))
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
     # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
@@ -227,6 +237,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
+    presets.check_image_size(getattr(args, "preset", None), model.config.input_size * factor)
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
                              found.recipe_json is not None)
@@ -248,8 +259,15 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
-        time_shift=time_shift,
+        time_shift=time_shift, cache=_cache_name(args), preset=getattr(args, "preset", None),
+        preset_overrides=tuple(getattr(args, "preset_overrides", ())),
     )
+
+
+def _cache_name(args: argparse.Namespace) -> str | None:
+    """--cache as the setting it stands for ("fast" → its measured choice); None for off."""
+    setting = parse_cache(getattr(args, "cache", None))
+    return None if setting is None else setting.name
 
 
 def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Recipe:
