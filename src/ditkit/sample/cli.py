@@ -23,10 +23,10 @@ from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.models.config import MODEL_NAMES
 from ditkit.objectives import sampler_names
-from ditkit.sample.grid import sample_grid
-from ditkit.sample.npz import sample_npz
 from ditkit.sample.cache import NAMED as CACHE_NAMES
 from ditkit.sample.cache import RECOMMENDED as CACHE_FAST
+from ditkit.sample.grid import sample_grid
+from ditkit.sample.npz import sample_npz
 from ditkit.sample.pipeline import load_for_sampling
 from ditkit.sample.presets import add_preset_arguments, apply_preset, describe_preset
 from ditkit.sample.prompts import add_prompt_arguments, run_prompts
