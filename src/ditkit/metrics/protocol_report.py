@@ -58,8 +58,9 @@ def _sampling(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def describe(settings: dict[str, Any]) -> list[str]:
-    """The protocol as a few lines."""
+def describe(settings: dict[str, Any], count: int = 0) -> list[str]:
+    """The protocol as a few lines; `count` is the number of images evaluated (the file's, which wins over the
+    recorded number: a folder extended to more samples keeps its smaller .npz too)."""
     s, protocol = _sampling(settings), settings.get("protocol") or {}
     model = settings.get("model") or {}
     kind = ((settings.get("recipe") or {}).get("process") or {}).get("kind", "?")
@@ -73,8 +74,9 @@ def describe(settings: dict[str, Any]) -> list[str]:
         f"model {name} ({kind}){f', {size}×{size} px' if size else ''}, weights fingerprint {settings.get('weights')}",
         f"sampler {s['sampler']}, {s['num_steps']} steps, {guidance}, time shift {s['time_shift']:g}, "
         f"cache {settings.get('cache') or 'off'}",
-        f"{protocol.get('num_samples', '?')} samples, labels {protocol.get('labels', 'not recorded')}, "
-        f"seed {s['seed']}",
+        f"{count or protocol.get('num_samples', '?')} samples, labels {protocol.get('labels', 'not recorded')}, "
+        f"seed {s['seed']}" + (f" (settings.json records a run of {protocol['num_samples']})"
+                               if count and protocol.get("num_samples") not in (None, count) else ""),
         f"precision {s['precision']}, VAE {s['vae'] or 'none (pixels)'}"
         + (f" (decoder {protocol['decoder_dtype']})" if protocol.get("decoder_dtype") else ""),
     ]
@@ -140,7 +142,8 @@ def report(samples_path: str, samples: Any, reference: Any | None) -> dict[str, 
         return out
     preset, warnings = deviations(settings, samples.count)
     out["protocol"] = {**_sampling(settings), **(settings.get("protocol") or {}), "cache": settings.get("cache")}
-    out["protocol_lines"] = describe(settings)
+    out["protocol"]["num_samples"] = samples.count or out["protocol"].get("num_samples")
+    out["protocol_lines"] = describe(settings, samples.count)
     out["preset_compared"] = None if preset is None else preset.name
     out["preset_reported"] = None if preset is None else dict(preset.reported)
     out["warnings"] = warnings
