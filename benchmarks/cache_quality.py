@@ -180,32 +180,42 @@ def plot(rows: list[dict], path: Path, width: int = 900, panel: int = 300) -> No
 
     groups = sorted({(r["model"], r["sampler"], r["steps"]) for r in rows}, key=str)
     cols = 2
-    height = panel * ((len(groups) + cols - 1) // cols)
-    img = Image.new("RGB", (width, height), "white")
+    img = Image.new("RGB", (width, panel * ((len(groups) + cols - 1) // cols)), "white")
     draw = ImageDraw.Draw(img)
-    for i, (model, sampler, steps) in enumerate(groups):
+    for i, group in enumerate(groups):
         x0, y0 = (i % cols) * (width // cols), (i // cols) * panel
-        mine = [r for r in rows if (r["model"], r["sampler"], r["steps"]) == (model, sampler, steps)]
+        mine = [r for r in rows if (r["model"], r["sampler"], r["steps"]) == group]
         off = next(r for r in mine if r["cache"] == "off")["frechet"]
         rises = [(r["saved"], (r["frechet"] / off - 1) * 100 if off == off and off else 0.0, r["cache"]) for r in mine]
-        top = max(10.0, max(y for _, y, _ in rises) * 1.1)
-        bottom = min(-5.0, min(y for _, y, _ in rises) * 1.1)
-        left, right, up, down = x0 + 50, x0 + width // cols - 20, y0 + 30, y0 + panel - 40
-        sx = lambda v: left + (v - 1) / 4.0 * (right - left)  # noqa: E731 (1× … 5× saved)
-        sy = lambda v: down - (v - bottom) / (top - bottom) * (down - up)  # noqa: E731
-        draw.rectangle([left, up, right, down], outline="black")
-        draw.text((left, y0 + 8), f"{model} {sampler} {steps}: Fréchet change vs evaluations saved", fill="black")
-        draw.line([left, sy(5), right, sy(5)], fill=(200, 0, 0))  # the 5% goal
-        draw.line([left, sy(0), right, sy(0)], fill=(160, 160, 160))
-        draw.text((left - 40, sy(5) - 6), "+5%", fill=(200, 0, 0))
-        for k in range(1, 6):
-            draw.text((sx(k) - 6, down + 4), f"{k}×", fill="black")
-        for saved, rise, name in rises:
-            colour = next((c for p, c in COLOURS.items() if name.startswith(p)), (0, 0, 0))
-            x, y = sx(min(saved, 5.0)), sy(rise)
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            draw.text((x + 5, y - 12), name, fill=colour)
+        box = (x0 + 50, y0 + 30, x0 + width // cols - 20, y0 + panel - 40)
+        _panel(draw, box, rises, "{} {} {}: Fréchet change vs evaluations saved".format(*group))
     img.save(path)
+
+
+def _panel(draw: Any, box: tuple[int, int, int, int], rises: list[tuple[float, float, str]], title: str) -> None:
+    left, up, right, down = box
+    top = max(10.0, max(y for _, y, _ in rises) * 1.1)
+    bottom = min(-5.0, min(y for _, y, _ in rises) * 1.1)
+
+    def sx(v: float) -> float:  # 1× … 5× saved
+        return left + (v - 1) / 4.0 * (right - left)
+
+    def sy(v: float) -> float:
+        return down - (v - bottom) / (top - bottom) * (down - up)
+
+    draw.rectangle([left, up, right, down], outline="black")
+    draw.text((left, up - 22), title, fill="black")
+    draw.line([left, sy(5), right, sy(5)], fill=(200, 0, 0))  # the 5% goal
+    draw.line([left, sy(0), right, sy(0)], fill=(160, 160, 160))
+    draw.text((left - 40, sy(5) - 6), "+5%", fill=(200, 0, 0))
+    draw.text((left - 40, sy(0) - 6), "0%", fill=(100, 100, 100))
+    for k in range(1, 6):
+        draw.text((sx(k) - 6, down + 4), f"{k}x", fill="black")
+    for saved, rise, name in rises:
+        colour = next((c for p, c in COLOURS.items() if name.startswith(p)), (0, 0, 0))
+        x, y = sx(min(saved, 5.0)), sy(rise)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        draw.text((x + 5, y - 12), name, fill=colour)
 
 
 def main() -> int:
