@@ -69,7 +69,7 @@ def describe(settings: dict[str, Any], count: int = 0) -> list[str]:
     guidance = "no guidance" if cfg in (None, 1, 1.0) else f"cfg {cfg:g} on {s['guide_channels']} channels"
     if s["guidance_interval"] and cfg not in (None, 1, 1.0):
         guidance += f" for t in [{s['guidance_interval'][0]:g}, {s['guidance_interval'][1]:g}]"
-    name = f"d{model.get('depth')}w{model.get('hidden_size')}/{model.get('patch_size')}"
+    name = _model_name(model)
     lines = [
         f"model {name} ({kind}){f', {size}×{size} px' if size else ''}, weights fingerprint {settings.get('weights')}",
         f"sampler {s['sampler']}, {s['num_steps']} steps, {guidance}, time shift {s['time_shift']:g}, "
@@ -84,6 +84,16 @@ def describe(settings: dict[str, Any], count: int = 0) -> list[str]:
         overrides = protocol.get("preset_overrides") or []
         lines.append(f"preset {protocol['preset']}" + (f", overridden: {'; '.join(overrides)}" if overrides else ""))
     return lines
+
+
+def _model_name(model: dict[str, Any]) -> str:
+    """The paper's name of a recorded model config (DiT-XL/2), or a descriptive one."""
+    from ditkit.models.config import DiTConfig
+
+    try:
+        return DiTConfig.from_dict(model).name
+    except (UserError, TypeError, ValueError, KeyError, AttributeError):
+        return f"d{model.get('depth')}w{model.get('hidden_size')}/{model.get('patch_size')}"
 
 
 # The settings that move FID when they differ from the paper's, and why (the warning's reason).
