@@ -133,7 +133,9 @@ class StackCache:
         for k, term in enumerate(self.terms[1:], start=1):
             factor *= d / k  # d^k / k!
             out = out + factor * term
-        return out
+        # The first block's input can be a transposed view (the patch embedding); the fused final-layer kernels
+        # on a GPU take the contiguous layout that a block's output has.
+        return out.contiguous()
 
 
 def _networks(model: torch.nn.Module) -> list[torch.nn.Module]:
