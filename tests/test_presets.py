@@ -102,7 +102,7 @@ def test_a_preset_on_the_wrong_kind_of_checkpoint_is_refused(tmp_path, capsys):
         presets.check_fits("dit-xl-2-256", xl, "flow")  # SiT's weights are DiT-shaped: the process tells them apart
     with pytest.raises(UserError, match="use the preset of that resolution"):
         presets.check_image_size("dit-xl-2-256", 512)
-    with pytest.raises(UserError, match="no rmsnorm/rope/swiglu"):
+    with pytest.raises(UserError, match="without norm rmsnorm, rope True, mlp swiglu"):
         presets.check_fits("lightningdit-xl-1", DiTConfig(patch_size=1, in_channels=32, input_size=16), "flow")
 
 

@@ -58,7 +58,8 @@ class Preset:
     labels: str = "uniform"  # every authors' script draws torch.randint(0, num_classes) per sample
     reported: dict[str, float] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
-    requires: tuple[str, ...] = ()  # model-config switches that must be on (LightningDiT's architecture)
+    # model-config switches the architecture needs, (attribute, value): LightningDiT's, as issue 26's knobs name them
+    requires: tuple[tuple[str, Any], ...] = ()
     note: str = ""
 
     def settings(self) -> dict[str, Any]:
@@ -128,7 +129,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         process="flow", geometry=(28, 1152, 1), image_size=256, in_channels=32, num_classes=1000,
         sampler="euler", num_steps=249, cfg_scale=6.7, guide_channels="3", guidance_interval=(0.125, 1.0),
         time_shift=1 / 0.3, num_samples=50_000, seed=0, vae=None, precision=None, reported={"fid": 1.35},
-        requires=("rmsnorm", "rope", "swiglu"),
+        requires=(("norm", "rmsnorm"), ("rope", True), ("mlp", "swiglu")),
         sources=(f"{LDIT} README.md:90 (FID 1.35 with cfg)",
                  f"{LDIT} configs/reproductions/lightningdit_xl_vavae_f16d32_800ep_cfg.yaml:59-60 (ODE euler), "
                  ":65 (250 grid points), :66 (cfg 6.7), :74 (50,000), :75 (cfg_interval_start 0.125), "
@@ -242,9 +243,9 @@ def check_fits(preset_name: str | None, config: Any, process: str) -> None:
     if getattr(config, "conditioning", "") == "text" or config.num_classes != preset.num_classes:
         found.append("a text model" if getattr(config, "conditioning", "") == "text"
                      else f"{config.num_classes} classes")
-    missing = [name for name in preset.requires if not getattr(config, name, False)]
+    missing = [f"{name} {value}" for name, value in preset.requires if getattr(config, name, None) != value]
     if missing:
-        found.append(f"no {'/'.join(missing)}")
+        found.append(f"without {', '.join(missing)}")
     if found:
         raise UserError(f"--preset {preset.name} is for {preset.title.split(',')[0]} ({preset.process}, "
                         f"{preset.in_channels} channels, {preset.num_classes} classes); this checkpoint is "
