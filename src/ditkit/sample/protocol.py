@@ -25,9 +25,9 @@ def decoder_dtype(sampler: Any) -> str | None:
     return "bf16-autocast" if sampler.precision in ("bf16", "fp8") else "fp32"
 
 
-def protocol(sampler: Any, num_samples: int, seed: int) -> dict[str, Any]:
-    """The protocol of `num_samples` class-conditional samples from `sampler` with `seed` (labels as
-    `sample.npz.shard_labels` draws them)."""
+def protocol(sampler: Any, num_samples: int, seed: int, labels: str | None = None) -> dict[str, Any]:
+    """The protocol of `num_samples` samples from `sampler` with `seed`; `labels` says how they were conditioned
+    (default: class labels uniform, as `sample.npz.shard_labels` draws them)."""
     import ditkit
 
     config = sampler.model.config
@@ -36,7 +36,7 @@ def protocol(sampler: Any, num_samples: int, seed: int) -> dict[str, Any]:
     return {
         "version": PROTOCOL_VERSION,
         "num_samples": int(num_samples),
-        "labels": f"uniform over {config.num_classes} classes",
+        "labels": labels or f"uniform over {config.num_classes} classes",
         "image_size": int(config.input_size * factor),
         "seed": int(seed),
         "vae": None if sampler.vae is None else str(getattr(sampler.vae, "name", "vae")),
