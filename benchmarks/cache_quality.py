@@ -77,7 +77,7 @@ def class_rows(folder: Path, kind: str, num: int, settings: tuple[str, ...], run
             scores = digits_metrics(pixels, labels, verbose=False)
             base = pixels if base is None else base
             rows.append(_row(kind, str(path), sampler_name, steps, setting, scores, pixels, base, counter, seconds))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -88,7 +88,7 @@ def _row(kind: str, path: str, sampler: str, steps: int, setting: str, scores: d
             "accuracy": None if scores.get("accuracy") is None else round(float(scores["accuracy"]), 4),
             **{k: v for k, v in scores.items() if k not in ("frechet", "accuracy", "num_samples")},
             "pixel_mad_vs_off": round(float((pixels - base).abs().mean()) * 127.5, 3),  # in 0..255 levels
-            "evaluations": counter.calls, "block_evaluations": counter.full,
+            "evaluations": counter.calls, "block_evaluations": counter.full, "num_samples": len(pixels),
             "saved": round(counter.calls / max(counter.full, 1), 3), "seconds": round(seconds, 1)}
 
 
@@ -129,7 +129,7 @@ def text_rows(folder: Path, num: int, settings: tuple[str, ...], runs: tuple) ->
             scores = {**digits_metrics(ink, combos[:, 0], verbose=False), **dt.score(pixels, combos)}
             base = pixels if base is None else base
             rows.append(_row("text", str(path), sampler_name, steps, setting, scores, pixels, base, counter, seconds))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -188,7 +188,9 @@ def plot(rows: list[dict], path: Path, width: int = 900, panel: int = 300) -> No
         off = next(r for r in mine if r["cache"] == "off")["frechet"]
         rises = [(r["saved"], (r["frechet"] / off - 1) * 100 if off == off and off else 0.0, r["cache"]) for r in mine]
         box = (x0 + 50, y0 + 30, x0 + width // cols - 20, y0 + panel - 40)
-        _panel(draw, box, rises, "{} {} {}: Fréchet change vs evaluations saved".format(*group))
+        n = mine[0].get("num_samples", "")
+        title = "{} {} {}: Frechet change vs block evaluations saved".format(*group)
+        _panel(draw, box, rises, f"{title} ({n} samples)")
     img.save(path)
 
 
@@ -224,22 +226,26 @@ def main() -> int:
     parser.add_argument("--models", default="class,flow,text")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--samplers", default=None, help="only these samplers (comma-separated), e.g. ddpm,sde-euler")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--plot", help="write the quality-vs-savings picture here (PNG)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     settings = tuple(args.settings.split(","))
+    wanted = None if args.samplers is None else set(args.samplers.split(","))
+    runs = {k: tuple(r for r in v if wanted is None or r[0] in wanted) for k, v in RUNS.items()}
     if args.quick:
         rows = quick_rows(settings)
     else:
         root, rows = Path(args.results), []
         for kind in args.models.split(","):
             if kind == "text":
-                rows += text_rows(root / "demo_text", args.num_samples, settings, RUNS["text"])
+                rows += text_rows(root / "demo_text", args.num_samples, settings, runs["text"])
             else:
                 folder = root / ("demo" if kind == "class" else "demo-flow")
-                rows += class_rows(folder, kind, args.num_samples, settings, RUNS[kind])
+                rows += class_rows(folder, kind, args.num_samples, settings, runs[kind])
     print(table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
