@@ -89,6 +89,7 @@ class StackCache:
         self.inputs: torch.Tensor | None = None
         self.terms: list[torch.Tensor] = []  # R, Δ¹R, Δ²R at the last full evaluation
         self.last_full: int | None = None  # its index
+        self.out_dtype: torch.dtype | None = None
 
     def run(self, block: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         tokens, position = args[0], self.position
@@ -125,6 +126,7 @@ class StackCache:
                     break
                 terms.append((terms[k] - self.terms[k]) / gap)
         self.terms, self.last_full, self.inputs = terms, index, None
+        self.out_dtype = out.dtype  # the stack's output dtype (bf16 on the FP8 path's stream), kept on skipped ones
 
     def _forecast(self, tokens: torch.Tensor) -> torch.Tensor:
         d = float(self.evaluations - 1 - self.last_full)
@@ -135,7 +137,7 @@ class StackCache:
             out = out + factor * term
         # The first block's input can be a transposed view (the patch embedding); the fused final-layer kernels
         # on a GPU take the contiguous layout that a block's output has.
-        return out.contiguous()
+        return out.to(self.out_dtype).contiguous()
 
 
 def _networks(model: torch.nn.Module) -> list[torch.nn.Module]:
