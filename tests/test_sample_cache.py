@@ -108,7 +108,12 @@ def test_reuse_and_forecast_formulas_on_a_known_residual():
         assert state.full == sc.parse(name).full_evaluations(12)
 
 
-def test_cache_names_and_the_goal_count():
+def test_cache_names_and_the_goal_count(capsys):
+    from ditkit.cli import main
+
+    assert main(["sample", "--ckpt", "missing.pt", "--cache", "bogus", "--no-progress"]) == 2  # before any read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cache 'bogus' is not a cache setting" in err[0]
     assert sc.parse("off") is None and sc.parse(None) is None
     assert sc.parse("fast").name == sc.RECOMMENDED
     assert sc.parse("fora-1").full_evaluations(250) == 250

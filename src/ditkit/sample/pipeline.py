@@ -171,6 +171,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
+    parse_cache(getattr(args, "cache", None))  # a bad --cache name before anything is read
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
     if args.guidance_interval:
