@@ -165,8 +165,9 @@ def print_report(info: dict[str, Any], file: Any) -> None:
     ref = info.get("reference")
     if ref is not None:
         res = ref["resolution"]
-        size = f"{res[0]}×{res[1]}" if res else "resolution not recorded (statistics only)"
-        print(f"Reference batch: {ref['path']} ({ref['count'] or 'statistics of'} images, {size})", file=file)
+        what = f"{ref['count']} images, {res[0]}×{res[1]}" if ref["count"] and res else \
+            "statistics only (mu/sigma): its resolution is not recorded"
+        print(f"Reference batch: {ref['path']} ({what})", file=file)
     if info.get("protocol_lines"):
         print(f"Protocol ({info['settings_file']}):", file=file)
         for line in info["protocol_lines"]:
