@@ -253,9 +253,13 @@ class TokenGrid:
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
+    block_cache: Any = None  # sampling only: a `ditkit.sample.cache.StackCache` for one batch, set by `caching`
+
     def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
+        if self.block_cache is not None:
+            return self.block_cache.run(block, args)
         return block(*args)
 
 

@@ -27,6 +27,7 @@ from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.options import SampleOptions, add_arguments
 from ditkit.sample.pipeline import load_for_sampling
+from ditkit.sample.presets import apply_preset, describe_preset
 from ditkit.sample.prompts import run_prompts
 
 __all__ = ["OFFICIAL_LABELS", "add_arguments", "run"]  # the verb: its flags (from SampleOptions) and its run
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace | SampleOptions) -> int:
 
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device
+    if info.is_main and args.preset:
+        print(describe_preset(args.preset, apply_preset(args)))
+    else:
+        apply_preset(args)
     out = Path(args.out)
     counts.sample_flags(args)  # counts bounded before anything is read or allocated
     refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow=("contains", "is inside"))

@@ -7,13 +7,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from ditkit.errors import UserError
 from ditkit.models.config import MODEL_NAMES
 from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, sampler_help, sampler_names
+from ditkit.sample.cache import NAMED as CACHE_NAMES
+from ditkit.sample.cache import RECOMMENDED as CACHE_FAST
+from ditkit.sample.cache import parse as parse_cache
+from ditkit.sample.presets import add_preset_arguments
 from ditkit.seeding import MAX_SEED
 from ditkit.validate import MAX_CLASSES
 
@@ -56,6 +60,9 @@ class SampleOptions:
     negative_prompt: str | None = None
     text_encoder: str | None = None
     max_tokens: int | None = None
+    cache: str | None = "off"  # feature caching (sample/cache.py): off | fast | fora-N | taylorK-N
+    preset: str | None = None  # a paper's evaluation protocol (sample/presets.py)
+    preset_overrides: list[str] = field(default_factory=list)  # filled by `presets.apply_preset`
 
     @classmethod
     def of(cls, args: SampleOptions | argparse.Namespace | dict[str, Any]) -> SampleOptions:
@@ -85,6 +92,7 @@ class SampleOptions:
             raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}")
         if self.num_classes is not None and not 1 <= self.num_classes <= MAX_CLASSES:
             raise UserError(f"--num-classes must be at least 1 and at most {MAX_CLASSES:,}, got {self.num_classes}")
+        parse_cache(self.cache)  # a bad --cache name before anything is read
         # --guidance-interval is checked on the model's own time axis once it is read (flag_checks)
 
 
@@ -145,3 +153,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--text-encoder", default=d["text_encoder"], help="text models: T5/CLIP folder or Hugging Face id in the "
       "local cache (default for 4096-feature models: DeepFloyd/t5-v1_1-xxl)")
     a("--max-tokens", type=int, default=d["max_tokens"], help="text models: tokens per prompt (default: the model's)")
+    a("--cache", default=d["cache"], metavar="NAME", help=f"feature caching: {', '.join(CACHE_NAMES)} (fast = "
+      f"{CACHE_FAST}; fora-N reuses the block stack's residual N-1 of N steps, taylorK-N forecasts it; default off)")
+    add_preset_arguments(parser)  # last: it marks the defaults of the flags a preset sets

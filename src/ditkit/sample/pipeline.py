@@ -23,6 +23,9 @@ from ditkit.errors import UserError
 from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import Objective, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
+from ditkit.sample import presets
+from ditkit.sample.cache import caching
+from ditkit.sample.cache import parse as parse_cache
 from ditkit.sample.options import TRAINING_TIMESTEPS, SampleOptions
 
 DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
@@ -63,6 +66,9 @@ class SamplingPipeline:
         return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: str | None = None  # --cache: feature caching (ditkit.sample.cache); None = every block every step
+    preset: str | None = None  # --preset: the paper protocol these settings came from (ditkit.sample.presets)
+    preset_overrides: tuple[str, ...] = ()  # the preset's flags given other values
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -79,6 +85,8 @@ class SamplingPipeline:
         cost = f"{nfe} model evaluations per image" if nfe else "adaptive steps (atol 1e-6, rtol 1e-3)"
         steps = "" if self.sampler == "dopri5" else f" {self.num_steps} steps"
         shift = f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
+        if self.cache:
+            cost += f", cache {self.cache}"
         return f"{self.model.config.name}, {self.recipe.process.kind} {self.sampler}{steps}{shift}, {guidance}: {cost}"
 
     def settings(self) -> dict[str, Any]:
@@ -100,6 +108,7 @@ class SamplingPipeline:
             "precision": self.precision,
             "time_shift": self.time_shift,
             "recipe": self.recipe.to_dict(),
+            **({"cache": self.cache} if self.cache else {}),  # only when on: older folders keep resuming
         }
 
     def denoiser(self):
@@ -126,7 +135,8 @@ class SamplingPipeline:
         if choose is not None:  # measured once per shape (then cached), outside the model's forward
             rows = len(labels) * (2 if self.cfg_scale != 1.0 else 1)
             choose(rows, precision.compute_dtype, self.device, training=False)
-        with precision.autocast():  # fp8: the FP8 block linears inside bf16 autocast
+        # fp8: the FP8 block linears inside bf16 autocast; a fresh cache state for each batch
+        with precision.autocast(), caching(self.model, parse_cache(self.cache)):
             x = self.objective.sample(
                 self.denoiser(),
                 noise,
@@ -194,6 +204,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     vae_dtype = Precision.resolve(args.precision, device).inference_dtype
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
+    presets.check_checkpoint(getattr(args, "preset", None), found, getattr(args, "objective", None))
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
     # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
@@ -213,6 +224,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
     flag_checks.conditioning_flags(args, model.config.is_text)  # a flag the model cannot use is refused
+    presets.check_image_size(getattr(args, "preset", None), model.config.input_size * factor)
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
@@ -241,8 +253,15 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else recipe.sampling.guidance_interval,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
-        time_shift=time_shift,
+        time_shift=time_shift, cache=_cache_name(args), preset=getattr(args, "preset", None),
+        preset_overrides=tuple(getattr(args, "preset_overrides", ())),
     )
+
+
+def _cache_name(args: argparse.Namespace) -> str | None:
+    """--cache as the setting it stands for ("fast" → its measured choice); None for off."""
+    setting = parse_cache(getattr(args, "cache", None))
+    return None if setting is None else setting.name
 
 
 def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Recipe:
