@@ -16,12 +16,14 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.recipe import Recipe
+from ditkit.transport.meanflow import MEANFLOW_SAMPLERS
 from ditkit.transport.objective import FLOW_SAMPLERS
 
 SampleFn = Callable[..., torch.Tensor]
 
 # kind -> sampler name -> default number of steps; the first sampler is the kind's default.
-SAMPLERS: dict[str, dict[str, int]] = {"diffusion": {"ddpm": 250, "ddim": 50, "dpm-solver": 20}, "flow": FLOW_SAMPLERS}
+SAMPLERS: dict[str, dict[str, int]] = {"diffusion": {"ddpm": 250, "ddim": 50, "dpm-solver": 20}, "flow": FLOW_SAMPLERS,
+                                       "meanflow": MEANFLOW_SAMPLERS}
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,15 @@ def _flow(recipe: Recipe) -> Objective:
                      default_steps=FLOW_SAMPLERS, evaluations=flow.evaluations)
 
 
-OBJECTIVES: dict[str, Callable[[Recipe], Objective]] = {"diffusion": _diffusion, "flow": _flow}
+def _meanflow(recipe: Recipe) -> Objective:
+    from ditkit.transport import meanflow
+
+    meanflow.check_model(recipe)
+    return Objective(kind="meanflow", training=meanflow.MeanFlowTraining(recipe.process), sample=meanflow.sample,
+                     default_steps=MEANFLOW_SAMPLERS, evaluations=meanflow.evaluations)
+
+
+OBJECTIVES: dict[str, Callable[[Recipe], Objective]] = {"diffusion": _diffusion, "flow": _flow, "meanflow": _meanflow}
 
 
 def objective_for(recipe: Recipe) -> Objective:

@@ -52,6 +52,9 @@ class DiTConfig:
     caption_channels: int = 4096
     max_tokens: int = 120
     interpolation_scale: float = 1.0
+    # A second timestep embedder (`r_embedder.*`) for the interval t − r of a MeanFlow model; left out of the
+    # stored config when off, so every other checkpoint stores (and loads strictly) what it did before.
+    interval_time: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +121,8 @@ class DiTConfig:
         if not self.is_text:
             for name in TEXT_FIELDS:
                 del data[name]
+        if not self.interval_time:
+            del data["interval_time"]
         return data
 
     @classmethod

@@ -160,7 +160,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if not (math.isfinite(args.eta) and args.eta >= 0):
         raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
@@ -238,7 +238,8 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
-    cfg = float(args.cfg_scale)
+    # MeanFlow folds its guidance into training: unguided sampling unless asked.
+    cfg = float(args.cfg_scale) if args.cfg_scale is not None else (1.0 if objective.kind == "meanflow" else 4.0)
     if cfg != 1.0 and not model.config.is_text and \
             model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")

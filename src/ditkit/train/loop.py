@@ -275,6 +275,7 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
             "class_dropout_prob": opts.class_dropout_prob,
             "conditioning": opts.conditioning,
             **_text_overrides(data, opts),
+            **({"interval_time": True} if opts.objective == "meanflow" else {}),  # MeanFlow's r_embedder
             **opts.model_overrides,
         },
     )
@@ -618,9 +619,12 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
 
         vae = load_vae(recipe.latents.vae, device=device)
     # 20 model evaluations either way: DPM-Solver++ 20 steps for diffusion, Heun 10 steps for flow.
-    sampler, steps = ("dpm-solver", 20) if recipe.process.kind == "diffusion" else ("heun", 10)
+    # MeanFlow: 2 steps, its guidance folded into its training (no guided sampling on top).
+    kind = recipe.process.kind
+    sampler, steps = {"diffusion": ("dpm-solver", 20), "meanflow": ("meanflow", 2)}.get(kind, ("heun", 10))
     return Sampler(model=ema, vae=vae, sampler=sampler, num_steps=steps,
-                   cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
+                   cfg_scale=4.0 if recipe.model.num_classes > 1 and kind != "meanflow" else 1.0,
+                   guide_channels="all", device=device,
                    precision="bf16" if precision == "fp8" else precision,  # the EMA copy has no FP8 linears
                    recipe=recipe)
 

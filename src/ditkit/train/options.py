@@ -10,7 +10,7 @@ from typing import Any
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
-from ditkit.recipe import DiffusionProcess, FlowProcess
+from ditkit.recipe import DiffusionProcess, FlowProcess, MeanFlowProcess
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
 MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
@@ -58,6 +58,7 @@ class TrainOptions:
     t_sampling: str | None = None  # flow: uniform (default, SiT) | lognormal (SD3, LightningDiT)
     train_eps: float | None = None  # flow: SiT's defaults when unset
     sample_eps: float | None = None
+    meanflow: str | None = None  # meanflow: "KEY=VALUE,..." of recipe.MeanFlowProcess (default: the paper's)
     skip_nonfinite: bool = False
     exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
@@ -120,15 +121,19 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         )
 
 
-OBJECTIVES = ("diffusion", "flow")
+OBJECTIVES = ("diffusion", "flow", "meanflow")
 FLOW_ONLY = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps")
 
 
-def process_of(opts: TrainOptions) -> DiffusionProcess | FlowProcess:
+def process_of(opts: TrainOptions) -> DiffusionProcess | FlowProcess | MeanFlowProcess:
     """The recipe's process from the objective flags (checked: one line for a flag of the other objective, a
     prediction it has not, or a flow combination SiT's transport cannot train, e.g. noise with train_eps 0)."""
     if opts.objective not in OBJECTIVES:
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {opts.objective!r}")
+    if opts.objective == "meanflow" or opts.meanflow is not None:
+        from ditkit.transport.meanflow import process_from_options
+
+        return process_from_options(opts, FLOW_ONLY)
     if opts.objective == "diffusion":
         given = [name for name in FLOW_ONLY if getattr(opts, name) is not None]
         if given:
@@ -197,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--noise-schedule", choices=DiffusionProcess.SCHEDULES, default=DEFAULTS["noise_schedule"],
       help="beta schedule of the diffusion (stored in the checkpoint's recipe; sampling reads it from there)")
     a("--objective", choices=OBJECTIVES, default=DEFAULTS["objective"],
-      help="diffusion: the authors' Gaussian diffusion; flow: SiT's flow matching (stored in the recipe)")
+      help="diffusion: the authors' Gaussian diffusion; flow: SiT's flow matching; meanflow: one-step MeanFlow "
+      "(stored in the recipe)")
     a("--prediction", default=None,
       help="what the model predicts: diffusion epsilon (default) | x0 | v; flow velocity (default) | noise | score")
     a("--path-type", choices=FlowProcess.PATHS, default=None, help="flow: the interpolant (default Linear)")
@@ -207,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="flow: training times uniform (SiT, default) or logit-normal (SD3, LightningDiT)")
     a("--train-eps", type=float, default=None, help="flow: SiT's train_eps (default: SiT's rule)")
     a("--sample-eps", type=float, default=None, help="flow: SiT's sample_eps (default: SiT's rule)")
+    a("--meanflow", default=None, help="meanflow: KEY=VALUE,... of its recipe (time_mu, time_sigma, ratio_r_neq_t, "
+      "adaptive_p, adaptive_eps, omega, kappa, guidance_low, guidance_high; default the paper's, docs/meanflow.md)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
