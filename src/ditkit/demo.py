@@ -37,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--text", action="store_true",
                         help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
-    parser.add_argument("--objective", choices=("diffusion", "flow"), default="diffusion",
+    parser.add_argument("--objective", choices=("diffusion", "flow", "meanflow"), default="diffusion",
                         help="train with the authors' diffusion (default) or SiT's flow matching (same model, data, "
-                        "steps; sampled with Heun, 10 steps: as many evaluations as DPM-Solver++ 20)")
+                        "steps; sampled with Heun, 10 steps: as many evaluations as DPM-Solver++ 20), or MeanFlow "
+                        "(sampled in 1 and 2 steps; docs/meanflow.md)")
     parser.add_argument("--results-dir", default=None,
                         help="run folder (default results/demo, results/demo-flow with --objective flow, "
                         "or results/demo_text with --text)")
@@ -62,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         from ditkit import demo_text
 
         return demo_text.run_text(args)
+    if getattr(args, "objective", "diffusion") == "meanflow":  # issue 27: 1- and 2-step samples, own module
+        from ditkit import demo_meanflow
+
+        return demo_meanflow.run_meanflow(args, dict(model=DEMO_MODEL, image_size=DEMO_IMAGE_SIZE, lr=DEMO_LR,
+                                                     global_batch_size=DEMO_BATCH, ema_decay=DEMO_EMA,
+                                                     model_overrides=DEMO_OVERRIDES))
     flow = getattr(args, "objective", "diffusion") == "flow"
     args.results_dir = args.results_dir or ("results/demo-flow" if flow else "results/demo")
     args.steps = DEMO_STEPS if args.steps is None else args.steps

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-labels", type=int, nargs="+", help="one grid row per label (default: 0..7)")
     parser.add_argument("--per-label", type=int, default=4, help="samples per label in the grid (default 4)")
     parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="guidance scale; 1 = none (default 4.0; 1 for a meanflow model, whose guidance is trained in)")
+                        help="guidance scale; 1 = none (default 4.0; 1 for meanflow models: guidance is trained in)")
     parser.add_argument(
         "--guide-channels",
         default="3",
