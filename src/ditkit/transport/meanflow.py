@@ -96,19 +96,22 @@ def sample_times(uniforms: torch.Tensor, process: MeanFlowProcess) -> tuple[torc
     return r, t
 
 
+def _fields(model: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any],
+            conditional: bool) -> torch.Tensor:
+    """u(z_t, t, t | c) or u(z_t, t, t | ∅) without gradient (the label dropped through force_drop_ids)."""
+    drop = torch.full((z.shape[0],), 0 if conditional else 1, dtype=torch.long, device=z.device)
+    with torch.no_grad():
+        return model(z, t, r=t, **{**kwargs, "force_drop_ids": drop})[:, : z.shape[1]].to(z.dtype)
+
+
 def _guided_velocity(model: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
                      kwargs: dict[str, Any], process: MeanFlowProcess) -> torch.Tensor:
     """ṽ: the conditional velocity with guidance folded in (see the module doc); v where guidance is off."""
     if process.omega == 1.0 and process.kappa == 0.0:
         return v
-    n = z.shape[0]
-    doubled = {k: torch.cat([a, a]) if torch.is_tensor(a) and a.shape[:1] == (n,) else a for k, a in kwargs.items()}
-    keep = torch.zeros(n, dtype=torch.long, device=z.device)
-    doubled["force_drop_ids"] = torch.cat([keep, torch.ones_like(keep)])  # [conditional; unconditional]
-    with torch.no_grad():
-        tt = torch.cat([t, t])
-        u_c, u_u = model(torch.cat([z, z]), tt, r=tt, **doubled)[:, : z.shape[1]].float().chunk(2)
-    guided = process.omega * v + process.kappa * u_c + (1.0 - process.omega - process.kappa) * u_u
+    guided = process.omega * v + (1.0 - process.omega - process.kappa) * _fields(model, z, t, kwargs, False)
+    if process.kappa != 0.0:  # the conditional field too (κ 0, the paper's first form: one unconditional pass)
+        guided = guided + process.kappa * _fields(model, z, t, kwargs, True)
     dropped = kwargs.get("force_drop_ids")
     on = (t >= process.guidance_low) & (t <= process.guidance_high)
     if dropped is not None:
