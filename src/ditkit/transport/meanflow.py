@@ -68,6 +68,8 @@ def process_from_options(opts: Any, other_flags: tuple[str, ...]) -> MeanFlowPro
         raise UserError(f"--prediction {opts.prediction!r}: a MeanFlow model predicts the average velocity; drop it")
     if opts.noise_schedule != "linear":
         raise UserError("--noise-schedule is a diffusion setting; MeanFlow uses the linear path; drop it")
+    if opts.precision == "fp8":  # the FP8 linears are autograd Functions without a forward-mode rule
+        raise UserError("--precision fp8 has no forward-mode (JVP) rule for MeanFlow's target; use bf16")
     return process_from_flag(opts.meanflow)
 
 
