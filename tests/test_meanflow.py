@@ -209,3 +209,29 @@ def test_recipe_checkpoint_keys_and_refusals():
         mf.process_from_flag("ratio_r_neq_t=1.5")
     with pytest.raises(ditkit.UserError, match="no second time input"):
         build_model(plain)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long), r=torch.zeros(1))
+
+
+def test_sample_cli_and_train_flags(tmp_path, capsys):
+    """`ditkit sample --sampler meanflow` on a MeanFlow file (unguided by default), another objective's sampler
+    refused in one line with exit 2; `--meanflow` without `--objective meanflow` refused by the train checks."""
+    from ditkit.checkpoints import save_model
+    from ditkit.cli import main
+    from ditkit.train.options import TrainOptions, validate
+
+    torch.manual_seed(0)
+    model = build_model(DiTConfig(**TINY))
+    ckpt = tmp_path / "mf.safetensors"
+    save_model(model, ckpt, recipe=Recipe(model=model.config, process=MeanFlowProcess()))
+    code = main(["sample", "--ckpt", str(ckpt), "--class-labels", "0", "2", "--per-label", "2", "--sampler",
+                 "meanflow", "--num-steps", "2", "--out", str(tmp_path / "a"), "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0 and (tmp_path / "a" / "grid.png").stat().st_size > 0
+    assert "no cfg: 2 model evaluations per image" in out.out + out.err
+    code = main(["sample", "--ckpt", str(ckpt), "--sampler", "dpm-solver", "--out", str(tmp_path / "b"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not apply to a meanflow model" in err and err.strip().count("\n") == 0
+    with pytest.raises(ditkit.UserError, match="add --objective meanflow"):
+        validate(TrainOptions(data_path="digits", objective="flow", meanflow="omega=2"), 1)
+    with pytest.raises(ditkit.UserError, match="flow-matching setting"):
+        validate(TrainOptions(data_path="digits", objective="meanflow", path_type="GVP"), 1)
