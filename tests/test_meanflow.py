@@ -43,9 +43,11 @@ def _inputs(n: int = 3, seed: int = 1, channels: int = 1):
 def test_target_matches_a_float64_finite_difference_rederivation():
     """u_tgt = v − (t − r)·du/dt with du/dt by central differences along (v, 0, 1), h = 1e-5, in float64."""
     model = _model()
-    z, r, t, v = _inputs()
-    y = torch.tensor([0, 2, 1])
+    z, r, t, v = _inputs(n=4)
+    r[2] = t[2]  # a row with r = t: the JVP runs on the other rows only, this one's target is v
+    y = torch.tensor([0, 2, 1, 1])
     target = mf.meanflow_target(model, z, r, t, v, {"y": y})
+    assert torch.equal(target[2], v[2])
 
     def u(zz, rr, tt):
         return model(zz, tt, y, r=rr)

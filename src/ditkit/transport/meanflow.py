@@ -14,8 +14,9 @@ over k equal steps from t = 1; one step is x = ε − u(ε, 0, 1).
 
 The recipe's `MeanFlowProcess` holds the settings; `ditkit train --objective meanflow --meanflow KEY=VALUE,...`
 sets them (`process_from_flag`); the model gets a second timestep embedder of t − r (`DiTConfig.interval_time`).
-The JVP runs through `models.forward_mode` (plain attention, fused kernels off), without gradient; the loss's
-own forward is a separate ordinary pass (fast kernels, autograd), so the JVP costs no activation memory.
+The JVP runs through `models.forward_mode` (plain attention, fused kernels off), without gradient and on the
+rows with r ≠ t only; the loss's own forward is a separate ordinary pass (fast kernels, autograd), so the JVP
+costs no activation memory.
 """
 
 from __future__ import annotations
@@ -123,15 +124,25 @@ def _guided_velocity(model: Callable[..., torch.Tensor], z: torch.Tensor, t: tor
 
 def meanflow_target(model: Callable[..., torch.Tensor], z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                     v: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """v − (t − r)·du/dt with du/dt = J_u·(v, 0, 1) in (z, r, t) by `torch.func.jvp` (no gradient)."""
-    channels = z.shape[1]
+    """v − (t − r)·du/dt with du/dt = J_u·(v, 0, 1) in (z, r, t) by `torch.func.jvp` (no gradient).
+
+    The JVP runs on the rows with r ≠ t only (the sampler's `ratio_r_neq_t`, 25 % by default): elsewhere
+    (t − r)·du/dt is 0 and the target is v. The network treats rows independently, so this is the same target."""
+    channels, n = z.shape[1], z.shape[0]
+    rows = (t != r).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return v
+    sub = {k: a[rows] if torch.is_tensor(a) and a.shape[:1] == (n,) else a for k, a in kwargs.items()}
 
     def u(z_: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
-        return model(z_, t_, r=r_, **kwargs)[:, :channels]
+        return model(z_, t_, r=r_, **sub)[:, :channels]
 
+    r_in, t_in = r[rows], t[rows]
     with torch.no_grad():
-        _, dudt = forward_mode.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-    return v - _col(t - r, v) * dudt.to(v.dtype)
+        _, dudt = forward_mode.jvp(u, (z[rows], r_in, t_in), (v[rows], torch.zeros_like(r_in), torch.ones_like(t_in)))
+    target = v.clone()
+    target[rows] = v[rows] - _col(t_in - r_in, dudt) * dudt.to(v.dtype)
+    return target
 
 
 def adaptive_loss(delta: torch.Tensor, process: MeanFlowProcess) -> dict[str, torch.Tensor]:
