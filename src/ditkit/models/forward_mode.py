@@ -36,12 +36,14 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
-def forward_mode() -> Iterator[None]:
-    """Within it, ditkit's networks run only ops with forward-mode rules (see the module doc)."""
+def forward_mode(eager: bool = True) -> Iterator[None]:
+    """Within it, ditkit's networks run only ops with forward-mode rules (see the module doc). `eager=False`
+    leaves torch.compile on, for a caller that compiles the whole `torch.func.jvp` call itself (measured in
+    benchmarks/bench_meanflow.py; the training step keeps it eager)."""
     fused = kernels.fused_enabled()
     kernels.set_fused(False)
     _STATE["depth"] += 1
-    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else None
+    stance = torch.compiler.set_stance("force_eager") if eager and hasattr(torch.compiler, "set_stance") else None
     try:
         with stance if stance is not None else contextlib.nullcontext():
             yield
