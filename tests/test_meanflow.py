@@ -209,6 +209,10 @@ def test_recipe_checkpoint_keys_and_refusals():
         mf.process_from_flag("omega=1,bogus=2")
     with pytest.raises(ditkit.UserError, match="ratio_r_neq_t"):
         mf.process_from_flag("ratio_r_neq_t=1.5")
+    from ditkit.convert import diffusers_config
+
+    with pytest.raises(ditkit.UserError, match="no diffusers DiT equivalent"):
+        diffusers_config(DiTConfig(**{**TINY, "learn_sigma": True}))
     with pytest.raises(ditkit.UserError, match="no second time input"):
         build_model(plain)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long), r=torch.zeros(1))
 
