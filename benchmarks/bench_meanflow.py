@@ -33,17 +33,21 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# --baseline-src's child imports another ditkit tree (e.g. main before this branch) for the flow row
+SRC = os.environ.get("BENCH_DITKIT_SRC") or str(ROOT / "src")
+sys.path.insert(0, SRC)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_sample import Bench as SampleBench  # noqa: E402
 from bench_sample import vae_folder  # noqa: E402
+
+# Only what a ditkit tree before MeanFlow has too (the --baseline-src child imports this file); the MeanFlow
+# pieces are imported where they are used.
 from ditkit.checkpoints import save_model  # noqa: E402
-from ditkit.models import forward_mode  # noqa: E402
 from ditkit.models.config import DiTConfig  # noqa: E402
 from ditkit.models.dit import DiT  # noqa: E402
 from ditkit.objectives import objective_for  # noqa: E402
-from ditkit.recipe import FlowProcess, LatentSpace, MeanFlowProcess, Recipe  # noqa: E402
+from ditkit.recipe import FlowProcess, LatentSpace, Recipe  # noqa: E402
 from ditkit.train.step import TrainStep  # noqa: E402
 from sections import run_sections  # noqa: E402
 
@@ -54,8 +58,8 @@ class Bench(SampleBench):
         self.train_batch = 4 if args.quick else 128
 
     def config(self, meanflow: bool) -> DiTConfig:
-        return DiTConfig.from_name(self.name, input_size=self.image // 8, num_classes=1000,
-                                   interval_time=meanflow)
+        extra = {"interval_time": True} if meanflow else {}  # a key older trees do not know
+        return DiTConfig.from_name(self.name, input_size=self.image // 8, num_classes=1000, **extra)
 
     def peak_gb(self) -> float | None:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if self.device.type == "cuda" else None
@@ -83,8 +87,9 @@ def _train_row(bench: Bench, process: Any, label: str) -> dict[str, Any]:
     from ditkit.fast import compile_blocks
 
     bench.reset_peak()
-    model = _random_dit(bench, isinstance(process, MeanFlowProcess)).train()
-    ema = _random_dit(bench, isinstance(process, MeanFlowProcess)).eval()  # update_ema pairs requires_grad
+    meanflow = process.kind == "meanflow"
+    model = _random_dit(bench, meanflow).train()
+    ema = _random_dit(bench, meanflow).eval()  # update_ema pairs requires_grad
     if bench.device.type == "cuda":
         compile_blocks(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
@@ -114,19 +119,45 @@ def _train_row(bench: Bench, process: Any, label: str) -> dict[str, Any]:
     return row
 
 
+def _baseline_row(bench: Bench) -> dict[str, Any]:
+    """The flow row measured in a child process that imports the ditkit tree at --baseline-src (before/after)."""
+    out = bench.work / "baseline.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--sections", "train", "--flow-only", "--out", str(out)]
+    cmd += ["--quick"] if bench.args.quick else []
+    cmd += ["--device", bench.args.device] if bench.args.device else []
+    env = {**os.environ, "BENCH_DITKIT_SRC": str(Path(bench.args.baseline_src).resolve())}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(bench.left(), 60))
+    if proc.returncode != 0 or not out.exists():
+        return {"objective": f"flow, {bench.args.baseline_src}", "error": (proc.stdout + proc.stderr)[-1000:]}
+    row = json.loads(out.read_text())["train"][0]
+    row["objective"] = f"flow, ditkit from {bench.args.baseline_src}"
+    return row
+
+
 def section_train(bench: Bench) -> None:
     rows = bench.results.setdefault("train", [])
-    for process, label in ((FlowProcess(), "flow (baseline)"), (MeanFlowProcess(), "meanflow"),
-                           (MeanFlowProcess(omega=2.0), "meanflow, guidance folded (omega 2)")):
+    jobs = [(FlowProcess(), "flow (baseline)")]
+    if not bench.args.flow_only:
+        from ditkit.recipe import MeanFlowProcess
+
+        jobs += [(MeanFlowProcess(), "meanflow"), (MeanFlowProcess(omega=2.0), "meanflow, guidance folded (omega 2)")]
+    for process, label in jobs:
         rows.append(_train_row(bench, process, label))
         bench.save()
+    if bench.args.baseline_src and not bench.args.flow_only:
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(_baseline_row(bench))
     base = rows[0]["img_per_s"]
     for row in rows:
-        row["vs_flow"] = round(row["img_per_s"] / base, 3)
+        if "img_per_s" in row:
+            row["vs_flow"] = round(row["img_per_s"] / base, 3)
 
 
 def section_jvp(bench: Bench) -> None:
     """The pieces of a MeanFlow step, each timed alone (bf16 autocast on a GPU, no compile)."""
+    from ditkit.models import forward_mode
+
     out: dict[str, Any] = {}
     bench.results["jvp"] = out
     model = _random_dit(bench, True).train()
@@ -186,6 +217,8 @@ def section_cli(bench: Bench) -> None:
     bench.results["cli"] = out
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
+    from ditkit.recipe import MeanFlowProcess
+
     ckpt = bench.work / "meanflow.safetensors"
     model = _random_dit(bench, True)
     recipe = Recipe(model=model.config, process=MeanFlowProcess(), latents=LatentSpace.sd_vae())
@@ -226,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="DiT-S/2 at 64 px, tiny batches (a CPU smoke run)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--cli-steps", nargs="+", type=int, default=[1, 2], help="cli section: --num-steps values")
+    p.add_argument("--baseline-src", default=None,
+                   help="train section: also time the flow step with the ditkit tree at this src folder (e.g. main "
+                   "before this branch: git archive MAIN_COMMIT src | tar -x -C base), in a child process")
+    p.add_argument("--flow-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new sections after this")
     p.add_argument("--reserve-s", type=float, default=20.0)
     args = p.parse_args(argv)
