@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                    "before this branch: git archive MAIN_COMMIT src | tar -x -C base), in a child process")
     p.add_argument("--flow-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compiled-jvp", action="store_true",
-                   help="jvp section: also the whole JVP call under torch.compile (a candidate; compiling takes minutes)")
+                   help="jvp section: also the whole JVP call under torch.compile (a candidate; slow to compile)")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new sections after this")
     p.add_argument("--reserve-s", type=float, default=20.0)
     args = p.parse_args(argv)
