@@ -82,7 +82,8 @@ def test_flags_given_override_the_preset_and_are_reported():
     assert args.vae == "stabilityai/sd-vae-ft-ema" and args.precision == "tf32"
     assert overrides == ["--cfg-scale 4 (preset: 1.5)", "--seed 7 (preset: 0)"]
     plain = parse()
-    assert presets.apply_preset(plain) == [] and plain.cfg_scale == 4.0 and plain.num_samples is None
+    # no preset: nothing filled (--cfg-scale stays unset: its default is resolved with the objective, 4 or 1)
+    assert presets.apply_preset(plain) == [] and plain.cfg_scale is None and plain.num_samples is None
 
 
 def test_a_preset_on_the_wrong_kind_of_checkpoint_is_refused(tmp_path, capsys):

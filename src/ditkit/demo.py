@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="diffusion",
                         help="the objective to train (same model, data, steps), sampled with its preview sampler: "
-                        + ", ".join(f"{e.name}: {e.preview[0]} {e.preview[1]} steps" for e in OBJECTIVES.values()))
+                        + ", ".join(f"{e.name}: {e.preview[0]} {e.preview[1]} steps" for e in OBJECTIVES.values())
+                        + " (meanflow: scored at 1 and 2 steps; docs/meanflow.md)")
     parser.add_argument("--results-dir", default=None,
                         help="run folder (default results/demo, results/demo-flow with --objective flow, "
                         "or results/demo_text with --text)")
@@ -66,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
 
         return demo_text.run_text(args)
     objective = getattr(args, "objective", "diffusion")
+    if objective == "meanflow":  # issue 27: scored at 1 and 2 steps, in its own module
+        from ditkit import demo_meanflow
+
+        return demo_meanflow.run_meanflow(args, dict(model=DEMO_MODEL, image_size=DEMO_IMAGE_SIZE, lr=DEMO_LR,
+                                                     global_batch_size=DEMO_BATCH, ema_decay=DEMO_EMA,
+                                                     model_overrides=DEMO_OVERRIDES))
     args.results_dir = args.results_dir or ("results/demo" if objective == "diffusion" else f"results/demo-{objective}")
     args.steps = DEMO_STEPS if args.steps is None else args.steps
     args.cfg_scale = DEMO_CFG if args.cfg_scale is None else args.cfg_scale

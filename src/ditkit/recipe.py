@@ -102,8 +102,40 @@ class FlowProcess:
             raise UserError("recipe: process.cosine_weight (the velocity-direction loss) needs prediction velocity")
 
 
-PROCESSES: dict[str, type] = {"diffusion": DiffusionProcess, "flow": FlowProcess}
-Process = DiffusionProcess | FlowProcess
+@dataclass(frozen=True)
+class MeanFlowProcess:
+    """MeanFlow (Geng et al. 2025): a network u(z, r, t) of the average velocity over [r, t] on the linear path
+    z_t = (1 − t)·x + t·ε (t = 1 is noise), trained with u = v − (t − r)·du/dt. Defaults: the paper's ImageNet
+    settings (zhuyu-cs/MeanFlow's flags): (r, t) logit-normal(−0.4, 1.0), 25 % of rows with r ≠ t, adaptive
+    weight 1/(‖Δ‖² + 1e-3)^1; guidance folded into the target, ṽ = ω·v + κ·u(c) + (1 − ω − κ)·u(∅) for
+    t in [guidance_low, guidance_high] (ω 1, κ 0: no guidance). The class dropout is the model's."""
+
+    kind: ClassVar[str] = "meanflow"
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    ratio_r_neq_t: float = 0.25
+    adaptive_p: float = 1.0
+    adaptive_eps: float = 1e-3
+    omega: float = 1.0
+    kappa: float = 0.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UserError(f"recipe: process.{f.name} must be a finite number, got {value!r}")
+        if not (self.time_sigma > 0 and self.adaptive_eps > 0 and self.adaptive_p >= 0):
+            raise UserError("recipe: process.time_sigma and adaptive_eps must be > 0 and adaptive_p >= 0")
+        if not 0 <= self.ratio_r_neq_t <= 1:
+            raise UserError(f"recipe: process.ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
+        if not 0 <= self.guidance_low <= self.guidance_high <= 1:
+            raise UserError("recipe: process.guidance_low <= guidance_high must lie in [0, 1]")
+
+
+PROCESSES: dict[str, type] = {"diffusion": DiffusionProcess, "flow": FlowProcess, "meanflow": MeanFlowProcess}
+Process = DiffusionProcess | FlowProcess | MeanFlowProcess
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ class DiTConfig:
     qk_norm: str = "none"
     rope: bool = False
     mlp: str = "gelu"
+    # A second timestep embedder (`r_embedder.*`) for the interval t − r of a MeanFlow model; left out of the
+    # stored config when off, so every other checkpoint stores (and loads strictly) what it did before.
+    interval_time: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,6 +157,8 @@ class DiTConfig:
         for name, default in KNOB_DEFAULTS.items():
             if data[name] == default:
                 del data[name]
+        if not self.interval_time:
+            del data["interval_time"]
         return data
 
     @classmethod

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ditkit.diffusion.guidance import cfg_halves
 from ditkit.errors import UserError
-from ditkit.models import kernels
+from ditkit.models import forward_mode, kernels
 from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from ditkit.models.kernels.attention import attention as measured_attention
@@ -65,7 +65,9 @@ class Attention(nn.Module):
         d = d3 // 3
         q, k, v = qkv.view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = prepare_qk(self, q, k)  # QK-norm and RoPE where the config switches them on (models/knobs.py)
-        if self.backend == "default" or not q.is_cuda:
+        if forward_mode.active():  # a JVP pass (MeanFlow's target): SDPA's kernels have no forward-mode rule
+            out = forward_mode.math_attention(q, k, v)
+        elif self.backend == "default" or not q.is_cuda:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = measured_attention(q, k, v, self.backend)
@@ -94,7 +96,8 @@ def cross_attend(q_proj: nn.Module, kv_proj: nn.Module, out_proj: nn.Module, num
     h = num_heads
     q = q_proj(x).view(n, t, h, d // h).transpose(1, 2)
     k, v = kv_proj(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    attend = forward_mode.math_attention if forward_mode.active() else F.scaled_dot_product_attention
+    out = attend(q, k, v, mask)
     return out_proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -241,6 +244,17 @@ class TokenGrid:
         self.grad_checkpointing = False
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
         self.t_embedder = TimestepEmbedder(config.hidden_size)
+        # MeanFlow models (config.interval_time): a second embedder of the interval t − r, added to t's.
+        self.r_embedder = TimestepEmbedder(config.hidden_size) if config.interval_time else None
+
+    def _time_embedding(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """t's embedding, plus the embedding of t − r on a model with an interval input (r None: r = t)."""
+        emb = self.t_embedder(t)
+        if self.r_embedder is not None:
+            return emb + self.r_embedder(t - r if r is not None else torch.zeros_like(t))
+        if r is not None:
+            raise UserError("this model has no second time input r; it was not trained with --objective meanflow")
+        return emb
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
@@ -310,6 +324,9 @@ class DiT(TokenGrid, nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.r_embedder is not None:
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             if isinstance(block, DiTBlock):
                 # Zero modulation: adaLN-Zero blocks start as the identity (gate 0); adaLN blocks start
@@ -339,15 +356,17 @@ class DiT(TokenGrid, nn.Module):
         return choice
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict ε (and the variance values) for noisy input x at timesteps t with labels y.
 
         In training mode labels are dropped to the null label at random (`class_dropout_prob`), unless
         `force_drop_ids` (N, 1 = drop) fixes the choice, as the training loop does to stay reproducible.
+        `r` (N): the interval's start for a MeanFlow model (`config.interval_time`), which sees t and t − r.
         """
         tokens = self.x_embedder(x) + self.pos_embed
-        t_emb = self.t_embedder(t)
+        t_emb = self._time_embedding(t, r)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)
         kind = self.config.conditioning
         if kind in ("adaln-zero", "adaln"):

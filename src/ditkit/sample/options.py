@@ -22,6 +22,7 @@ from ditkit.seeding import MAX_SEED
 from ditkit.validate import MAX_CLASSES
 
 TRAINING_TIMESTEPS = 1000  # T of the schedule that every diffusion sampler respaces (create_diffusion's default)
+DEFAULT_CFG = 4.0  # the authors' sample.py default
 MAX_IMAGE_SIZE = 65536  # pixels, as `ditkit flops`; the model config bounds the latent side further
 
 
@@ -37,7 +38,7 @@ class SampleOptions:
     vae: str | None = None
     class_labels: list[int] | None = None  # grid rows; default: the official demo classes, or 0..7
     per_label: int = 4
-    cfg_scale: float = 4.0
+    cfg_scale: float | None = None  # default: DEFAULT_CFG, or 1 where the objective trains its guidance in
     guide_channels: str = "3"  # "3" (the authors') or "all"
     guidance_interval: tuple[float, float] | None = None
     sampler: str | None = None  # default: the objective's first
@@ -88,7 +89,7 @@ class SampleOptions:
             raise UserError(f"--num-samples must be at least 1, got {self.num_samples}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {self.eta}")
-        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+        if self.cfg_scale is not None and not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
             raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}")
         if self.num_classes is not None and not 1 <= self.num_classes <= MAX_CLASSES:
             raise UserError(f"--num-classes must be at least 1 and at most {MAX_CLASSES:,}, got {self.num_classes}")
@@ -112,8 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--vae", default=d["vae"], help="VAE folder or Hugging Face id (offline cache) for latent models")
     a("--class-labels", type=int, nargs="+", default=d["class_labels"], help="one grid row per label (default: 0..7)")
     a("--per-label", type=int, default=d["per_label"], help=f"samples per label in the grid (default {d['per_label']})")
-    a("--cfg-scale", type=float, default=d["cfg_scale"],
-      help=f"guidance scale; 1 = none (default {d['cfg_scale']})")
+    a("--cfg-scale", type=float, default=d["cfg_scale"], help=f"guidance scale; 1 = none (default {DEFAULT_CFG}; 1 "
+      "for objectives that train their guidance in, e.g. meanflow)")
     a("--guide-channels", default=d["guide_channels"], choices=["3", "all"],
       help="ε channels guided: 3 as the official code (default) or all")
     a("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=d["guidance_interval"],

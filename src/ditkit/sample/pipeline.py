@@ -21,12 +21,12 @@ from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
 from ditkit.models.precision import Precision, prepare_fp8
-from ditkit.objectives import Objective, objective_for
+from ditkit.objectives import Objective, entry_for, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
 from ditkit.sample import presets
 from ditkit.sample.cache import caching
 from ditkit.sample.cache import parse as parse_cache
-from ditkit.sample.options import TRAINING_TIMESTEPS, SampleOptions
+from ditkit.sample.options import DEFAULT_CFG, TRAINING_TIMESTEPS, SampleOptions
 
 DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -243,7 +243,9 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
     flag_checks.sampler_flags(args, sampler)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
-    cfg = float(args.cfg_scale)
+    # MeanFlow folds its guidance into training: unguided sampling unless asked.
+    folds = entry_for(objective.kind).folds_guidance  # MeanFlow trains its guidance in: unguided unless asked
+    cfg = float(args.cfg_scale) if args.cfg_scale is not None else (1.0 if folds else DEFAULT_CFG)
     if cfg != 1.0 and not model.config.is_text and \
             model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")

@@ -278,6 +278,7 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
             "conditioning": opts.conditioning,
             **_text_overrides(data, opts),
             **model_knobs(opts),
+            **(entry_for(opts.objective).model_config or {}),  # e.g. MeanFlow's interval embedder
             **opts.model_overrides,
         },
     )
@@ -626,12 +627,16 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
         from ditkit.autoencoder import load_vae
 
         vae = load_vae(recipe.latents.vae, device=device)
-    # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, ...).
-    sampler, steps = entry_for(recipe.process.kind).preview
-    return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps,
-                   cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
-                   recipe=recipe, time_shift=recipe.sampling.time_shift, interval=recipe.sampling.guidance_interval)
+    # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, MeanFlow
+    # 2 steps); an objective that trains its guidance in (MeanFlow) is sampled unguided.
+    entry = entry_for(recipe.process.kind)
+    sampler, steps = entry.preview
+    guided = recipe.model.num_classes > 1 and not entry.folds_guidance
+    return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps, cfg_scale=4.0 if guided else 1.0,
+                            guide_channels="all", device=device,
+                            precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
+                            recipe=recipe, time_shift=recipe.sampling.time_shift,
+                            interval=recipe.sampling.guidance_interval)
 
 
 def _sample_grid(ema: DiT, recipe: Recipe, folder: Path, device: torch.device, precision: str) -> None:

@@ -60,6 +60,7 @@ class TrainOptions:
     t_sampling: str | None = None  # flow: uniform (default, SiT) | lognormal (SD3, LightningDiT)
     train_eps: float | None = None  # flow: SiT's defaults when unset
     sample_eps: float | None = None
+    meanflow: str | None = None  # meanflow: "KEY=VALUE,..." of recipe.MeanFlowProcess (default: the paper's)
     skip_nonfinite: bool = False
     exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
@@ -224,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="flow: training times uniform (SiT, default) or logit-normal (SD3, LightningDiT)")
     a("--train-eps", type=float, default=None, help="flow: SiT's train_eps (default: SiT's rule)")
     a("--sample-eps", type=float, default=None, help="flow: SiT's sample_eps (default: SiT's rule)")
+    a("--meanflow", default=None, help="meanflow: KEY=VALUE,... of its recipe (time_mu, time_sigma, ratio_r_neq_t, "
+      "adaptive_p, adaptive_eps, omega, kappa, guidance_low, guidance_high; default the paper's, docs/meanflow.md)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")

@@ -42,18 +42,20 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def draw_step_randomness(
     seed: int, step: int, global_batch: int, item_shape: tuple[int, ...], num_timesteps: int | None,
-    class_dropout_prob: float, device: torch.device,
+    class_dropout_prob: float, device: torch.device, time_draws: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Timesteps, noise and label-dropout mask for the whole *global* batch of optimizer step `step`.
 
     Timesteps are integers 0…num_timesteps−1 (diffusion), or with `num_timesteps` None uniform floats in
-    [0, 1) that a continuous-time objective maps to its own time. Every rank and every micro-batch draws all
+    [0, 1) that a continuous-time objective maps to its own time (`time_draws` > 1: that many per row, N×k,
+    e.g. MeanFlow's two times and its r ≠ t draw). Every rank and every micro-batch draws all
     of it and keeps its own rows, so the draws depend on (seed, step) only: not on the world size, the rank or
     the number of accumulation steps.
     """
     gen = _step_generator(seed, step, device)
     if num_timesteps is None:
-        t = torch.rand(global_batch, generator=gen, device=device)
+        shape = (global_batch,) if time_draws == 1 else (global_batch, time_draws)
+        t = torch.rand(shape, generator=gen, device=device)
     else:
         t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)
     noise = torch.randn((global_batch, *item_shape), generator=gen, device=device)
@@ -131,7 +133,7 @@ class TrainStep:
                 choose(self.micro, dtype, self.device, training=True)
         t_all, noise_all, drop_all = draw_step_randomness(
             self.seed, step, self.global_batch, tuple(x.shape[1:]), self.loss.num_timesteps,
-            self.class_dropout_prob, self.device,
+            self.class_dropout_prob, self.device, getattr(self.loss, "time_draws", 1),
         )
 
         def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
