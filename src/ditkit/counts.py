@@ -12,7 +12,8 @@ range and, for space, what it needs and what is free.
 | images in one grid picture               | `MAX_GRID_IMAGES` (4,096)                     |
 | a batch                                  | `MAX_BATCH` (65,536)                          |
 | sampling steps                           | `MAX_SAMPLE_STEPS` (10,000)                   |
-| model sizes (overrides, `--image-size`) | `ditkit.validate.LIMITS` and the model size bound, via `DiTConfig` |
+| extract / evaluate batches, shard size   | `MAX_BATCH`, 10^6 images a shard                |
+| model sizes (overrides, `--image-size`)  | `ditkit.validate.LIMITS` and the model size bound, via `DiTConfig` |
 """
 
 from __future__ import annotations

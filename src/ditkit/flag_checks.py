@@ -5,8 +5,9 @@ class grid and exited 0, a flow `--guidance-interval 0.2 1.5` (flow time runs 0.
 given with `--resume auto` was overwritten by the checkpoint's optimizer state while the log showed the old
 value. The rules:
 
-- a sampling flag of the other conditioning kind (text flags on a class model, class flags on a text model) is
-  refused in one line naming it;
+- a flag choosing what to sample for the other conditioning kind (`--prompt`, `--prompt-file`,
+  `--negative-prompt` on a class model; `--class-labels`, `--num-classes` on a text model) is refused in one line
+  naming it;
 - `--eta` (DDIM's noise) with another sampler is refused;
 - `--guidance-interval` is checked against the model's own time axis: diffusion timesteps 0..T-1 (T from the
   recipe), flow time 0..1;
@@ -21,7 +22,9 @@ from typing import Any
 
 from ditkit.errors import UserError
 
-TEXT_FLAGS = ("prompt", "prompt_file", "negative_prompt", "text_encoder", "max_tokens")
+# What to sample, for text models. (--text-encoder and --max-tokens only say how to load one: `ditkit serve` passes
+# them for every checkpoint of a folder, class models included, so they are not refused.)
+TEXT_FLAGS = ("prompt", "prompt_file", "negative_prompt")
 CLASS_FLAGS = ("class_labels", "num_classes")
 
 

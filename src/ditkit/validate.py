@@ -84,6 +84,7 @@ def number(value: Any, field: str, where: str, lo: float = -math.inf, hi: float 
 
 
 def text(value: Any, field: str, where: str, optional: bool = False) -> str | None:
+    """`value` if it is a non-empty string of at most 4096 characters (or None, when optional), else one line."""
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value or len(value) > 4096:
@@ -102,6 +103,7 @@ def mapping(value: Any, field: str, where: str, optional: bool = False) -> Mappi
 
 
 def listing(value: Any, field: str, where: str, max_len: int = MAX_FILE_ENTRIES) -> list:
+    """`value` if it is a JSON list of at most `max_len` entries, else one line."""
     if not isinstance(value, list) or len(value) > max_len:
         raise UserError(f"{where}: {field} must be a list of at most {max_len:,} entries, got {_shown(value)}")
     return value
