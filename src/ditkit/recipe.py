@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from ditkit.errors import UserError
 from ditkit.models.config import DiTConfig
+from ditkit.training_methods import TrainingMethods
 
 RECIPE_VERSION = 1
 METADATA_KEY = "recipe"  # the safetensors metadata key (beside the older "config" key, kept for old readers)
@@ -162,6 +163,7 @@ class Recipe:
     latents: LatentSpace = field(default_factory=LatentSpace)
     conditioning: Conditioning = field(default_factory=Conditioning)
     version: int = RECIPE_VERSION
+    training: TrainingMethods = field(default_factory=TrainingMethods)  # REPA / TREAD (training_methods.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,6 +192,7 @@ class Recipe:
         self.process.validate()
         self.latents.validate()
         self.conditioning.validate()
+        self.training.validate(self.model.depth)
         classes = self.conditioning.classes
         if classes is not None and len(classes) > self.model.num_classes:
             raise UserError(
@@ -203,13 +206,16 @@ class Recipe:
         conditioning = dataclasses.asdict(self.conditioning)
         if conditioning["classes"] is not None:
             conditioning["classes"] = list(conditioning["classes"])
-        return {
+        out = {
             "version": self.version,
             "model": self.model.to_dict(),
             "process": process,
             "latents": dataclasses.asdict(self.latents),
             "conditioning": conditioning,
         }
+        if not self.training.is_plain:  # written only when used: plain recipes keep their bytes
+            out["training"] = self.training.to_dict()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -227,7 +233,7 @@ class Recipe:
                 f"recipe version {version} was written by a newer ditkit (this one reads up to "
                 f"{RECIPE_VERSION}); upgrade ditkit"
             )
-        _known_keys(data, {"version", "model", "process", "latents", "conditioning"}, "recipe")
+        _known_keys(data, {"version", "model", "process", "latents", "conditioning", "training"}, "recipe")
         process = dict(data.get("process") or {"kind": "diffusion"})
         kind = process.pop("kind", "diffusion")
         if kind not in PROCESSES:
@@ -241,6 +247,7 @@ class Recipe:
             latents=_build(LatentSpace, dict(data.get("latents") or {}), "latents"),
             conditioning=_build(Conditioning, conditioning, "conditioning"),
             version=RECIPE_VERSION,
+            training=TrainingMethods.from_dict(data.get("training")),
         )
 
     @classmethod

@@ -336,8 +336,12 @@ class DiT(TokenGrid, nn.Module):
             c = t_emb + y_emb
             if tokens.is_cuda and kernels.fused_enabled() and not torch.compiler.is_compiling():
                 self._choose_attention(tokens)
-            for block in self.blocks:
-                tokens = self._run_block(block, tokens, c)
+            path = getattr(self, "training_path", None)  # REPA's tap / TREAD's routing (models/routing.py)
+            if path is not None and self.training:
+                tokens = path.run(self, tokens, c)
+            else:
+                for block in self.blocks:
+                    tokens = self._run_block(block, tokens, c)
             out = self.final_layer(tokens, c)
         elif kind == "cross-attention":
             context = torch.stack([t_emb, y_emb], dim=1)
