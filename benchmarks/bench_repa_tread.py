@@ -85,8 +85,8 @@ class Setup:
         self.ema = hooks.attach(DiT(config)).to(device).eval()
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
-        if device.type == "cuda":
-            compile_blocks(self.model)
+        # --quick on a CPU: dynamo's tracing only (fullgraph: no graph break in a block at either token count)
+        compile_blocks(self.model, **({} if device.type == "cuda" else {"backend": "eager", "fullgraph": True}))
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4,
                                      weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
         self.diffusion = create_diffusion("", learn_sigma=config.learn_sigma)

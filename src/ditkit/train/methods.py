@@ -37,7 +37,10 @@ class MethodHooks:
         return not self.methods.is_plain
 
     def attach(self, model: nn.Module) -> nn.Module:
-        """Projector (REPA) and training path on `model` (call on the model and its EMA, before the copy)."""
+        """Projector (REPA) and training path on `model` (call on the model and its EMA, before the copy); a plain
+        run's model is left as it is."""
+        if not self.active:
+            return model
         align = self.methods.alignment
         if align is not None:
             attach_projector(model, align)
