@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="results/convergence_repa_tread", help="the runs' folders")
     p.add_argument("--out", default="results/convergence_repa_tread.json")
     p.add_argument("--plot", default=None, help="write the picture here (PNG)")
+    p.add_argument("--report-only", action="store_true", help="no training: the table and picture from --out")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     record["settings"] = {k: getattr(args, k) for k in ("steps", "eval_every", "batch", "eval_samples")} | {
         "model": MODEL, "overrides": OVERRIDES, "arms": ARMS, "cfg": CFG}
     done = {(r["arm"], r["objective"], r["seed"]) for r in record["runs"]}
-    for seed in args.seeds:  # seeds outermost: a cut-short study still has every recipe at the first seeds
+    for seed in [] if args.report_only else args.seeds:  # seeds outermost: a cut-short study still has every recipe at the first seeds
         for objective in args.objectives:
             for arm in args.arms:
                 if (arm, objective, seed) in done:
