@@ -30,6 +30,7 @@ from ditkit.models.dit import DiT
 from ditkit.models.knobs import knobs_from_state_dict
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
+from ditkit.training_methods import PROJECTOR_PREFIX
 from ditkit.validate import naming
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
@@ -268,6 +269,8 @@ def build_checked(
     """The network of a read checkpoint, its weights loaded (on `device`, default the CPU; eval mode); see
     `load_model`."""
     state_dict, stored, path = found.state_dict, found.config, found.path
+    # REPA's projector is a training-only head: a network built to sample has none (ditkit.align)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
     if model is not None:
         config = DiTConfig.from_name(model, **overrides)
     elif stored is not None:

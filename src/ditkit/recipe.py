@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.models.config import DiTConfig
+from ditkit.training_methods import TrainingMethods
 
 RECIPE_VERSION = 2  # 2: flow t_mean/t_std/cosine_weight, latents mean/std, the sampling part, model knobs
 # Fields of version 2, written only when they differ from their defaults: a recipe that uses none of them is
@@ -260,6 +261,7 @@ class Recipe:
     conditioning: Conditioning = field(default_factory=Conditioning)
     version: int = RECIPE_VERSION
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    training: TrainingMethods = field(default_factory=TrainingMethods)  # REPA / TREAD (training_methods.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -289,6 +291,7 @@ class Recipe:
         self.latents.validate()
         self.conditioning.validate()
         self.sampling.validate()
+        self.training.validate(self.model.depth)
         classes = self.conditioning.classes
         if classes is not None and len(classes) > self.model.num_classes:
             raise UserError(
@@ -314,7 +317,9 @@ class Recipe:
         }
         if self.sampling != SamplingDefaults():
             out["sampling"] = _sampling_dict(self.sampling)
-        uses_v2 = ("sampling" in out or self.model.knobs or self.latents.mean is not None
+        if not self.training.is_plain:  # written only when used: plain recipes keep their bytes
+            out["training"] = self.training.to_dict()
+        uses_v2 = ("sampling" in out or "training" in out or self.model.knobs or self.latents.mean is not None
                    or any(k in process for k in V2_PROCESS_DEFAULTS))
         out["version"] = min(self.version, RECIPE_VERSION if uses_v2 else 1)
         return out
@@ -336,7 +341,8 @@ class Recipe:
                 f"recipe version {version} was written by a newer ditkit (this one reads up to "
                 f"{RECIPE_VERSION}); upgrade ditkit"
             )
-        _known_keys(data, {"version", "model", "process", "latents", "conditioning", "sampling"}, "recipe")
+        _known_keys(data, {"version", "model", "process", "latents", "conditioning", "sampling", "training"},
+                    "recipe")
         process = dict(data.get("process") or {"kind": "diffusion"})
         kind = process.pop("kind", "diffusion")
         if kind not in PROCESSES:
@@ -351,6 +357,7 @@ class Recipe:
             conditioning=_build(Conditioning, conditioning, "conditioning"),
             version=RECIPE_VERSION,
             sampling=_build(SamplingDefaults, _sampling_from(data.get("sampling")), "sampling"),
+            training=TrainingMethods.from_dict(data.get("training")),
         )
 
     @classmethod

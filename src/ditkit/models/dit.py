@@ -371,8 +371,12 @@ class DiT(TokenGrid, nn.Module):
         kind = self.config.conditioning
         if kind in ("adaln-zero", "adaln"):
             c = t_emb + y_emb
-            for block in self.blocks:
-                tokens = self._run_block(block, tokens, c)
+            path = getattr(self, "training_path", None)  # REPA's tap / TREAD's routing (models/routing.py)
+            if path is not None and self.training:
+                tokens = path.run(self, tokens, c)
+            else:
+                for block in self.blocks:
+                    tokens = self._run_block(block, tokens, c)
             out = self.final_layer(tokens, c)
         elif kind == "cross-attention":
             context = torch.stack([t_emb, y_emb], dim=1)

@@ -50,6 +50,7 @@ from ditkit.train.checkpoint import (
 )
 from ditkit.train.health import GoodCheckpoints, all_finite, nonfinite_advice, supersede_newer
 from ditkit.train.logging import RunLogger, progress_bar
+from ditkit.train.methods import method_hooks
 from ditkit.train.options import TrainOptions, model_knobs, process_of, sampling_of, validate
 from ditkit.train.step import TrainStep
 from ditkit.validate import mapping
@@ -195,7 +196,8 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     precision = _set_precision(opts, info.device)
     data = open_data(opts, opts.global_seed)
     config = _model_config(opts, data)
-    recipe = build_recipe(opts, config, data)  # built once; everything below reads it
+    hooks = method_hooks(opts, config, data, info.device)  # REPA / TREAD (train/methods.py)
+    recipe = build_recipe(opts, config, data).replace(training=hooks.methods)  # built once; read below
     results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
     run_config = _run_config(opts, config, data)
     if opts.data_path != "digits":  # checkpoints and grids written into the images would be read back as data
@@ -207,7 +209,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     dist_utils.barrier()
 
     torch.manual_seed(opts.global_seed)
-    model, ema = _new_models(config, opts.grad_checkpointing)
+    model, ema = _new_models(config, opts.grad_checkpointing, hooks.attach)
     notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
     ckpt = _resume(opts, results / "checkpoints", model, notes)
     resume_from = ckpt.path if ckpt is not None else None
@@ -231,7 +233,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
         model, forward, ema, opt, objective_for(recipe).training, device=info.device, precision=precision,
         global_batch=opts.global_batch_size, rank=info.rank, world=info.world_size, accum=opts.grad_accum_steps,
         seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
-        class_dropout_prob=config.class_dropout_prob,
+        class_dropout_prob=config.class_dropout_prob, methods=hooks,
     )
     writer = RunLogger(results, opts, run_config, info.is_main)
     held.callback(writer.close)  # also when the run ends by an error: no log file or TensorBoard thread left open
@@ -284,12 +286,14 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
     )
 
 
-def _new_models(config: DiTConfig, grad_checkpointing: bool) -> tuple[DiT, DiT]:
-    """The model (seeded by the caller) and its EMA copy, which holds no gradients."""
-    model = build_model(config)
+def _new_models(config: DiTConfig, grad_checkpointing: bool, attach: Any = None) -> tuple[DiT, DiT]:
+    """The model (seeded by the caller) and its EMA copy, which holds no gradients. `attach` adds the training
+    methods' parts (REPA's projector) to both."""
+    attach = attach or (lambda net: net)
+    model = attach(build_model(config))
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = build_model(config)
+    ema = attach(build_model(config))
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -455,11 +459,16 @@ class Run:
             raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        targets = None
+        if self.step_fn.methods is not None:  # REPA's encoder sees the images, before any VAE
+            with Precision(self.precision, device.type).autocast():
+                targets = self.step_fn.methods.targets(x, self.recipe.model.grid_size)
         if self.data.encoder is not None:
             with torch.no_grad():
                 x = self.data.encoder(x)
         log_now = (self.step + 1) % opts.log_every == 0
-        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
+        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask,
+                           targets=targets)
         if not out.stepped:
             self.skipped += 1
             if self.info.is_main:
@@ -526,6 +535,8 @@ class Run:
         if not self.info.is_main:
             return module
         plain = build_model(self.recipe.model)
+        if self.step_fn.methods is not None:
+            self.step_fn.methods.attach(plain)  # REPA's projector is in the weights
         plain.load_state_dict(weights)
         return plain.to(self.info.device)
 
@@ -615,6 +626,10 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
         if old != new:
             raise UserError(f"{path} was trained with {what} {old} but this run asks for {new}; pass the same flags "
                             "(--norm, --qk-norm, --rope, --mlp, --sample-*, --latent-norm) or another --results-dir")
+    if stored.training != recipe.training:  # REPA / TREAD settings (recipe.training)
+        raise UserError(f"{path} was trained with {stored.training.to_dict()} but this run asks for "
+                        f"{recipe.training.to_dict()}; pass the same --repa-* / --tread-* flags or another "
+                        "--results-dir")
 
 
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):

@@ -62,6 +62,13 @@ class TrainOptions:
     sample_eps: float | None = None
     meanflow: str | None = None  # meanflow: "KEY=VALUE,..." of recipe.MeanFlowProcess (default: the paper's)
     skip_nonfinite: bool = False
+    repa_encoder: str | None = None  # REPA (train/methods.py): the frozen encoder; None = off
+    repa_depth: int = 8
+    repa_coeff: float = 0.5
+    repa_projector_dim: int = 2048
+    tread_rate: float = 0.0  # TREAD: the fraction of tokens routed (0 = off; the paper's 0.5)
+    tread_start: int = 2
+    tread_end: int | None = None  # default: depth − 4 (TREAD's guideline)
     exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
     # The modern recipe (LightningDiT; docs/lightningdit.md): model switches, flow training terms, sampling defaults.
@@ -227,6 +234,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--sample-eps", type=float, default=None, help="flow: SiT's sample_eps (default: SiT's rule)")
     a("--meanflow", default=None, help="meanflow: KEY=VALUE,... of its recipe (time_mu, time_sigma, ratio_r_neq_t, "
       "adaptive_p, adaptive_eps, omega, kappa, guidance_low, guidance_high; default the paper's, docs/meanflow.md)")
+    a("--repa-encoder", default=None, help="REPA: frozen encoder, 'digits-mae' or a transformers folder / HF id "
+      "(offline), e.g. facebook/dinov2-base")
+    a("--repa-depth", type=int, default=DEFAULTS["repa_depth"], help="REPA: align the output of this block (1-based)")
+    a("--repa-coeff", type=float, default=DEFAULTS["repa_coeff"], help="REPA: the alignment loss weight")
+    a("--repa-projector-dim", type=int, default=DEFAULTS["repa_projector_dim"], help="REPA: the projector width")
+    a("--tread-rate", type=float, default=DEFAULTS["tread_rate"],
+      help="TREAD: fraction of tokens that skip blocks --tread-start..--tread-end in training (0 = off; paper 0.5)")
+    a("--tread-start", type=int, default=DEFAULTS["tread_start"], help="TREAD: first routed block (0-based)")
+    a("--tread-end", type=int, default=None, help="TREAD: last routed block (0-based; default depth − 4)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
