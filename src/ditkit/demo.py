@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "steps; sampled with Heun, 10 steps: as many evaluations as DPM-Solver++ 20), or MeanFlow "
                         "(sampled in 1 and 2 steps; docs/meanflow.md)")
     parser.add_argument("--results-dir", default=None,
-                        help="run folder (default results/demo, results/demo-flow with --objective flow, "
+                        help="run folder (default results/demo, results/demo-flow / demo-meanflow with --objective, "
                         "or results/demo_text with --text)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps (default {DEMO_STEPS}, {demo_text.DEMO_STEPS} with --text)")
