@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train with REPA (digits-mae encoder), TREAD, both, or neither (default); see "
                         "docs/repa_tread.md")
     parser.add_argument("--results-dir", default=None,
-                        help="run folder (default results/demo, results/demo-flow with --objective flow, "
+                        help="run folder (default results/demo, results/demo-flow / demo-meanflow with --objective, "
                         "or results/demo_text with --text)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps (default {DEMO_STEPS}, {demo_text.DEMO_STEPS} with --text)")
