@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     record["settings"] = {k: getattr(args, k) for k in ("steps", "eval_every", "batch", "eval_samples")} | {
         "model": MODEL, "overrides": OVERRIDES, "arms": ARMS, "cfg": CFG}
     done = {(r["arm"], r["objective"], r["seed"]) for r in record["runs"]}
-    for seed in [] if args.report_only else args.seeds:  # seeds outermost: a cut-short study still has every recipe at the first seeds
+    # seeds outermost: a cut-short study still has every recipe at the first seeds
+    for seed in [] if args.report_only else args.seeds:
         for objective in args.objectives:
             for arm in args.arms:
                 if (arm, objective, seed) in done:
