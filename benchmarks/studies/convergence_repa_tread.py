@@ -69,7 +69,7 @@ def score_run(folder: str, objective: str, args: argparse.Namespace) -> dict[int
         model, recipe = load_model_with_recipe(Path(folder) / "checkpoints" / f"{step:07d}")
         sampler = Sampler(model=model, vae=None, sampler="heun" if objective == "flow" else "dpm-solver",
                           num_steps=10 if objective == "flow" else 20, cfg_scale=CFG, guide_channels="all",
-                          device="cpu", progress=False, recipe=recipe)
+                          device=torch.device("cpu"), progress=False, recipe=recipe)
         got = score_sampler(sampler, args.eval_samples, seed=1)
         scores[step] = {"accuracy": float(got["accuracy"]), "frechet": float(got["frechet"])}
     return scores
@@ -122,7 +122,7 @@ def draw(record: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
         for s in steps:
             _text(d, (px(s, lo)[0], top + ph + 6), str(s), _font(12), "ma")
         d.rectangle([x0, top, x0 + pw, top + ph], outline="black")
-        _text(d, (x0 + pw / 2, 15), f"{objective}: digits Fréchet distance vs training steps", _font(15), "ma")
+        _text(d, (x0 + pw / 2, 15), f"{objective}: digits Frechet distance vs training steps", _font(15), "ma")
         for i, arm in enumerate(ARMS):
             runs = [r for r in record["runs"] if r["arm"] == arm and r["objective"] == objective]
             if not runs:
@@ -136,7 +136,7 @@ def draw(record: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
             d.line([px(s, statistics.mean(v)) for s, v in zip(steps, vals)], fill=color, width=3)
             if k == 1:
                 _text(d, (x0 + pw + 12, top + 12 + 22 * i), f"{arm} ({len(runs)} seeds)", _font(13), "lm", color)
-    _text(d, (w / 2 - 60, h - 20), "training steps (band: min–max over seeds; line: mean)", _font(13), "ma")
+    _text(d, (w / 2 - 60, h - 20), "training steps (band: min-max over seeds; line: mean)", _font(13), "ma")
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
