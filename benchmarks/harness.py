@@ -174,7 +174,9 @@ class Bench:
                  budget_s: float | None = None, out: str | None = None, results: dict[str, Any] | None = None):
         self.args = args if args is not None else argparse.Namespace()
         self.device = torch.device(device) if device is not None else pick_device(getattr(args, "device", None))
-        self.budget_s = budget_s if budget_s is not None else getattr(args, "budget_s", None) or math.inf
+        if budget_s is None:
+            budget_s = getattr(args, "budget_s", None)
+        self.budget_s = math.inf if budget_s is None else budget_s
         self.out = out if out is not None else getattr(args, "out", None)
         self.start = time.monotonic()
         self.results: dict[str, Any] = {} if results is None else results

@@ -53,6 +53,10 @@ def test_the_reserve_skips_everything_once_the_budget_is_spent(tmp_path):
     sections = {name: (lambda b, n=name: ran.append(n)) for name in ("a", "b")}
     assert harness.run_sections(bench, ["a", "b"], sections, reserve_s=2.0, report=False) == 0
     assert ran == [] and bench.results["skipped"] == ["a", "b"]
+    zero = harness.Bench(harness.parser(None, sections).parse_args(["--budget-s", "0", "--reserve-s", "0"]))
+    assert zero.budget_s == 0.0 and zero.device.type in ("cpu", "cuda")  # a zero budget is a budget
+    harness.run_sections(zero, ["a"], sections, reserve_s=0.0, report=False)
+    assert ran == [] and zero.results["skipped"] == ["a"]
 
 
 @pytest.mark.skipif(not hasattr(harness.signal, "SIGALRM"), reason="needs SIGALRM")
