@@ -36,6 +36,11 @@ Rules the harness keeps so that each benchmark need not:
   a GPU (`sync_each=True`: a host sync after every call, so launch overhead counts; False: calls back to back,
   the host free to run ahead as in a real loop), `time.perf_counter` on a CPU.
 - No function over 100 lines (tests/test_structure.py checks benchmarks/ as it checks src/).
+
+A section that costs much more than the others can say so: `SECTIONS = {"big": harness.Section(fn, estimate_s=120)}`
+starts it only if 120 s more than the reserve are left. A benchmark with its own JSON layout subclasses `Bench` and
+overrides `save` and the hooks `skip`, `failed`, `done`, `stopped` (bench_speed.py does). Figures go to the
+results page of the topic with the exact command, the device (`env`) and the date.
 """
 
 from __future__ import annotations
