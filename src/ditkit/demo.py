@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.objectives import OBJECTIVES, entry_for
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ditkit.sample import SamplingPipeline, sample_grid
     from ditkit.train import TrainOptions, train
 
+    counts.demo_flags(args)  # before minutes of training
     if args.text:
         from ditkit import demo_text
 

@@ -346,8 +346,9 @@ def configured(served: Served, req: Request) -> SamplingPipeline:
     return dataclasses.replace(
         served.base, sampler=ns.sampler, num_steps=ns.num_steps, cfg_scale=float(ns.cfg_scale),
         guide_channels="all" if ns.guide_channels == "all" else int(ns.guide_channels),
-        interval=tuple(ns.guidance_interval) if ns.guidance_interval else None, eta=ns.eta,
-        time_shift=float(ns.time_shift), progress=True, negative=None)
+        interval=tuple(ns.guidance_interval) if ns.guidance_interval else served.base.interval, eta=ns.eta,
+        time_shift=served.base.time_shift if ns.time_shift is None else float(ns.time_shift),  # recipe defaults
+        progress=True, negative=None)
 
 
 def generate(served: Served, req: Request, out: Path) -> tuple[Path, list[Path]]:

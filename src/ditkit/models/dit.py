@@ -24,6 +24,7 @@ from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from ditkit.models.kernels.attention import attention as measured_attention
 from ditkit.models.kernels.attention import select_backend
+from ditkit.models.knobs import apply_knobs, prepare_qk
 
 LN_EPS = 1e-6  # the official code's LayerNorm epsilon; diffusers' port must be told this value
 
@@ -63,6 +64,7 @@ class Attention(nn.Module):
         n, t, d3 = qkv.shape
         d = d3 // 3
         q, k, v = qkv.view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = prepare_qk(self, q, k)  # QK-norm and RoPE where the config switches them on (models/knobs.py)
         if self.backend == "default" or not q.is_cuda:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -128,6 +130,9 @@ class DiTBlock(nn.Module):
     as the identity. adaLN (`gated=False`): shift and scale only (4·D values).
     """
 
+    fused_ok = True  # False when models/knobs.py swapped in a layer the fused kernels do not cover (RMSNorm)
+    fp8_ok = True  # False with any knob on: the FP8 row path assumes LayerNorm and the GELU MLP
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True):
         super().__init__()
         self.gated = gated
@@ -138,9 +143,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.gated and kernels.use_fp8_rows(x, self.mlp.fc2):
+        if self.gated and self.fp8_ok and kernels.use_fp8_rows(x, self.mlp.fc2):
             return self._forward_fp8(x, c)
-        if self.gated and kernels.use_fused(x):
+        if self.gated and self.fused_ok and kernels.use_fused(x):
             return self._forward_fused(x, c)
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -203,6 +208,8 @@ class PlainBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Final norm (adaptive for the adaLN variants, plain otherwise) and per-token linear decoder to p·p·C_out."""
 
+    fused_ok = True  # False when the norm is RMSNorm (models/knobs.py)
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
         super().__init__()
         self.adaptive = adaptive
@@ -214,7 +221,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if self.adaptive:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            if kernels.use_fused(x):
+            if self.fused_ok and kernels.use_fused(x):
                 return self.linear(kernels.ln_modulate(x, shift, scale, LN_EPS))
             return self.linear(modulate(self.norm_final(x), shift, scale))
         return self.linear(self.norm_final(x))
@@ -246,9 +253,13 @@ class TokenGrid:
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
+    block_cache: Any = None  # sampling only: a `ditkit.sample.cache.StackCache` for one batch, set by `caching`
+
     def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
+        if self.block_cache is not None:
+            return self.block_cache.run(block, args)
         return block(*args)
 
 
@@ -277,6 +288,7 @@ class DiT(TokenGrid, nn.Module):
             blocks = [PlainBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(d, config.patch_size, self.out_channels, adaptive=kind.startswith("adaln"))
+        apply_knobs(self, config)  # RMSNorm, QK-norm, RoPE, SwiGLU where switched on (nothing otherwise)
         if not self.pos_embed.is_meta:  # built on the meta device, it takes a file's tensors (build_checked)
             self.initialize_weights()
 
