@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import _src  # first: puts src/ on sys.path when run from a checkout
+
+ROOT = _src.ROOT
 
 # (sampler, cache) in the order run; the budget skips the tail. "fast" is the recommended setting.
 JOBS = (("ddpm", "off"), ("ddpm", "fast"), ("dpm-solver", "off"), ("dpm-solver", "fast"), ("ddpm", "fora-3"),

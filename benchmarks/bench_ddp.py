@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 from ditkit import distributed as dist_utils
 from ditkit.diffusion import create_diffusion
 from ditkit.io import atomic_write

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-from ditkit.metrics import evaluate as ev  # noqa: E402
-from ditkit.metrics import inception as inc  # noqa: E402
-from ditkit.metrics.frechet import feature_statistics, frechet_distance  # noqa: E402
-from ditkit.metrics.precision_recall import precision_recall  # noqa: E402
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+from ditkit.metrics import evaluate as ev
+from ditkit.metrics import inception as inc
+from ditkit.metrics.frechet import feature_statistics, frechet_distance
+from ditkit.metrics.precision_recall import precision_recall
 
 
 def smooth_images(n: int, size: int, seed: int, shift: float) -> np.ndarray:

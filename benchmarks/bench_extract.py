@@ -17,13 +17,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-from ditkit.autoencoder import SD_VAE_CONFIG, VAE  # noqa: E402
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+from ditkit.autoencoder import SD_VAE_CONFIG, VAE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -30,18 +30,17 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))  # kernel_check: the float64 references the CPU tests use
-sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_loader: the synthetic latent store
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+import harness
+from ditkit.diffusion import create_diffusion
+from ditkit.fast import compile_blocks
+from ditkit.flops import count_macs
+from ditkit.models import create_model, kernels
+from ditkit.models.kernels.fp8 import BLOCK_LINEARS, enable_fp8
+from ditkit.train.step import TrainStep
+from harness import run_sections
 
-from ditkit.diffusion import create_diffusion  # noqa: E402
-from ditkit.fast import compile_blocks  # noqa: E402
-from ditkit.flops import count_macs  # noqa: E402
-from ditkit.models import create_model, kernels  # noqa: E402
-from ditkit.models.kernels.fp8 import BLOCK_LINEARS, enable_fp8  # noqa: E402
-from ditkit.train.step import TrainStep  # noqa: E402
-from sections import BenchBase, run_sections  # noqa: E402
+ROOT = harness.ROOT
 
 # autotune: fast, blocks compiled "max-autotune-no-cudagraphs"; torchao-<recipe>: fast with the block linears
 # as torchao's Float8Linear (its float8 training, recipe "rowwise" or "tensorwise"; torchao carried as a wheel)
@@ -49,42 +48,21 @@ MODES = ("plain", "fast", "fp8", "autotune", "torchao-rowwise", "torchao-tensorw
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp8_fwd": 0.05, "fp8_grad": 0.10}
 
 
-class Bench(BenchBase):
+class Bench(harness.Bench):
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
         self.results = {"env": env_info(self.device), "args": vars(args)}
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"torch": torch.__version__, "device": str(device)}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    """The harness's environment (torch, triton, device, GPU, date)."""
+    return harness.environment(device)
 
 
 def time_cuda(fn: Callable[[], Any], warmup: int, repeats: int, bench: Bench) -> float:
-    """Mean ms per call after warm-up (CUDA events on a GPU, the host clock on a CPU)."""
-    for _ in range(warmup):
-        fn()
-    bench.sync()
-    if bench.device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / repeats
+    """Mean ms per call after warm-up: the harness's timer with the calls back to back (CUDA events on a GPU,
+    the host clock on a CPU)."""
+    return sum(bench.times_ms(fn, warmup, repeats, sync_each=False)) / repeats
 
 
 def matmul_rate(bench: Bench) -> float | None:
@@ -588,11 +566,8 @@ SECTIONS = {"check": section_check, "tune": section_tune, "profile": section_pro
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quick", action="store_true", help="tiny models, few steps (a CPU smoke run)")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p = harness.parser(__doc__, SECTIONS, budget_s=540.0, reserve_s=30.0,
+                       quick_help="tiny models, few steps (a CPU smoke run)")
     p.add_argument("--train", nargs="+", default=["DiT-XL/2:128", "DiT-B/2:256", "DiT-S/2:256"],
                    help="model:batch pairs for the train section")
     p.add_argument("--modes", nargs="+", default=list(MODES[:3]), choices=MODES)
@@ -603,8 +578,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cli-jobs", nargs="+", default=["train", "dpm-solver", "ddpm"],
                    help="cli section: train, ddpm, dpm-solver, or SAMPLER+nocompile")
     p.add_argument("--curve-steps", type=int, default=300)
-    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
-    p.add_argument("--reserve-s", type=float, default=30.0)
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.curve_steps = 2, 20

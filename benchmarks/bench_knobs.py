@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+import harness
 from ditkit.fast import compile_blocks
 from ditkit.io import atomic_write
 from ditkit.models import build_model
@@ -85,22 +87,16 @@ def time_row(config: DiTConfig, process: Any, batch: int, device: torch.device, 
         out = step(x, y, i)
     _sync(device)
     warm_s = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = step(x, y, warmup + i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t1 = time.perf_counter()
-            out = step(x, y, warmup + i)
-            times.append((time.perf_counter() - t1) * 1e3)
-    ms = statistics.median(times)
+    index = iter(range(warmup, warmup + repeats))
+
+    def one(run: Any = step) -> None:  # bound now: `step` is deleted below
+        nonlocal out
+        out = run(x, y, next(index))
+
+    # the harness's timer: CUDA events around each step with a sync after it (perf_counter on a CPU)
+    ms = statistics.median(harness.times_ms(one, device, warmup=0, repeats=repeats, sync_each=True))
     loss = float(out.terms[0])
-    del step
+    del step, one
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"ms": ms, "img_per_s": batch / (ms / 1e3), "warmup_s": warm_s, "loss": loss}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-from ditkit.data.store import MANIFEST, LatentStore, shard_name  # noqa: E402
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+from ditkit.data.store import MANIFEST, LatentStore, shard_name
 
 
 def write_synthetic_store(root: Path, count: int, shard_size: int, channels: int = 4, side: int = 32) -> None:

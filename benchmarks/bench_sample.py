@@ -34,43 +34,27 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # sections: the runner shared with bench_kernels.py
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+import harness
+from ditkit.models import create_model, kernels
+from harness import run_sections
 
-from ditkit.models import create_model, kernels  # noqa: E402
-from sections import BenchBase, run_sections  # noqa: E402
+ROOT = harness.ROOT
 
 
-class Bench(BenchBase):
+class Bench(harness.Bench):
+    """The harness's bench with this benchmark's sizes; `time_ms` is the harness's timer (median ms per call,
+    a host sync after each)."""
+
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        self.results = {"torch": torch.__version__, "device": str(self.device), "args": vars(args)}
+        self.results = {"torch": torch.__version__, "device": str(self.device), "args": vars(args),
+                        "env": harness.environment(self.device)}
         if self.device.type == "cuda":
             self.results["gpu"] = torch.cuda.get_device_name(self.device)
         self.name = "DiT-S/2" if args.quick else "DiT-XL/2"
         self.image = 64 if args.quick else 256
         self.batch = 4 if args.quick else 256
-
-    def time_ms(self, fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
-        """Median ms per call after warm-up (CUDA events on a GPU)."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(repeats):
-            if self.device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[len(times) // 2]
 
 
 def random_model(bench: Bench, fp8: bool = False) -> torch.nn.Module:
@@ -529,10 +513,9 @@ def section_cli(bench: Bench) -> None:
 
 
 def section_fp8(bench: Bench) -> None:
-    """Row-wise FP8 on the GPU: the kernels against float64 (tests/kernel_check.py with the hardware's FP8
+    """Row-wise FP8 on the GPU: the kernels against float64 (kernel_check.py with the hardware's FP8
     cast), and each block GEMM of a guided XL/2 step (M = 512 rows × 256 tokens) in bf16, FP8 row-wise and FP8
     tensorwise, with the row quantisation pass that proj and fc2 need."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import kernel_check
 
     out: dict[str, Any] = {"check_rows": kernel_check.check_fp8_rows(str(bench.device)),
@@ -628,19 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child"]:
         return child(argv[3:], argv[1])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quick", action="store_true", help="DiT-S/2 at 64 px, tiny batches (a CPU smoke run)")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p = harness.parser(__doc__, SECTIONS, budget_s=540.0, reserve_s=20.0,
+                       quick_help="DiT-S/2 at 64 px, tiny batches (a CPU smoke run)")
     p.add_argument("--cli-jobs", nargs="+", default=["dpm-solver", "ddpm"],
                    help="cli section: ddpm, dpm-solver, or SAMPLER+FLAG[=VALUE] (e.g. ddpm+precision=fp8)")
     p.add_argument("--profile-fp8", action="store_true",
                    help="profile and sampler sections: the --precision fp8 forward")
     p.add_argument("--variants", nargs="+", default=None,
                    help="forward section: only the variants whose names start with these (default: all)")
-    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
-    p.add_argument("--reserve-s", type=float, default=20.0)
     args = p.parse_args(argv)
     bench = Bench(args)
     bench.work = Path(tempfile.mkdtemp(prefix="ditkit_sample_"))

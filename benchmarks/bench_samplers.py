@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-import ditkit  # noqa: E402
-from ditkit.sample import Sampler  # noqa: E402
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+import ditkit
+from ditkit.sample import Sampler
 
 GFLOP_XL2 = 118.64  # paper's Table 4, multiply-adds per forward at 256×256
 

@@ -34,25 +34,23 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import json
 import platform
-import signal
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+import harness
 from ditkit.diffusion import create_diffusion, samplers
 from ditkit.diffusion.guidance import guided
 from ditkit.fast import compile_blocks
 from ditkit.flops import count_macs
-from ditkit.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train.step import TrainStep, _autocast, update_ema
@@ -118,57 +116,42 @@ class Row:
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
-class BudgetExceeded(Exception):
-    """Raised by the alarm when a job runs past the hard time limit."""
-
-
 # ----------------------------------------------------------------------------------------------- timing
 
 
-class Bench:
-    """Device, timer, budget and results of one benchmark run."""
+class Bench(harness.Bench):
+    """Device, timer, budget and results of one benchmark run (the harness's bench with this benchmark's rows,
+    skips and JSON layout)."""
 
-    def __init__(self, device: torch.device, budget_s: float, quick: bool):
-        self.device = device
+    def __init__(self, device: torch.device, budget_s: float, quick: bool, out: str | None = None):
+        super().__init__(device=device, budget_s=budget_s, out=out)
         self.cuda = device.type == "cuda"
-        self.budget_s = budget_s
         self.quick = quick
-        self.start = time.perf_counter()
         self.peak_flops: float | None = None
         self.rows: list[Row] = []
         self.skipped: list[str] = []
         self.profile: dict[str, Any] | None = None
         self.baselines: dict[tuple[str, str], float] = {}  # (config, kind) -> baseline images/s
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+    def loop_times(self, fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+        """Per-call times in ms after `warmup` calls: the harness's timer with the calls back to back (on a GPU
+        no host sync between calls, so the CPU may run ahead as in a real loop; one synchronize at the end)."""
+        return self.times_ms(fn, warmup, repeats, sync_each=False)
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+    # the harness's hooks, in this benchmark's format
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append(name)
+        print(f"# skipped (budget): {name}", flush=True)
 
-    def time_ms(self, fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-        """Per-call times in ms after `warmup` calls.
+    def done(self, name: str, seconds: float) -> None:
+        pass  # run_job prints each row with its time
 
-        On a GPU: CUDA events recorded back to back (no host sync between calls, so the CPU may run ahead as
-        in a real loop), one synchronize at the end."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        if not self.cuda:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return times
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
-        events[0].record()
-        for i in range(repeats):
-            fn()
-            events[i + 1].record()
-        events[-1].synchronize()
-        return [events[i].elapsed_time(events[i + 1]) for i in range(repeats)]
+    def stopped(self, exc: BaseException) -> None:
+        print(f"# stopped: {exc}", flush=True)
+        self.skipped.append(f"stopped: {exc}")
+
+    def save(self, done: bool = False) -> None:
+        write_json(self, self.out, done)
 
     def reset_compiled(self) -> None:
         """Drop dynamo's caches before a job builds new models, so that nothing compiled for an earlier
@@ -210,7 +193,7 @@ def measure_peak(bench: Bench) -> float:
     best = 0.0
     for n in sizes:
         repeats = 3 if bench.quick else (10 if n >= 16384 else 30)
-        times = bench.time_ms(_matmul(n, bench.device), warmup=2 if bench.quick else 5, repeats=repeats)
+        times = bench.loop_times(_matmul(n, bench.device), warmup=2 if bench.quick else 5, repeats=repeats)
         best = max(best, 2 * n**3 / (statistics.median(times) / 1e3))
     return best
 
@@ -327,7 +310,7 @@ def train_job(
     bench.reset_compiled()
     with applied(mode, bench.device):
         step = TrainJob(spec, batch, mode, bench.device, bench.quick)
-        times = bench.time_ms(step, warmup=1 if bench.quick else 3, repeats=repeats)
+        times = bench.loop_times(step, warmup=1 if bench.quick else 3, repeats=repeats)
         ms = statistics.median(times)
         if profile:
             bench.profile = profile_step(bench, step, f"{spec.label}, batch {batch}, {mode.name}", ms)
@@ -452,12 +435,12 @@ def sample_throughput_job(
     """Images/s of a guided sampler: median step time × steps (extrapolated), or timed runs (end_to_end)."""
     with applied(sampler.mode, bench.device):
         if end_to_end:
-            times = bench.time_ms(lambda: sampler.run(kind, num_steps), warmup=1, repeats=repeats)
+            times = bench.loop_times(lambda: sampler.run(kind, num_steps), warmup=1, repeats=repeats)
             total_ms = statistics.median(times)
             step_ms = total_ms / num_steps
             note = f"end to end, median of {len(times)}"
         else:
-            times = bench.time_ms(
+            times = bench.loop_times(
                 sampler.step_fn(250 if kind == "ddpm" else num_steps),
                 warmup=1 if bench.quick else 2,
                 repeats=repeats,
@@ -497,14 +480,14 @@ def latency_job(
     with applied(mode, bench.device), torch.no_grad():
         t = torch.full((batch,), 500, device=bench.device, dtype=torch.long)
         forward_ms = statistics.median(
-            bench.time_ms(
+            bench.loop_times(
                 lambda: sampler.guided(sampler.noise, t, sampler.y),
                 warmup=1 if bench.quick else 3,
                 repeats=3 if bench.quick else 10,
             )
         )
         for kind, steps in runs:
-            times = bench.time_ms(lambda k=kind, n=steps: sampler.run(k, n), warmup=1, repeats=repeats)
+            times = bench.loop_times(lambda k=kind, n=steps: sampler.run(k, n), warmup=1, repeats=repeats)
             total = statistics.median(times)
             flops = 2 * 2 * sampler.macs * batch * steps / (total / 1e3)
             name = "DDPM" if kind == "ddpm" else "DPM++"
@@ -610,7 +593,7 @@ def ema_job(bench: Bench, spec: Spec, section: str) -> list[Row]:
         ("per-parameter loop", loop),
     ):
         ms = statistics.median(
-            bench.time_ms(fn, warmup=1 if bench.quick else 2, repeats=3 if bench.quick else 20)
+            bench.loop_times(fn, warmup=1 if bench.quick else 2, repeats=3 if bench.quick else 20)
         )
         rows.append(Row(section, f"{spec.label} EMA update", 0, name, None, ms, note="one EMA update"))
     return rows
@@ -627,33 +610,39 @@ class Job:
     on_fail: Callable[[BaseException], None] | None = None
 
 
-def plan(bench: Bench, profile: bool) -> list[Job]:
-    q = bench.quick
-    sp = specs(q)
-    xl = sp["XL/2"]
-    jobs: list[Job] = []
-    reps = 2 if q else 10
-    big, mid = (8, 4) if q else (256, 128)
-    small_b = 4 if q else 64
-    # fp32 / eager runs keep every activation (and the math backend the attention matrices): at batch 64
-    # XL/2 is near 80 GB, so they fall back to half the batch rather than fail.
-    small_bs = (4,) if q else (64, 32)
+class Planner:
+    """Builds the job list of one run; the jobs share the sampling model and the compile/profile state."""
 
-    state: dict[str, Any] = {"profiled": False, "compiled": False}
+    def __init__(self, bench: Bench, profile: bool):
+        self.bench, self.profile, self.q = bench, profile, bench.quick
+        q = self.q
+        self.sp = specs(q)
+        self.xl = self.sp["XL/2"]
+        self.reps = 2 if q else 10
+        self.big, self.mid = (8, 4) if q else (256, 128)
+        self.small_b = 4 if q else 64
+        # fp32 / eager runs keep every activation (and the math backend the attention matrices): at batch 64
+        # XL/2 is near 80 GB, so they fall back to half the batch rather than fail.
+        self.small_bs = (4,) if q else (64, 32)
+        self.sample_b = 4 if q else 256
+        self.state: dict[str, Any] = {"profiled": False, "compiled": False}
+        self.samp: dict[str, Sampler] = {}
 
     def train(
-        spec: Spec, batches: int | tuple[int, ...], mode: Mode, section: str, repeats: int = reps
+        self, spec: Spec, batches: int | tuple[int, ...], mode: Mode, section: str, repeats: int | None = None
     ) -> Callable[[], Row]:
         """A train job; with several batches, the first that fits in memory (the others are noted)."""
         sizes = (batches,) if isinstance(batches, int) else batches
+        repeats = self.reps if repeats is None else repeats
+        bench, state = self.bench, self.state
 
         def run() -> Row:
             nonlocal mode
-            if q and mode.compile and state["compiled"]:
+            if self.q and mode.compile and state["compiled"]:
                 # --quick traces one training shape through dynamo; more would only cost the smoke test time.
                 mode = dataclasses.replace(mode, name=mode.name.replace("compile", "eager"), compile=False)
             state["compiled"] = state["compiled"] or mode.compile
-            want_profile = profile and not state["profiled"] and spec is xl and mode.compile
+            want_profile = self.profile and not state["profiled"] and spec is self.xl and mode.compile
             notes = []
             for i, batch in enumerate(sizes):
                 fits = True
@@ -673,110 +662,108 @@ def plan(bench: Bench, profile: bool) -> list[Job]:
 
         return run
 
-    # 2. XL/2 training, fast mode, two batches (the best is chosen in the table).
-    jobs.append(Job(f"{xl.label} train b{mid} {FAST.name}", 45, train(xl, mid, FAST, "train")))
-    jobs.append(Job(f"{xl.label} train b{big} {FAST.name}", 30, train(xl, big, FAST, "train")))
-
-    # 3. Guided sampling throughput and latency.
-    samp: dict[str, Sampler] = {}
-    sample_b = 4 if q else 256
-
-    def sampling(kind: str, steps: int, end_to_end: bool, repeats: int) -> Callable[[], Row]:
+    def sampling(self, kind: str, steps: int, end_to_end: bool, repeats: int) -> Callable[[], Row]:
         def run() -> Row:
-            if "fast" not in samp:
-                bench.reset_compiled()
-                samp["fast"] = Sampler(xl, sample_b, SAMPLE_FAST, bench.device)
-            return sample_throughput_job(bench, samp["fast"], xl, kind, steps, "sample", repeats, end_to_end)
+            if "fast" not in self.samp:
+                self.bench.reset_compiled()
+                self.samp["fast"] = Sampler(self.xl, self.sample_b, SAMPLE_FAST, self.bench.device)
+            return sample_throughput_job(
+                self.bench, self.samp["fast"], self.xl, kind, steps, "sample", repeats, end_to_end
+            )
 
         return run
 
-    jobs.append(Job(f"{xl.label} DDPM-250 b{sample_b}", 35, sampling("ddpm", 250, False, 3 if q else 6)))
-    jobs.append(Job(f"{xl.label} DPM-20 b{sample_b}", 20, sampling("dpm-solver", 4 if q else 20, True, 2)))
-
-    def drop_sampler() -> Row | None:
-        samp.clear()
-        bench.reset_memory()
+    def drop_sampler(self) -> Row | None:
+        self.samp.clear()
+        self.bench.reset_memory()
         return None
 
-    jobs.append(Job("free the sampling model", 0, drop_sampler))
-    lat_runs = [("ddpm", 3), ("dpm-solver", 3)] if q else [("ddpm", 250), ("dpm-solver", 20)]
-    for b in (1,) if q else (1, 8):
+    def sample_baseline(self) -> Row:
+        self.bench.reset_compiled()
+        s = Sampler(self.xl, 4 if self.q else 64, SAMPLE_BASELINE, self.bench.device)
+        return sample_throughput_job(self.bench, s, self.xl, "ddpm", 250, "baseline", 2 if self.q else 3)
+
+    def autotuned(self) -> Row:
+        self.bench.reset_compiled()
+        s = Sampler(self.xl, self.sample_b, SAMPLE_AUTOTUNE, self.bench.device)
+        return sample_throughput_job(self.bench, s, self.xl, "ddpm", 250, "leads", 6)
+
+    def head(self) -> list[Job]:
+        """2. XL/2 training in the fast mode at two batches (the best is chosen in the table); 3. guided
+        sampling throughput and latency; 4. the baselines (every optimisation off) for the speed-up column."""
+        q, xl, bench = self.q, self.xl, self.bench
+        jobs = [
+            Job(f"{xl.label} train b{self.mid} {FAST.name}", 45, self.train(xl, self.mid, FAST, "train")),
+            Job(f"{xl.label} train b{self.big} {FAST.name}", 30, self.train(xl, self.big, FAST, "train")),
+            Job(f"{xl.label} DDPM-250 b{self.sample_b}", 35, self.sampling("ddpm", 250, False, 3 if q else 6)),
+            Job(f"{xl.label} DPM-20 b{self.sample_b}", 20, self.sampling("dpm-solver", 4 if q else 20, True, 2)),
+            Job("free the sampling model", 0, self.drop_sampler),
+        ]
+        lat_runs = [("ddpm", 3), ("dpm-solver", 3)] if q else [("ddpm", 250), ("dpm-solver", 20)]
+        for b in (1,) if q else (1, 8):
+            jobs.append(
+                Job(
+                    f"{xl.label} latency b{b}",
+                    30,
+                    lambda b=b: latency_job(
+                        bench, xl, b, SAMPLE_EAGER if q else SAMPLE_FAST, lat_runs, "latency", 1 if q else 3
+                    ),
+                )
+            )
         jobs.append(
             Job(
-                f"{xl.label} latency b{b}",
+                f"{xl.label} train b{self.small_b} baseline",
+                12,
+                self.train(xl, self.small_bs, BASELINE, "baseline", 3 if q else 5),
+            )
+        )
+        jobs.append(Job(f"{xl.label} DDPM step baseline", 10, self.sample_baseline))
+        return jobs
+
+    def tail(self) -> list[Job]:
+        """The bf16 loss curve against fp32; 5. batch 256 with activation checkpointing; 6. the other sizes,
+        each with its baseline; 7. the leads one at a time; 8. EMA; 9. slow-to-compile leads, last."""
+        q, xl, bench, sp = self.q, self.xl, self.bench, self.sp
+        curve_spec = sp["S/2"]  # DiT-S/2: small enough for a few hundred steps in seconds
+        jobs = [
+            Job(
+                f"{curve_spec.label} loss curve bf16 vs fp32",
                 30,
-                lambda b=b: latency_job(
-                    bench, xl, b, SAMPLE_EAGER if q else SAMPLE_FAST, lat_runs, "latency", 1 if q else 3
-                ),
+                lambda: loss_curve_job(bench, curve_spec, 8 if q else 64, 6 if q else 200, "numerics"),
+            ),
+            Job(f"{xl.label} train b{self.big} {FAST_CKPT.name}", 35, self.train(xl, self.big, FAST_CKPT, "memory")),
+        ]
+        for key in ("S/2",) if q else ("S/2", "B/2", "L/2", "XL/2-512"):
+            spec = sp[key]
+            b_fast, b_base = (self.big, self.small_b) if key != "XL/2-512" else ((4, 2) if q else ((64, 32), (8, 4)))
+            jobs.append(Job(f"{spec.label} train {FAST.name}", 30, self.train(spec, b_fast, FAST, "sizes")))
+            jobs.append(
+                Job(f"{spec.label} train baseline", 8, self.train(spec, b_base, BASELINE, "sizes", 2 if q else 3))
             )
-        )
-
-    # 4. Baselines (every optimisation off) for the speed-up column.
-    jobs.append(
-        Job(
-            f"{xl.label} train b{small_b} baseline",
-            12,
-            train(xl, small_bs, BASELINE, "baseline", 3 if q else 5),
-        )
-    )
-
-    def sample_baseline() -> Row:
-        bench.reset_compiled()
-        s = Sampler(xl, 4 if q else 64, SAMPLE_BASELINE, bench.device)
-        return sample_throughput_job(bench, s, xl, "ddpm", 250, "baseline", 2 if q else 3)
-
-    jobs.append(Job(f"{xl.label} DDPM step baseline", 10, sample_baseline))
-
-    # The bf16 loss curve against fp32 (DiT-S/2: small enough for a few hundred steps in seconds).
-    curve_spec = sp["S/2"]
-    jobs.append(
-        Job(
-            f"{curve_spec.label} loss curve bf16 vs fp32",
-            30,
-            lambda: loss_curve_job(bench, curve_spec, 8 if q else 64, 6 if q else 200, "numerics"),
-        )
-    )
-
-    # 5. Batch 256 with activation checkpointing.
-    jobs.append(Job(f"{xl.label} train b{big} {FAST_CKPT.name}", 35, train(xl, big, FAST_CKPT, "memory")))
-
-    # 6. The other sizes, each with its baseline.
-    for key in ("S/2",) if q else ("S/2", "B/2", "L/2", "XL/2-512"):
-        spec = sp[key]
-        b_fast, b_base = (big, small_b) if key != "XL/2-512" else ((4, 2) if q else ((64, 32), (8, 4)))
-        jobs.append(Job(f"{spec.label} train {FAST.name}", 30, train(spec, b_fast, FAST, "sizes")))
-        jobs.append(
-            Job(f"{spec.label} train baseline", 8, train(spec, b_base, BASELINE, "sizes", 2 if q else 3))
-        )
-
-    # 7. The leads one at a time (eager, batch 64), and bf16 eager at batch 128 (the compile gain).
-    for mode in LADDER[-1:] if q else LADDER:
-        jobs.append(
-            Job(
-                f"{xl.label} train b{small_b} {mode.name}",
-                8,
-                train(xl, small_bs, mode, "leads", 3 if q else 5),
+        # The leads one at a time (eager, batch 64), and bf16 eager at batch 128 (the compile gain).
+        for mode in LADDER[-1:] if q else LADDER:
+            jobs.append(
+                Job(
+                    f"{xl.label} train b{self.small_b} {mode.name}",
+                    8,
+                    self.train(xl, self.small_bs, mode, "leads", 3 if q else 5),
+                )
             )
-        )
-    if not q:
-        jobs.append(
-            Job(f"{xl.label} train b{mid} {LADDER[-1].name}", 10, train(xl, mid, LADDER[-1], "leads", 5))
-        )
+        mid = self.mid
+        if not q:
+            eager = LADDER[-1]
+            jobs.append(Job(f"{xl.label} train b{mid} {eager.name}", 10, self.train(xl, mid, eager, "leads", 5)))
+        jobs.append(Job("EMA update", 5, lambda: ema_job(bench, xl, "ema")))
+        if not q:  # they run only with a larger --budget-s
+            jobs.append(Job(f"{xl.label} train b{mid} {WHOLE.name}", 150, self.train(xl, mid, WHOLE, "leads", 5)))
+            jobs.append(Job(f"{xl.label} DDPM-250 b{self.sample_b} {SAMPLE_AUTOTUNE.name}", 240, self.autotuned))
+        return jobs
 
-    # 8. EMA.
-    jobs.append(Job("EMA update", 5, lambda: ema_job(bench, xl, "ema")))
 
-    # 9. Slow-to-compile leads, last: they run only with a larger --budget-s.
-    if not q:
-        jobs.append(Job(f"{xl.label} train b{mid} {WHOLE.name}", 150, train(xl, mid, WHOLE, "leads", 5)))
-
-        def autotuned() -> Row:
-            bench.reset_compiled()
-            s = Sampler(xl, sample_b, SAMPLE_AUTOTUNE, bench.device)
-            return sample_throughput_job(bench, s, xl, "ddpm", 250, "leads", 6)
-
-        jobs.append(Job(f"{xl.label} DDPM-250 b{sample_b} {SAMPLE_AUTOTUNE.name}", 240, autotuned))
-    return jobs
+def plan(bench: Bench, profile: bool) -> list[Job]:
+    """Every job of the run, in order of importance (a budget cut drops the tail)."""
+    planner = Planner(bench, profile)
+    return planner.head() + planner.tail()
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -899,17 +886,18 @@ def profile_text(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(bench: Bench, path: str | None, args: argparse.Namespace, done: bool) -> None:
+def write_json(bench: Bench, path: str | None, done: bool) -> None:
+    """The results so far (rows, skips, profile, goals) with the device and date, written atomically."""
     if not path:
         return
+    env = harness.environment(bench.device)
     data = {
         "benchmark": "ditkit speed (issue 7)",
         "command": " ".join(sys.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(bench.device)
-        if bench.cuda
-        else f"cpu ({platform.processor() or '?'})",
+        "date": env["date"],
+        "device": env["gpu"] if bench.cuda else f"cpu ({platform.processor() or '?'})",
         "torch": torch.__version__,
+        "env": env,
         "quick": bench.quick,
         "complete": done,
         "budget_s": bench.budget_s,
@@ -920,19 +908,13 @@ def write_json(bench: Bench, path: str | None, args: argparse.Namespace, done: b
         "profile": bench.profile,
         "goals": goals(bench),
     }
-    text = json.dumps(data, indent=1)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    harness.write_json(path, data)
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny models, a couple of steps (CPU smoke run)")
@@ -960,17 +942,84 @@ def main(argv: list[str] | None = None) -> int:
         "--list", action="store_true", help="print the jobs in order with their estimates, exit"
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return parser
+
+
+def _device(name: str | None) -> torch.device:
+    device = harness.pick_device(name)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+    return device
+
+
+def run_job(bench: Bench, job: Job) -> None:
+    """One job: its rows appended and printed; a failure (OOM, compile error) becomes a failed row, so that
+    one failing config does not lose the others."""
+    t0 = time.perf_counter()
+    try:
+        result = job.run()
+    except harness.BudgetExceeded:
+        raise
+    except Exception as err:
+        msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
+        if isinstance(err, OOM_ERRORS):
+            msg = "out of memory"
+        else:
+            traceback.print_exc(file=sys.stderr)
+        print(f"# FAILED {job.title}: {msg}", flush=True)
+        result = Row("failed", job.title, 0, "", error=msg)
+    finally:
+        bench.reset_memory()
+    rows = result if isinstance(result, list) else ([result] if result is not None else [])
+    for row in rows:
+        bench.rows.append(row)
+        print(
+            f"# {row.config} b{row.batch} {row.mode}: {fmt(row.images_per_s)} img/s, "
+            f"{fmt(row.step_ms, 2)} ms, MFU {fmt(row.mfu_pct)} % ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+
+
+def run(bench: Bench, profile: bool, only: list[str] | None) -> None:
+    """The peak measurement, then every planned job (those matching `only`) that fits the budget, under a hard
+    limit 40 s past it."""
+    try:
+        with harness.hard_limit(bench.budget_s + 40):
+            bench.peak_flops = measure_peak(bench)
+            print(f"# measured bf16 matmul: {bench.peak_flops / 1e12:.4g} TFLOP/s", flush=True)
+            jobs = [j for j in plan(bench, profile) if not only or any(text in j.title for text in only)]
+            sections = {j.title: harness.Section(lambda b, j=j: run_job(b, j), j.estimate_s) for j in jobs}
+            harness.run_sections(bench, list(sections), sections, reserve_s=0.0, report=False)
+    except harness.BudgetExceeded as err:
+        bench.stopped(err)
+
+
+def report(bench: Bench) -> None:
+    """The speed-ups, the final JSON, then the profile, the goals and the table (last, so a tail shows it)."""
+    finish_rows(bench)
+    bench.save(done=True)
+    if bench.profile:
+        print(profile_text(bench.profile))
+    peak = f"{bench.peak_flops / 1e12:.4g} TFLOP/s" if bench.peak_flops else "?"
+    print(
+        f"\nditkit speed, {bench.device} ({'quick' if bench.quick else 'full'}), measured bf16 matmul {peak}, "
+        f"{bench.elapsed():.0f} s; sampling images/s marked 'extrapolated' = batch / (median step x steps)"
+    )
+    print(goals_text(goals(bench)))
+    print(table(bench))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    device = _device(args.device)
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 440.0)
     if budget < 0:
         parser.error("--budget-s must be >= 0")
     profile = args.profile if args.profile is not None else (device.type == "cuda" and not args.quick)
-    bench = Bench(device, budget, args.quick)
+    bench = Bench(device, budget, args.quick, out=args.out)
     if args.list:
         for job in plan(bench, profile):
             print(f"{job.estimate_s:5.0f} s  {job.title}")
@@ -979,69 +1028,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny models: threads only contend with each other (and with other jobs)
     if not args.quick and device.type != "cuda":
         print("warning: no GPU; the full configs on a CPU take hours (use --quick)", file=sys.stderr)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise BudgetExceeded(f"hard time limit {budget + 40:.0f} s reached")
-
-    use_alarm = hasattr(signal, "SIGALRM")
-    if use_alarm:
-        old_handler = signal.signal(signal.SIGALRM, on_alarm)
-        signal.alarm(max(1, int(budget + 40)))
     print(
         f"# ditkit speed benchmark on {device} (torch {torch.__version__}), budget {budget:.0f} s", flush=True
     )
-    try:
-        bench.peak_flops = measure_peak(bench)
-        print(f"# measured bf16 matmul: {bench.peak_flops / 1e12:.4g} TFLOP/s", flush=True)
-        for job in plan(bench, profile):
-            if args.only and not any(text in job.title for text in args.only):
-                continue
-            if bench.elapsed() + job.estimate_s > budget:
-                bench.skipped.append(job.title)
-                print(f"# skipped (budget): {job.title}", flush=True)
-                continue
-            t0 = time.perf_counter()
-            try:
-                result = job.run()
-            except BudgetExceeded:
-                raise
-            except Exception as err:  # one failing config (OOM, compile error) must not lose the others
-                msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
-                if isinstance(err, OOM_ERRORS):
-                    msg = "out of memory"
-                else:
-                    traceback.print_exc(file=sys.stderr)
-                print(f"# FAILED {job.title}: {msg}", flush=True)
-                result = Row("failed", job.title, 0, "", error=msg)
-            finally:
-                bench.reset_memory()
-            rows = result if isinstance(result, list) else ([result] if result is not None else [])
-            for row in rows:
-                bench.rows.append(row)
-                print(
-                    f"# {row.config} b{row.batch} {row.mode}: {fmt(row.images_per_s)} img/s, "
-                    f"{fmt(row.step_ms, 2)} ms, MFU {fmt(row.mfu_pct)} % ({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
-            write_json(bench, args.out, args, done=False)
-    except BudgetExceeded as err:
-        print(f"# stopped: {err}", flush=True)
-        bench.skipped.append(f"stopped: {err}")
-    finally:
-        if use_alarm:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old_handler)
-    finish_rows(bench)
-    write_json(bench, args.out, args, done=True)
-    if bench.profile:
-        print(profile_text(bench.profile))
-    peak = f"{bench.peak_flops / 1e12:.4g} TFLOP/s" if bench.peak_flops else "?"
-    print(
-        f"\nditkit speed, {device} ({'quick' if args.quick else 'full'}), measured bf16 matmul {peak}, "
-        f"{bench.elapsed():.0f} s; sampling images/s marked 'extrapolated' = batch / (median step x steps)"
-    )
-    print(goals_text(goals(bench)))
-    print(table(bench))
+    run(bench, profile, args.only)
+    report(bench)
     return 0
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
+
 SETTINGS = ("off", "fora-2", "fora-3", "fora-4", "taylor1-3", "taylor2-3", "taylor2-4", "taylor2-5")
 # model kind -> the samplers measured: DDPM-250 and DPM-Solver++ 20, or the flow model's SDE-250 and Heun 10
 # (the flow demo's own 20-evaluation sampler; a flow model has no DDPM).

@@ -10,7 +10,8 @@ MISSING_ON_GPU_MACHINE = ("safetensors", "diffusers", "sklearn", "tqdm", "PIL", 
 
 def without_gpu_machine_missing_packages(script: Path) -> str:
     """Python source that makes importing those packages fail (a plain find_spec still answers) and then runs
-    `script` as __main__ with the remaining command-line arguments."""
+    `script` as __main__ with the remaining command-line arguments, its folder first on sys.path as `python
+    script` has it (benchmarks import their harness from there)."""
     return f"""
 import importlib.abc, importlib.machinery, runpy, sys
 class Missing(importlib.abc.Loader):
@@ -25,5 +26,6 @@ class Finder:
         return None
 sys.meta_path.insert(0, Finder())
 sys.argv[0] = {str(script)!r}
+sys.path.insert(0, {str(script.parent)!r})  # as `python script.py` does: the script's folder first
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

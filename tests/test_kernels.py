@@ -1,8 +1,8 @@
 """The fused GPU kernels (ditkit.models.kernels) against float64 references, on the CPU.
 
 The Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1 on CPU tensors) in a subprocess
-(tests/kernel_check.py), so the variable is set before Triton is imported and no other test sees it. The FP8
-GEMMs run through torch._scaled_mm, which PyTorch also implements on the CPU.
+(benchmarks/kernel_check.py, which the GPU benchmarks import), so the variable is set before Triton is imported
+and no other test sees it. The FP8 GEMMs run through torch._scaled_mm, which PyTorch also implements on the CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from ditkit.models import create_model, kernels  # noqa: E402
 from ditkit.models.kernels import fp8, fp8_rows  # noqa: E402
 
-CHECK = Path(__file__).with_name("kernel_check.py")
+CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_check.py"
 
 # Tolerances on ‖out − ref‖/‖ref‖. fp32 storage: fp32 arithmetic lands near 1e-7, so 1e-5 leaves room for
 # reduction order only. bf16 storage of h, dy and the modulation gradients: one bf16 rounding is 2^-9 ≈ 0.2%

@@ -1,4 +1,4 @@
-"""Kill anywhere (short CI version of benchmarks/soak_kill.py): SIGKILL `ditkit train`, `ditkit extract` and
+"""Kill anywhere (short CI version of tests/soak_kill.py): SIGKILL `ditkit train`, `ditkit extract` and
 `ditkit sample --num-samples` at random moments and while a checkpoint or shard is being written, resume, and
 check that every checkpoint/shard left on disk reads back, nothing finished is lost or redone, and the final
 output equals an uninterrupted run's bit for bit (the reference run is independent: one process, no kills)."""
@@ -6,14 +6,11 @@ output equals an uninterrupted run's bit for bit (the reference run is independe
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from soak_kill import HOW, kill_loop, make_inputs, make_jobs, run_in_process, second_writer  # noqa: E402
+from soak_kill import HOW, kill_loop, make_inputs, make_jobs, run_in_process, second_writer
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def test_kill_resume_loop_loses_nothing_and_matches_uninterrupted(jobs, tmp_path
 def test_a_second_writer_is_refused_and_the_lock_dies_with_the_first(jobs, tmp_path):
     """Two trainers on one folder: the second is refused at once naming the first's pid; after the first is
     SIGKILLed the folder is free, and the run finishes equal to an uninterrupted one. (extract and sample:
-    test_reliability_writers.py; all three for longer: benchmarks/soak_kill.py.)"""
+    test_reliability_writers.py; all three for longer: tests/soak_kill.py.)"""
     job = jobs["train"]
     run_in_process(job, tmp_path / "reference")
     assert second_writer(job, tmp_path / "two") is None

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+BENCHMARKS = SRC.parent / "benchmarks"
 MAX_LINES = 100
 
 
@@ -94,15 +95,55 @@ def test_no_import_cycles_in_ditkit():
     assert cycles(graph) == []
 
 
-def test_no_function_in_ditkit_is_longer_than_100_lines():
+def long_functions(root: Path) -> list[str]:
+    """`module.function: N lines` for every function under `root` longer than MAX_LINES."""
     long = []
-    for name, path in modules(SRC).items():
+    for name, path in modules(root).items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
-    assert long == []
+    return long
+
+
+def test_no_function_in_ditkit_is_longer_than_100_lines():
+    assert long_functions(SRC) == []
+
+
+def test_no_function_in_benchmarks_is_longer_than_100_lines():
+    assert "bench_speed" in modules(BENCHMARKS)  # the walk saw the folder
+    assert long_functions(BENCHMARKS) == []
+
+
+def sys_path_edits(root: Path) -> list[str]:
+    """Files under `root` that call sys.path.insert / append / extend (relative paths)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                    "insert", "append", "extend") and ast.unparse(node.func.value) == "sys.path":
+                found.append(str(path.relative_to(root)))
+                break
+    return found
+
+
+def test_benchmarks_set_the_source_path_in_one_place():
+    """Only `_src.py` puts src/ on sys.path (and `studies/_paths.py` makes benchmarks/ importable from studies/);
+    every benchmark imports them instead of editing sys.path itself."""
+    assert sys_path_edits(BENCHMARKS) == ["_src.py", "studies/_paths.py"]
+
+
+def test_benchmarks_import_no_test_module():
+    """What benchmarks and tests share lives in benchmarks/ (run by the tests as scripts) or in src/."""
+    test_modules = {p.stem for p in (SRC.parent / "tests").rglob("*.py")}
+    found = []
+    for name, path in modules(BENCHMARKS).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            found += [f"{name} imports {n}" for n in names if n.split(".")[0] in test_modules]
+    assert found == []
 
 
 FORBIDDEN_IN_FORWARD = {"print", "open", "atomic_write", "select_backend", "choose_attention", "write_text",

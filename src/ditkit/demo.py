@@ -20,7 +20,7 @@ from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.objectives import OBJECTIVES, entry_for
 
-# Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings"): the digits at their
+# Chosen with benchmarks/studies/demo_sweep.py (figures in RESULTS.md there, "Demo settings"): the digits at their
 # native 8×8 with 2×2 patches (16 tokens), a 4-block, 128-wide DiT (1.3M parameters), batch 64. On the GPU sweep
 # its EMA samples reach a digit accuracy of 0.99 after 1,500 steps and 0.998 after 2,000; a step takes about
 # 0.1 s on a 2-core CPU, so training takes about 3.5 minutes there.

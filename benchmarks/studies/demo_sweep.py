@@ -4,8 +4,8 @@ The demo must reach a digit-class accuracy of at least 0.9 within a few minutes 
 N steps does not depend on the device (same fp32 math), so this sweep runs on a GPU to find the smallest
 (model, steps) that gets there; the CPU time per step is measured separately (`--time-cpu`).
 
-    PYTHONPATH=src python benchmarks/demo_sweep.py --out sweep.json            # GPU (or CPU, slowly)
-    PYTHONPATH=src python benchmarks/demo_sweep.py --time-cpu --steps 20       # CPU seconds per step
+    PYTHONPATH=src python benchmarks/studies/demo_sweep.py --out sweep.json            # GPU (or CPU, slowly)
+    PYTHONPATH=src python benchmarks/studies/demo_sweep.py --time-cpu --steps 20       # CPU seconds per step
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 
+import _paths  # noqa: F401  (first: benchmarks/ and src/ on sys.path)
 import torch
 
 from ditkit.diffusion.guidance import guided

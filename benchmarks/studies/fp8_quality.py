@@ -7,25 +7,23 @@ fp32 gives the seed-to-seed spread that a precision's difference has to be read 
 FP8 units for the fp8 row; the others run anywhere.
 
     python -m ditkit demo --results-dir results/demo
-    PYTHONPATH=src python benchmarks/fp8_quality.py --ckpt results/demo/checkpoints/0002000 --out fp8_quality.json
+    PYTHONPATH=src python benchmarks/studies/fp8_quality.py --ckpt results/demo/checkpoints/0002000 \
+        --out fp8_quality.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import _paths  # noqa: F401  (first: benchmarks/ and src/ on sys.path)
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from ditkit.cli import build_parser  # noqa: E402
-from ditkit.metrics.digits_classifier import score_sampler  # noqa: E402
-from ditkit.sample.pipeline import load_for_sampling  # noqa: E402
+from ditkit.cli import build_parser
+from ditkit.metrics.digits_classifier import score_sampler
+from ditkit.sample.pipeline import load_for_sampling
 
 
 def sampler_for(ckpt: str, precision: str, device: torch.device):

@@ -6,20 +6,19 @@ still slow there is not compilation. By default gradients are on, so the ops go 
 custom ops (the path every fused op took before `kernels._direct`); `--no-grad` runs them as `ditkit sample`
 does now (the kernels launched directly).
 
-    PYTHONPATH=src python benchmarks/first_calls.py; PYTHONPATH=src python benchmarks/first_calls.py
-    PYTHONPATH=src python benchmarks/first_calls.py --no-grad
+    PYTHONPATH=src python benchmarks/studies/first_calls.py; PYTHONPATH=src python benchmarks/studies/first_calls.py
+    PYTHONPATH=src python benchmarks/studies/first_calls.py --no-grad
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 START = time.time()
+import _paths  # noqa: E402, F401  (benchmarks/ and src/ on sys.path)
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import ditkit.models.kernels as kernels  # noqa: E402
 from ditkit.models.kernels import fp8_rows  # noqa: E402
 

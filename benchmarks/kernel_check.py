@@ -2,7 +2,9 @@
 
 Started by tests/test_kernels.py in a subprocess, because TRITON_INTERPRET must be set before Triton is
 imported and must not leak into the other tests (run as a script it sets the variable itself; imported, by
-benchmarks/bench_kernels.py on a GPU, it leaves it alone and `check_ops` runs compiled kernels on CUDA).
+bench_kernels.py and bench_sample.py on a GPU, it leaves it alone and `check_ops` runs compiled kernels on CUDA).
+It lives in benchmarks/ so that the benchmarks import it and the tests only run it: neither tree imports the
+other's modules.
 Each entry is the relative error ‖out − ref‖ / ‖ref‖ of one output or gradient; inputs are drawn fresh
 (seeded) with feature sizes that are not powers of two and token counts that leave a partial last chunk.
 """
@@ -18,6 +20,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+import _src  # noqa: E402, F401  (src/ on sys.path when run from a checkout)
 
 EPS = 1e-6
 

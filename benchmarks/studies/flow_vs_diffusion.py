@@ -9,8 +9,8 @@ conditional and the unconditional row).
 
     PYTHONPATH=src python -m ditkit demo --results-dir results/demo
     PYTHONPATH=src python -m ditkit demo --objective flow --results-dir results/demo-flow
-    PYTHONPATH=src python benchmarks/flow_vs_diffusion.py --diffusion-run results/demo --flow-run results/demo-flow \
-        --json results/flow_vs_diffusion.json --plot docs/flow_vs_diffusion.png
+    PYTHONPATH=src python benchmarks/studies/flow_vs_diffusion.py --diffusion-run results/demo \
+        --flow-run results/demo-flow --json results/flow_vs_diffusion.json --plot docs/flow_vs_diffusion.png
 
 CPU cost: about 240 guided evaluations of 500 samples in all (about 10 minutes on 2 busy cores).
 """
@@ -23,15 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+import _paths  # noqa: F401  (first: benchmarks/ and src/ on sys.path)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-
-from ditkit.diffusion import samplers as diffusion_samplers  # noqa: E402
-from ditkit.diffusion.guidance import guided  # noqa: E402
-from ditkit.metrics.digits_classifier import digits_metrics  # noqa: E402
-from ditkit.transport import create_transport  # noqa: E402
-from ditkit.transport import objective as flow  # noqa: E402
+from ditkit.diffusion import samplers as diffusion_samplers
+from ditkit.diffusion.guidance import guided
+from ditkit.metrics.digits_classifier import digits_metrics
+from ditkit.transport import create_transport
+from ditkit.transport import objective as flow
 
 # Kept small: the 2-core machine is shared. NFE without guidance: ddim/dpm-solver/euler = steps, heun = 2 × steps.
 SETTINGS = {

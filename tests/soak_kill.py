@@ -9,8 +9,10 @@ moments (some aimed at the instant a checkpoint or shard is being written), resu
 - a second run started on a folder in use is refused (exit 2, one line naming the first one's pid), the first
   goes on, and once it is SIGKILLed its folder is free again and the run finishes equal to the reference.
 
-Run:  .venv/bin/python benchmarks/soak_kill.py --seconds 240        (CI runs a short version: tests/
-test_reliability_kill.py). It prints one summary per job and, with --json, one JSON object.
+Run:  .venv/bin/python tests/soak_kill.py --seconds 240        (CI runs a short version: tests/
+test_reliability_kill.py). It prints one summary per job and, with --json, one JSON object. It lives in tests/
+(formerly benchmarks/) because it is that test's machinery, built on the tests' data fixtures, and measures
+no speed.
 
 Jobs run tiny models (DiT depth 2, width 64, 8×8 digits; a 4-block VAE on 32×32 images) so that a kill cycle
 costs about one process start. "Steps lost" for training = steps finished at the kill (metrics.jsonl) minus
@@ -426,7 +428,6 @@ def make_inputs(base: Path, num_images: int = 30) -> dict[str, Path]:
     """The tiny image folder, VAE and sampling checkpoint the jobs use (made once)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
     import ditkit
     from ditkit.checkpoints import save_model
     from test_data_fixtures import make_tiny_vae, smooth_image
