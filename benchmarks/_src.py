@@ -5,10 +5,12 @@ keeps it above `import ditkit`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
+# BENCH_DITKIT_SRC: another ditkit tree for a child process that times the code before a change (bench_meanflow)
+SRC = Path(os.environ.get("BENCH_DITKIT_SRC") or ROOT / "src")
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))

@@ -32,14 +32,11 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# --baseline-src's child imports another ditkit tree (e.g. main before this branch) for the flow row
-SRC = os.environ.get("BENCH_DITKIT_SRC") or str(ROOT / "src")
-sys.path.insert(0, SRC)
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import _src  # noqa: F401  (first: src/, or --baseline-src's tree in its child, on sys.path)
+from bench_sample import Bench as SampleBench
+from bench_sample import vae_folder
 
-from bench_sample import Bench as SampleBench  # noqa: E402
-from bench_sample import vae_folder  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Only what a ditkit tree before MeanFlow has too (the --baseline-src child imports this file); the MeanFlow
 # pieces are imported where they are used.

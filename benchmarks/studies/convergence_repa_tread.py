@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _paths  # noqa: F401, E402  (benchmarks/ and src/ on sys.path)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # run from a checkout without installing
 
 from ditkit.io import atomic_write  # noqa: E402
 
