@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_machine import without_gpu_machine_missing_packages
+from helpers.gpu_machine import without_gpu_machine_missing_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"

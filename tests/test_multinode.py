@@ -232,7 +232,7 @@ def test_two_nodes_train_checkpoint_and_resume_on_one_process_bit_exactly(tmp_pa
 @pytest.mark.slow
 def test_two_nodes_sample_npz_matches_one_process(tmp_path, one_thread_cli):
     import ditkit
-    from test_sample import tiny_model
+    from helpers.models import sampling_dit as tiny_model
 
     ckpt = tmp_path / "tiny.safetensors"
     ditkit.save_model(tiny_model(), ckpt)
@@ -250,7 +250,8 @@ def test_two_nodes_sample_npz_matches_one_process(tmp_path, one_thread_cli):
 
 @pytest.mark.slow
 def test_two_nodes_extract_matches_one_process(tmp_path, one_thread_cli):
-    from test_data_fixtures import IMAGES, make_image_folder, make_tiny_vae
+    from helpers.images import IMAGES, make_image_folder
+    from helpers.vae import make_tiny_vae
 
     folder = make_image_folder(tmp_path / "images")
     vae = make_tiny_vae(tmp_path / "vae")

@@ -23,7 +23,8 @@ import ditkit
 from ditkit.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
-from test_data_fixtures import make_tiny_vae, smooth_image
+from helpers.images import smooth_image
+from helpers.vae import make_tiny_vae
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 

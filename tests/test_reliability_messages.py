@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from ditkit.cli import main
-from test_data_fixtures import make_tiny_vae, smooth_image
+from helpers.images import smooth_image
+from helpers.vae import make_tiny_vae
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 

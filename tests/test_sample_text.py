@@ -11,7 +11,7 @@ import ditkit
 from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
-from text_fixtures import save_t5
+from helpers.text import save_t5
 
 
 @pytest.fixture(scope="module")
