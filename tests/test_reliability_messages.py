@@ -16,9 +16,8 @@ from PIL import Image
 
 from ditkit.cli import main
 from helpers.images import smooth_image
+from helpers.models import TINY
 from helpers.vae import make_tiny_vae
-
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 
 
 def _images(root: Path, count: int = 4) -> Path:
