@@ -6,6 +6,7 @@
 - text: tiny T5 / CLIP text encoders with word-level tokenizers
 - training: TrainOptions for tiny runs, training scripts for subprocesses, the SIGKILL-resume harness
 - cli: `ditkit sample` argument parsing and in-process CLI runs
+- inception: TinyInception, a random-weight stand-in for the FID Inception network
 - references: closed-form Gaussian models (exact denoisers, flows) the samplers are checked against
 - gpu_machine: run a benchmark script as on the GPU machine (without the packages it lacks)
 
