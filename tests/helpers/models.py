@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ditkit.models import DiT, DiTConfig
+from ditkit.models import DiT, DiTConfig, PixArtDiT, build_model
 
 # The model overrides of every tiny training run (TrainOptions.model_overrides, --model DiT-S/2).
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 TINY_DIT = dict(**TINY, patch_size=2, input_size=8, in_channels=1, num_classes=10)
+# The tiny PixArt-α-style text model: 4 latent channels, 24 caption features, 6 tokens (num_classes unused).
+TINY_TEXT_DIT = dict(**TINY, patch_size=2, input_size=8, in_channels=4, conditioning="text", caption_channels=24,
+                     max_tokens=6)
 
 
 def _random_outputs(model: DiT, std: float) -> None:
@@ -73,3 +76,20 @@ def random_dit(seed: int = 0, std: float = 0.05, **config) -> DiT:
     """A tiny DiT in eval mode with every trained weight random (the official init hides mistakes in layers it
     zeroes)."""
     return tiny_dit(seed, init="all", std=std, eval=True, **config)
+
+
+def tiny_text_dit(**config) -> PixArtDiT:
+    """A tiny text-conditioned DiT (PixArt-α blocks); `config` overrides TINY_TEXT_DIT. Official init: pass it to
+    `randomise` for random weights."""
+    return build_model(DiTConfig(**{**TINY_TEXT_DIT, **config}))
+
+
+def randomise(module: torch.nn.Module, seed: int = 0, *, std: float) -> torch.nn.Module:
+    """Every trained weight of `module` drawn from N(0, std²) by its own generator (torch's global one is left
+    alone), in eval mode. Works for diffusers modules too; ditkit's fixed sin-cos pos_embed is kept."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module.eval()
