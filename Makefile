@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo serve test lint clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m ditkit demo
+
+# the demo models of results/ on a local web page (http://127.0.0.1:7860); `make demo` first
+serve: setup
+	$(PY) -m ditkit serve
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks

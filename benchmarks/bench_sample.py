@@ -88,6 +88,7 @@ def random_model(bench: Bench, fp8: bool = False) -> torch.nn.Module:
         from ditkit.models.kernels import fp8_rows
 
         fp8_rows.prepare(model)
+    model.choose_attention(2 * bench.batch, torch.bfloat16, bench.device, training=False)  # as the pipeline does
     return model.eval()
 
 
@@ -193,6 +194,7 @@ def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu
         model = create_model(bench.name, input_size=bench.image // 8, num_classes=1000)
     model.load_state_dict(state, assign=True)
     model.eval()
+    model.choose_attention(len(x), torch.bfloat16, bench.device, training=False)  # as the pipeline does
     if v["fp8"] == "tensorwise":
         enable_fp8(model)
     elif v["fp8"] == "rows":

@@ -397,6 +397,8 @@ class Sampler:
         model = spec.build().to(device).eval()
         if mode.bf16_weights:
             model = model.to(torch.bfloat16)  # cast once: no per-call cast of 675M weights at small batches
+        dtype = torch.bfloat16 if mode.precision == "bf16" else torch.float32
+        model.choose_attention(2 * batch, dtype, device, training=False)  # guided rows; as the pipeline does
         if mode.compile:
             backend = "inductor" if device.type == "cuda" else "eager"
             compile_blocks(model, backend=backend, mode=mode.compile_mode)

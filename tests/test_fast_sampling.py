@@ -73,3 +73,30 @@ def test_cpu_keeps_the_plain_mlp():
     mlp = model.blocks[0].mlp
     with torch.no_grad():
         assert torch.equal(mlp(x), mlp.fc2(mlp.act(mlp.fc1(x))))
+
+
+def test_the_runners_choose_the_attention_backend_before_the_first_batch(monkeypatch):
+    """The training step and the sampling pipeline ask the model to measure its attention backends (once, with
+    the rows and dtype the blocks will see); the forward itself never does (tests/test_structure.py)."""
+    import ditkit
+    from ditkit.diffusion import create_diffusion
+    from ditkit.sample import SamplingPipeline
+    from ditkit.train.step import TrainStep
+
+    model = ditkit.create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32,
+                                num_heads=2)
+    calls = []
+    monkeypatch.setattr(model, "choose_attention", lambda *a, **k: calls.append((a, k)) or "default")
+    ema = ditkit.create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32,
+                              num_heads=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = TrainStep(model, model, ema, opt, create_diffusion(""), device=torch.device("cpu"), precision="bf16",
+                     global_batch=4, accum=2)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    step(x, y, 0)
+    step(x, y, 1)
+    assert calls == [((2, torch.bfloat16, torch.device("cpu")), {"training": True})]
+    calls.clear()
+    pipe = SamplingPipeline(model=model.eval(), vae=None, sampler="ddim", num_steps=2, cfg_scale=2.0)
+    pipe.images(torch.tensor([1, 2, 3]), torch.Generator().manual_seed(0))
+    assert calls == [((6, torch.float32, torch.device("cpu")), {"training": False})]

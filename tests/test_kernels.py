@@ -154,11 +154,11 @@ def test_fp8_needs_a_gpu_with_fp8_units():
     import argparse
 
     from ditkit.errors import UserError
+    from ditkit.models.precision import Precision
     from ditkit.sample.pipeline import _fast_path
-    from ditkit.train.loop import _check_fp8
 
     with pytest.raises(UserError, match="--precision fp8 needs a CUDA GPU"):
-        _check_fp8(torch.device("cpu"))
+        Precision.resolve("fp8", torch.device("cpu"))  # the one check, for training and sampling
     model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=1)
     with pytest.raises(UserError, match="--precision fp8 needs a CUDA GPU"):
         _fast_path(model, argparse.Namespace(precision="fp8", compile=None), torch.device("cpu"))

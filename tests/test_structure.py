@@ -105,6 +105,25 @@ def test_no_function_in_ditkit_is_longer_than_100_lines():
     assert long == []
 
 
+FORBIDDEN_IN_FORWARD = {"print", "open", "atomic_write", "select_backend", "choose_attention", "write_text",
+                        "write_bytes", "measure_backends"}
+
+
+def test_no_forward_times_writes_or_prints():
+    """A model's forward computes only: measuring the attention backends, writing their cache and printing the
+    choice happen in the code that runs the model (issue 25)."""
+    found = []
+    for name, path in modules(SRC).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("forward"):
+                for call in ast.walk(node):
+                    if isinstance(call, ast.Call):
+                        f = call.func
+                        called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                        if called.lstrip("_") in FORBIDDEN_IN_FORWARD:
+                            found.append(f"{name}.{node.name} calls {called}")
+    assert found == []
+
 # ----------------------------------------------------------------------------------------------- the tests' own shape
 
 TESTS = Path(__file__).resolve().parent

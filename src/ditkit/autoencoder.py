@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
+from ditkit.recipe import SD_VAE, SD_VAE_SCALE
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-SD_SCALE = 0.18215  # Stable Diffusion's latent scaling, used when the VAE's config does not state one
+DEFAULT_VAE = SD_VAE  # the names this module has always exported; the values live in the recipe
+SD_SCALE = SD_VAE_SCALE  # used when the VAE's config does not state a scaling factor
 
 # The Stable Diffusion VAE architecture (what sd-vae-ft-ema/-mse hold), for benchmarks with random weights.
 SD_VAE_CONFIG: dict[str, Any] = dict(

@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("ditkit.train", "train a DiT (one CPU/GPU, or many GPUs under torchrun)"),
     "demo": ("ditkit.demo", "train a small DiT on the built-in digits, sample a grid, print its quality"),
     "sample": ("ditkit.sample", "sample images from a checkpoint: a labelled grid, or an ADM .npz over GPUs"),
+    "serve": ("ditkit.serve", "a local web page (Gradio) to try models: classes or prompts, sampler, guidance, seed"),
     "evaluate": ("ditkit.metrics.evaluate", "FID, sFID, IS, precision/recall of samples, or the digits yardstick"),
     "convert": ("ditkit.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
     "scaling": ("ditkit.scaling", "train several DiT configs on the digits; metric vs steps and vs Gflops (PNG)"),

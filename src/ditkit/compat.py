@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 
 from ditkit.checkpoints import load_weights
+from ditkit.models import create_model
 from ditkit.models.config import MODEL_NAMES
-from ditkit.models.dit import DiT, create_model
+from ditkit.models.dit import DiT
 from ditkit.pretrained import resolve_checkpoint
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ditkit.errors import UserError
+from ditkit.objectives import OBJECTIVES, entry_for
 
 # Chosen with benchmarks/demo_sweep.py (figures in benchmarks/RESULTS.md, "Demo settings"): the digits at their
 # native 8×8 with 2×2 patches (16 tokens), a 4-block, 128-wide DiT (1.3M parameters), batch 64. On the GPU sweep
@@ -37,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--text", action="store_true",
                         help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
-    parser.add_argument("--objective", choices=("diffusion", "flow"), default="diffusion",
-                        help="train with the authors' diffusion (default) or SiT's flow matching (same model, data, "
-                        "steps; sampled with Heun, 10 steps: as many evaluations as DPM-Solver++ 20)")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="diffusion",
+                        help="the objective to train (same model, data, steps), sampled with its preview sampler: "
+                        + ", ".join(f"{e.name}: {e.preview[0]} {e.preview[1]} steps" for e in OBJECTIVES.values()))
     parser.add_argument("--results-dir", default=None,
                         help="run folder (default results/demo, results/demo-flow with --objective flow, "
                         "or results/demo_text with --text)")
@@ -55,15 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ditkit.metrics.digits_classifier import real_digits_frechet, score_sampler
-    from ditkit.sample import Sampler, sample_grid
+    from ditkit.sample import SamplingPipeline, sample_grid
     from ditkit.train import TrainOptions, train
 
     if args.text:
         from ditkit import demo_text
 
         return demo_text.run_text(args)
-    flow = getattr(args, "objective", "diffusion") == "flow"
-    args.results_dir = args.results_dir or ("results/demo-flow" if flow else "results/demo")
+    objective = getattr(args, "objective", "diffusion")
+    args.results_dir = args.results_dir or ("results/demo" if objective == "diffusion" else f"results/demo-{objective}")
     args.steps = DEMO_STEPS if args.steps is None else args.steps
     args.cfg_scale = DEMO_CFG if args.cfg_scale is None else args.cfg_scale
     for name in ("steps", "num_samples", "per_class"):
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             resume="auto",
             num_workers=0,
             model_overrides=DEMO_OVERRIDES,
-            objective="flow" if flow else "diffusion",
+            objective=objective,
         )
     )
     if result.stopped_by_signal:  # a stop was asked for: don't go on to sample a half-trained model
@@ -103,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     trained = time.perf_counter()
     device = next(result.ema.parameters()).device
-    # 20 network evaluations per image either way: DPM-Solver++ 20 steps, or Heun 10 steps on the flow model
+    # About 20 network evaluations per image: DPM-Solver++ 20 steps, or Heun 10 steps on the flow model
     # (at that budget Heun beat Euler 20 steps on the digits' Fréchet distance, 2.87 vs 3.24: benchmarks/RESULTS.md)
-    sampler = Sampler(model=result.ema, vae=None, sampler="heun" if flow else "dpm-solver",
-                      num_steps=10 if flow else 20,
+    preview, steps = entry_for(objective).preview
+    sampler = SamplingPipeline(model=result.ema, vae=None, sampler=preview, num_steps=steps,
                       cfg_scale=args.cfg_scale,
                       guide_channels="all", device=device, progress=True, recipe=result.recipe)
     print(f"[2/3] sampling: {sampler.describe()}", file=sys.stderr)

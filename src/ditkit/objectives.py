@@ -1,9 +1,11 @@
-"""The seam between a recipe's process and the code that trains and samples it, keyed by `recipe.process.kind`.
+"""The table of objectives: the seam between a recipe's process and the code that trains and samples it.
 
-An `Objective` gives (a) the training loss for `ditkit.train.step` — `training_losses(model, x_start, t,
-model_kwargs, noise)` with `num_timesteps` saying how `t` is drawn (integers 0…T−1, or None: uniform floats in
-[0, 1) that the objective maps to its own time) — and (b) the samplers for `ditkit sample` and the in-training
-grids, all with one signature. Adding an objective (flow matching, issue 15) is one builder in `OBJECTIVES`.
+An objective is one module (`ditkit.diffusion.objective`, `ditkit.transport.objective`) and one entry here. The
+entry names its recipe process class, its builder `build(recipe) -> Objective` (training loss and samplers, see
+`ditkit.objective.Objective`), the `ditkit train` flags it owns, how those flags become its process, its
+sampler table (name -> default steps) and the cheap sampler that in-training grids and the demo use. Every list
+of objectives or samplers in ditkit (`--objective`, `--sampler`, their help, the demo's choices) is read from
+here. `register_objective` adds one from outside the package as well.
 """
 
 from __future__ import annotations
@@ -12,108 +14,87 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from ditkit.diffusion import objective as diffusion
 from ditkit.errors import UserError
-from ditkit.recipe import Recipe
-from ditkit.transport.objective import FLOW_SAMPLERS
+from ditkit.objective import Objective
+from ditkit.recipe import PROCESSES, DiffusionProcess, FlowProcess, Recipe
+from ditkit.transport import objective as flow
 
-SampleFn = Callable[..., torch.Tensor]
-
-# kind -> sampler name -> default number of steps; the first sampler is the kind's default.
-SAMPLERS: dict[str, dict[str, int]] = {"diffusion": {"ddpm": 250, "ddim": 50, "dpm-solver": 20}, "flow": FLOW_SAMPLERS}
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveEntry", "objective_for", "register_objective", "sampler_names"]
 
 
 @dataclass(frozen=True)
-class Objective:
-    """What train and sample need from a process.
+class ObjectiveEntry:
+    """One objective: its process class, builder, flags, samplers and preview sampler.
 
-    `training`: an object with `num_timesteps` (int, or None for continuous time) and `training_losses(model,
-    x_start, t, model_kwargs=None, noise=None)` → dict with "loss" (N) and optionally "mse", "vb".
-    `sample(denoiser, noise, *, sampler, num_steps, model_kwargs, eta, clip_denoised, generator, progress)`:
-    samples from x_T = noise. `default_steps`: sampler name → default step count (its keys are the samplers).
-    `evaluations(sampler, num_steps, cfg_scale, interval)`: network evaluations per image.
+    `flags`: `TrainOptions` field -> the value meaning "not given"; a given one on another objective is refused.
+    `process_from_flags(opts)`: the checked recipe process. `samplers()`: name -> default steps (first: default).
+    `preview`: (sampler, steps) for in-training grids and the demo (about 20 network evaluations).
     """
 
-    kind: str
-    training: Any
-    sample: SampleFn
-    default_steps: Mapping[str, int]
-    evaluations: Callable[[str, int, float, tuple[float, float] | None], int]
-
-    @property
-    def samplers(self) -> tuple[str, ...]:
-        return tuple(self.default_steps)
-
-    @property
-    def default_sampler(self) -> str:
-        return self.samplers[0]
-
-    def check_sampler(self, sampler: str, num_steps: int) -> None:
-        """One line for a sampler this process has not, or a step count it cannot take."""
-        if sampler not in self.default_steps:
-            raise UserError(
-                f"sampler {sampler!r} does not apply to a {self.kind} model; use one of: {', '.join(self.samplers)}"
-            )
-        self.evaluations(sampler, num_steps, 1.0, None)  # validates the step count
+    name: str
+    process: type
+    build: Callable[[Recipe], Objective]
+    process_from_flags: Callable[[Any], Any]
+    samplers: Callable[[], Mapping[str, int]]
+    preview: tuple[str, int]
+    help: str
+    flags: Mapping[str, Any] = None  # type: ignore[assignment]
 
 
-def _diffusion(recipe: Recipe) -> Objective:
-    from ditkit.diffusion import create_diffusion, samplers
-
-    process = recipe.process
-    settings = dict(
-        noise_schedule=process.noise_schedule,
-        learn_sigma=recipe.model.learn_sigma,
-        diffusion_steps=process.diffusion_steps,
-        prediction=process.prediction,
-    )
-
-    def sample(denoiser: Any, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return samplers.sample(denoiser, noise, **kwargs, **settings)
-
-    def evaluations(sampler: str, num_steps: int, cfg_scale: float, interval: tuple[float, float] | None) -> int:
-        steps = samplers.steps_for(sampler, num_steps, process.diffusion_steps)
-        return samplers.model_evaluations(
-            create_diffusion(steps, diffusion_steps=process.diffusion_steps), cfg_scale, interval
-        )
-
-    return Objective(
-        kind="diffusion",
-        training=create_diffusion("", **settings),
-        sample=sample,
-        default_steps=SAMPLERS["diffusion"],
-        evaluations=evaluations,
-    )
+OBJECTIVES: dict[str, ObjectiveEntry] = {}
 
 
-def _flow(recipe: Recipe) -> Objective:
-    from ditkit.transport import create_transport
-    from ditkit.transport import objective as flow
-
-    p = recipe.process
-    transport = create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling)
-
-    def sample(denoiser: Any, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return flow.sample(denoiser, noise, transport=transport, **kwargs)
-
-    return Objective(kind="flow", training=flow.FlowTraining(transport), sample=sample,
-                     default_steps=FLOW_SAMPLERS, evaluations=flow.evaluations)
+def register_objective(entry: ObjectiveEntry) -> None:
+    """Add an objective (and its process to the recipe's table, so its checkpoints read back)."""
+    if entry.name in OBJECTIVES:
+        raise ValueError(f"an objective named {entry.name!r} exists already")
+    OBJECTIVES[entry.name] = entry
+    PROCESSES[entry.name] = entry.process
 
 
-OBJECTIVES: dict[str, Callable[[Recipe], Objective]] = {"diffusion": _diffusion, "flow": _flow}
+register_objective(ObjectiveEntry(
+    "diffusion", DiffusionProcess, diffusion.build, diffusion.process_from_flags, diffusion.default_steps,
+    preview=("dpm-solver", 20), help="the authors' Gaussian diffusion (ε and learned Σ)",
+    flags={"noise_schedule": "linear"}))
+register_objective(ObjectiveEntry(
+    "flow", FlowProcess, flow.build, flow.process_from_flags, lambda: flow.FLOW_SAMPLERS,
+    preview=("heun", 10), help="SiT's flow matching (stochastic interpolants)",
+    flags={name: None for name in flow.FLAGS}))
+
+
+def entry_for(kind: str) -> ObjectiveEntry:
+    """The table's entry for a process kind (one line when this ditkit has none)."""
+    entry = OBJECTIVES.get(kind)
+    if entry is None:
+        raise UserError(f"this ditkit cannot train or sample a {kind!r} process yet; known: {', '.join(OBJECTIVES)}")
+    return entry
 
 
 def objective_for(recipe: Recipe) -> Objective:
     """The objective of `recipe.process` (one line when this ditkit has none for its kind)."""
-    build = OBJECTIVES.get(recipe.process.kind)
-    if build is None:
-        raise UserError(
-            f"this ditkit cannot train or sample a {recipe.process.kind!r} process yet; known: {', '.join(OBJECTIVES)}"
-        )
-    return build(recipe)
+    return entry_for(recipe.process.kind).build(recipe)
+
+
+def process_from_flags(opts: Any) -> Any:
+    """The recipe's process from `ditkit train`'s flags: one line for a flag another objective owns."""
+    entry = entry_for(opts.objective)
+    for other in OBJECTIVES.values():
+        if other.name == entry.name or not other.flags:
+            continue
+        for name, unset in other.flags.items():
+            if name not in (entry.flags or {}) and getattr(opts, name, unset) != unset:
+                raise UserError(f"--{name.replace('_', '-')} is a {other.name} setting; add --objective {other.name} "
+                                f"(or drop it for --objective {entry.name})")
+    return entry.process_from_flags(opts)
 
 
 def sampler_names() -> tuple[str, ...]:
     """Every sampler name of every objective (the `--sampler` choices)."""
-    return tuple(dict.fromkeys(name for steps in SAMPLERS.values() for name in steps))
+    return tuple(dict.fromkeys(name for entry in OBJECTIVES.values() for name in entry.samplers()))
+
+
+def sampler_help() -> str:
+    """The default steps of every sampler, by objective (the `--num-steps` help)."""
+    return "; ".join(f"{e.name}: " + ", ".join(f"{s} {n}" for s, n in e.samplers().items())
+                     for e in OBJECTIVES.values())

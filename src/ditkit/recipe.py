@@ -30,6 +30,7 @@ from ditkit.models.config import DiTConfig
 
 RECIPE_VERSION = 1
 METADATA_KEY = "recipe"  # the safetensors metadata key (beside the older "config" key, kept for old readers)
+SD_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE the DiT authors sample their releases through
 SD_VAE_SCALE = 0.18215  # the SD-VAE latent scale the DiT paper uses
 
 
@@ -118,7 +119,7 @@ class LatentSpace:
             raise UserError(f"recipe: latents.vae must be a VAE name or path, got {self.vae!r}")
 
     @classmethod
-    def sd_vae(cls, name: str = "stabilityai/sd-vae-ft-ema") -> LatentSpace:
+    def sd_vae(cls, name: str = SD_VAE) -> LatentSpace:
         """The SD-VAE space of the DiT paper: ×0.18215, factor 8."""
         return cls(vae=name, scale=SD_VAE_SCALE, shift=0.0, downsample=8)
 

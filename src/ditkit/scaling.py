@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ditkit.errors import UserError
+from ditkit.models.precision import PRECISIONS
 
 DEFAULT_MODELS = ("DiT-S/8", "DiT-S/4", "DiT-S/2", "DiT-B/8", "DiT-B/4", "DiT-B/2")
 METRICS = ("frechet", "accuracy")
@@ -377,9 +378,9 @@ def report(record: dict[str, Any], models: list[str], metric: str, out: Path) ->
 
 def _evaluate(result: Any, opts: ScalingOptions, device: Any) -> dict[str, float]:
     from ditkit.metrics.digits_classifier import score_sampler
-    from ditkit.sample import Sampler
+    from ditkit.sample import SamplingPipeline
 
-    sampler = Sampler(model=result.ema, vae=None, sampler="dpm-solver", num_steps=opts.sample_steps,
+    sampler = SamplingPipeline(model=result.ema, vae=None, sampler="dpm-solver", num_steps=opts.sample_steps,
                       cfg_scale=opts.cfg_scale, guide_channels="all", device=device, recipe=result.recipe)
     # The same noise for every model and step: differences come from the weights only.
     scores = score_sampler(sampler, opts.num_samples, seed=opts.seed + 1)
@@ -526,7 +527,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cfg-scale", type=float, default=d.cfg_scale, help="guidance scale of the samples (default 1: none)")
     a("--metric", choices=METRICS, default=d.metric, help="metric in the pictures (default frechet)")
     a("--seed", type=int, default=d.seed)
-    a("--precision", choices=("fp32", "tf32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--precision", choices=tuple(p for p in PRECISIONS if p != "fp8"), default=None,
+      help="default: bf16 on GPU, fp32 on CPU")
     a("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
       help="torch.compile each block (default off: compiling costs more than it saves in short segments)")
     a("--budget-minutes", type=float, default=None,

@@ -38,7 +38,7 @@ from ditkit.data.store import (
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.io import atomic_write
-from ditkit.recipe import Conditioning, LatentSpace, parts_to_dict
+from ditkit.recipe import SD_VAE, Conditioning, LatentSpace, parts_to_dict
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -337,7 +337,7 @@ def _build_manifest(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="image folder: one sub-folder per class, or a flat folder")
     parser.add_argument("--out", required=True, help="latent store folder to create (or resume)")
-    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+    parser.add_argument("--vae", default=SD_VAE,
                         help="AutoencoderKL folder or Hugging Face id in the local cache (offline)")
     parser.add_argument("--image-size", type=int, default=256, help="crop side in pixels (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call, per GPU (default 32)")

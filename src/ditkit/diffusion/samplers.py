@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from ditkit.diffusion.gaussian import GaussianDiffusion
 
 Model = Callable[..., torch.Tensor]
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 
 
 def _indices(num_steps: int, progress: bool, desc: str) -> Iterable[int]:
@@ -65,8 +65,11 @@ def ddpm(
     clip_denoised: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    eta: float = 0.0,
 ) -> torch.Tensor:
-    """Ancestral sampling over every step of `diffusion` (respace it for fewer): x_{t-1} ~ p(x_{t-1} | x_t)."""
+    """Ancestral sampling over every step of `diffusion` (respace it for fewer): x_{t-1} ~ p(x_{t-1} | x_t).
+
+    `eta` is DDIM's and is not used (the step noise is the model's σ), as in the authors' sampler."""
     return _run(diffusion, noise, progress, "ddpm", lambda x, t: diffusion.p_sample(
         model, x, t, clip_denoised, model_kwargs=model_kwargs, generator=generator))
 
@@ -135,6 +138,8 @@ def dpm_solver(
     model_kwargs: dict | None = None,
     clip_denoised: bool = False,
     progress: bool = False,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
     lower_order_final: bool = True,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) over the steps of `diffusion`, from step N−1 to clean data; N model evaluations.
@@ -145,6 +150,7 @@ def dpm_solver(
     the update is x̂₀ itself.
     The learned variance, if any, is not used: the solver follows the probability-flow ODE.
     `lower_order_final=False` makes the step into t_0 second order too (as diffusers' scheduler does).
+    `generator` and `eta` are not used (the solver is deterministic); they keep the samplers' one signature.
     """
     x = noise
     prev_denoised: torch.Tensor | None = None
@@ -226,12 +232,8 @@ def sample(
         diffusion = create_diffusion(respacing, **diffusion_kwargs)
     else:
         raise UserError(f"unknown step spacing {spacing!r}; use 'time' or 'logsnr'")
-    common = dict(model_kwargs=model_kwargs, clip_denoised=clip_denoised, progress=progress)
-    if sampler == "ddpm":
-        return ddpm(diffusion, model, noise, generator=generator, **common)
-    if sampler == "ddim":
-        return ddim(diffusion, model, noise, eta=eta, generator=generator, **common)
-    return dpm_solver(diffusion, model, noise, **common)
+    return SAMPLERS[sampler].run(diffusion, model, noise, model_kwargs=model_kwargs, clip_denoised=clip_denoised,
+                                 generator=generator, progress=progress, eta=eta)
 
 
 def model_evaluations(
@@ -248,3 +250,30 @@ def model_evaluations(
 def iterate_steps(diffusion: GaussianDiffusion) -> Iterator[int]:
     """The original timestep indices a sampler visits, in sampling order (for logging and step counts)."""
     yield from (int(diffusion.timestep_map[i]) for i in range(diffusion.num_timesteps - 1, -1, -1))
+
+
+# ----------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class DiffusionSampler:
+    """A named sampler: `run(diffusion, model, noise, *, model_kwargs, clip_denoised, generator, progress, eta)`
+    over every step of a (respaced) diffusion, and the step count `ditkit sample` uses when none is given."""
+
+    run: Callable[..., torch.Tensor]
+    default_steps: int
+
+
+# name -> sampler; the first is the diffusion objective's default (`--sampler`'s choices and help follow).
+SAMPLERS: dict[str, DiffusionSampler] = {
+    "ddpm": DiffusionSampler(ddpm, 250),
+    "ddim": DiffusionSampler(ddim, 50),
+    "dpm-solver": DiffusionSampler(dpm_solver, 20),
+}
+
+
+def register_sampler(name: str, run: Callable[..., torch.Tensor], default_steps: int) -> None:
+    """Add a diffusion sampler: `run` takes the one signature above and calls the model once per step."""
+    if not name or name in SAMPLERS:
+        raise ValueError(f"a diffusion sampler named {name!r} exists already or the name is empty")
+    SAMPLERS[name] = DiffusionSampler(run, default_steps)

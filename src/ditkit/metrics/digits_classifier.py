@@ -268,7 +268,7 @@ def real_digits_frechet(image_size: int, num_samples: int, seed: int = 0, verbos
 
 def score_sampler(sampler: Any, num_samples: int, seed: int) -> dict:
     """The digits yardstick on `num_samples` class-balanced samples (label k mod the model's classes) of a
-    `ditkit.sample.Sampler`, the noise drawn from `seed` on its device: what train's --eval-every, the demo
+    `ditkit.sample.SamplingPipeline`, the noise drawn from `seed` on its device: what train's --eval-every, the demo
     and `ditkit scaling` report. The uint8 images are mapped back to [-1, 1] as the classifier was trained."""
     labels = torch.arange(num_samples) % sampler.model.config.num_classes
     images = sampler.images(labels, torch.Generator(device=sampler.device).manual_seed(seed))

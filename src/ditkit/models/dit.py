@@ -310,15 +310,21 @@ class DiT(TokenGrid, nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def _choose_attention(self, tokens: torch.Tensor) -> None:
-        """Measure the attention backends once for this shape and dtype (eagerly, before compiled blocks run)."""
-        dtype = kernels.out_dtype(tokens)
-        heads = self.num_heads
-        n, t, d = tokens.shape
-        choice = select_backend(n, heads, t, d // heads, dtype, tokens.device, backward=torch.is_grad_enabled())
+    def choose_attention(self, rows: int, dtype: torch.dtype, device: torch.device, training: bool) -> str:
+        """Measure the attention backends once for `rows` sequences of this model's tokens in `dtype` (cached on
+        disk, see `kernels.attention`) and let every block use the fastest; returns its name.
+
+        The code that runs the model calls this before its first batch (the training step, the sampling
+        pipeline), never `forward`: a forward neither times, writes nor prints. CPU tensors and adaLN models
+        with the fused path off keep PyTorch's own choice ("default")."""
+        if device.type != "cuda" or not kernels.fused_enabled() or self.config.conditioning not in (
+                "adaln-zero", "adaln"):
+            return "default"
+        heads, d = self.num_heads, self.config.hidden_size
+        choice = select_backend(rows, heads, self.config.num_patches, d // heads, dtype, device, backward=training)
         for block in self.blocks:
-            if block.attn.backend != choice:
-                block.attn.backend = choice
+            block.attn.backend = choice
+        return choice
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
@@ -334,8 +340,6 @@ class DiT(TokenGrid, nn.Module):
         kind = self.config.conditioning
         if kind in ("adaln-zero", "adaln"):
             c = t_emb + y_emb
-            if tokens.is_cuda and kernels.fused_enabled() and not torch.compiler.is_compiling():
-                self._choose_attention(tokens)
             for block in self.blocks:
                 tokens = self._run_block(block, tokens, c)
             out = self.final_layer(tokens, c)
@@ -373,12 +377,3 @@ class DiT(TokenGrid, nn.Module):
             raise ValueError(f"guide_channels must be a positive int or 'all', got {guide_channels!r}")
         half = x[: len(x) // 2]
         return cfg_halves(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale, guide_channels)
-
-
-def create_model(name: str, **overrides: Any) -> DiT:
-    """Build a paper model by its exact name, e.g. `create_model("DiT-XL/2", input_size=32, num_classes=1000)`.
-
-    Overrides: input_size, in_channels, num_classes, learn_sigma, class_dropout_prob, mlp_ratio,
-    conditioning ("adaln-zero" | "adaln" | "cross-attention" | "in-context").
-    """
-    return DiT(DiTConfig.from_name(name, **overrides))

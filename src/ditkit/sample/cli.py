@@ -21,84 +21,14 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
-from ditkit.models.config import MODEL_NAMES
-from ditkit.objectives import sampler_names
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
+from ditkit.sample.options import SampleOptions, add_arguments
 from ditkit.sample.pipeline import load_for_sampling
-from ditkit.sample.prompts import add_prompt_arguments, run_prompts
+from ditkit.sample.prompts import run_prompts
 
+__all__ = ["OFFICIAL_LABELS", "add_arguments", "run"]  # the verb: its flags (from SampleOptions) and its run
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py's demo classes
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ckpt",
-        required=True,
-        help="checkpoint file (official .pt, train.py dict, ditkit "
-        "safetensors) or a released name: DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt (downloaded)",
-    )
-    parser.add_argument("--model", choices=MODEL_NAMES, help="expected model (default: from the checkpoint)")
-    parser.add_argument("--image-size", type=int, help="image side in pixels (default: from the checkpoint)")
-    parser.add_argument("--num-classes", type=int, help="number of classes (default: from the checkpoint)")
-    parser.add_argument(
-        "--in-channels",
-        type=int,
-        help="model input channels when --model is given (default 4 with --vae; else from the checkpoint)",
-    )
-    parser.add_argument("--vae", help="VAE folder or Hugging Face id (offline cache) for latent models")
-    parser.add_argument("--class-labels", type=int, nargs="+", help="one grid row per label (default: 0..7)")
-    parser.add_argument("--per-label", type=int, default=4, help="samples per label in the grid (default 4)")
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale; 1 = none (default 4.0)")
-    parser.add_argument(
-        "--guide-channels",
-        default="3",
-        choices=["3", "all"],
-        help="ε channels guided: 3 as the official code (default) or all",
-    )
-    parser.add_argument(
-        "--guidance-interval",
-        type=float,
-        nargs=2,
-        metavar=("T_LO", "T_HI"),
-        help="guide only for timesteps in [T_LO, T_HI] (diffusion: 0..999; flow: t in 0..1, 1 = data)",
-    )
-    parser.add_argument("--sampler", choices=list(sampler_names()), default=None,
-                        help="default: the checkpoint's process's first: ddpm (diffusion), dopri5 (flow)")
-    parser.add_argument("--num-steps", type=int, help="sampling steps (default: ddpm 250, ddim 50, dpm-solver 20; "
-                        "flow: euler 50, heun 25, sde-euler/sde-heun 250; dopri5 is adaptive)")
-    parser.add_argument("--time-shift", type=float, default=1.0,
-                        help="flow: SD3's timestep shift of the step grid (>1: more steps at high noise)")
-    parser.add_argument("--objective", choices=["diffusion", "flow"], default=None,
-                        help="the process of a checkpoint that records none (default: flow/velocity for files "
-                        "named SiT-*, else diffusion); a checkpoint's own recipe cannot be overridden")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
-    parser.add_argument("--save-images", action="store_true", help="also write each grid image as a PNG")
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        help="evaluation mode: N samples, labels uniform over the "
-        "classes, sharded over torchrun processes, into OUT/samples_N.npz (ADM layout)",
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="samples per shard and process (default 32)")
-    parser.add_argument(
-        "--precision", choices=["fp32", "tf32", "bf16", "fp8"], default=None,
-        help="default: bf16 on a GPU, fp32 on a CPU (fp32/tf32 for bit-level comparisons; fp8: FP8 block matmuls)",
-    )
-    parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile each DiT block (default: off; on a GPU the eager fused kernels sample faster, "
-        "without the compile's start-up)",
-    )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU if any, else cpu)")
-    parser.add_argument(
-        "--cache-dir", help="where released checkpoints are kept (default $DITKIT_CACHE or ~/.cache/ditkit)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_prompt_arguments(parser)
-
 
 
 def _device(text: str) -> torch.device:
@@ -120,8 +50,11 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace | SampleOptions) -> int:
+    """`ditkit sample` with parsed flags or options."""
     from ditkit import distributed
+
+    args = SampleOptions.of(args)
 
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device

@@ -11,7 +11,7 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.io import atomic_write
-from ditkit.sample.pipeline import Sampler
+from ditkit.sample.pipeline import SamplingPipeline
 
 
 def make_grid(images: np.ndarray, labels: list[int], per_label: int) -> Any:
@@ -38,7 +38,9 @@ def _save_png(image: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def sample_grid(sampler: Sampler, labels: list[int], per_label: int, seed: int, out: Path, save_images: bool) -> Path:
+def sample_grid(
+    sampler: SamplingPipeline, labels: list[int], per_label: int, seed: int, out: Path, save_images: bool
+) -> Path:
     """Sample `per_label` images for each label and write OUT/grid.png (and OUT/images/*.png)."""
     from PIL import Image
 

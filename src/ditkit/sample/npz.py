@@ -18,12 +18,13 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, commit_temporary, discard_temporary, new_temporary
-from ditkit.sample.pipeline import Sampler
+from ditkit.sample.pipeline import SamplingPipeline
+from ditkit.seeding import generator
 
 
 def shard_labels(seed: int, shard: int, size: int, num_classes: int) -> torch.Tensor:
     """A shard's labels, uniform over the classes, fixed by (seed, shard) alone."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+    g = generator(seed, shard)
     return torch.randint(0, num_classes, (size,), generator=g)
 
 
@@ -127,7 +128,8 @@ def _store(path: Path, images: np.ndarray | None, labels: np.ndarray | None, fin
 
 
 def sample_npz(
-    sampler: Sampler, num_samples: int, batch_size: int, seed: int, out: Path, rank: int = 0, world_size: int = 1
+    sampler: SamplingPipeline, num_samples: int, batch_size: int, seed: int, out: Path, rank: int = 0,
+    world_size: int = 1,
 ) -> Path | None:
     """Write this rank's missing shards (shard k goes to rank k mod world_size), then, on rank 0 after all
     ranks finish, OUT/samples_{N}x{H}x{W}x3.npz with uint8 `arr_0` (N×H×W×3) and labels `arr_1`.
@@ -180,8 +182,9 @@ def sample_npz(
     return final.close()
 
 
-def _sample_shards(sampler: Sampler, seed: int, out: Path, num_samples: int, batch_size: int, shards: list[int],
-                   todo: set[int], writer: ThreadPoolExecutor, final: FinalNpz | None, bar: Any) -> Path | None:
+def _sample_shards(sampler: SamplingPipeline, seed: int, out: Path, num_samples: int, batch_size: int,
+                   shards: list[int], todo: set[int], writer: ThreadPoolExecutor, final: FinalNpz | None,
+                   bar: Any) -> Path | None:
     """Sample the `todo` shards among `shards` (in order), handing each to the writer; a finished shard is read
     back into `final` in its turn. Returns the final file's path when `final` is written here."""
     num_classes = sampler.model.config.num_classes
@@ -191,8 +194,8 @@ def _sample_shards(sampler: Sampler, seed: int, out: Path, num_samples: int, bat
         if k in todo:
             size = _shard_size(k, num_samples, batch_size)
             labels = shard_labels(seed, k, size, num_classes)
-            generator = torch.Generator(device=sampler.device).manual_seed(seed * 1_000_003 + k)
-            images, labels = sampler.images(labels, generator).numpy(), labels.numpy()
+            gen = generator(seed, k, sampler.device)
+            images, labels = sampler.images(labels, gen).numpy(), labels.numpy()
         if pending is not None:
             pending.result()
         pending = writer.submit(_store, shard_path(out, k), images, labels, final)

@@ -7,7 +7,8 @@ model's input is the VAE's latents (S/8) and the VAE decodes them.
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,22 @@ from typing import Any
 import torch
 
 from ditkit.diffusion.guidance import guided, guided_captions
+from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
-from ditkit.objectives import SAMPLERS, Objective, objective_for
-from ditkit.recipe import PROCESSES, LatentSpace, Recipe, infer_recipe
+from ditkit.models.precision import Precision, prepare_fp8
+from ditkit.objectives import Objective, objective_for
+from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
+from ditkit.sample.options import SampleOptions
 
-DEFAULT_STEPS = SAMPLERS["diffusion"]
+DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
-TRAINING_TIMESTEPS = 1000  # T of the schedule that every sampler here respaces (create_diffusion's default)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
 
 
 @dataclass
-class Sampler:
+class SamplingPipeline:
     """Everything needed to turn (labels, seed) into images: the model, the VAE and the sampler settings."""
 
     model: torch.nn.Module
@@ -52,8 +55,9 @@ class Sampler:
                 shift=float(getattr(self.vae, "shift", 0.0)), downsample=int(getattr(self.vae, "downsample", 8)))
             self.recipe = infer_recipe(self.model.config, latents)
 
-    @property
+    @functools.cached_property
     def objective(self) -> Objective:
+        """The recipe's objective, built once per pipeline (its process tables are built with it)."""
         return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -115,9 +119,12 @@ class Sampler:
         noise = torch.randn(
             (len(labels), *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
-        low = self.precision in ("bf16", "fp8")  # fp8: the FP8 block linears run inside bf16 autocast
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low)
-        with autocast:
+        precision = Precision(self.precision, self.device.type)
+        choose = getattr(self.model, "choose_attention", None)
+        if choose is not None:  # measured once per shape (then cached), outside the model's forward
+            rows = len(labels) * (2 if self.cfg_scale != 1.0 else 1)
+            choose(rows, precision.compute_dtype, self.device, training=False)
+        with precision.autocast():  # fp8: the FP8 block linears inside bf16 autocast
             x = self.objective.sample(
                 self.denoiser(),
                 noise,
@@ -136,7 +143,7 @@ class Sampler:
             # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
             # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
             bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low and not bf16_weights):
+            with precision.autocast() if not bf16_weights else contextlib.nullcontext():
                 x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated. To uint8 and NHWC on the
         # device, then one copy of the bytes: `.to("cpu", dtype=uint8)` of the float tensor copied 4× the bytes
@@ -145,31 +152,6 @@ class Sampler:
         return pixels.permute(0, 2, 3, 1).contiguous().cpu()
 
 
-MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + shard, which must stay within torch's 64 bits
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """Checks of the flags alone, before any file is read (the step count is checked with the sampler)."""
-    if args.image_size is not None and args.image_size < 1:
-        raise UserError(f"--image-size must be positive, got {args.image_size}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
-    if args.per_label < 1 or args.batch_size < 1:
-        raise UserError("--per-label and --batch-size must be at least 1")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UserError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        raise UserError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {args.cfg_scale}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
-    if args.guidance_interval:
-        lo, hi = args.guidance_interval
-        last = TRAINING_TIMESTEPS - 1
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= last):
-            raise UserError(f"--guidance-interval takes two timesteps in 0..{last} of the diffusion schedule, "
-                            f"T_LO <= T_HI; got {lo:g} {hi:g}")
 
 
 def _check_image_size(image_size: int | None, model: str | None, factor: int) -> None:
@@ -187,7 +169,7 @@ def _check_image_size(image_size: int | None, model: str | None, factor: int) ->
         raise UserError(f"--image-size {image_size} is not divisible by the VAE factor {factor}")
 
 
-def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler:
+def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.device) -> SamplingPipeline:
     """Model, recipe, VAE and settings from the arguments, reading the checkpoint once; `args` is not changed.
 
     The recipe stored in the checkpoint (or inferred for older files) gives the process (schedule, steps,
@@ -196,7 +178,8 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
     from ditkit import pretrained
     from ditkit.checkpoints import build_checked, checkpoint_recipe, read_checkpoint
 
-    _check_args(args)
+    args = SampleOptions.of(args)
+    args.validate()
     released = pretrained.PRETRAINED.get(Path(args.ckpt).name) if not Path(args.ckpt).exists() else None
     expected = {
         "model": args.model or (released.model if released else None),
@@ -204,9 +187,8 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         "num_classes": args.num_classes or (released.num_classes if released else None),
     }
     # The VAE: the flag, else the one the authors sample their release through, else the checkpoint's own.
-    vae_name = args.vae or ("stabilityai/sd-vae-ft-ema" if released else None)
-    low = _precision(args, device) in ("bf16", "fp8") and device.type == "cuda"
-    vae_dtype = torch.bfloat16 if low else torch.float32  # bf16 weights: 1.3× the decode of bf16 autocast
+    vae_name = args.vae or (SD_VAE if released else None)
+    vae_dtype = Precision.resolve(args.precision, device).inference_dtype
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
@@ -228,11 +210,11 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
     _check_model_and_vae(model, vae, expected["model"] is None)
-    recipe = _with_objective(checkpoint_recipe(found, model.config), getattr(args, "objective", None),
+    recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
     recipe = recipe.replace(latents=_latent_space(vae))
     objective = objective_for(recipe)
-    time_shift = float(getattr(args, "time_shift", 1.0))
+    time_shift = float(args.time_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
@@ -243,7 +225,7 @@ def load_for_sampling(args: argparse.Namespace, device: torch.device) -> Sampler
             model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
     precision = _fast_path(model, args, device)
-    return Sampler(
+    return SamplingPipeline(
         model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else None,
@@ -263,26 +245,14 @@ def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Reci
     return recipe.replace(process=PROCESSES[objective]())
 
 
-def _precision(args: argparse.Namespace, device: torch.device) -> str:
-    return getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
-
-
 def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> str:
     """Move the model to `device` and apply the precision and compile settings (GPU default: bf16, eager fused
     kernels); returns the precision."""
-    precision = _precision(args, device)
-    if precision in ("tf32", "bf16", "fp8"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = Precision.resolve(getattr(args, "precision", None), device)
+    precision.set_tf32()
     model.to(device)
-    if precision == "fp8":
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-            raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
-        from ditkit.models.kernels import fp8_rows
-
-        # Row-wise FP8 (scales made inside the LayerNorm kernels, weights quantised once): the tensorwise path
-        # that training uses quantised every operand on every call and was 2× slower here (RESULTS.md, issue 13).
-        fp8_rows.prepare(model)
+    if precision.fp8:
+        prepare_fp8(model, training=False)
     # Not compiled unless asked: on an H200 the eager fused path (Triton LayerNorm/modulate/residual kernels,
     # fc1's GELU in the GEMM epilogue, the measured attention) took 241 ms per guided DiT-XL/2 step of 256
     # against 254 ms compiled, and a cold compile costs tens of seconds (benchmarks/RESULTS.md, issue 13).
@@ -290,7 +260,7 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
         from ditkit.fast import compile_blocks
 
         compile_blocks(model)
-    return precision
+    return precision.name
 
 
 def _latent_space(vae: Any | None) -> LatentSpace:
@@ -326,3 +296,4 @@ def _check_model_and_vae(model: Any, vae: Any | None, config_from_file: bool) ->
         raise UserError(f"the VAE makes {vae.latent_channels}-channel latents but the model takes {config.in_channels}")
 
 
+Sampler = SamplingPipeline  # the old name (until 0.2): "sampler" also names a sampling method and SiT's class

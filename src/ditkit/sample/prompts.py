@@ -20,7 +20,7 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.io import atomic_write
-from ditkit.sample.pipeline import Sampler
+from ditkit.sample.pipeline import SamplingPipeline
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -52,7 +52,7 @@ def check_encoder(encoder: Any, config: Any) -> None:
                         f"{config.max_tokens}")
 
 
-def with_negative(sampler: Sampler, encoder: Any, negative_prompt: str | None) -> Sampler:
+def with_negative(sampler: SamplingPipeline, encoder: Any, negative_prompt: str | None) -> SamplingPipeline:
     """`sampler` guided away from `negative_prompt`'s features (None: the model's null caption)."""
     if negative_prompt is not None:
         feats, mask = encoder.encode([negative_prompt])
@@ -81,7 +81,7 @@ def make_prompt_grid(images: np.ndarray, prompts: list[str], per_prompt: int) ->
     return grid
 
 
-def prompt_images(sampler: Sampler, encoder: Any, prompts: list[str], generator: torch.Generator,
+def prompt_images(sampler: SamplingPipeline, encoder: Any, prompts: list[str], generator: torch.Generator,
                   batch_size: int = 32) -> np.ndarray:
     """uint8 samples N×H×W×C, one per prompt, in batches of `batch_size`."""
     out = []
@@ -91,7 +91,7 @@ def prompt_images(sampler: Sampler, encoder: Any, prompts: list[str], generator:
     return np.concatenate(out)
 
 
-def prompt_grid(sampler: Sampler, encoder: Any, prompts: list[str], per_prompt: int, seed: int, out: Path,
+def prompt_grid(sampler: SamplingPipeline, encoder: Any, prompts: list[str], per_prompt: int, seed: int, out: Path,
                 save_images: bool) -> Path:
     """Sample `per_prompt` images for each prompt and write OUT/grid.png (and OUT/images/*.png, prompts.txt)."""
     from PIL import Image
@@ -111,8 +111,8 @@ def prompt_grid(sampler: Sampler, encoder: Any, prompts: list[str], per_prompt: 
     return grid_path
 
 
-def prompt_npz(sampler: Sampler, encoder: Any, prompts: list[str], num_samples: int, batch_size: int, seed: int,
-               out: Path) -> Path:
+def prompt_npz(sampler: SamplingPipeline, encoder: Any, prompts: list[str], num_samples: int, batch_size: int,
+               seed: int, out: Path) -> Path:
     """`num_samples` samples, prompt i mod len(prompts) for sample i, into OUT/samples_N.npz (ADM's `arr_0`,
     plus `prompt_index`) with the prompts in OUT/samples_N.prompts.json. One process (no sharding)."""
     chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
@@ -130,7 +130,7 @@ def prompt_npz(sampler: Sampler, encoder: Any, prompts: list[str], num_samples: 
     return path
 
 
-def load_encoder_for(sampler: Sampler, args: argparse.Namespace) -> Any:
+def load_encoder_for(sampler: SamplingPipeline, args: argparse.Namespace) -> Any:
     """The frozen text encoder named by --text-encoder (default: T5-XXL for 4096-feature models, as PixArt-α)."""
     from ditkit.text import DEFAULT_T5, load_text_encoder
 
@@ -147,7 +147,7 @@ def load_encoder_for(sampler: Sampler, args: argparse.Namespace) -> Any:
     return encoder
 
 
-def run_prompts(args: argparse.Namespace, sampler: Sampler, out: Path) -> Path:
+def run_prompts(args: argparse.Namespace, sampler: SamplingPipeline, out: Path) -> Path:
     """`ditkit sample` for a text model: the prompt grid, or with --num-samples the evaluation .npz."""
     prompts = read_prompts(args)
     encoder = load_encoder_for(sampler, args)
@@ -155,12 +155,3 @@ def run_prompts(args: argparse.Namespace, sampler: Sampler, out: Path) -> Path:
     if args.num_samples is None:
         return prompt_grid(sampler, encoder, prompts, args.per_label, args.seed, out, args.save_images)
     return prompt_npz(sampler, encoder, prompts, args.num_samples, args.batch_size, args.seed, out)
-
-
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", action="append", help="text models: a prompt, one grid row (repeatable)")
-    parser.add_argument("--prompt-file", help="text models: prompts one a line (cycled with --num-samples)")
-    parser.add_argument("--negative-prompt", help="text models: guide away from this prompt, not the null caption")
-    parser.add_argument("--text-encoder", help="text models: T5/CLIP folder or Hugging Face id in the local cache "
-                        "(default for 4096-feature models: " + "DeepFloyd/t5-v1_1-xxl)")
-    parser.add_argument("--max-tokens", type=int, help="text models: tokens per prompt (default: the model's)")

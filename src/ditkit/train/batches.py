@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ditkit.errors import UserError
 from ditkit.recipe import LatentSpace
+from ditkit.seeding import generator
 from ditkit.train.options import TrainOptions
 
 
@@ -94,7 +95,7 @@ class GlobalBatches:
     """Index lists of this rank's share of each global batch, from step `start` on, within one epoch."""
 
     def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = generator(seed, epoch)
         self.perm = torch.randperm(n, generator=g)
         self.global_batch, self.local = global_batch, global_batch // world
         self.rank, self.start = rank, start

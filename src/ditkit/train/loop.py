@@ -29,9 +29,10 @@ from ditkit.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.models.kernels.fp8 import enable_fp8
-from ditkit.objectives import objective_for
+from ditkit.models.precision import Precision, prepare_fp8
+from ditkit.objectives import entry_for, objective_for
 from ditkit.recipe import Conditioning, Recipe
+from ditkit.seeding import generator as seeded
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -157,12 +158,6 @@ class _StopFlag:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def _check_fp8(device: torch.device) -> None:
-    """FP8 GEMMs need a CUDA GPU with FP8 matrix units (compute capability 8.9 or newer)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
-
-
 def train(opts: TrainOptions) -> TrainResult:
     """Run (or resume) training; returns the final state. Works alone or under torchrun."""
     # The stop signals are caught from here to the return, set-up and the last checkpoint included: a SIGTERM
@@ -240,14 +235,9 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
 def _set_precision(opts: TrainOptions, device: torch.device) -> str:
     """The run's precision (default bf16 on GPU, fp32 on CPU) and the TF32 switches that go with it."""
     # bf16 is allowed on CPU too (CPU autocast supports it: slower, but correct).
-    precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "fp8":
-        _check_fp8(device)
-    if device.type == "cuda":
-        allow = precision in ("tf32", "bf16", "fp8")
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
-    return precision
+    precision = Precision.resolve(opts.precision, device)
+    precision.set_tf32()
+    return precision.name
 
 
 def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
@@ -312,14 +302,14 @@ def _parallelize(model: DiT, ema: DiT, opts: TrainOptions, info: dist_utils.Dist
     """(what runs the batch, whether sharded): DDP-wrapped or FSDP2-sharded over the processes, blocks compiled
     on GPUs by default."""
     compile_on = opts.compile if opts.compile is not None else info.device.type == "cuda"
-    if precision == "fp8":  # the class swap keeps parameters and state_dict keys; the EMA copy stays plain
-        enable_fp8(model)
+    if precision == "fp8":  # the EMA copy stays plain
+        prepare_fp8(model, training=True)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
         if compile_on:  # compiled blocks first, then sharded: FSDP's hooks stay outside the compiled graphs
             compile_blocks(model)
-        dist_utils.shard_dit(model, bf16=precision in ("bf16", "fp8"))
+        dist_utils.shard_dit(model, bf16=Precision(precision).low)
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
         return forward, True
     if info.distributed:
@@ -416,7 +406,7 @@ class Run:
             # Each DataLoader iterator draws its workers' base seed from this generator, not from the global RNG:
             # a resumed run starts one more iterator than an uninterrupted one, which would otherwise leave a
             # different global RNG state in its checkpoints (and give its workers other seeds).
-            generator=torch.Generator().manual_seed(opts.global_seed * 1_000_003 + epoch),
+            generator=seeded(opts.global_seed, epoch),
         )
         with stop_signals_held():  # workers start here; held until they ignore the stop signals
             return iter(loader)
@@ -610,18 +600,18 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
     """20 evaluations (see below) with guidance on every output channel: cheap enough to run inside training. The VAE
     that decodes the grid is the recipe's (a latent store's own, or --vae for an image folder)."""
-    from ditkit.sample import Sampler
+    from ditkit.sample import SamplingPipeline
 
     vae = None
     if not recipe.latents.is_pixels:
         from ditkit.autoencoder import load_vae
 
         vae = load_vae(recipe.latents.vae, device=device)
-    # 20 model evaluations either way: DPM-Solver++ 20 steps for diffusion, Heun 10 steps for flow.
-    sampler, steps = ("dpm-solver", 20) if recipe.process.kind == "diffusion" else ("heun", 10)
-    return Sampler(model=ema, vae=vae, sampler=sampler, num_steps=steps,
+    # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, ...).
+    sampler, steps = entry_for(recipe.process.kind).preview
+    return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps,
                    cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision="bf16" if precision == "fp8" else precision,  # the EMA copy has no FP8 linears
+                   precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
                    recipe=recipe)
 
 

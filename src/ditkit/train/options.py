@@ -10,10 +10,11 @@ from typing import Any
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
 from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
+from ditkit.models.precision import PRECISIONS
+from ditkit.objectives import OBJECTIVES, process_from_flags
 from ditkit.recipe import DiffusionProcess, FlowProcess
+from ditkit.seeding import MAX_SEED
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp8")  # fp8: bf16 autocast + FP8 block GEMMs (CUDA)
-MAX_SEED = 2**32 - 1  # seeds are combined as seed·1_000_003 + step, which must stay within torch's 64 bits
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
 
@@ -120,37 +121,10 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         )
 
 
-OBJECTIVES = ("diffusion", "flow")
-FLOW_ONLY = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps")
-
-
-def process_of(opts: TrainOptions) -> DiffusionProcess | FlowProcess:
-    """The recipe's process from the objective flags (checked: one line for a flag of the other objective, a
-    prediction it has not, or a flow combination SiT's transport cannot train, e.g. noise with train_eps 0)."""
-    if opts.objective not in OBJECTIVES:
-        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {opts.objective!r}")
-    if opts.objective == "diffusion":
-        given = [name for name in FLOW_ONLY if getattr(opts, name) is not None]
-        if given:
-            raise UserError(f"--{given[0].replace('_', '-')} is a flow-matching setting; add --objective flow")
-        if opts.prediction is not None and opts.prediction not in DiffusionProcess.PREDICTIONS:
-            raise UserError(f"--prediction {opts.prediction!r} is not a diffusion prediction; use one of "
-                            f"{', '.join(DiffusionProcess.PREDICTIONS)} (or --objective flow)")
-        return DiffusionProcess(noise_schedule=opts.noise_schedule, prediction=opts.prediction or "epsilon")
-    if opts.prediction is not None and opts.prediction not in FlowProcess.PREDICTIONS:
-        raise UserError(f"--prediction {opts.prediction!r} is not a flow prediction; use one of "
-                        f"{', '.join(FlowProcess.PREDICTIONS)} (or --objective diffusion)")
-    if opts.noise_schedule != "linear":
-        raise UserError("--noise-schedule is a diffusion setting; flow matching takes --path-type instead")
-    process = FlowProcess(path_type=opts.path_type or "Linear", prediction=opts.prediction or "velocity",
-                          loss_weight=opts.loss_weight, train_eps=opts.train_eps, sample_eps=opts.sample_eps,
-                          t_sampling=opts.t_sampling or "uniform")
-    process.validate()
-    from ditkit.transport import create_transport  # the eps and weighting rules, checked once here
-
-    create_transport(process.path_type, process.prediction, process.loss_weight, process.train_eps,
-                     process.sample_eps, process.t_sampling)
-    return process
+def process_of(opts: TrainOptions) -> Any:
+    """The recipe's process from the objective flags (checked by the objective's own module: one line for a flag
+    of another objective, a prediction it has not, or a combination it cannot train)."""
+    return process_from_flags(opts)
 
 
 # Every flag's default is the TrainOptions field's: written once, there.
@@ -196,8 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--conditioning", choices=CONDITIONINGS, default=DEFAULTS["conditioning"])
     a("--noise-schedule", choices=DiffusionProcess.SCHEDULES, default=DEFAULTS["noise_schedule"],
       help="beta schedule of the diffusion (stored in the checkpoint's recipe; sampling reads it from there)")
-    a("--objective", choices=OBJECTIVES, default=DEFAULTS["objective"],
-      help="diffusion: the authors' Gaussian diffusion; flow: SiT's flow matching (stored in the recipe)")
+    a("--objective", choices=tuple(OBJECTIVES), default=DEFAULTS["objective"],
+      help="; ".join(f"{e.name}: {e.help}" for e in OBJECTIVES.values()) + " (stored in the recipe)")
     a("--prediction", default=None,
       help="what the model predicts: diffusion epsilon (default) | x0 | v; flow velocity (default) | noise | score")
     a("--path-type", choices=FlowProcess.PATHS, default=None, help="flow: the interpolant (default Linear)")

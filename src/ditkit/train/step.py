@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
+from ditkit.models.precision import Precision
+from ditkit.seeding import generator
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+    return generator(seed, step + 1, device)
 
 
 @torch.no_grad()
@@ -34,9 +36,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision in ("bf16", "fp8"):  # fp8: the block linears' own FP8 products inside bf16 autocast
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The precision's autocast context (kept for the benchmarks that time the step)."""
+    return Precision(precision, device.type).autocast()
 
 
 def draw_step_randomness(
@@ -75,8 +76,9 @@ class TrainStep:
     """One optimizer step of train.py: draws, micro-batched forward/backward, clipping, AdamW, EMA.
 
     `model` is the module whose parameters AdamW updates (plain, or FSDP-sharded in place); `forward` is what
-    runs the batch (the DDP wrapper, or `model` itself). Rank `rank` of `world` holds rows
-    [rank·local, (rank+1)·local) of the global batch; with `accum` micro-steps its micro-batch k is rows
+    runs the batch (the DDP wrapper, or `model` itself); `loss` is the objective's training loss (an
+    `Objective.training`: `num_timesteps` and `training_losses`, whatever the objective). Rank `rank` of `world`
+    holds rows [rank·local, (rank+1)·local) of the global batch; with `accum` micro-steps its micro-batch k is rows
     [rank·local + k·micro, ... + micro). Each micro loss is scaled by 1/accum, so after the gradient average over
     ranks (DDP / FSDP reduce-scatter) the accumulated gradient is the mean over the whole global batch; gradient
     sync runs on the last micro-step only.
@@ -84,7 +86,7 @@ class TrainStep:
 
     def __init__(
         self, model: torch.nn.Module, forward: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-        diffusion: Any, *, device: torch.device, precision: str, global_batch: int, rank: int = 0, world: int = 1,
+        loss: Any, *, device: torch.device, precision: str, global_batch: int, rank: int = 0, world: int = 1,
         accum: int = 1, seed: int = 0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
         class_dropout_prob: float = 0.1,
     ):
@@ -93,8 +95,9 @@ class TrainStep:
                 f"--global-batch-size {global_batch} is not divisible by world size × --grad-accum-steps "
                 f"({world} × {accum}); use a multiple of {world * accum}"
             )
-        self.model, self.forward, self.ema, self.opt, self.diffusion = model, forward, ema, opt, diffusion
+        self.model, self.forward, self.ema, self.opt, self.loss = model, forward, ema, opt, loss
         self.device, self.precision = device, precision
+        self.attention_chosen = False
         self.global_batch, self.rank, self.world, self.accum = global_batch, rank, world, accum
         self.local = global_batch // world
         self.micro = self.local // accum
@@ -120,8 +123,14 @@ class TrainStep:
         """
         if x.shape[0] != self.local:
             raise ValueError(f"expected this rank's {self.local} rows, got {x.shape[0]}")
+        if not self.attention_chosen:  # measured once, here and not inside the model's forward
+            self.attention_chosen = True
+            choose = getattr(self.model, "choose_attention", None)
+            if choose is not None:
+                dtype = Precision(self.precision, self.device.type).compute_dtype
+                choose(self.micro, dtype, self.device, training=True)
         t_all, noise_all, drop_all = draw_step_randomness(
-            self.seed, step, self.global_batch, tuple(x.shape[1:]), self.diffusion.num_timesteps,
+            self.seed, step, self.global_batch, tuple(x.shape[1:]), self.loss.num_timesteps,
             self.class_dropout_prob, self.device,
         )
 
@@ -136,7 +145,7 @@ class TrainStep:
             mine = slice(k * self.micro, (k + 1) * self.micro)
             rows = slice(self.rank * self.local + k * self.micro, self.rank * self.local + (k + 1) * self.micro)
             with self._sync_context(k == self.accum - 1), _autocast(self.device, self.precision):
-                terms = self.diffusion.training_losses(
+                terms = self.loss.training_losses(
                     fp32_output, x[mine], t_all[rows],
                     model_kwargs={"y": y[mine], "force_drop_ids": drop_all[rows],
                                   **({} if mask is None else {"mask": mask[mine]})},

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
+from ditkit.objective import Objective
+from ditkit.recipe import FlowProcess, Recipe
 from ditkit.transport.sampler import Sampler
 from ditkit.transport.transport import Transport
 
@@ -124,3 +126,41 @@ def evaluations(
            "sde-heun": 2 * (num_steps - 1) + 1}[sampler]
     return per * (2 if cfg_scale != 1.0 else 1)
 
+
+
+# ----------------------------------------------------------------------------------------------- as an objective
+
+FLAGS = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps")  # the `ditkit train` flags it owns
+
+
+def process_from_flags(opts: Any) -> FlowProcess:
+    """The process of `--objective flow` from `ditkit train`'s flags (checked: a prediction it has not, or a
+    combination SiT's transport cannot train, e.g. noise with train_eps 0, is one line)."""
+    if opts.prediction is not None and opts.prediction not in FlowProcess.PREDICTIONS:
+        raise UserError(f"--prediction {opts.prediction!r} is not a flow prediction; use one of "
+                        f"{', '.join(FlowProcess.PREDICTIONS)} (or --objective diffusion)")
+    process = FlowProcess(path_type=opts.path_type or "Linear", prediction=opts.prediction or "velocity",
+                          loss_weight=opts.loss_weight, train_eps=opts.train_eps, sample_eps=opts.sample_eps,
+                          t_sampling=opts.t_sampling or "uniform")
+    process.validate()
+    transport_of(process)  # the eps and weighting rules, checked once here
+    return process
+
+
+def transport_of(process: FlowProcess) -> Transport:
+    """SiT's `Transport` for a recipe's flow process."""
+    from ditkit.transport import create_transport
+
+    p = process
+    return create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling)
+
+
+def build(recipe: Recipe) -> Objective:
+    """The flow objective of `recipe`: its transport is built here, once, and shared by training and sampling."""
+    transport = transport_of(recipe.process)
+
+    def sample_with(denoiser: Any, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return sample(denoiser, noise, transport=transport, **kwargs)
+
+    return Objective(kind="flow", training=FlowTraining(transport), sample=sample_with,
+                     default_steps=FLOW_SAMPLERS, evaluations=evaluations)

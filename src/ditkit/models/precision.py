@@ -1,0 +1,97 @@
+"""The numeric precision of a run, decided once: what `--precision fp32|tf32|bf16|fp8` means, written here only.
+
+- fp32: float32 everywhere, TF32 off (for bit-level comparisons);
+- tf32: float32 tensors, TF32 tensor-core matmuls and convolutions on CUDA;
+- bf16: bf16 autocast over fp32 master weights (TF32 for what autocast leaves in float32);
+- fp8: bf16 autocast, and the DiT blocks' four linears as FP8 GEMMs (CUDA, compute capability 8.9 or newer).
+
+`Precision.resolve(flag, device)` gives the value (default bf16 on a GPU, fp32 elsewhere) and checks it once;
+the value gives the autocast context, the TF32 switches and the dtype of inference-only weights (the VAE).
+`prepare_fp8(model, training=...)` applies FP8 to a model for training or for sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ditkit.errors import UserError
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp8")
+FP8_CAPABILITY = (8, 9)  # Ada / Hopper: FP8 tensor cores
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One of `PRECISIONS` on one device type; build it with `resolve`."""
+
+    name: str
+    device_type: str = "cpu"
+
+    @classmethod
+    def resolve(cls, flag: str | None, device: torch.device) -> Precision:
+        """The flag's precision (None: bf16 on CUDA, fp32 elsewhere), checked for this device in one line."""
+        name = flag or ("bf16" if device.type == "cuda" else "fp32")
+        if name not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+        if name == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_CAPABILITY):
+            raise UserError("--precision fp8 needs a CUDA GPU with FP8 matrix units (Ada/Hopper or newer); use bf16")
+        return cls(name, device.type)
+
+    @property
+    def low(self) -> bool:
+        """bf16 autocast is on (bf16, and fp8 whose other ops run in bf16)."""
+        return self.name in ("bf16", "fp8")
+
+    @property
+    def tf32(self) -> bool:
+        """TF32 tensor cores for float32 matmuls and convolutions."""
+        return self.name != "fp32"
+
+    @property
+    def fp8(self) -> bool:
+        return self.name == "fp8"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on this device type for bf16 and fp8; nothing for fp32 and tf32."""
+        if self.low:
+            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def set_tf32(self) -> None:
+        """Switch CUDA's TF32 matmuls and convolutions on or off to match (a process-wide torch setting)."""
+        if self.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks' matmuls and attention run in: bf16 under autocast, else float32."""
+        return torch.bfloat16 if self.low else torch.float32
+
+    @property
+    def inference_dtype(self) -> torch.dtype:
+        """The dtype of weights used only for inference (the VAE decoder): bf16 weights decoded 1.3× faster
+        than bf16 autocast on a GPU (benchmarks/RESULTS.md, issue 13); float32 elsewhere."""
+        return torch.bfloat16 if self.low and self.device_type == "cuda" else torch.float32
+
+    def without_fp8(self) -> Precision:
+        """The precision of a copy of the model without FP8 linears (the EMA): bf16 for fp8, else the same."""
+        return Precision("bf16", self.device_type) if self.fp8 else self
+
+
+def prepare_fp8(model: torch.nn.Module, *, training: bool) -> None:
+    """The blocks' linears as FP8 GEMMs. Training: tensorwise scales with autograd (`kernels.fp8`, a class swap
+    that keeps parameters and state_dict keys). Sampling: row-wise scales made inside the LayerNorm kernels and
+    weights quantised once (`kernels.fp8_rows`; the tensorwise path quantised every operand on every call and
+    sampled 2× slower, benchmarks/RESULTS.md, issue 13)."""
+    if training:
+        from ditkit.models.kernels.fp8 import enable_fp8
+
+        enable_fp8(model)
+    else:
+        from ditkit.models.kernels import fp8_rows
+
+        fp8_rows.prepare(model)
