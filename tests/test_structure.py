@@ -124,6 +124,7 @@ def test_no_forward_times_writes_or_prints():
                             found.append(f"{name}.{node.name} calls {called}")
     assert found == []
 
+
 # ----------------------------------------------------------------------------------------------- the tests' own shape
 
 TESTS = Path(__file__).resolve().parent
