@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     """Mark `subprocess` every test that starts a Python process (helpers.markers reads which from the source)."""
     for item in items:
         name = getattr(item, "originalname", item.name)
-        if name in markers.spawning_functions(Path(item.fspath).resolve()):
+        if name in markers.spawning_functions(Path(item.path).resolve()):
             item.add_marker(pytest.mark.subprocess)
 
 
