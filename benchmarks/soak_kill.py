@@ -126,12 +126,14 @@ def _digest_files(paths: list[Path]) -> str:
 class TrainJob(Job):
     name = "train"
 
-    def __init__(self, steps: int = 24, ckpt_every: int = 1, images: Path | None = None, workers: int = 0) -> None:
+    def __init__(self, steps: int = 24, ckpt_every: int = 1, images: Path | None = None, workers: int = 0,
+                 objective: str = "diffusion") -> None:
         """Digits by default; with `images` an image folder read by `workers` DataLoader processes."""
         data = dict(data_path=str(images), global_batch_size=4) if images else dict(data_path="digits",
                                                                                    global_batch_size=16)
         settings = dict(**data, model="DiT-S/2", image_size=8, log_every=1, lr=1e-3, num_workers=workers,
-                        progress=False, model_overrides=TINY, max_steps=steps, ckpt_every=ckpt_every, resume="auto")
+                        progress=False, model_overrides=TINY, max_steps=steps, ckpt_every=ckpt_every, resume="auto",
+                        objective=objective)
         self.steps, self.settings = steps, settings
         self.model_config = dict(in_channels=3, num_classes=3) if images else dict(in_channels=1, num_classes=10)
         self.script = textwrap.dedent(
@@ -453,6 +455,7 @@ def make_jobs(inputs: dict[str, Path], train_steps: int = 24, num_samples: int =
         "train": TrainJob(steps=train_steps),
         # An image folder read by two DataLoader worker processes: what a process-group SIGTERM must spare.
         "train-workers": TrainJob(steps=train_steps, images=inputs["images"], workers=2),
+        "train-meanflow": TrainJob(steps=train_steps, objective="meanflow"),  # its 3 draws a step, its JVP
         "extract": ExtractJob(inputs["images"], inputs["vae"]),
         "sample": SampleJob(inputs["ckpt"], num_samples=num_samples),
     }

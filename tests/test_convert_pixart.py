@@ -107,7 +107,7 @@ def test_micro_conditioned_and_foreign_folders_are_refused_with_one_line(tmp_pat
     text = randomise(build_model(DiTConfig(**TINY)), seed=3)
     path = tmp_path / "text.safetensors"
     ditkit.save_model(text, path)
-    assert main(["convert", "--to", "diffusers", str(path), str(tmp_path / "p"), "--vae", str(tmp_path)]) == 2
+    assert main(["convert", "--to", "diffusers", str(path), str(tmp_path / "p"), "--vae", str(ms)]) == 2
     assert "transformer alone" in capsys.readouterr().err
 
 

@@ -62,6 +62,13 @@ def test_fused_block_matches_plain_model(interpreted):
     assert errors["out"] < FP32_TOL and errors["worst_param_grad"] < FP32_TOL, errors
 
 
+def test_fused_block_with_qk_norm_rope_and_swiglu_matches_plain_model(interpreted):
+    # LayerNorm blocks with the modern recipe's other switches (models/knobs.py) keep the fused kernels.
+    errors = interpreted["block_knobs"]
+    assert errors["fused_calls"] > 0, "the fused kernels did not run"
+    assert errors["out"] < FP32_TOL and errors["worst_param_grad"] < FP32_TOL, errors
+
+
 # Row-wise FP8 (sampling). Before the cast the kernels' float32 rows are exact up to fp32 arithmetic (1e-5);
 # one e4m3 rounding is up to 2^-4 relative per element (RMS ≈ 2.5% for these random values), so the dequantised
 # weight lands near 2.5% and the 2-block DiT (width 64) with all eight linears in FP8 near 3.5%: 5% bounds both.

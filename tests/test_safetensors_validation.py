@@ -113,7 +113,8 @@ def _with_config(tmp_path: Path, config_text: str) -> Path:
         (json.dumps({**TINY, "evil": "x"}), "unknown key"),
         (json.dumps({**TINY, "hidden_size": 66, "num_heads": 3}), "divisible by 4"),
         # Structurally valid but absurd: must be refused from the tensors' shapes before any model is built.
-        (json.dumps({**TINY, "depth": 10**9}), "stored model config says depth=1000000000 but the tensors say 2"),
+        (json.dumps({**TINY, "depth": 10**9}), r"cfg.safetensors: model config: depth must be an integer in 1..1,024"),
+        (json.dumps({**TINY, "depth": 100}), "stored model config says depth=100 but the tensors say 2"),
         (json.dumps({**TINY, "hidden_size": 4096, "num_heads": 4}), "hidden_size=4096 but the tensors say 64"),
     ],
 )
@@ -128,7 +129,7 @@ def test_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
     code = main(["convert", "--to", "diffusers", str(path), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("ditkit convert: error: ") and "depth=1000000000" in err
+    assert err.count("\n") == 1 and err.startswith("ditkit convert: error: ") and "depth must be" in err
 
 
 def test_consistent_file_still_loads_exactly(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -57,6 +59,8 @@ def test_prompt_file_with_num_samples_writes_an_npz(text_run, tmp_path):
     data = np.load(out / "samples_5.npz")
     assert data["arr_0"].shape == (5, 8, 8, 3) and data["arr_0"].dtype == np.uint8
     assert data["prompt_index"].tolist() == [0, 1, 0, 1, 0]
+    protocol = json.loads((out / "settings.json").read_text())["protocol"]  # recorded as for class models
+    assert protocol["num_samples"] == 5 and protocol["labels"].startswith("prompt i mod 2")
 
 
 def test_bad_prompt_input_is_one_line(text_run, tmp_path, capsys):

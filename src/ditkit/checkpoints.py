@@ -20,14 +20,18 @@ from typing import Any
 
 import torch
 
+from ditkit import lightningdit
 from ditkit.diffusers_folder import folder_recipe, read_diffusers_folder
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.knobs import knobs_from_state_dict
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
+from ditkit.training_methods import PROJECTOR_PREFIX
+from ditkit.validate import naming
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -101,7 +105,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTCon
     else:
         conditioning = "in-context"
     heads = next((h for (dep, w, h) in SIZES.values() if (dep, w) == (depth, hidden)), max(1, hidden // 64))
-    guess = dict(
+    guess: dict[str, Any] = dict(
         depth=depth,
         hidden_size=hidden,
         num_heads=heads,
@@ -115,6 +119,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **known: Any) -> DiTCon
         mlp_ratio=(fc1.shape[0] / hidden) if fc1 is not None else 4.0,
         conditioning=conditioning,
     )
+    guess.update(knobs_from_state_dict(state_dict))  # LightningDiT's layers (RMSNorm, QK-norm, RoPE, SwiGLU)
     guess.update(known)
     return DiTConfig(**guess)
 
@@ -221,6 +226,11 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / "ema.safetensors").is_file():
         path = path / "ema.safetensors"  # a ditkit training checkpoint folder: sample its EMA weights
+    elif path.is_dir() and any((path / name).is_file() for name in ("model.safetensors", "state.pt")):
+        raw = path / "model.safetensors"
+        use = f"pass {raw} to use the raw (non-EMA) weights, or " if raw.is_file() else "pass "
+        raise UserError(f"{path} is a ditkit training checkpoint folder without ema.safetensors (incomplete, or "
+                        f"the file was deleted); {use}an earlier checkpoint folder")
     elif path.is_dir():
         state_dict, config, hints = read_diffusers_folder(path)  # a diffusers transformer or pipeline folder
         return CheckpointFile(path, state_dict, config, hints, diffusers=True)
@@ -229,15 +239,21 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         config = None
         if CONFIG_KEY in metadata:
             try:
-                config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+                with naming(path):
+                    config = DiTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
             except json.JSONDecodeError:
                 raise UserError(f"{path}: the stored model config is not valid JSON") from None
         return CheckpointFile(path, extract_state_dict(tensors, path), config, recipe_json=metadata.get(METADATA_KEY))
     obj = safe_torch_load(path, mmap=True)
     hints, latents = _official_args(obj.get("args")) if isinstance(obj, Mapping) else ({}, None)
     config = None
+    if isinstance(obj, Mapping) and lightningdit.is_train_config(obj.get("config")):  # its run's YAML
+        state_dict = extract_state_dict(obj, path)
+        recipe = lightningdit.recipe_from_config(obj["config"], infer_config(state_dict))
+        return CheckpointFile(path, state_dict, None, recipe_json=recipe.to_json())
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
-        config = DiTConfig.from_dict(dict(obj["config"]))
+        with naming(path):
+            config = DiTConfig.from_dict(dict(obj["config"]))
     return CheckpointFile(path, extract_state_dict(obj, path), config, hints, latents=latents)
 
 
@@ -253,6 +269,8 @@ def build_checked(
     """The network of a read checkpoint, its weights loaded (on `device`, default the CPU; eval mode); see
     `load_model`."""
     state_dict, stored, path = found.state_dict, found.config, found.path
+    # REPA's projector is a training-only head: a network built to sample has none (ditkit.align)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
     if model is not None:
         config = DiTConfig.from_name(model, **overrides)
     elif stored is not None:
@@ -287,6 +305,8 @@ def checkpoint_recipe(found: CheckpointFile, config: DiTConfig) -> Recipe:
         # SiT's released files (SiT-XL-2-256x256.pt) are DiT-shaped state dicts that record nothing: their name is
         # the only sign of SiT's process (Linear path, velocity). `ditkit sample --objective` decides otherwise.
         return Recipe(model=config, process=FlowProcess(), latents=infer_recipe(config, found.latents).latents)
+    if config.knobs:  # no paper DiT has LightningDiT's layers: a bare LightningDiT state dict, flow-trained
+        return lightningdit.released_recipe(config, infer_recipe(config, found.latents).latents)
     return infer_recipe(config, found.latents)
 
 

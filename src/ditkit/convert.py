@@ -64,12 +64,13 @@ from ditkit.diffusers_folder import (
 )
 from ditkit.errors import UserError
 from ditkit.folder_lock import check_writable
-from ditkit.io import apply_umask, atomic_write
+from ditkit.io import apply_umask, atomic_write, disk_full
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.embeddings import sincos_2d
 from ditkit.models.pixart import PixArtDiT
+from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import Recipe
 
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
@@ -92,6 +93,9 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
             f"only adaLN-Zero models convert to diffusers (it has no {config.conditioning!r} variant); "
             "convert a model trained with --conditioning adaln-zero"
         )
+    if config.knobs:
+        raise UserError(f"diffusers' DiT has no {', '.join(config.knobs)} (LightningDiT's layers); keep the ditkit "
+                        "checkpoint, which `ditkit sample` reads")
     return dict(
         **convert_pixart.transformer_args(config, "DiT"),
         num_embeds_ada_norm=config.num_classes,
@@ -347,6 +351,7 @@ def to_diffusers(
     """
     diffusers = _import_diffusers()
     dst = Path(dst)
+    refuse_overlap({"the VAE": vae, "the labels": labels}, dst, "the destination")
     _prepare_destination(dst, overwrite)
     text = model.config.is_text
     if text and (vae is not None or labels is not None):
@@ -391,6 +396,12 @@ def to_diffusers(
                 old.unlink()
         else:
             os.replace(tmp, dst)
+    except Exception as err:
+        if disk_full(err, dst.parent):  # measured before the partial folder is removed and its space freed
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"disk full while writing {dst}; the source and any earlier {dst.name} are intact "
+                            "(the partial folder was removed); free space and retry") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return stock
@@ -454,6 +465,8 @@ def _describe(diff: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
+    # DST may not be SRC (or the --vae / --labels it reads), hold it, or lie inside it: --overwrite replaces DST.
+    refuse_overlap({"SRC": args.src, "--vae": args.vae, "--labels": args.labels}, dst, "DST")
     check_writable(dst.absolute().parent, "DST")  # before minutes of loading and verifying, not after
     if args.to == "diffusers":
         model, recipe = load_model_with_recipe(args.src, model=args.model)

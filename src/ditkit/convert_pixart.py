@@ -81,6 +81,9 @@ def is_pixart_config(cfg: Mapping[str, Any]) -> bool:
 def transformer_args(config: DiTConfig, family: str) -> dict[str, Any]:
     """The init arguments that diffusers' DiT and PixArt transformers share, for `config`'s geometry (both
     have MLP ratio 4 only, DiT's tanh GELU, biased attention and no LayerNorm affine, at DiT's epsilon)."""
+    if config.interval_time:  # MeanFlow's r_embedder: neither diffusers transformer has a second time input
+        raise UserError(f"a MeanFlow model (its interval embedder r_embedder) has no diffusers {family} "
+                        "equivalent; sample it with ditkit sample --sampler meanflow")
     if float(config.mlp_ratio) != 4.0:
         raise UserError(f"diffusers' {family} has MLP ratio 4 only; this model has mlp_ratio {config.mlp_ratio}")
     return dict(

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.objectives import OBJECTIVES, entry_for
 
@@ -31,6 +32,15 @@ DEMO_LR = 1e-3
 DEMO_EMA = 0.99
 DEMO_STEPS = 2000
 DEMO_CFG = 2.5
+# `--recipe`: the training-only methods of issue 26 (docs/repa_tread.md) on the demo's 4-block model: REPA's tap
+# after block 1 of 4 (REPA: 8 of 28), TREAD routing half the tokens around blocks 1..2 (TREAD: 2..depth-4).
+DEMO_RECIPES: dict[str, dict] = {
+    "plain": {},
+    "repa": {"repa_encoder": "digits-mae", "repa_depth": 1, "repa_projector_dim": 256},
+    "tread": {"tread_rate": 0.5, "tread_start": 1, "tread_end": 2},
+    "repa+tread": {"repa_encoder": "digits-mae", "repa_depth": 1, "repa_projector_dim": 256, "tread_rate": 0.5,
+                   "tread_start": 1, "tread_end": 2},
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="diffusion",
                         help="the objective to train (same model, data, steps), sampled with its preview sampler: "
-                        + ", ".join(f"{e.name}: {e.preview[0]} {e.preview[1]} steps" for e in OBJECTIVES.values()))
+                        + ", ".join(f"{e.name}: {e.preview[0]} {e.preview[1]} steps" for e in OBJECTIVES.values())
+                        + " (meanflow: scored at 1 and 2 steps; docs/meanflow.md)")
+    parser.add_argument("--recipe", choices=tuple(DEMO_RECIPES), default="plain",
+                        help="train with REPA (digits-mae encoder), TREAD, both, or neither (default); see "
+                        "docs/repa_tread.md")
     parser.add_argument("--results-dir", default=None,
                         help="run folder (default results/demo, results/demo-flow with --objective flow, "
                         "or results/demo_text with --text)")
@@ -59,12 +73,22 @@ def run(args: argparse.Namespace) -> int:
     from ditkit.sample import SamplingPipeline, sample_grid
     from ditkit.train import TrainOptions, train
 
+    counts.demo_flags(args)  # before minutes of training
     if args.text:
         from ditkit import demo_text
 
         return demo_text.run_text(args)
     objective = getattr(args, "objective", "diffusion")
-    args.results_dir = args.results_dir or ("results/demo" if objective == "diffusion" else f"results/demo-{objective}")
+    if objective == "meanflow":  # issue 27: scored at 1 and 2 steps, in its own module
+        from ditkit import demo_meanflow
+
+        return demo_meanflow.run_meanflow(args, dict(model=DEMO_MODEL, image_size=DEMO_IMAGE_SIZE, lr=DEMO_LR,
+                                                     global_batch_size=DEMO_BATCH, ema_decay=DEMO_EMA,
+                                                     model_overrides=DEMO_OVERRIDES))
+    recipe = getattr(args, "recipe", "plain")
+    suffix = "" if recipe == "plain" else "-" + recipe.replace("+", "-")
+    base = "results/demo" if objective == "diffusion" else f"results/demo-{objective}"
+    args.results_dir = args.results_dir or base + suffix
     args.steps = DEMO_STEPS if args.steps is None else args.steps
     args.cfg_scale = DEMO_CFG if args.cfg_scale is None else args.cfg_scale
     for name in ("steps", "num_samples", "per_class"):
@@ -96,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=0,
             model_overrides=DEMO_OVERRIDES,
             objective=objective,
+            **DEMO_RECIPES[recipe],
         )
     )
     if result.stopped_by_signal:  # a stop was asked for: don't go on to sample a half-trained model

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from ditkit import convert_pixart
+from ditkit import convert_pixart, validate
 from ditkit.errors import UserError
 from ditkit.io import read_safetensors, safe_torch_load
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS
 from ditkit.models.embeddings import sincos_2d
-from ditkit.recipe import SD_VAE_SCALE, LatentSpace, Recipe, infer_recipe
+from ditkit.recipe import LatentSpace, Recipe, infer_recipe
 
 SIDECAR = "ditkit_config.json"  # written next to config.json: the settings diffusers' config cannot express
 WEIGHTS = "diffusion_pytorch_model"
@@ -111,6 +111,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _side(path: Path) -> dict[str, Any]:
+    """ditkit's sidecar beside a diffusers config, checked (`validate.sidecar`)."""
+    return dict(validate.sidecar(_read_json(path), str(path)))
+
+
 def transformer_folder(path: str | os.PathLike) -> Path:
     """The folder holding the transformer's config.json: `path` itself or a pipeline's `transformer/`."""
     path = Path(path)
@@ -127,6 +132,7 @@ def transformer_folder(path: str | os.PathLike) -> Path:
 
 def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DiTConfig:
     """The DiTConfig of a diffusers DiT config; refuses what is not a class-conditional adaLN-Zero DiT."""
+    validate.diffusers_config(cfg, where)
     if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise UserError(f"{where}: norm_type {cfg.get('norm_type')!r} is not DiT's ada_norm_zero")
     if cfg.get("patch_size") is None or cfg.get("num_embeds_ada_norm") is None:
@@ -162,10 +168,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return read_safetensors(single)[0]
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
         tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(folder / shard)[0])
+        for shard in validate.weight_index(_read_json(index), folder, str(index)):
+            tensors.update(read_safetensors(shard)[0])
         return tensors
     variants = sorted(folder.glob(f"{WEIGHTS}.*.safetensors"))  # e.g. the fp16 variant
     if variants:
@@ -196,14 +201,17 @@ def read_diffusers_folder(
     diffusers' port of it as `differences()` states; a warning says so once per call.
     """
     folder = transformer_folder(path)
-    cfg = _read_json(folder / "config.json")
+    cfg = validate.diffusers_config(_read_json(folder / "config.json"), str(folder / "config.json"))
     if convert_pixart.is_pixart_config(cfg):
-        return _read_pixart_folder(folder, cfg)
-    config = config_from_diffusers(cfg, str(folder / "config.json"))
+        with validate.naming(folder / "config.json"):
+            return _read_pixart_folder(folder, cfg)
+    with validate.naming(folder / "config.json"):
+        config = config_from_diffusers(cfg, str(folder / "config.json"))
     sidecar = folder / SIDECAR
     if sidecar.is_file():
         # Settings diffusers has no key for (label dropout, ...); trusted only when they fit the tensors' config.
-        stored = DiTConfig.from_dict(_read_json(sidecar).get("config", {}))
+        with validate.naming(sidecar):
+            stored = DiTConfig.from_dict(_side(sidecar)["config"])
         if {**stored.to_dict(), "class_dropout_prob": 0.1} != config.to_dict():
             raise UserError(f"{sidecar} does not match {folder / 'config.json'}; delete {sidecar} and retry")
         config = stored
@@ -221,7 +229,8 @@ def _read_pixart_folder(folder: Path, cfg: dict[str, Any]) -> tuple[dict[str, to
     config = convert_pixart.config_from_diffusers(cfg, str(folder / "config.json"))
     sidecar = folder / SIDECAR
     if sidecar.is_file():  # caption dropout, token count: what diffusers' config cannot say
-        stored = DiTConfig.from_dict(_read_json(sidecar).get("config", {}))
+        with validate.naming(sidecar):
+            stored = DiTConfig.from_dict(_side(sidecar)["config"])
         keep = ("class_dropout_prob", "max_tokens", "num_classes")
         if {**stored.to_dict(), **{k: config.to_dict()[k] for k in keep}} != config.to_dict():
             raise UserError(f"{sidecar} does not match {folder / 'config.json'}; delete {sidecar} and retry")
@@ -247,14 +256,13 @@ def folder_recipe(path: str | os.PathLike, config: DiTConfig) -> Recipe:
     own `vae/` as the latent space (its scaling factor from its config)."""
     folder = transformer_folder(path)
     sidecar = folder / SIDECAR
-    stored = _read_json(sidecar).get("recipe") if sidecar.is_file() else None
+    stored = _side(sidecar).get("recipe") if sidecar.is_file() else None
     if stored is not None:
-        return Recipe.from_dict(stored).replace(model=config)
+        with validate.naming(sidecar):
+            return Recipe.from_dict(stored, str(sidecar)).replace(model=config)
     vae = folder.parent / "vae" if folder.name == "transformer" else None
     latents = None
     if vae is not None and (vae / "config.json").is_file():
-        cfg = _read_json(vae / "config.json")
-        down = 2 ** max(len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1, 0)
-        latents = LatentSpace(vae=str(vae), scale=float(cfg.get("scaling_factor") or SD_VAE_SCALE),
-                              shift=float(cfg.get("shift_factor") or 0.0), downsample=down)
+        down, scale, shift = validate.vae_config(_read_json(vae / "config.json"), str(vae / "config.json"))
+        latents = LatentSpace(vae=str(vae), scale=scale, shift=shift, downsample=down)
     return infer_recipe(config, latents)

@@ -18,6 +18,9 @@ import re
 import secrets
 import shutil
 import struct
+import sys
+import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,34 @@ def cache_dir() -> Path:
     write, not here)."""
     env = os.environ.get("DITKIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ditkit"
+
+
+_CACHE_FALLBACK_NAMED: set[str] = set()
+
+
+def cache_file(relative: str) -> Path:
+    """Where the cache entry `relative` is read or written: in `cache_dir()` when the entry is there or the
+    folder can be written (or made); else (a read-only home, a `$DITKIT_CACHE` that is not a folder) in a
+    per-user folder of the system's temporary directory, saying so once. A cache that cannot be written is not
+    a reason to fail: the work is redone next time at worst."""
+    preferred = cache_dir() / relative
+    if preferred.exists() or _writable_folder(preferred.parent):
+        return preferred
+    fallback_root = Path(tempfile.gettempdir()) / f"ditkit-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    if str(cache_dir()) not in _CACHE_FALLBACK_NAMED:
+        _CACHE_FALLBACK_NAMED.add(str(cache_dir()))
+        print(f"ditkit: warning: the cache folder {cache_dir()} cannot be written; using {fallback_root} instead "
+              "(set DITKIT_CACHE to choose another)", file=sys.stderr)
+    return fallback_root / relative
+
+
+def _writable_folder(folder: Path) -> bool:
+    """Whether `folder` could be written, or created and written (its nearest existing ancestor is a writable
+    folder); nothing is created here, the writer does that."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    return False
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -176,15 +207,17 @@ _NOT_CHECKPOINTS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", 
 
 
 def _unpickling_reason(err: BaseException) -> str:
-    """The part of torch's weights-only refusal that names what the file holds, as a whole sentence."""
+    """What torch's weights-only refusal says of the file, in ditkit's words (torch's text asks the reader to
+    file an issue with torch and suggests `weights_only=False`, neither of which a user of ditkit should do)."""
     text = str(err)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
-        return f"it holds a pickled {found.group(1)} object, not only tensors"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
-    reason = (specific or lines or ["an object torch will not load safely"])[0]
-    return reason if len(reason) <= 200 else reason[:200].rsplit(" ", 1)[0] + " ..."
+        return f"it holds a pickled {found.group(1)} object (code that would run on loading), not only tensors"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return (f"it is not a torch.save file of tensors (a plain pickle, or damaged: pickle operation "
+                f"{found.group(1)} is not one a weights file uses)")
+    return "it holds objects other than tensors and plain containers"
 
 
 def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
@@ -203,7 +236,9 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
     if kind is not None:
         raise UserError(f"{path} is {kind}, not a checkpoint; give a .pt or .safetensors weights file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns about pickle protocols with "please file an issue" text; the refusal below says it all
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
             if mmap and head.startswith(b"PK"):
                 try:
                     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -212,8 +247,9 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(
-            f"refusing to load {path}: {_unpickling_reason(err)}; only weight files load. Re-save the "
-            "state_dict as safetensors if you trust its source"
+            f"refusing to load {path}: {_unpickling_reason(err)}; only weight files load. If you trust its "
+            "source, convert it to .safetensors with a trusted tool (safetensors.torch.save_file on a machine "
+            "where running its code is safe), or pass a .safetensors file"
         ) from None
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None

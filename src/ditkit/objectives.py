@@ -17,7 +17,8 @@ from typing import Any
 from ditkit.diffusion import objective as diffusion
 from ditkit.errors import UserError
 from ditkit.objective import Objective
-from ditkit.recipe import PROCESSES, DiffusionProcess, FlowProcess, Recipe
+from ditkit.recipe import PROCESSES, DiffusionProcess, FlowProcess, MeanFlowProcess, Recipe
+from ditkit.transport import meanflow
 from ditkit.transport import objective as flow
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveEntry", "objective_for", "register_objective", "sampler_names"]
@@ -40,6 +41,8 @@ class ObjectiveEntry:
     preview: tuple[str, int]
     help: str
     flags: Mapping[str, Any] = None  # type: ignore[assignment]
+    folds_guidance: bool = False  # guidance is trained into the model: its samplers run unguided by default
+    model_config: Mapping[str, Any] = None  # type: ignore[assignment]  # DiTConfig fields the objective needs
 
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {}
@@ -61,6 +64,11 @@ register_objective(ObjectiveEntry(
     "flow", FlowProcess, flow.build, flow.process_from_flags, lambda: flow.FLOW_SAMPLERS,
     preview=("heun", 10), help="SiT's flow matching (stochastic interpolants)",
     flags={name: None for name in flow.FLAGS}))
+register_objective(ObjectiveEntry(
+    "meanflow", MeanFlowProcess, meanflow.build, lambda opts: meanflow.process_from_options(opts, flow.FLAGS),
+    lambda: meanflow.MEANFLOW_SAMPLERS, preview=("meanflow", 2),
+    help="MeanFlow's average velocity, sampled in 1 or a few steps (docs/meanflow.md)", flags={"meanflow": None},
+    folds_guidance=True, model_config={"interval_time": True}))
 
 
 def entry_for(kind: str) -> ObjectiveEntry:

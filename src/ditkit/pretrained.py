@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ditkit.errors import UserError
-from ditkit.io import atomic_write, cache_dir
+from ditkit.io import atomic_write, cache_file
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
@@ -97,8 +97,7 @@ def fetch_pretrained(
     """Path of the released checkpoint `name` in the cache, downloading it first when it is not there."""
     if name not in PRETRAINED:
         raise UserError(f"unknown released checkpoint {name!r}; the authors published: {', '.join(PRETRAINED)}")
-    dest = Path(cache) if cache is not None else cache_dir()
-    dest = dest / name
+    dest = Path(cache) / name if cache is not None else cache_file(name)
     if dest.is_file():
         return dest
     legacy = Path("pretrained_models") / name  # where the authors' scripts download it

@@ -25,10 +25,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.models.config import DiTConfig
+from ditkit.training_methods import TrainingMethods
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: flow t_mean/t_std/cosine_weight, latents mean/std, the sampling part, model knobs
+# Fields of version 2, written only when they differ from their defaults: a recipe that uses none of them is
+# written as version 1, byte for byte as before, and older ditkits still read it.
+V2_PROCESS_DEFAULTS: dict[str, Any] = {"t_mean": 0.0, "t_std": 1.0, "cosine_weight": 0.0}
 METADATA_KEY = "recipe"  # the safetensors metadata key (beside the older "config" key, kept for old readers)
 SD_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE the DiT authors sample their releases through
 SD_VAE_SCALE = 0.18215  # the SD-VAE latent scale the DiT paper uses
@@ -69,6 +74,9 @@ class FlowProcess:
     train_eps: float | None = None
     sample_eps: float | None = None
     t_sampling: str = "uniform"  # "uniform" | "lognormal" (SD3 / LightningDiT)
+    t_mean: float = 0.0  # lognormal: t = sigmoid(N(t_mean, t_std²)) (LightningDiT: 0, 1)
+    t_std: float = 1.0
+    cosine_weight: float = 0.0  # velocity: + weight · mean(1 − cos(v̂, u_t)) over channels (LightningDiT: 1)
 
     PATHS: ClassVar[tuple[str, ...]] = ("Linear", "GVP", "VP")
     PREDICTIONS: ClassVar[tuple[str, ...]] = ("velocity", "noise", "score")
@@ -84,17 +92,60 @@ class FlowProcess:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UserError(f"recipe: process.{name} must be a finite number >= 0 or null, got {value!r}")
+        _number(self.t_mean, "process.t_mean")
+        _number(self.t_std, "process.t_std", low=0.0, open_low=True)
+        _number(self.cosine_weight, "process.cosine_weight", low=0.0)
+        if self.t_sampling != "lognormal" and (self.t_mean, self.t_std) != (0.0, 1.0):
+            raise UserError(
+                "recipe: process.t_mean / t_std apply to t_sampling lognormal only; add --t-sampling lognormal"
+            )
+        if self.cosine_weight and self.prediction != "velocity":
+            raise UserError("recipe: process.cosine_weight (the velocity-direction loss) needs prediction velocity")
 
 
-PROCESSES: dict[str, type] = {"diffusion": DiffusionProcess, "flow": FlowProcess}
-Process = DiffusionProcess | FlowProcess
+@dataclass(frozen=True)
+class MeanFlowProcess:
+    """MeanFlow (Geng et al. 2025): a network u(z, r, t) of the average velocity over [r, t] on the linear path
+    z_t = (1 − t)·x + t·ε (t = 1 is noise), trained with u = v − (t − r)·du/dt. Defaults: the paper's ImageNet
+    settings (zhuyu-cs/MeanFlow's flags): (r, t) logit-normal(−0.4, 1.0), 25 % of rows with r ≠ t, adaptive
+    weight 1/(‖Δ‖² + 1e-3)^1; guidance folded into the target, ṽ = ω·v + κ·u(c) + (1 − ω − κ)·u(∅) for
+    t in [guidance_low, guidance_high] (ω 1, κ 0: no guidance). The class dropout is the model's."""
+
+    kind: ClassVar[str] = "meanflow"
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    ratio_r_neq_t: float = 0.25
+    adaptive_p: float = 1.0
+    adaptive_eps: float = 1e-3
+    omega: float = 1.0
+    kappa: float = 0.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UserError(f"recipe: process.{f.name} must be a finite number, got {value!r}")
+        if not (self.time_sigma > 0 and self.adaptive_eps > 0 and self.adaptive_p >= 0):
+            raise UserError("recipe: process.time_sigma and adaptive_eps must be > 0 and adaptive_p >= 0")
+        if not 0 <= self.ratio_r_neq_t <= 1:
+            raise UserError(f"recipe: process.ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
+        if not 0 <= self.guidance_low <= self.guidance_high <= 1:
+            raise UserError("recipe: process.guidance_low <= guidance_high must lie in [0, 1]")
+
+
+PROCESSES: dict[str, type] = {"diffusion": DiffusionProcess, "flow": FlowProcess, "meanflow": MeanFlowProcess}
+Process = DiffusionProcess | FlowProcess | MeanFlowProcess
 
 
 @dataclass(frozen=True)
 class LatentSpace:
     """Pixels (`vae` None, `downsample` 1) or the latents of a VAE named by a Hugging Face id or a local path.
 
-    Latents fed to the model are `(encode(x) - shift) * scale`, as diffusers' SD/SD3 pipelines use them.
+    Latents fed to the model are `(encode(x) - shift) * scale`, as diffusers' SD/SD3 pipelines use them, and
+    then, when channel statistics are given (`mean`, `std`: of those scaled latents, as a latent store's manifest
+    holds them; LightningDiT's latent_norm), `(· - mean_c) / std_c` per channel.
     The latent channels and side are the model's `in_channels` / `input_size` (recorded once, there).
     """
 
@@ -102,6 +153,8 @@ class LatentSpace:
     scale: float = 1.0
     shift: float = 0.0
     downsample: int = 1
+    mean: tuple[float, ...] | None = None  # per-channel statistics of the scaled latents (see above)
+    std: tuple[float, ...] | None = None
 
     @property
     def is_pixels(self) -> bool:
@@ -117,11 +170,55 @@ class LatentSpace:
             raise UserError("recipe: pixel space (latents.vae null) must have latents.downsample 1")
         if self.vae is not None and (not isinstance(self.vae, str) or not self.vae):
             raise UserError(f"recipe: latents.vae must be a VAE name or path, got {self.vae!r}")
+        if (self.mean is None) != (self.std is None):
+            raise UserError("recipe: latents.mean and latents.std go together; give both or neither")
+        if self.mean is not None:
+            if len(self.mean) != len(self.std) or not self.mean:
+                raise UserError("recipe: latents.mean and latents.std must have one value per latent channel each")
+            for k, (m, s) in enumerate(zip(self.mean, self.std)):
+                _number(m, f"latents.mean[{k}]")
+                _number(s, f"latents.std[{k}]", low=0.0, open_low=True)
+
+    def normalize(self, x: Any) -> Any:
+        """Scaled VAE latents N×C×h×w (a tensor) → the model's units (identity without channel statistics)."""
+        if self.mean is None:
+            return x
+        return (x - x.new_tensor(self.mean).view(1, -1, 1, 1)) / x.new_tensor(self.std).view(1, -1, 1, 1)
+
+    def denormalize(self, x: Any) -> Any:
+        """The model's units → scaled VAE latents, what the VAE's `decode` takes (inverse of `normalize`)."""
+        if self.mean is None:
+            return x
+        return x * x.new_tensor(self.std).view(1, -1, 1, 1) + x.new_tensor(self.mean).view(1, -1, 1, 1)
 
     @classmethod
     def sd_vae(cls, name: str = SD_VAE) -> LatentSpace:
         """The SD-VAE space of the DiT paper: ×0.18215, factor 8."""
         return cls(vae=name, scale=SD_VAE_SCALE, shift=0.0, downsample=8)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How the model is best sampled, used by `ditkit sample` where its flag is not given (the flag wins).
+
+    `time_shift`: flow samplers' timestep shift of the grid (SD3's convention, `transport.shifted_grid`: > 1 puts
+    more steps at high noise; LightningDiT's `timestep_shift` s is 1/s here). `guidance_interval`: (lo, hi) where
+    guidance is on (diffusion: timesteps 0..999; flow: t in 0..1, 1 = data), None = everywhere.
+    """
+
+    time_shift: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+
+    def validate(self) -> None:
+        _number(self.time_shift, "sampling.time_shift", low=0.0, open_low=True)
+        interval = self.guidance_interval
+        if interval is not None:
+            if len(interval) != 2:
+                raise UserError(f"recipe: sampling.guidance_interval must be two numbers, got {interval!r}")
+            for v in interval:
+                _number(v, "sampling.guidance_interval", low=0.0)
+            if interval[0] > interval[1]:
+                raise UserError(f"recipe: sampling.guidance_interval needs lo <= hi, got {list(interval)}")
 
 
 CONDITIONING_KINDS = ("class", "text", "none")
@@ -163,6 +260,8 @@ class Recipe:
     latents: LatentSpace = field(default_factory=LatentSpace)
     conditioning: Conditioning = field(default_factory=Conditioning)
     version: int = RECIPE_VERSION
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    training: TrainingMethods = field(default_factory=TrainingMethods)  # REPA / TREAD (training_methods.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +290,8 @@ class Recipe:
         self.process.validate()
         self.latents.validate()
         self.conditioning.validate()
+        self.sampling.validate()
+        self.training.validate(self.model.depth)
         classes = self.conditioning.classes
         if classes is not None and len(classes) > self.model.num_classes:
             raise UserError(
@@ -201,25 +302,37 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         process = {"kind": self.process.kind, **dataclasses.asdict(self.process)}
+        for name, default in V2_PROCESS_DEFAULTS.items():
+            if process.get(name, default) == default:
+                process.pop(name, None)
         conditioning = dataclasses.asdict(self.conditioning)
         if conditioning["classes"] is not None:
             conditioning["classes"] = list(conditioning["classes"])
-        return {
+        out = {
             "version": self.version,
             "model": self.model.to_dict(),
             "process": process,
-            "latents": dataclasses.asdict(self.latents),
+            "latents": _latents_dict(self.latents),
             "conditioning": conditioning,
         }
+        if self.sampling != SamplingDefaults():
+            out["sampling"] = _sampling_dict(self.sampling)
+        if not self.training.is_plain:  # written only when used: plain recipes keep their bytes
+            out["training"] = self.training.to_dict()
+        uses_v2 = ("sampling" in out or "training" in out or self.model.knobs or self.latents.mean is not None
+                   or any(k in process for k in V2_PROCESS_DEFAULTS))
+        out["version"] = min(self.version, RECIPE_VERSION if uses_v2 else 1)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Recipe:
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
         """Read a stored recipe; unknown keys, wrong types and newer versions get one line each."""
         if not isinstance(data, dict):
             raise UserError(f"recipe must be a JSON object, got {type(data).__name__}")
+        validate.recipe_dict(data, where)  # types and bounds before any part is built
         version = data.get("version")
         if not isinstance(version, int) or version < 1:
             raise UserError(f"recipe: version must be a positive integer, got {version!r}")
@@ -228,7 +341,8 @@ class Recipe:
                 f"recipe version {version} was written by a newer ditkit (this one reads up to "
                 f"{RECIPE_VERSION}); upgrade ditkit"
             )
-        _known_keys(data, {"version", "model", "process", "latents", "conditioning"}, "recipe")
+        _known_keys(data, {"version", "model", "process", "latents", "conditioning", "sampling", "training"},
+                    "recipe")
         process = dict(data.get("process") or {"kind": "diffusion"})
         kind = process.pop("kind", "diffusion")
         if kind not in PROCESSES:
@@ -239,9 +353,11 @@ class Recipe:
         return cls(
             model=DiTConfig.from_dict(data.get("model")),
             process=_build(PROCESSES[kind], process, "process"),
-            latents=_build(LatentSpace, dict(data.get("latents") or {}), "latents"),
+            latents=_build(LatentSpace, _latents_from(data.get("latents")), "latents"),
             conditioning=_build(Conditioning, conditioning, "conditioning"),
             version=RECIPE_VERSION,
+            sampling=_build(SamplingDefaults, _sampling_from(data.get("sampling")), "sampling"),
+            training=TrainingMethods.from_dict(data.get("training")),
         )
 
     @classmethod
@@ -250,7 +366,8 @@ class Recipe:
             data = json.loads(text)
         except json.JSONDecodeError:
             raise UserError(f"{where}: the stored recipe is not valid JSON") from None
-        return cls.from_dict(data)
+        with validate.naming(where):
+            return cls.from_dict(data, where)
 
     # --- changes
 
@@ -300,7 +417,8 @@ def parts_to_dict(latents: LatentSpace, conditioning: Conditioning) -> dict[str,
     cond = dataclasses.asdict(conditioning)
     if cond["classes"] is not None:
         cond["classes"] = list(cond["classes"])
-    return {"version": RECIPE_VERSION, "latents": dataclasses.asdict(latents), "conditioning": cond}
+    version = RECIPE_VERSION if latents.mean is not None else 1  # as Recipe.to_dict: v1 unless a v2 field is used
+    return {"version": version, "latents": _latents_dict(latents), "conditioning": cond}
 
 
 def parts_from_dict(data: Any, where: str = "recipe") -> tuple[LatentSpace, Conditioning]:
@@ -308,10 +426,11 @@ def parts_from_dict(data: Any, where: str = "recipe") -> tuple[LatentSpace, Cond
     if not isinstance(data, dict):
         raise UserError(f"{where}: the stored recipe part must be a JSON object")
     _known_keys(data, {"version", "latents", "conditioning"}, where)
+    validate.recipe_dict({"model": {}, **data}, where)
     conditioning = dict(data.get("conditioning") or {})
     if conditioning.get("classes") is not None:
         conditioning["classes"] = tuple(conditioning["classes"])
-    latents = _build(LatentSpace, dict(data.get("latents") or {}), "latents")
+    latents = _build(LatentSpace, _latents_from(data.get("latents")), "latents")
     cond = _build(Conditioning, conditioning, "conditioning")
     latents.validate()
     cond.validate()
@@ -323,7 +442,7 @@ def parts_from_dict(data: Any, where: str = "recipe") -> tuple[LatentSpace, Cond
 
 def _split(path: str) -> tuple[str, str]:
     part, _, name = path.partition(".")
-    if part not in ("model", "process", "latents", "conditioning") or not name:
+    if part not in ("model", "process", "latents", "conditioning", "sampling") or not name:
         raise ValueError(f"not a recipe field path: {path!r}")
     return part, name
 
@@ -352,3 +471,46 @@ def _choice(value: Any, choices: tuple, name: str) -> None:
     if value not in choices:
         shown = ", ".join("null" if c is None else str(c) for c in choices)
         raise UserError(f"recipe: unknown {name} {value!r}; choose one of {shown}")
+
+
+def _number(value: Any, name: str, low: float | None = None, open_low: bool = False) -> None:
+    """A finite number (not a bool), at least `low` (above it when `open_low`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if open_low else '>='} {low:g}"
+        raise UserError(f"recipe: {name} must be a finite number{bound}, got {value!r}")
+
+
+def _latents_dict(latents: LatentSpace) -> dict[str, Any]:
+    """LatentSpace as stored: mean/std as lists, and left out when absent (files read as before they existed)."""
+    data = dataclasses.asdict(latents)
+    for name in ("mean", "std"):
+        if data[name] is None:
+            del data[name]
+        else:
+            data[name] = list(data[name])
+    return data
+
+
+def _latents_from(data: Any) -> dict[str, Any]:
+    data = dict(data or {})
+    for name in ("mean", "std"):
+        if isinstance(data.get(name), list):
+            data[name] = tuple(data[name])
+    return data
+
+
+def _sampling_dict(sampling: SamplingDefaults) -> dict[str, Any]:
+    data = dataclasses.asdict(sampling)
+    if data["guidance_interval"] is not None:
+        data["guidance_interval"] = list(data["guidance_interval"])
+    return data
+
+
+def _sampling_from(data: Any) -> dict[str, Any]:
+    data = dict(data or {})  # recipes of version 1 have no sampling part: the defaults (no shift, guide everywhere)
+    if isinstance(data.get("guidance_interval"), list):
+        data["guidance_interval"] = tuple(data["guidance_interval"])
+    return data

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.models.precision import PRECISIONS
 
@@ -96,6 +97,7 @@ def validate(opts: ScalingOptions) -> None:
         if opts.image_size % patch:
             raise UserError(f"--image-size {opts.image_size} is not divisible by the patch size of {name}; "
                             "use a multiple of 8 such as 32")
+    counts.scaling_options(opts)  # absurd counts and model sizes, before anything is trained
 
 
 def eval_points(opts: ScalingOptions) -> list[int]:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ditkit.errors import UserError
+from ditkit.objectives import entry_for
 from ditkit.sample.options import TRAINING_TIMESTEPS
 from ditkit.sample.pipeline import SamplingPipeline
 from ditkit.seeding import MAX_SEED
@@ -187,9 +188,11 @@ def load_served(path: Path, args: argparse.Namespace, device: torch.device, demo
     ns = sample_namespace(ckpt, flags, ["--no-progress"])
     base = load_for_sampling(ns, device)
     sampler, steps = _cheapest(base.objective)
-    if demo:  # the demo's own settings (demo.py): DPM-Solver++ 20 steps, or Heun 10 on the flow model
-        sampler, steps = ("heun", 10) if base.recipe.process.kind == "flow" else ("dpm-solver", 20)
-    defaults = Defaults(sampler, steps, DEMO_CFG if demo else float(ns.cfg_scale), "all" if demo else "3")
+    entry = entry_for(base.recipe.process.kind)
+    if demo:  # the demo's own settings (demo.py): the objective's preview sampler (DPM-Solver++ 20, Heun 10, ...)
+        sampler, steps = entry.preview
+    cfg = DEMO_CFG if demo and not entry.folds_guidance else base.cfg_scale
+    defaults = Defaults(sampler, steps, cfg, "all" if demo else "3")
     name = f"{Path(ckpt).parent.parent.name}/{Path(ckpt).name}" if demo else ckpt
     if base.model.config.is_text:
         from ditkit.sample.prompts import load_encoder_for
@@ -344,10 +347,12 @@ def configured(served: Served, req: Request) -> SamplingPipeline:
                                    interval=req.interval, time_shift=req.time_shift, progress=True)
     ns = sample_namespace(served.ckpt, served.flags, req.sample_flags())
     return dataclasses.replace(
-        served.base, sampler=ns.sampler, num_steps=ns.num_steps, cfg_scale=float(ns.cfg_scale),
+        served.base, sampler=ns.sampler, num_steps=ns.num_steps,
+        cfg_scale=served.base.cfg_scale if ns.cfg_scale is None else float(ns.cfg_scale),
         guide_channels="all" if ns.guide_channels == "all" else int(ns.guide_channels),
-        interval=tuple(ns.guidance_interval) if ns.guidance_interval else None, eta=ns.eta,
-        time_shift=float(ns.time_shift), progress=True, negative=None)
+        interval=tuple(ns.guidance_interval) if ns.guidance_interval else served.base.interval, eta=ns.eta,
+        time_shift=served.base.time_shift if ns.time_shift is None else float(ns.time_shift),  # recipe defaults
+        progress=True, negative=None)
 
 
 def generate(served: Served, req: Request, out: Path) -> tuple[Path, list[Path]]:

@@ -13,10 +13,12 @@ model to ignore text. The images themselves are found, cropped and checked by da
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
+from ditkit import validate
 from ditkit.errors import UserError
 
 TABLES = ("metadata.jsonl", "captions.jsonl", "metadata.csv")
@@ -30,14 +32,36 @@ def _text_column(columns: list[str], where: Path) -> str:
     raise UserError(f"{where}: no caption column; name one of {', '.join(TEXT_COLUMNS)} (beside file_name)")
 
 
+def _decode(table: Path) -> str:
+    """The text of a table as editors and spreadsheets save it: UTF-8 with or without a byte-order mark, or
+    UTF-16 with one (Excel's "Unicode text"); anything else is named with the fix."""
+    try:
+        raw = table.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {table}: {err.strerror}") from None
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16")
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{table}: byte {err.start} is not UTF-8; save the table as UTF-8 (\"CSV UTF-8\" in "
+                        "spreadsheet tools)") from None
+
+
+def _csv_rows(text: str) -> list[dict]:
+    """Rows of a CSV as spreadsheet tools write it: CRLF line ends, quoted cells holding commas, quotes or line
+    breaks, and a comma, semicolon or tab delimiter (whichever the header line uses)."""
+    header = text.split("\n", 1)[0]
+    delimiter = max((",", ";", "\t"), key=header.count)
+    rows = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    return [{(k or "").strip(): v for k, v in row.items()} for row in rows]
+
+
 def _rows(table: Path) -> list[dict]:
     """The rows of a .jsonl or .csv table as dicts (a bad line is named by its number)."""
-    try:
-        text = table.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {table}: {err}") from None
+    text = _decode(table)
     if table.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return _csv_rows(text)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -59,12 +83,20 @@ def read_table(table: Path) -> dict[str, str]:
         return {}
     column = _text_column(list(rows[0]), table)
     out: dict[str, str] = {}
+    first: dict[str, int] = {}
     for number, row in enumerate(rows, start=1):
         name = row.get("file_name")
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise UserError(f"{table}: row {number} has no file_name")
+        # A name is relative to the table's folder and stays inside it (the images are found there).
+        key = validate.relative_name(name.strip(), table.parent, f"row {number} file_name", str(table)).as_posix()
         value = row.get(column)
-        out[Path(name).as_posix()] = value if isinstance(value, str) else ""
+        value = value if isinstance(value, str) else ""
+        if key in out and " ".join(out[key].split()) != " ".join(value.split()):
+            raise UserError(f"{table}: {key} is listed twice with different captions (rows {first[key]} and "
+                            f"{number}); keep one row per image")
+        first.setdefault(key, number)
+        out[key] = value
     return out
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ditkit import counts
 from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
 from ditkit.data.store import (
     FORMAT,
@@ -38,6 +39,7 @@ from ditkit.data.store import (
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
 from ditkit.io import atomic_write
+from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import SD_VAE, Conditioning, LatentSpace, parts_to_dict
 
 
@@ -365,6 +367,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    counts.extract_flags(args)
+    refuse_overlap({"FOLDER": args.folder, "--vae": args.vae, "--text-encoder": args.text_encoder}, args.out,
+                   "--out", allow=("contains",))
     try:
         chosen = torch.device(args.device) if args.device is not None else None
     except RuntimeError:

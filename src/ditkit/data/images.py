@@ -33,13 +33,74 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted so that every run (and every rank) sees the same order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why an image-named entry cannot be used as an image file, or None: not a regular file (a FIFO, socket or
+    device would block or mislead the reader), a broken link, or a name that is not valid UTF-8."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename it"
+    if path.is_file():
+        return None
+    return "a broken link" if path.is_symlink() and not path.exists() else "not a regular file"
+
+
+def _walk_images(folder: Path, seen: set, skipped: list[str]) -> list[Path]:
+    """Image files under `folder`, recursively, sorted so that every run (and every rank) sees the same order.
+
+    Links to folders are followed, but every folder is read once (by device and inode, in `seen`): a link back
+    up the tree (a loop) or a second link to a folder already read is skipped and named in `skipped`, as are
+    image-named entries that are not usable files (`_file_problem`)."""
+    if _identity(folder) in seen:
+        skipped.append(f"{folder} (a link to a folder already read)")
+        return []
+    seen.add(_identity(folder))
+    found, stack = [], [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append(f"{current} ({err.strerror})")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if path.is_dir():
+                ident = _identity(path)
+                if ident is None or ident in seen:
+                    skipped.append(f"{path} (a link back to a folder already read)")
+                else:
+                    seen.add(ident)
+                    stack.append(path)
+            elif _is_image(entry.name):
+                problem = _file_problem(path)
+                if problem is None:
+                    found.append(path)
+                else:
+                    skipped.append(f"{path} ({problem})")
     return sorted(found)
+
+
+def _printable(text: str) -> str:
+    """`text` with the undecodable bytes of a non-UTF-8 file name shown as \\xNN (any stream can print it)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _report_skipped(root: Path, skipped: list[str]) -> None:
+    if skipped:
+        shown = _printable("; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+        print(f"ditkit: warning: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} in {root}: "
+              f"{shown}", file=sys.stderr)
 
 
 def find_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
@@ -55,9 +116,17 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
         raise UserError(f"data folder not found: {root}; pass --data-path with an image folder or a latent store")
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass --data-path with an image folder or a latent store")
-    top_images = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    skipped: list[str] = []
+    top = sorted(p for p in root.iterdir() if _is_image(p.name) and not p.is_dir())
+    top_images = [p for p in top if _file_problem(p) is None]
+    skipped += [f"{p} ({_file_problem(p)})" for p in top if _file_problem(p) is not None]
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_files = [(d, _walk_images(d)) for d in class_dirs]
+    for d in class_dirs:
+        if _file_problem(d) == "its name is not valid UTF-8; rename it":  # it would become a class name
+            raise UserError(f"class folder {_printable(str(d))} has a name that is not valid UTF-8; rename it")
+    seen = {_identity(root)}
+    class_files = [(d, _walk_images(d, seen, skipped)) for d in class_dirs]
+    _report_skipped(root, skipped)
     if not any(files for _, files in class_files):
         class_files = []  # stray empty sub-folders next to loose images: a flat folder
     if class_files and top_images:

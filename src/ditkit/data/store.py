@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.recipe import Conditioning, LatentSpace, parts_from_dict
 
@@ -90,6 +91,7 @@ def shard_problem(path: Path) -> str | None:
 def open_shard(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a shard as read-only numpy memory maps (pages are read only when touched)."""
     header, start = _read_header(path)
+    validate.shard_header(header, path.stat().st_size - start, str(path))  # shapes fit the bytes, before a map
     arrays = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -126,8 +128,10 @@ def read_manifest(store: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{store} is not a latent store (no {MANIFEST}); create one with ditkit extract") from None
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is unreadable ({err}); rerun ditkit extract to rewrite it") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a ditkit latent-store manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path} is not a ditkit latent-store manifest (format {found!r})")
+    validate.store_manifest(manifest, store, str(path))  # types, ranges, file names inside the store
     return manifest
 
 
@@ -146,6 +150,7 @@ class LatentStore(Dataset):
         self.seed, self.random_flip, self.resample = seed, random_flip, resample
         self.epoch = 0
         self.scale = float(self.manifest["scale"])
+        self.channel_norm: Any = None  # set by the trainer for --latent-norm (train/batches.with_channel_norm)
         self.shift = float(self.manifest.get("shift", 0.0))
         self.files = [self.root / s["file"] for s in self.manifest["shards"]]
         counts = [int(s["count"]) for s in self.manifest["shards"]]
@@ -230,6 +235,8 @@ class LatentStore(Dataset):
         if noise is not None:
             x.addcmul_(torch.from_numpy(std), noise)
         x.sub_(self.shift).mul_(self.scale)
+        if self.channel_norm is not None:  # --latent-norm: per-channel statistics (a LatentSpace with mean/std)
+            x = self.channel_norm.normalize(x)
         labels = self.labels[idx].tolist()
         return [(x[j], labels[j]) for j in range(n)]
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ditkit.data.digits import NUM_CLASSES, load_digits_split, resize_images
 from ditkit.errors import UserError
-from ditkit.io import cache_dir
+from ditkit.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 
 VERSION = "v2"  # bump when the architecture or the training recipe changes: old cache files are then ignored
@@ -156,7 +156,8 @@ _LOADED: dict[tuple[str, int], DigitsCNN] = {}
 
 def classifier_path(image_size: int, folder: Path | None = None) -> Path:
     """Cache file of the classifier for one image size."""
-    return (folder or cache_dir()) / f"digits-classifier-{VERSION}-s{image_size}.safetensors"
+    name = f"digits-classifier-{VERSION}-s{image_size}.safetensors"
+    return folder / name if folder is not None else cache_file(name)
 
 
 def get_digits_classifier(image_size: int, verbose: bool = True) -> DigitsCNN:

@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditkit.counts import MAX_BATCH, bounded
 from ditkit.errors import UserError
-from ditkit.io import cache_dir
+from ditkit.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.metrics.inception_score import inception_score
 from ditkit.metrics.precision_recall import precision_recall
+from ditkit.metrics.protocol_report import check_resolutions, print_report, report
 
 METRICS = ("inception", "digits")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -57,6 +59,7 @@ class ImageSet:
     count: int
     stats: dict[str, np.ndarray] = field(default_factory=dict)
     labels: np.ndarray | None = None
+    resolution: tuple[int, int] | None = None  # (H, W) of the images; None for statistics only
     _files: list[Path] = field(default_factory=list, repr=False)
     _npz_key: str | None = None
     _array: np.ndarray | None = field(default=None, repr=False)
@@ -163,16 +166,18 @@ def open_images(path: str | Path) -> ImageSet:
             raise UserError(f"no images in {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
         labels = _folder_labels(path, files)
         digest = hashlib.sha256("\n".join(_stat(p) for p in files).encode()).hexdigest()
-        return ImageSet(str(path), len(files), labels=labels, _files=files, _fingerprint=f"folder:{digest}")
+        return ImageSet(str(path), len(files), labels=labels, resolution=_image_size(files[0]), _files=files,
+                        _fingerprint=f"folder:{digest}")
     if path.suffix != ".npz":
         raise UserError(f"{path}: expected a folder of images or an ADM .npz file")
     try:
         with zipfile.ZipFile(path) as zf:
             keys = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
-            count = 0
+            count, resolution = 0, None
             if "arr_0" in keys:
                 f, shape, dtype, _ = _npz_member_header(zf, "arr_0")
                 f.close()
+                resolution = (int(shape[1]), int(shape[2])) if len(shape) >= 3 else None
                 if dtype != np.uint8:
                     raise UserError(f"{path}: arr_0 must be uint8 0..255 (ADM layout), got {dtype}")
                 count = int(shape[0])
@@ -191,6 +196,7 @@ def open_images(path: str | Path) -> ImageSet:
         count,
         stats=stats,
         labels=labels,
+        resolution=resolution,
         _npz_key="arr_0" if count else None,
         _fingerprint=f"npz:{_stat(path)}",
     )
@@ -215,7 +221,18 @@ def images_from_tensor(samples: torch.Tensor, source: str = "samples") -> ImageS
     arr = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).numpy()
     digest = hashlib.sha256(arr.tobytes()).hexdigest()
-    return ImageSet(source, len(arr), _array=arr, _fingerprint=f"array:{digest}")
+    return ImageSet(source, len(arr), resolution=arr.shape[1:3], _array=arr, _fingerprint=f"array:{digest}")
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of one image file, from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -265,7 +282,7 @@ def compute_activations(
 
 def _cache_path(images: ImageSet, network: Any) -> Path:
     key = json.dumps([CACHE_VERSION, images.fingerprint, getattr(network, "fingerprint", "")])
-    return cache_dir() / "reference-stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    return cache_file(f"reference-stats/{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
 
 
 def reference_features(
@@ -439,17 +456,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--results", metavar="PATH", default=None,
+                        help="write the results, protocol and reference as JSON here (default: beside SAMPLES, "
+                        "named SAMPLES.eval.json; 'none': do not write)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    bounded(args.batch_size, "--batch-size", 1, MAX_BATCH)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)
     except RuntimeError:
         raise UserError(f"--device: unknown device {device!r}; use cpu, cuda or cuda:N") from None
     samples = open_images(args.samples)
+    reference = None
     progress = not args.no_progress
     if args.metric == "digits":
         if args.reference is not None:
@@ -465,13 +487,20 @@ def run(args: argparse.Namespace) -> int:
                 "REFERENCE is missing: give a folder or ADM .npz to compare with, or use --metric digits"
             )
         reference = open_images(args.reference)
+        check_resolutions(samples, reference)  # before any feature is computed
         from ditkit.metrics.inception import load_inception
 
         network = load_inception(args.inception_weights, device)
         result = inception_metrics(
             samples, reference, network, args.batch_size, device, progress, use_cache=not args.no_cache
         )
-    result = {"samples": args.samples, "reference": args.reference, **result}
+    info = report(args.samples, samples, reference if args.metric != "digits" else None)
+    result = {"samples": args.samples, "reference": args.reference, **result, "protocol": info.get("protocol"),
+              "evaluation": {k: v for k, v in info.items() if k not in ("protocol", "protocol_lines")}}
+    _write_results(result, args)
+    for warning in info["warnings"]:
+        print(f"ditkit evaluate: warning: the protocol differs from preset {info['preset_compared']}'s in a way "
+              f"that moves FID: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -488,4 +517,21 @@ def run(args: argparse.Namespace) -> int:
         if key in result:
             value = result[key]
             print(f"{label}: {'n/a' if value is None else f'{value:.4f}'}")
+    print_report(info, sys.stdout)
     return 0
+
+
+def _write_results(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """The results as JSON (atomically): --results PATH, else beside the samples; a failed write is a note."""
+    from ditkit.io import atomic_write
+
+    if args.results == "none":
+        return
+    samples = Path(args.samples)
+    path = Path(args.results) if args.results else samples.parent / f"{samples.name.removesuffix('.npz')}.eval.json"
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    except (OSError, UserError) as err:
+        print(f"ditkit evaluate: note: results not written to {path}: {str(err)[:160]}", file=sys.stderr)
+        return
+    print(f"ditkit evaluate: results written to {path}", file=sys.stderr)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ditkit.errors import UserError
+from ditkit.validate import model_limits
 
 # The class-conditional blocks of the DiT paper's ablation, then PixArt-α's text block.
 CLASS_CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
@@ -23,6 +24,12 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (8, 4, 2)
+# The modern recipe's switches (LightningDiT; layers in models/knobs.py), each default the paper's DiT. Left out of
+# a stored config at their defaults, so every model without them stores exactly what it did before they existed.
+KNOB_DEFAULTS: dict[str, Any] = {"norm": "layernorm", "qk_norm": "none", "rope": False, "mlp": "gelu"}
+KNOB_CHOICES: dict[str, tuple[str, ...]] = {
+    "norm": ("layernorm", "rmsnorm"), "qk_norm": ("none", "rmsnorm", "layernorm"), "mlp": ("gelu", "swiglu"),
+}
 MODEL_NAMES: tuple[str, ...] = tuple(f"DiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
 
 
@@ -52,6 +59,13 @@ class DiTConfig:
     caption_channels: int = 4096
     max_tokens: int = 120
     interpolation_scale: float = 1.0
+    norm: str = "layernorm"
+    qk_norm: str = "none"
+    rope: bool = False
+    mlp: str = "gelu"
+    # A second timestep embedder (`r_embedder.*`) for the interval t − r of a MeanFlow model; left out of the
+    # stored config when off, so every other checkpoint stores (and loads strictly) what it did before.
+    interval_time: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +122,28 @@ class DiTConfig:
             raise UserError(f"model config: interpolation_scale must be positive, got {self.interpolation_scale}")
         if self.conditioning != "text" and float(self.interpolation_scale) != 1.0:
             raise UserError("model config: interpolation_scale applies to text models (conditioning text) only")
+        self._validate_knobs()
+        model_limits(self)  # upper bounds and the model's size, before anything is built from it
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        """The modern recipe's switches that differ from the paper's DiT (empty for the paper's models)."""
+        return {k: getattr(self, k) for k, v in KNOB_DEFAULTS.items() if getattr(self, k) != v}
+
+    def _validate_knobs(self) -> None:
+        for name, choices in KNOB_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(
+                    f"model config: unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}"
+                )
+        if not isinstance(self.rope, bool):
+            raise UserError(f"model config: rope must be true or false, got {self.rope!r}")
+        if self.knobs and self.conditioning not in ("adaln-zero", "adaln"):
+            raise UserError(f"model config: the layer switches ({', '.join(self.knobs)}) need an adaLN model, not "
+                            f"conditioning {self.conditioning}; drop them or use --conditioning adaln-zero")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise UserError(f"model config: rope needs a head width divisible by 4, got "
+                            f"{self.hidden_size // self.num_heads}; change hidden_size or num_heads")
 
     @property
     def is_text(self) -> bool:
@@ -118,6 +154,11 @@ class DiTConfig:
         if not self.is_text:
             for name in TEXT_FIELDS:
                 del data[name]
+        for name, default in KNOB_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        if not self.interval_time:
+            del data["interval_time"]
         return data
 
     @classmethod

@@ -19,11 +19,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ditkit.diffusion.guidance import cfg_halves
 from ditkit.errors import UserError
-from ditkit.models import kernels
+from ditkit.models import forward_mode, kernels
 from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from ditkit.models.kernels.attention import attention as measured_attention
 from ditkit.models.kernels.attention import select_backend
+from ditkit.models.knobs import apply_knobs, prepare_qk
 
 LN_EPS = 1e-6  # the official code's LayerNorm epsilon; diffusers' port must be told this value
 
@@ -63,7 +64,10 @@ class Attention(nn.Module):
         n, t, d3 = qkv.shape
         d = d3 // 3
         q, k, v = qkv.view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.backend == "default" or not q.is_cuda:
+        q, k = prepare_qk(self, q, k)  # QK-norm and RoPE where the config switches them on (models/knobs.py)
+        if forward_mode.active():  # a JVP pass (MeanFlow's target): SDPA's kernels have no forward-mode rule
+            out = forward_mode.math_attention(q, k, v)
+        elif self.backend == "default" or not q.is_cuda:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = measured_attention(q, k, v, self.backend)
@@ -92,7 +96,8 @@ def cross_attend(q_proj: nn.Module, kv_proj: nn.Module, out_proj: nn.Module, num
     h = num_heads
     q = q_proj(x).view(n, t, h, d // h).transpose(1, 2)
     k, v = kv_proj(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    attend = forward_mode.math_attention if forward_mode.active() else F.scaled_dot_product_attention
+    out = attend(q, k, v, mask)
     return out_proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -128,6 +133,9 @@ class DiTBlock(nn.Module):
     as the identity. adaLN (`gated=False`): shift and scale only (4·D values).
     """
 
+    fused_ok = True  # False when models/knobs.py swapped in a layer the fused kernels do not cover (RMSNorm)
+    fp8_ok = True  # False with any knob on: the FP8 row path assumes LayerNorm and the GELU MLP
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True):
         super().__init__()
         self.gated = gated
@@ -138,9 +146,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.gated and kernels.use_fp8_rows(x, self.mlp.fc2):
+        if self.gated and self.fp8_ok and kernels.use_fp8_rows(x, self.mlp.fc2):
             return self._forward_fp8(x, c)
-        if self.gated and kernels.use_fused(x):
+        if self.gated and self.fused_ok and kernels.use_fused(x):
             return self._forward_fused(x, c)
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -203,6 +211,8 @@ class PlainBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Final norm (adaptive for the adaLN variants, plain otherwise) and per-token linear decoder to p·p·C_out."""
 
+    fused_ok = True  # False when the norm is RMSNorm (models/knobs.py)
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
         super().__init__()
         self.adaptive = adaptive
@@ -214,7 +224,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if self.adaptive:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            if kernels.use_fused(x):
+            if self.fused_ok and kernels.use_fused(x):
                 return self.linear(kernels.ln_modulate(x, shift, scale, LN_EPS))
             return self.linear(modulate(self.norm_final(x), shift, scale))
         return self.linear(self.norm_final(x))
@@ -234,6 +244,17 @@ class TokenGrid:
         self.grad_checkpointing = False
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
         self.t_embedder = TimestepEmbedder(config.hidden_size)
+        # MeanFlow models (config.interval_time): a second embedder of the interval t − r, added to t's.
+        self.r_embedder = TimestepEmbedder(config.hidden_size) if config.interval_time else None
+
+    def _time_embedding(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """t's embedding, plus the embedding of t − r on a model with an interval input (r None: r = t)."""
+        emb = self.t_embedder(t)
+        if self.r_embedder is not None:
+            return emb + self.r_embedder(t - r if r is not None else torch.zeros_like(t))
+        if r is not None:
+            raise UserError("this model has no second time input r; it was not trained with --objective meanflow")
+        return emb
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
@@ -246,9 +267,13 @@ class TokenGrid:
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
+    block_cache: Any = None  # sampling only: a `ditkit.sample.cache.StackCache` for one batch, set by `caching`
+
     def _run_block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
+        if self.block_cache is not None:
+            return self.block_cache.run(block, args)
         return block(*args)
 
 
@@ -277,6 +302,7 @@ class DiT(TokenGrid, nn.Module):
             blocks = [PlainBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(d, config.patch_size, self.out_channels, adaptive=kind.startswith("adaln"))
+        apply_knobs(self, config)  # RMSNorm, QK-norm, RoPE, SwiGLU where switched on (nothing otherwise)
         if not self.pos_embed.is_meta:  # built on the meta device, it takes a file's tensors (build_checked)
             self.initialize_weights()
 
@@ -298,6 +324,9 @@ class DiT(TokenGrid, nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.r_embedder is not None:
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             if isinstance(block, DiTBlock):
                 # Zero modulation: adaLN-Zero blocks start as the identity (gate 0); adaLN blocks start
@@ -327,21 +356,27 @@ class DiT(TokenGrid, nn.Module):
         return choice
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict ε (and the variance values) for noisy input x at timesteps t with labels y.
 
         In training mode labels are dropped to the null label at random (`class_dropout_prob`), unless
         `force_drop_ids` (N, 1 = drop) fixes the choice, as the training loop does to stay reproducible.
+        `r` (N): the interval's start for a MeanFlow model (`config.interval_time`), which sees t and t − r.
         """
         tokens = self.x_embedder(x) + self.pos_embed
-        t_emb = self.t_embedder(t)
+        t_emb = self._time_embedding(t, r)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)
         kind = self.config.conditioning
         if kind in ("adaln-zero", "adaln"):
             c = t_emb + y_emb
-            for block in self.blocks:
-                tokens = self._run_block(block, tokens, c)
+            path = getattr(self, "training_path", None)  # REPA's tap / TREAD's routing (models/routing.py)
+            if path is not None and self.training:
+                tokens = path.run(self, tokens, c)
+            else:
+                for block in self.blocks:
+                    tokens = self._run_block(block, tokens, c)
             out = self.final_layer(tokens, c)
         elif kind == "cross-attention":
             context = torch.stack([t_emb, y_emb], dim=1)

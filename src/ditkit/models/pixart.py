@@ -178,6 +178,9 @@ class PixArtDiT(TokenGrid, nn.Module):
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1,
                        self.y_embedder.y_proj.fc2):
             nn.init.normal_(linear.weight, std=0.02)
+        if self.r_embedder is not None:  # MeanFlow's interval embedder, initialised as the timestep's
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
         nn.init.zeros_(self.t_block[1].weight)
         nn.init.zeros_(self.t_block[1].bias)
         for block in self.blocks:
@@ -200,8 +203,10 @@ class PixArtDiT(TokenGrid, nn.Module):
         y: torch.Tensor,
         mask: torch.Tensor | None = None,
         force_drop_ids: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict ε (and the variance values) for noisy x at timesteps t given caption features y.
+        """Predict ε (and the variance values) for noisy x at timesteps t given caption features y (and the
+        interval's start r for a MeanFlow model, see `DiT.forward`).
 
         In training mode captions are dropped to the null caption at random (`class_dropout_prob`), unless
         `force_drop_ids` (N, 1 = drop) fixes the choice; a dropped caption keeps its mask (as PixArt-α).
@@ -214,7 +219,7 @@ class PixArtDiT(TokenGrid, nn.Module):
                 f"captions must be N×L×{self.config.caption_channels} for N={n}, got {tuple(y.shape)}"
             )
         tokens = self.x_embedder(x) + self.pos_embed
-        t_emb = self.t_embedder(t)
+        t_emb = self._time_embedding(t, r)
         t0 = self.t_block(t_emb)
         context = self.y_embedder(y, self.training, force_drop_ids)
         attn_mask = attention_mask(mask, n, y.shape[1], x.device)

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 
+from ditkit import counts
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
+from ditkit.path_guard import refuse_overlap
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.options import SampleOptions, add_arguments
 from ditkit.sample.pipeline import load_for_sampling
+from ditkit.sample.presets import apply_preset, describe_preset
 from ditkit.sample.prompts import run_prompts
 
 __all__ = ["OFFICIAL_LABELS", "add_arguments", "run"]  # the verb: its flags (from SampleOptions) and its run
@@ -58,7 +61,13 @@ def run(args: argparse.Namespace | SampleOptions) -> int:
 
     info = distributed.env_info()
     device = _device(args.device) if args.device else info.device
+    if info.is_main and args.preset:
+        print(describe_preset(args.preset, apply_preset(args)))
+    else:
+        apply_preset(args)
     out = Path(args.out)
+    counts.sample_flags(args)  # counts bounded before anything is read or allocated
+    refuse_overlap({"--ckpt": args.ckpt, "--vae": args.vae}, out, "--out", allow=("contains", "is inside"))
     if args.num_samples is None:
         sampler = load_for_sampling(args, device)
         with FolderLock(out, "ditkit sample", "--out"):  # one writer; a read-only --out is named before sampling
@@ -89,6 +98,7 @@ def run(args: argparse.Namespace | SampleOptions) -> int:
             return 0
         if info.is_main:
             lock = FolderLock(out, "ditkit sample", "--out")
+            counts.sample_space(args.num_samples, sampler.recipe.image_size, out)
             print(sampler.describe())
         if info.is_main and args.class_labels:
             print("note: --class-labels is ignored with --num-samples (labels are uniform over the classes)")

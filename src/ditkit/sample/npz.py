@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditkit import validate
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, commit_temporary, discard_temporary, new_temporary
 from ditkit.sample.pipeline import SamplingPipeline
+from ditkit.sample.protocol import protocol as sample_protocol
 from ditkit.seeding import generator
 
 
@@ -139,7 +141,8 @@ def sample_npz(
     from ditkit import distributed
 
     num_shards = math.ceil(num_samples / batch_size)
-    _check_settings(out, {**sampler.settings(), "seed": seed, "batch_size": batch_size}, write=rank == 0)
+    _check_settings(out, {**sampler.settings(), "seed": seed, "batch_size": batch_size}, write=rank == 0,
+                    protocol=sample_protocol(sampler, num_samples, seed))
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not _shard_done(shard_path(out, k), _shard_size(k, num_samples, batch_size))]
     if rank == 0:
@@ -218,15 +221,20 @@ def _remove_leftovers(out: Path, keep: str | None = None) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _check_settings(out: Path, settings: dict[str, Any], write: bool) -> None:
-    """Refuse to resume into OUT when its shards were made with other settings; record them on first use."""
+def _check_settings(out: Path, settings: dict[str, Any], write: bool, protocol: dict[str, Any] | None = None) -> None:
+    """Refuse to resume into OUT when its shards were made with other settings; record them on first use, with
+    the `protocol` (informational, not compared: rewritten when it changes, e.g. a run extended to more samples)."""
     path = out / "settings.json"
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+    record = {**settings, **({"protocol": json.loads(json.dumps(protocol))} if protocol is not None else {})}
     if path.exists():
         try:
-            stored = json.loads(path.read_text())
+            stored = validate.settings_json(json.loads(path.read_text()), str(path))
         except (OSError, json.JSONDecodeError):
             stored = None
+        stored_protocol = stored.pop("protocol", None) if isinstance(stored, dict) else None
+        if stored == settings and write and protocol is not None and stored_protocol != record["protocol"]:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
         if stored != settings:
             changed = sorted(k for k in settings if not isinstance(stored, dict) or stored.get(k) != settings[k])
             raise UserError(
@@ -234,7 +242,7 @@ def _check_settings(out: Path, settings: dict[str, Any], write: bool) -> None:
                 "use another --out, or delete it to start over"
             )
     elif write:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
 
 def _shard_size(k: int, num_samples: int, batch_size: int) -> int:

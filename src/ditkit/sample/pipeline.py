@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,17 @@ from typing import Any
 
 import torch
 
+from ditkit import flag_checks
 from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
 from ditkit.models.precision import Precision, prepare_fp8
-from ditkit.objectives import Objective, objective_for
+from ditkit.objectives import Objective, entry_for, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
-from ditkit.sample.options import SampleOptions
+from ditkit.sample import presets
+from ditkit.sample.cache import caching
+from ditkit.sample.cache import parse as parse_cache
+from ditkit.sample.options import DEFAULT_CFG, TRAINING_TIMESTEPS, SampleOptions
 
 DEFAULT_STEPS = default_steps()  # the diffusion samplers' (kept for callers of ditkit.sample.DEFAULT_STEPS)
 VAE_DOWNSAMPLE = 8  # SD-VAE: 256×256 pixels ↔ 32×32 latents
@@ -61,6 +66,9 @@ class SamplingPipeline:
         return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: str | None = None  # --cache: feature caching (ditkit.sample.cache); None = every block every step
+    preset: str | None = None  # --preset: the paper protocol these settings came from (ditkit.sample.presets)
+    preset_overrides: tuple[str, ...] = ()  # the preset's flags given other values
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -77,6 +85,8 @@ class SamplingPipeline:
         cost = f"{nfe} model evaluations per image" if nfe else "adaptive steps (atol 1e-6, rtol 1e-3)"
         steps = "" if self.sampler == "dopri5" else f" {self.num_steps} steps"
         shift = f", time shift {self.time_shift:g}" if self.time_shift != 1.0 else ""
+        if self.cache:
+            cost += f", cache {self.cache}"
         return f"{self.model.config.name}, {self.recipe.process.kind} {self.sampler}{steps}{shift}, {guidance}: {cost}"
 
     def settings(self) -> dict[str, Any]:
@@ -98,6 +108,7 @@ class SamplingPipeline:
             "precision": self.precision,
             "time_shift": self.time_shift,
             "recipe": self.recipe.to_dict(),
+            **({"cache": self.cache} if self.cache else {}),  # only when on: older folders keep resuming
         }
 
     def denoiser(self):
@@ -124,7 +135,8 @@ class SamplingPipeline:
         if choose is not None:  # measured once per shape (then cached), outside the model's forward
             rows = len(labels) * (2 if self.cfg_scale != 1.0 else 1)
             choose(rows, precision.compute_dtype, self.device, training=False)
-        with precision.autocast():  # fp8: the FP8 block linears inside bf16 autocast
+        # fp8: the FP8 block linears inside bf16 autocast; a fresh cache state for each batch
+        with precision.autocast(), caching(self.model, parse_cache(self.cache)):
             x = self.objective.sample(
                 self.denoiser(),
                 noise,
@@ -143,6 +155,7 @@ class SamplingPipeline:
             # On a GPU the VAE's weights are bf16 already (load_for_sampling): no autocast, whose fp32
             # GroupNorms cost a fifth more; a CPU run in bf16 keeps fp32 weights under autocast.
             bf16_weights = getattr(self.vae, "dtype", None) == torch.bfloat16
+            x = self.recipe.latents.denormalize(x) if self.recipe is not None else x  # channel statistics
             with precision.autocast() if not bf16_weights else contextlib.nullcontext():
                 x = self.vae.decode(x).float()
         # The official sample_ddp.py's conversion: 127.5·x + 128, clamped, truncated. To uint8 and NHWC on the
@@ -191,6 +204,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     vae_dtype = Precision.resolve(args.precision, device).inference_dtype
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
+    presets.check_checkpoint(getattr(args, "preset", None), found, getattr(args, "objective", None))
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
     # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
@@ -209,18 +223,29 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         weight = found.state_dict.get("x_embedder.proj.weight")  # pixel models need not have 4 channels
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
+    flag_checks.conditioning_flags(args, model.config.is_text)  # a flag the model cannot use is refused
+    presets.check_image_size(getattr(args, "preset", None), model.config.input_size * factor)
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
-    recipe = recipe.replace(latents=_latent_space(vae))
+    stats = {"mean": recipe.latents.mean, "std": recipe.latents.std}  # of the model's training latents: kept
+    recipe = recipe.replace(latents=dataclasses.replace(_latent_space(vae), **stats) if vae is not None else
+                            _latent_space(vae))
     objective = objective_for(recipe)
-    time_shift = float(args.time_shift)
+    flag_checks.guidance_interval(args.guidance_interval, objective.kind,
+                                  getattr(recipe.process, "diffusion_steps", TRAINING_TIMESTEPS))
+    # The recipe's sampling defaults (`Recipe.sampling`) where the flag is not given; a flag wins.
+    flag_shift = getattr(args, "time_shift", None)
+    time_shift = recipe.sampling.time_shift if flag_shift is None else float(flag_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
+    flag_checks.sampler_flags(args, sampler)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
-    cfg = float(args.cfg_scale)
+    # MeanFlow folds its guidance into training: unguided sampling unless asked.
+    folds = entry_for(objective.kind).folds_guidance  # MeanFlow trains its guidance in: unguided unless asked
+    cfg = float(args.cfg_scale) if args.cfg_scale is not None else (1.0 if folds else DEFAULT_CFG)
     if cfg != 1.0 and not model.config.is_text and \
             model.y_embedder.embedding_table.num_embeddings <= model.config.num_classes:
         raise UserError("this model was trained without label dropout, so it has no null label; use --cfg-scale 1")
@@ -228,10 +253,17 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     return SamplingPipeline(
         model=model, vae=vae, sampler=sampler, num_steps=num_steps, cfg_scale=cfg,
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
-        interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        interval=tuple(args.guidance_interval) if args.guidance_interval else recipe.sampling.guidance_interval,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
-        time_shift=time_shift,
+        time_shift=time_shift, cache=_cache_name(args), preset=getattr(args, "preset", None),
+        preset_overrides=tuple(getattr(args, "preset_overrides", ())),
     )
+
+
+def _cache_name(args: argparse.Namespace) -> str | None:
+    """--cache as the setting it stands for ("fast" → its measured choice); None for off."""
+    setting = parse_cache(getattr(args, "cache", None))
+    return None if setting is None else setting.name
 
 
 def _with_objective(recipe: Recipe, objective: str | None, stored: bool) -> Recipe:

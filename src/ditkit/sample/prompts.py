@@ -127,6 +127,13 @@ def prompt_npz(sampler: SamplingPipeline, encoder: Any, prompts: list[str], num_
 
     atomic_write(path, write)
     atomic_write(path.with_suffix(".prompts.json"), lambda tmp: Path(tmp).write_text(json.dumps(prompts, indent=1)))
+    # The protocol beside the samples, as `--num-samples` writes it for class models (`ditkit evaluate` prints it).
+    from ditkit.sample.protocol import protocol
+
+    labels = f"prompt i mod {len(prompts)} for sample i ({path.with_suffix('.prompts.json').name})"
+    record = {**sampler.settings(), "seed": seed, "batch_size": batch_size,
+              "protocol": protocol(sampler, num_samples, seed, labels=labels)}
+    atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
     return path
 
 

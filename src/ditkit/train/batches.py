@@ -3,6 +3,7 @@ each rank's share of each global batch, a seeded per-epoch permutation (so a res
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
     data = open_training_data(path, opts.image_size, opts.vae, seed,  # None: the store's own size
                               exif_transpose=opts.exif_transpose)
     store = hasattr(data.dataset, "manifest")
+    if opts.latent_norm:
+        data = with_channel_norm(data, opts.data_path)
     check_patch(opts, opts.image_size or (256 if not store else data.input_size), data.input_size, store)
     labels = getattr(data, "labels", None)
     dataset, captions = data.dataset, None
@@ -71,6 +74,21 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         captions,
         data.latents,
     )
+
+
+def with_channel_norm(data: Any, where: str) -> Any:
+    """The data with each latent channel normalised by its store's statistics (the manifest's channel_mean and
+    channel_std, of the scaled posterior means; LightningDiT's latent_norm), recorded in its latent space."""
+    manifest = getattr(data.dataset, "manifest", None)
+    if manifest is None or "channel_mean" not in manifest:
+        raise UserError(f"--latent-norm needs a latent store (its manifest holds the channel statistics); {where} "
+                        "is not one: run ditkit extract first, or drop --latent-norm")
+    mean, std = tuple(manifest["channel_mean"]), tuple(manifest["channel_std"])
+    if min(std) <= 0:
+        raise UserError(f"--latent-norm: a latent channel of {where} has std 0 (constant); drop --latent-norm")
+    latents = dataclasses.replace(data.latents, mean=mean, std=std)
+    data.dataset.channel_norm = latents
+    return dataclasses.replace(data, latents=latents)
 
 
 def check_patch(opts: TrainOptions, image_size: int, input_size: int, latent_store: bool) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,11 +107,13 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints (0 keeps all)."""
+def prune_checkpoints(folder: str | os.PathLike, keep_last: int, keep: Iterable[Path] = ()) -> None:
+    """Keep the newest `keep_last` checkpoints (0 keeps all), and those in `keep` (the last good one)."""
     if keep_last > 0:
+        kept = {Path(p) for p in keep}
         for p in list_checkpoints(folder)[:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+            if p not in kept:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 class IncompleteCheckpoint(UserError):

@@ -25,12 +25,14 @@ from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
 from ditkit.fast import compile_blocks
+from ditkit.flag_checks import resumed_lr
 from ditkit.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import entry_for, objective_for
+from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import Conditioning, Recipe
 from ditkit.seeding import generator as seeded
 from ditkit.train.batches import GlobalBatches, TrainData, open_data
@@ -46,9 +48,12 @@ from ditkit.train.checkpoint import (
     remove_stale_temporaries,
     save_training_checkpoint,
 )
+from ditkit.train.health import GoodCheckpoints, all_finite, nonfinite_advice, supersede_newer
 from ditkit.train.logging import RunLogger, progress_bar
-from ditkit.train.options import TrainOptions, process_of, validate
+from ditkit.train.methods import method_hooks
+from ditkit.train.options import TrainOptions, model_knobs, process_of, sampling_of, validate
 from ditkit.train.step import TrainStep
+from ditkit.validate import mapping
 
 
 @dataclass
@@ -99,6 +104,7 @@ def _check_results_dir(results: Path, run_config: dict[str, Any], resuming: bool
             old = json.loads(stored.read_text())
         except json.JSONDecodeError:
             raise UserError(f"{stored} is not valid JSON; choose another --results-dir") from None
+        mapping(old, "the run config", str(stored))  # a list or string there would end in a TypeError
         for key, value in run_config.items():
             if key in _LATER_KEYS and key not in old:
                 continue
@@ -190,9 +196,12 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     precision = _set_precision(opts, info.device)
     data = open_data(opts, opts.global_seed)
     config = _model_config(opts, data)
-    recipe = build_recipe(opts, config, data)  # built once; everything below reads it
+    hooks = method_hooks(opts, config, data, info.device)  # REPA / TREAD (train/methods.py)
+    recipe = build_recipe(opts, config, data).replace(training=hooks.methods)  # built once; read below
     results = Path(opts.results_dir) if opts.results_dir else _default_results_dir(opts, config)
     run_config = _run_config(opts, config, data)
+    if opts.data_path != "digits":  # checkpoints and grids written into the images would be read back as data
+        refuse_overlap({"--data-path": opts.data_path}, results, "--results-dir", allow=("contains",))
     if info.is_main:
         held.enter_context(FolderLock(results, "ditkit train", "--results-dir"))  # one writer per folder
         _check_results_dir(results, run_config, resuming=opts.resume is not None)
@@ -200,7 +209,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     dist_utils.barrier()
 
     torch.manual_seed(opts.global_seed)
-    model, ema = _new_models(config, opts.grad_checkpointing)
+    model, ema = _new_models(config, opts.grad_checkpointing, hooks.attach)
     notes: list[str] = []  # incomplete checkpoints passed over, logged once the log is open
     ckpt = _resume(opts, results / "checkpoints", model, notes)
     resume_from = ckpt.path if ckpt is not None else None
@@ -214,18 +223,23 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, held: ExitStack, stop:
     opt = _optimizer(model, opts, info.device)  # after sharding: FSDP2 replaces the parameters by DTensors
     if ckpt is not None:
         load_optimizer_state(model, opt, ckpt.state)  # moves the state to the parameters' device (and shards)
+        notes.extend(filter(None, [resumed_lr(opt, opts.lr)]))  # the checkpoint's rate would win silently
+        if opts.resume != "auto" and info.is_main:  # an earlier checkpoint: later ones must not be resumed again
+            ckpt_dir = results / "checkpoints"
+            notes.extend(filter(None, [supersede_newer(ckpt_dir, ckpt.step, list_checkpoints(ckpt_dir))]))
         if "torch_rng" in ckpt.state:
             torch.set_rng_state(ckpt.state["torch_rng"])
     step_fn = TrainStep(
         model, forward, ema, opt, objective_for(recipe).training, device=info.device, precision=precision,
         global_batch=opts.global_batch_size, rank=info.rank, world=info.world_size, accum=opts.grad_accum_steps,
         seed=opts.global_seed, ema_decay=opts.ema_decay, grad_clip=opts.grad_clip,
-        class_dropout_prob=config.class_dropout_prob,
+        class_dropout_prob=config.class_dropout_prob, methods=hooks,
     )
     writer = RunLogger(results, opts, run_config, info.is_main)
     held.callback(writer.close)  # also when the run ends by an error: no log file or TensorBoard thread left open
     run = Run(opts, info, data, recipe, results, model, ema, opt, step_fn, fsdp, precision, writer,
-              step=ckpt.step if ckpt else 0, last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1)
+              step=ckpt.step if ckpt else 0, last_ckpt=resume_from, saved_step=ckpt.step if ckpt else -1,
+              good=GoodCheckpoints(resume_from))
     del ckpt
     run.announce(resume_from, notes)
     stopped_by = run.train_until_done(stop)
@@ -265,17 +279,21 @@ def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
             "class_dropout_prob": opts.class_dropout_prob,
             "conditioning": opts.conditioning,
             **_text_overrides(data, opts),
+            **model_knobs(opts),
+            **(entry_for(opts.objective).model_config or {}),  # e.g. MeanFlow's interval embedder
             **opts.model_overrides,
         },
     )
 
 
-def _new_models(config: DiTConfig, grad_checkpointing: bool) -> tuple[DiT, DiT]:
-    """The model (seeded by the caller) and its EMA copy, which holds no gradients."""
-    model = build_model(config)
+def _new_models(config: DiTConfig, grad_checkpointing: bool, attach: Any = None) -> tuple[DiT, DiT]:
+    """The model (seeded by the caller) and its EMA copy, which holds no gradients. `attach` adds the training
+    methods' parts (REPA's projector) to both."""
+    attach = attach or (lambda net: net)
+    model = attach(build_model(config))
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = build_model(config)
+    ema = attach(build_model(config))
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -350,6 +368,7 @@ class Run:
     saved_step: int = -1  # known on every rank (last_ckpt only on rank 0)
     skipped: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    good: GoodCheckpoints = field(default_factory=GoodCheckpoints)  # which checkpoint the NaN advice names
 
     def __post_init__(self) -> None:
         device = self.info.device
@@ -440,11 +459,16 @@ class Run:
             raise UserError(f"label {int(y.max())} out of range for --num-classes {num_classes}")
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        targets = None
+        if self.step_fn.methods is not None:  # REPA's encoder sees the images, before any VAE
+            with Precision(self.precision, device.type).autocast():
+                targets = self.step_fn.methods.targets(x, self.recipe.model.grid_size)
         if self.data.encoder is not None:
             with torch.no_grad():
                 x = self.data.encoder(x)
         log_now = (self.step + 1) % opts.log_every == 0
-        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask)
+        out = self.step_fn(x, y, self.step, want_grad_norm=log_now, skip_nonfinite=opts.skip_nonfinite, mask=mask,
+                           targets=targets)
         if not out.stepped:
             self.skipped += 1
             if self.info.is_main:
@@ -454,7 +478,7 @@ class Run:
             self.first_bad = torch.where((self.first_bad < 0) & ~out.finite, self.step + 1, self.first_bad)
         self.step += 1
         if self.check_each_step:
-            _raise_if_nonfinite(self.first_bad, self.last_ckpt)
+            self.raise_if_nonfinite()
         self.sums += out.terms
         self.window += 1
         if self.bar is not None:
@@ -464,7 +488,7 @@ class Run:
 
     def log(self, grad_norm: torch.Tensor | None, epoch: int) -> None:
         """Means over the logging window (all ranks), into metrics.jsonl / TensorBoard and the progress bar."""
-        _raise_if_nonfinite(self.first_bad, self.last_ckpt)
+        self.raise_if_nonfinite()
         avg = dist_utils.all_reduce_mean(self.sums / self.window).tolist()
         elapsed = time.perf_counter() - self.t_window
         record = {
@@ -480,6 +504,7 @@ class Run:
         if self.info.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
         self.losses.append((self.step, avg[0]))
+        self.good.logged(self.step, avg[0])
         if self.info.is_main:
             self.writer.metrics(record)
             if self.bar is not None:
@@ -510,13 +535,21 @@ class Run:
         if not self.info.is_main:
             return module
         plain = build_model(self.recipe.model)
+        if self.step_fn.methods is not None:
+            self.step_fn.methods.attach(plain)  # REPA's projector is in the weights
         plain.load_state_dict(weights)
         return plain.to(self.info.device)
+
+    def raise_if_nonfinite(self) -> None:
+        """After a NaN/Inf loss or gradient: stop, naming the last good checkpoint (train/health.py's rule)."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise nonfinite_advice(bad, self.good.last_good, self.opt.param_groups[0]["lr"], self.results)
 
     def save(self) -> Path | None:
         """Checkpoint the current step: gathered to full state dicts (collectives under FSDP: every rank takes
         part), written by rank 0 with the run's recipe."""
-        _raise_if_nonfinite(self.first_bad, self.last_ckpt)
+        self.raise_if_nonfinite()
         at_step = self.saved_step = self.step
         weights, ema_weights = gather_model_state(self.model), gather_model_state(self.ema)
         optimizer = gather_optimizer_state(self.model, self.opt)
@@ -535,7 +568,8 @@ class Run:
             ckpt_dir = self.results / "checkpoints"
             self.last_ckpt = save_training_checkpoint(ckpt_dir, at_step, weights, ema_weights, state,
                                                       json.dumps(self.recipe.model.to_dict()), self.recipe.to_json())
-            prune_checkpoints(ckpt_dir, self.opts.keep_last)
+            self.good.saved(at_step, self.last_ckpt, all_finite(weights, ema_weights, optimizer))
+            prune_checkpoints(ckpt_dir, self.opts.keep_last, keep=self.good.protected())
             self.writer.line(f"step {at_step}: checkpoint {self.last_ckpt}")
         dist_utils.barrier()
         return self.last_ckpt
@@ -559,16 +593,6 @@ class Run:
                            stopped_by_signal=stopped_by is not None, recipe=self.recipe)
 
 
-def _raise_if_nonfinite(first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
-    bad = int(first_bad)
-    if bad >= 0:
-        keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-        raise UserError(
-            f"the loss or gradient became NaN/Inf at step {bad}; training stopped and {keep}. Resume from it with "
-            "a lower --lr, --grad-clip 1.0, or --skip-nonfinite"
-        )
-
-
 def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Recipe:
     """The run's recipe, from the flags (model, process) and the data (its latent space and label map)."""
     if config.is_text:
@@ -582,6 +606,7 @@ def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Reci
         process=process_of(opts),
         latents=data.latents,
         conditioning=conditioning,
+        sampling=sampling_of(opts),
     )
 
 
@@ -595,6 +620,16 @@ def check_resumed_recipe(stored_json: str | None, recipe: Recipe, path: Path | N
             f"{path} was trained with process {stored.to_dict()['process']} but this run asks for "
             f"{recipe.to_dict()['process']}; pass the same flags (e.g. --noise-schedule) or another --results-dir"
         )
+    for what, old, new in (("model switches", stored.model.knobs, recipe.model.knobs),
+                           ("sampling defaults", stored.sampling, recipe.sampling),
+                           ("latent channel means", stored.latents.mean, recipe.latents.mean)):
+        if old != new:
+            raise UserError(f"{path} was trained with {what} {old} but this run asks for {new}; pass the same flags "
+                            "(--norm, --qk-norm, --rope, --mlp, --sample-*, --latent-norm) or another --results-dir")
+    if stored.training != recipe.training:  # REPA / TREAD settings (recipe.training)
+        raise UserError(f"{path} was trained with {stored.training.to_dict()} but this run asks for "
+                        f"{recipe.training.to_dict()}; pass the same --repa-* / --tread-* flags or another "
+                        "--results-dir")
 
 
 def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str):
@@ -607,12 +642,16 @@ def _ema_sampler(ema: DiT, recipe: Recipe, device: torch.device, precision: str)
         from ditkit.autoencoder import load_vae
 
         vae = load_vae(recipe.latents.vae, device=device)
-    # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, ...).
-    sampler, steps = entry_for(recipe.process.kind).preview
-    return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps,
-                   cfg_scale=4.0 if recipe.model.num_classes > 1 else 1.0, guide_channels="all", device=device,
-                   precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
-                   recipe=recipe)
+    # About 20 model evaluations: the objective's preview sampler (DPM-Solver++ 20 steps, Heun 10 steps, MeanFlow
+    # 2 steps); an objective that trains its guidance in (MeanFlow) is sampled unguided.
+    entry = entry_for(recipe.process.kind)
+    sampler, steps = entry.preview
+    guided = recipe.model.num_classes > 1 and not entry.folds_guidance
+    return SamplingPipeline(model=ema, vae=vae, sampler=sampler, num_steps=steps, cfg_scale=4.0 if guided else 1.0,
+                            guide_channels="all", device=device,
+                            precision=Precision(precision).without_fp8().name,  # the EMA copy has no FP8 linears
+                            recipe=recipe, time_shift=recipe.sampling.time_shift,
+                            interval=recipe.sampling.guidance_interval)
 
 
 def _sample_grid(ema: DiT, recipe: Recipe, folder: Path, device: torch.device, precision: str) -> None:

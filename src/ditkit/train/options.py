@@ -7,12 +7,13 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from ditkit import counts
 from ditkit import distributed as dist_utils
 from ditkit.errors import UserError
-from ditkit.models.config import CONDITIONINGS, MODEL_NAMES
+from ditkit.models.config import CONDITIONINGS, KNOB_CHOICES, KNOB_DEFAULTS, MODEL_NAMES
 from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, process_from_flags
-from ditkit.recipe import DiffusionProcess, FlowProcess
+from ditkit.recipe import DiffusionProcess, FlowProcess, SamplingDefaults
 from ditkit.seeding import MAX_SEED
 
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
@@ -59,9 +60,29 @@ class TrainOptions:
     t_sampling: str | None = None  # flow: uniform (default, SiT) | lognormal (SD3, LightningDiT)
     train_eps: float | None = None  # flow: SiT's defaults when unset
     sample_eps: float | None = None
+    meanflow: str | None = None  # meanflow: "KEY=VALUE,..." of recipe.MeanFlowProcess (default: the paper's)
     skip_nonfinite: bool = False
+    repa_encoder: str | None = None  # REPA (train/methods.py): the frozen encoder; None = off
+    repa_depth: int = 8
+    repa_coeff: float = 0.5
+    repa_projector_dim: int = 2048
+    tread_rate: float = 0.0  # TREAD: the fraction of tokens routed (0 = off; the paper's 0.5)
+    tread_start: int = 2
+    tread_end: int | None = None  # default: depth − 4 (TREAD's guideline)
     exif_transpose: bool = False  # image folders: apply the EXIF orientation tag (the authors' code does not)
     progress: bool = True
+    # The modern recipe (LightningDiT; docs/lightningdit.md): model switches, flow training terms, sampling defaults.
+    norm: str = "layernorm"
+    qk_norm: str = "none"
+    rope: bool = False
+    mlp: str = "gelu"
+    preset_model: str | None = None  # "lightningdit": RMSNorm + RoPE + SwiGLU (its released XL/1's switches)
+    t_mean: float | None = None  # flow, lognormal t: sigmoid(N(t_mean, t_std²)); default 0, 1
+    t_std: float | None = None
+    loss_cosine_weight: float | None = None  # flow, velocity: weight of the velocity-direction term (default 0)
+    sample_time_shift: float | None = None  # recorded sampling default (flow): SD3-convention timestep shift
+    sample_guidance_interval: tuple[float, float] | None = None  # recorded sampling default: guide only here
+    latent_norm: bool = False  # latent stores: normalise each channel by the store's mean/std (recorded)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. depth/hidden_size for small demos
 
 
@@ -109,9 +130,14 @@ def validate(opts: TrainOptions, world_size: int) -> None:
         raise UserError(f"--eval-samples must be at least 2, got {opts.eval_samples}")
     if opts.eval_every and opts.data_path != "digits":
         raise UserError("--eval-every scores digits samples; for image data sample an .npz and run ditkit evaluate")
+    if opts.latent_norm and opts.data_path == "digits":
+        raise UserError("--latent-norm needs a latent store (its manifest holds the channel statistics); digits "
+                        "are pixels: drop --latent-norm")
     if opts.vae and opts.data_path == "digits":
         raise UserError("--vae does not apply to --data-path digits (a pixel-space data set); drop --vae")
     process_of(opts)  # the objective's flags: one line for a bad value or combination
+    counts.train_options(opts)  # steps, batch and sizes bounded before any work
+    model_knobs(opts), sampling_of(opts)  # the modern recipe's flags, checked here too
     if not 0 <= opts.global_seed <= MAX_SEED:
         raise UserError(f"--global-seed must be in 0..{MAX_SEED}, got {opts.global_seed}")
     if opts.num_classes is not None and opts.num_classes > MAX_CLASSES:
@@ -119,6 +145,28 @@ def validate(opts: TrainOptions, world_size: int) -> None:
             f"--num-classes {opts.num_classes} is more than {MAX_CLASSES:,} (the label table alone would not fit in "
             "memory); give the number of classes in the data"
         )
+
+
+# --preset-model NAME: model switches; a switch given on the command line (away from its default) wins.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {"lightningdit": {"norm": "rmsnorm", "rope": True, "mlp": "swiglu"}}
+
+
+def model_knobs(opts: TrainOptions) -> dict[str, Any]:
+    """The model config's modern-recipe switches from the flags and the preset (checked by DiTConfig)."""
+    if opts.preset_model is not None and opts.preset_model not in MODEL_PRESETS:
+        raise UserError(f"unknown --preset-model {opts.preset_model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    knobs = dict(MODEL_PRESETS.get(opts.preset_model or "", {}))
+    knobs.update({k: getattr(opts, k) for k, default in KNOB_DEFAULTS.items() if getattr(opts, k) != default})
+    return knobs
+
+
+def sampling_of(opts: TrainOptions) -> SamplingDefaults:
+    """The recipe's sampling defaults from --sample-time-shift / --sample-guidance-interval."""
+    interval = opts.sample_guidance_interval
+    sampling = SamplingDefaults(time_shift=1.0 if opts.sample_time_shift is None else float(opts.sample_time_shift),
+                                guidance_interval=tuple(float(v) for v in interval) if interval else None)
+    sampling.validate()
+    return sampling
 
 
 def process_of(opts: TrainOptions) -> Any:
@@ -148,7 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-steps", type=int, default=DEFAULTS["max_steps"],
       help="stop after this many optimizer steps (overrides --epochs)")
     a("--global-seed", type=int, default=DEFAULTS["global_seed"])
-    a("--lr", type=float, default=DEFAULTS["lr"])
+    a("--lr", type=float, default=DEFAULTS["lr"],
+      help=f"AdamW learning rate (default {DEFAULTS['lr']:g}); with --resume a different value is applied from "
+      "the resumed step on and logged (the same value resumes bit-exactly)")
     a("--ema-decay", type=float, default=DEFAULTS["ema_decay"])
     a("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
       help="default: bf16 on GPU, fp32 on CPU; fp8 (opt-in, GPU): bf16 autocast with FP8 block matmuls")
@@ -159,7 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="clip the gradient norm (0 = off, the paper's setting)")
     a("--log-every", type=int, default=DEFAULTS["log_every"])
     a("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"])
-    a("--keep-last", type=int, default=DEFAULTS["keep_last"], help="keep only the newest N checkpoints (0 = all)")
+    a("--keep-last", type=int, default=DEFAULTS["keep_last"],
+      help="keep only the newest N checkpoints (0 = all), and the last good one a NaN would name")
     a("--sample-every", type=int, default=DEFAULTS["sample_every"],
       help="write an EMA sample grid every N steps (0 = off)")
     a("--eval-every", type=int, default=DEFAULTS["eval_every"], help="score EMA samples every N steps (digits data)")
@@ -181,10 +232,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="flow: training times uniform (SiT, default) or logit-normal (SD3, LightningDiT)")
     a("--train-eps", type=float, default=None, help="flow: SiT's train_eps (default: SiT's rule)")
     a("--sample-eps", type=float, default=None, help="flow: SiT's sample_eps (default: SiT's rule)")
+    a("--meanflow", default=None, help="meanflow: KEY=VALUE,... of its recipe (time_mu, time_sigma, ratio_r_neq_t, "
+      "adaptive_p, adaptive_eps, omega, kappa, guidance_low, guidance_high; default the paper's, docs/meanflow.md)")
+    a("--repa-encoder", default=None, help="REPA: frozen encoder, 'digits-mae' or a transformers folder / HF id "
+      "(offline), e.g. facebook/dinov2-base")
+    a("--repa-depth", type=int, default=DEFAULTS["repa_depth"], help="REPA: align the output of this block (1-based)")
+    a("--repa-coeff", type=float, default=DEFAULTS["repa_coeff"], help="REPA: the alignment loss weight")
+    a("--repa-projector-dim", type=int, default=DEFAULTS["repa_projector_dim"], help="REPA: the projector width")
+    a("--tread-rate", type=float, default=DEFAULTS["tread_rate"],
+      help="TREAD: fraction of tokens that skip blocks --tread-start..--tread-end in training (0 = off; paper 0.5)")
+    a("--tread-start", type=int, default=DEFAULTS["tread_start"], help="TREAD: first routed block (0-based)")
+    a("--tread-end", type=int, default=None, help="TREAD: last routed block (0-based; default depth − 4)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss instead of stopping")
     a("--exif-transpose", action="store_true",
       help="image folders: turn each image by its EXIF orientation tag first (default: as stored, as the authors)")
     a("--no-progress", action="store_true")
+    a("--norm", choices=KNOB_CHOICES["norm"], default=DEFAULTS["norm"], help="block norm (LightningDiT: rmsnorm)")
+    a("--qk-norm", nargs="?", const="rmsnorm", choices=KNOB_CHOICES["qk_norm"], default=DEFAULTS["qk_norm"],
+      help="normalise q and k per head (bare flag: rmsnorm)")
+    a("--rope", action="store_true", help="2D rotary position embedding on q and k (LightningDiT's axial RoPE)")
+    a("--mlp", choices=KNOB_CHOICES["mlp"], default=DEFAULTS["mlp"], help="MLP (swiglu: LightningDiT's width rule)")
+    a("--preset-model", choices=tuple(MODEL_PRESETS), default=None,
+      help="lightningdit: --norm rmsnorm --rope --mlp swiglu (its released model's switches)")
+    a("--t-mean", type=float, default=None, help="flow, --t-sampling lognormal: mean of the normal (default 0)")
+    a("--t-std", type=float, default=None, help="flow, --t-sampling lognormal: std of the normal (default 1)")
+    a("--loss-cosine-weight", type=float, default=None,
+      help="flow, velocity: weight of the velocity-direction (1 − cos) loss term (LightningDiT: 1; default 0)")
+    a("--sample-time-shift", type=float, default=None,
+      help="flow: the timestep shift `ditkit sample` uses by default, recorded (SD3's; LightningDiT 0.3 = 3.333)")
+    a("--latent-norm", action="store_true",
+      help="latent stores: normalise each latent channel by the store's mean and std (LightningDiT's latent_norm)")
+    a("--sample-guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
+      help="the guidance interval `ditkit sample` uses by default, recorded in the recipe")
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -40,20 +40,25 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return Precision(precision, device.type).autocast()
 
 
+autocast_for = _autocast  # the same autocast for what runs beside the step (REPA's encoder)
+
+
 def draw_step_randomness(
     seed: int, step: int, global_batch: int, item_shape: tuple[int, ...], num_timesteps: int | None,
-    class_dropout_prob: float, device: torch.device,
+    class_dropout_prob: float, device: torch.device, time_draws: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Timesteps, noise and label-dropout mask for the whole *global* batch of optimizer step `step`.
 
     Timesteps are integers 0…num_timesteps−1 (diffusion), or with `num_timesteps` None uniform floats in
-    [0, 1) that a continuous-time objective maps to its own time. Every rank and every micro-batch draws all
+    [0, 1) that a continuous-time objective maps to its own time (`time_draws` > 1: that many per row, N×k,
+    e.g. MeanFlow's two times and its r ≠ t draw). Every rank and every micro-batch draws all
     of it and keeps its own rows, so the draws depend on (seed, step) only: not on the world size, the rank or
     the number of accumulation steps.
     """
     gen = _step_generator(seed, step, device)
     if num_timesteps is None:
-        t = torch.rand(global_batch, generator=gen, device=device)
+        shape = (global_batch,) if time_draws == 1 else (global_batch, time_draws)
+        t = torch.rand(shape, generator=gen, device=device)
     else:
         t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)
     noise = torch.randn((global_batch, *item_shape), generator=gen, device=device)
@@ -88,7 +93,7 @@ class TrainStep:
         self, model: torch.nn.Module, forward: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
         loss: Any, *, device: torch.device, precision: str, global_batch: int, rank: int = 0, world: int = 1,
         accum: int = 1, seed: int = 0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
-        class_dropout_prob: float = 0.1,
+        class_dropout_prob: float = 0.1, methods: Any = None,
     ):
         if global_batch % (world * accum):
             raise UserError(
@@ -103,6 +108,9 @@ class TrainStep:
         self.micro = self.local // accum
         self.seed, self.ema_decay, self.grad_clip = seed, ema_decay, grad_clip
         self.class_dropout_prob = class_dropout_prob
+        self.methods = methods if methods is not None and methods.active else None  # REPA / TREAD (train/methods)
+        if self.methods is not None:
+            self.methods.use(model)
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step (it is what costs)."""
@@ -115,11 +123,12 @@ class TrainStep:
 
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, step: int, *, want_grad_norm: bool = False,
-        skip_nonfinite: bool = False, mask: torch.Tensor | None = None,
+        skip_nonfinite: bool = False, mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
     ) -> StepOutput:
         """Train on this rank's rows `x`, `y` (local batch) of the global batch of step `step` (0-based).
 
-        Text models: y holds caption features (N×L×C) and `mask` their token mask (N×L).
+        Text models: y holds caption features (N×L×C) and `mask` their token mask (N×L). REPA: `targets` holds
+        the frozen encoder's patch features of these rows (N×T×F); the loss reported includes its term.
         """
         if x.shape[0] != self.local:
             raise ValueError(f"expected this rank's {self.local} rows, got {x.shape[0]}")
@@ -131,7 +140,7 @@ class TrainStep:
                 choose(self.micro, dtype, self.device, training=True)
         t_all, noise_all, drop_all = draw_step_randomness(
             self.seed, step, self.global_batch, tuple(x.shape[1:]), self.loss.num_timesteps,
-            self.class_dropout_prob, self.device,
+            self.class_dropout_prob, self.device, getattr(self.loss, "time_draws", 1),
         )
 
         def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -144,6 +153,9 @@ class TrainStep:
         for k in range(self.accum):
             mine = slice(k * self.micro, (k + 1) * self.micro)
             rows = slice(self.rank * self.local + k * self.micro, self.rank * self.local + (k + 1) * self.micro)
+            if self.methods is not None:
+                self.methods.before_forward(self.seed, step, self.global_batch, rows,
+                                            self.model.config.num_patches, self.device)
             with self._sync_context(k == self.accum - 1), _autocast(self.device, self.precision):
                 terms = self.loss.training_losses(
                     fp32_output, x[mine], t_all[rows],
@@ -152,6 +164,10 @@ class TrainStep:
                     noise=noise_all[rows],
                 )
                 loss = terms["loss"].mean()
+                align = self.methods.alignment_loss(targets[mine] if targets is not None else None) \
+                    if self.methods is not None else None
+                if align is not None:
+                    loss = loss + align
                 # 1/accum: the sum over micro-steps is the mean over this rank's rows (1.0 exactly when accum=1)
                 (loss / self.accum if self.accum > 1 else loss).backward()
             losses.append(loss.detach())

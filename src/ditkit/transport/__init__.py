@@ -53,6 +53,9 @@ def create_transport(
     train_eps: float | None = None,
     sample_eps: float | None = None,
     t_sampling: str = "uniform",
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
+    cosine_weight: float = 0.0,
 ) -> Transport:
     """SiT's `create_transport`: same arguments, defaults and eps rules.
 
@@ -60,7 +63,8 @@ def create_transport(
     only): None | "velocity" | "likelihood". train_eps / sample_eps: how far training times and the sampling
     interval stay from the singular ends; None takes SiT's defaults — VP: 1e-5 for training, 1e-3 for sampling;
     Linear/GVP with noise or score: 1e-3 and 1e-3; Linear/GVP with velocity: 0 and 0 (regular everywhere, and
-    SiT then ignores given values). t_sampling (ditkit's addition): "uniform" (SiT) | "lognormal" (SD3).
+    SiT then ignores given values). t_sampling (ditkit's addition): "uniform" (SiT) | "lognormal" (SD3), the latter
+    sigmoid(N(t_mean, t_std²)); cosine_weight (velocity only): LightningDiT's velocity-direction loss term.
 
     Refused with one line, where SiT silently ignores or divides by zero: unknown names; a loss weight with
     velocity prediction; an eps of 0 (or below) where the path or prediction needs one (VP, noise, score).
@@ -71,6 +75,8 @@ def create_transport(
         raise UserError(f"unknown prediction {prediction!r}; use one of: {', '.join(_PREDICTIONS)}")
     if loss_weight not in _WEIGHTS:
         raise UserError(f"unknown loss_weight {loss_weight!r}; use None, 'velocity' or 'likelihood'")
+    if cosine_weight and prediction != "velocity":
+        raise UserError("the velocity-direction (cosine) loss needs prediction velocity; drop --loss-cosine-weight")
     if loss_weight is not None and prediction == "velocity":
         raise UserError(
             f"loss_weight {loss_weight!r} applies to noise or score predictions only (SiT ignores it for "
@@ -94,5 +100,6 @@ def create_transport(
         train_eps, sample_eps = 0.0, 0.0  # velocity on Linear/GVP is regular on all of [0, 1]
     return Transport(
         model_type=_PREDICTIONS[prediction], path_type=_PATHS[path_type], loss_type=_WEIGHTS[loss_weight],
-        train_eps=float(train_eps), sample_eps=float(sample_eps), t_sampling=t_sampling,
+        train_eps=float(train_eps), sample_eps=float(sample_eps), t_sampling=t_sampling, t_mean=t_mean, t_std=t_std,
+        cosine_weight=cosine_weight,
     )

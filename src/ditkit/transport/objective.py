@@ -46,7 +46,7 @@ class FlowTraining:
         """{"loss", "mse"} per sample for data x_start, uniform draws t ∈ [0, 1) and noise (x0)."""
         times = self.transport.times_from_uniform(t.to(x_start.dtype))
         terms = self.transport.training_losses(model, x_start, model_kwargs, t=times, x0=noise)
-        return {"loss": terms["loss"], "mse": terms["mse"]}
+        return {k: terms[k] for k in ("loss", "mse", "cos") if k in terms}
 
 
 class _Counted:
@@ -130,7 +130,9 @@ def evaluations(
 
 # ----------------------------------------------------------------------------------------------- as an objective
 
-FLAGS = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps")  # the `ditkit train` flags it owns
+# The `ditkit train` flags it owns (the last four: LightningDiT's recipe, docs/lightningdit.md).
+FLAGS = ("path_type", "loss_weight", "t_sampling", "train_eps", "sample_eps", "t_mean", "t_std", "loss_cosine_weight",
+         "sample_time_shift")
 
 
 def process_from_flags(opts: Any) -> FlowProcess:
@@ -141,10 +143,16 @@ def process_from_flags(opts: Any) -> FlowProcess:
                         f"{', '.join(FlowProcess.PREDICTIONS)} (or --objective diffusion)")
     process = FlowProcess(path_type=opts.path_type or "Linear", prediction=opts.prediction or "velocity",
                           loss_weight=opts.loss_weight, train_eps=opts.train_eps, sample_eps=opts.sample_eps,
-                          t_sampling=opts.t_sampling or "uniform")
+                          t_sampling=opts.t_sampling or "uniform", **_given(opts, t_mean="t_mean", t_std="t_std",
+                                                                             cosine_weight="loss_cosine_weight"))
     process.validate()
     transport_of(process)  # the eps and weighting rules, checked once here
     return process
+
+
+def _given(opts: Any, **fields_by_name: str) -> dict[str, float]:
+    """{process field: float(option)} for the options given (not None)."""
+    return {k: float(getattr(opts, v)) for k, v in fields_by_name.items() if getattr(opts, v, None) is not None}
 
 
 def transport_of(process: FlowProcess) -> Transport:
@@ -152,7 +160,8 @@ def transport_of(process: FlowProcess) -> Transport:
     from ditkit.transport import create_transport
 
     p = process
-    return create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling)
+    return create_transport(p.path_type, p.prediction, p.loss_weight, p.train_eps, p.sample_eps, p.t_sampling,
+                            t_mean=p.t_mean, t_std=p.t_std, cosine_weight=p.cosine_weight)
 
 
 def build(recipe: Recipe) -> Objective:

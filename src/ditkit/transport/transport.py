@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ditkit.errors import UserError
 from ditkit.transport.path import GVPCPlan, ICPlan, VPCPlan, expand_t_like_x
@@ -88,7 +89,8 @@ class Transport:
 
     def __init__(
         self, *, model_type: ModelType, path_type: PathType, loss_type: WeightType, train_eps: float,
-        sample_eps: float, t_sampling: str = "uniform",
+        sample_eps: float, t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0,
+        cosine_weight: float = 0.0,
     ):
         self.model_type, self.path_type, self.loss_type = model_type, path_type, loss_type
         self.path_sampler = PATH_CLASSES[path_type]()
@@ -96,6 +98,8 @@ class Transport:
         if t_sampling not in ("uniform", "lognormal"):
             raise UserError(f"unknown t_sampling {t_sampling!r}; use 'uniform' or 'lognormal'")
         self.t_sampling = t_sampling
+        self.t_mean, self.t_std = float(t_mean), float(t_std)  # lognormal: sigmoid(N(t_mean, t_std²))
+        self.cosine_weight = float(cosine_weight)  # velocity: LightningDiT's direction term (use_cosine_loss)
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) per sample."""
@@ -129,10 +133,11 @@ class Transport:
 
     def times_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Training times in [t0, t1] from uniform draws u ∈ [0, 1): uniform (SiT), or logit-normal (SD3,
-        LightningDiT: sigmoid of a standard normal, by the inverse CDF so that one uniform draw makes one t)."""
+        LightningDiT: sigmoid of a normal N(t_mean, t_std²), by the inverse CDF so that one uniform draw makes one
+        t)."""
         t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
         if self.t_sampling == "lognormal":
-            u = torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
+            u = torch.sigmoid(self.t_mean + self.t_std * math.sqrt(2.0) * torch.erfinv(2 * u - 1))
         return u * (t1 - t0) + t0
 
     def sample_t(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -162,6 +167,9 @@ class Transport:
         pred = first_channels(model(xt, t, **model_kwargs), xt)
         if self.model_type == ModelType.VELOCITY:
             mse = mean_flat((pred - ut) ** 2)
+            if self.cosine_weight:  # 1 − cos over the channels at each position, averaged (LightningDiT)
+                cos = mean_flat(1 - F.cosine_similarity(pred, ut, dim=1))
+                return {"loss": mse + self.cosine_weight * cos, "mse": mse, "cos": cos, "pred": pred}
             return {"loss": mse, "mse": mse, "pred": pred}
         _, drift_var = self.path_sampler.compute_drift(xt, t)
         sigma = self.path_sampler.compute_sigma_t(expand_t_like_x(t, xt))[0]
