@@ -21,8 +21,10 @@ def train_options(results_dir: Path | str, **kw) -> TrainOptions:
 
 
 def options(tmp_path: Path, **kw) -> TrainOptions:
-    """The training tests' run: 6 steps, checkpoints at 3 and 6, results in `tmp_path / "run"`."""
-    return train_options(tmp_path / "run", **{"max_steps": 6, "ckpt_every": 3, **kw})
+    """The training tests' run: 6 steps, checkpoints at 3 and 6, results in `tmp_path / "run"` (kw overrides any
+    of these, results_dir included)."""
+    results_dir = kw.pop("results_dir", tmp_path / "run")
+    return train_options(results_dir, **{"max_steps": 6, "ckpt_every": 3, **kw})
 
 
 def read_losses(results: Path) -> dict[int, float]:
