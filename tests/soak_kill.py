@@ -430,7 +430,8 @@ def make_inputs(base: Path, num_images: int = 30) -> dict[str, Path]:
 
     import ditkit
     from ditkit.checkpoints import save_model
-    from test_data_fixtures import make_tiny_vae, smooth_image
+    from helpers.images import smooth_image
+    from helpers.vae import make_tiny_vae
 
     base.mkdir(parents=True, exist_ok=True)
     from PIL import Image

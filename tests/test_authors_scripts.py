@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from test_data_fixtures import make_tiny_vae
+from helpers.vae import make_tiny_vae
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PORT = {

@@ -9,7 +9,7 @@ import torch
 
 from ditkit.autoencoder import SD_SCALE, SD_VAE_CONFIG, load_vae
 from ditkit.errors import UserError
-from test_data_fixtures import make_tiny_vae
+from helpers.vae import make_tiny_vae
 
 
 @pytest.fixture(scope="module")

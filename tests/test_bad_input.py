@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import ditkit
 from ditkit.checkpoints import save_model
 from ditkit.cli import main
-from test_data_fixtures import make_tiny_vae
+from helpers.vae import make_tiny_vae
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from torch import nn
 from ditkit.fast import compile_blocks
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from gpu_machine import without_gpu_machine_missing_packages
+from helpers.gpu_machine import without_gpu_machine_missing_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_speed.py"

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ditkit.diffusion import create_diffusion
-from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from helpers.models import tiny_dit
 
 BF16_REL_TOL = 0.02  # ≈ 5 × bf16's unit round-off, for the whole output (see the module docstring)
 FP32_REL_TOL = 1e-5
@@ -29,14 +29,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def model() -> DiT:
     """A 2-block, 64-wide DiT, all weights non-zero (adaLN-Zero init would make the blocks identities)."""
-    torch.manual_seed(0)
-    m = DiT(DiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, num_classes=10))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name != "pos_embed":
-                fan_in = p.shape[-1] if p.ndim > 1 else 64
-                p.normal_(0.0, 1.0 / fan_in**0.5)
-    return m.eval()
+    return tiny_dit(0, init="fan-in", in_channels=4, eval=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,13 @@ import ditkit
 from ditkit import convert
 from ditkit.cli import main
 from ditkit.models.config import DiTConfig
+from helpers import models, vae
+
+# A tiny DiT with every trained weight random (the official init zeroes the output, hiding mistakes).
+random_dit = partial(models.random_dit, std=0.15, in_channels=4)
+# A 2-level AutoencoderKL (8 → 16 channels, ×2 downsampling, 4 latent channels) saved to a folder.
+tiny_vae = partial(vae.make_tiny_vae, seed=3, perturb=None, block_out_channels=(8, 16), norm_num_groups=8,
+                   sample_size=16)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,17 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=4, num_classes=10)
 ROUNDOFF = 2e-5
-
-
-def random_dit(seed: int = 0, **overrides) -> ditkit.DiT:
-    """A tiny DiT with every trained weight random (the official init zeroes the output, hiding mistakes)."""
-    torch.manual_seed(seed)
-    model = ditkit.DiT(DiTConfig(**{**TINY, **overrides}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":  # the fixed sin-cos table, which diffusers recomputes
-                param.normal_(0.0, 0.15)
-    return model.eval()
 
 
 def inputs(config: DiTConfig, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,23 +69,6 @@ def with_time_frequencies(model: ditkit.DiT, denominator: float) -> None:
 @torch.no_grad()
 def diffusers_out(net, x, t, y) -> torch.Tensor:
     return net(x, timestep=t, class_labels=y).sample
-
-
-def tiny_vae(path) -> None:
-    """A 2-level AutoencoderKL (8 → 16 channels, ×2 downsampling, 4 latent channels) saved to `path`."""
-    torch.manual_seed(3)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    vae.save_pretrained(str(path))
 
 
 # ----------------------------------------------------------------------------------------------- ditkit → diffusers

@@ -7,6 +7,7 @@ round trips must be bit-exact. Inputs have captions of different lengths, padded
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from ditkit import convert, convert_pixart
 from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
+from helpers import models
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,15 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 ROUNDOFF = 2e-5
 TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=4,
             conditioning="text", caption_channels=24, max_tokens=8)
-
-
-def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name != "pos_embed":  # ditkit's fixed sin-cos table (diffusers keeps it as a buffer)
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    return module.eval()
+randomise = partial(models.randomise, std=0.15)  # (module, seed): every trained weight random, eval
 
 
 def random_pixart(**overrides) -> torch.nn.Module:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ditkit.data.images import ImageFolderDataset, center_crop_arr, find_images, load_rgb, to_tensor
 from ditkit.errors import UserError
-from test_data_fixtures import CORRUPT, GRAYSCALE, IMAGES, make_image_folder, smooth_image
+from helpers.images import CORRUPT, GRAYSCALE, IMAGES, make_image_folder, smooth_image
 
 # ----------------------------------------------------------------------------------------------- reference
 # Pillow resamples separably (horizontal pass, then vertical), each output pixel a normalised weighted sum over

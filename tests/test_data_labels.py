@@ -10,7 +10,8 @@ from PIL import Image
 
 from ditkit.data import open_training_data
 from ditkit.data.images import find_images
-from test_data_fixtures import make_tiny_vae, smooth_image
+from helpers.images import smooth_image
+from helpers.vae import make_tiny_vae
 
 
 def _folder(root, layout: dict[str, int]):

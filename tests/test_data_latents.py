@@ -17,7 +17,8 @@ from ditkit.data.extract import extract
 from ditkit.data.images import center_crop_arr, load_rgb
 from ditkit.data.store import LatentStore, open_shard, read_manifest, shard_name
 from ditkit.errors import UserError
-from test_data_fixtures import CORRUPT, IMAGES, make_image_folder, make_tiny_vae, smooth_image
+from helpers.images import CORRUPT, IMAGES, make_image_folder, smooth_image
+from helpers.vae import make_tiny_vae
 
 SIZE = 32  # pixels; the tiny VAE downsamples 8× → 4×4 latents
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_data_fixtures import IMAGES, make_image_folder, make_tiny_vae
+from helpers.images import IMAGES, make_image_folder
+from helpers.vae import make_tiny_vae
 
 
 @pytest.mark.slow

@@ -5,33 +5,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from ditkit.diffusion import create_diffusion, get_beta_schedule, samplers
+from ditkit.diffusion import create_diffusion, samplers
 from ditkit.diffusion.respace import respace
 from ditkit.errors import UserError
+from helpers.references import ALPHA_BAR, MU, SIGMA, gaussian_eps_model
 
 F64 = torch.float64
-MU = torch.tensor([0.3, -0.2], dtype=F64)
-SIGMA = torch.tensor([[0.25, 0.12], [0.12, 0.15]], dtype=F64)
-ALPHA_BAR = np.cumprod(1.0 - get_beta_schedule("linear", 1000))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gaussian_eps_model(x: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
-    """The exact ε-predictor for data N(MU, SIGMA) in 2-D under the linear schedule.
-
-    E[x0 | x_t] = μ + α·Σ·(α²Σ + σ²I)⁻¹·(x_t − α·μ); ε̂ = (x_t − α·E[x0 | x_t]) / σ. All samples share t.
-    """
-    ab = float(ALPHA_BAR[int(t[0])])
-    a, s = math.sqrt(ab), math.sqrt(1 - ab)
-    gain = a * SIGMA @ torch.linalg.inv(a * a * SIGMA + s * s * torch.eye(2, dtype=F64))
-    x0 = MU + (x - a * MU) @ gain.T
-    return (x - a * x0) / s
 
 
 def test_ddpm_step_matches_closed_form():

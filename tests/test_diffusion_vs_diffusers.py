@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditkit.diffusion import create_diffusion, samplers
-from test_diffusion_samplers import gaussian_eps_model
+from helpers.references import gaussian_eps_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

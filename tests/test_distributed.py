@@ -7,43 +7,26 @@ fp32 round-off of a differently ordered reduction (tolerance 1e-5 relative on lo
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from ditkit.errors import UserError
-from ditkit.models import DiT, DiTConfig
-from ditkit.train import TrainOptions, train, validate
+from ditkit.train import train, validate
 from ditkit.train.checkpoint import load_training_checkpoint
 from ditkit.train.step import TrainStep
+from helpers.models import TINY
+from helpers.models import tiny_dit as tiny_model
+from helpers.processes import ENV
+from helpers.processes import free_port as _free_port
+from helpers.training import read_losses, train_options
 
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-
-
-def options(results: Path, **kw) -> TrainOptions:
-    base = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, max_steps=4, log_every=1,
-                ckpt_every=2, lr=1e-3, results_dir=str(results), num_workers=0, progress=False,
-                model_overrides=dict(TINY))
-    base.update(kw)
-    return TrainOptions(**base)
-
-
-def read_losses(results: Path) -> dict[int, float]:
-    lines = (results / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
-def tiny_model() -> DiT:
-    return DiT(DiTConfig.from_name("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY))
+options = partial(train_options, max_steps=4, ckpt_every=2)  # a 4-step run, checkpoints at 2 and 4
 
 
 def assert_losses_close(a: dict[int, float], b: dict[int, float], steps: list[int]) -> None:
@@ -130,12 +113,6 @@ def test_cli_rejects_a_bad_accumulation_with_exit_2(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- torchrun
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(tmp_path: Path, results: Path, nproc: int = 2, **kw) -> None:

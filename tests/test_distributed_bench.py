@@ -5,26 +5,19 @@ on the world size or the strategy (fp32 round-off), and the scaling efficiency i
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gpu_machine import without_gpu_machine_missing_packages
+from helpers.gpu_machine import without_gpu_machine_missing_packages
+from helpers.processes import ENV
+from helpers.processes import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 WRAPPER = without_gpu_machine_missing_packages(SCRIPT)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -5,26 +5,20 @@ benchmarks/bench_sample.py on the GPU: the epilogue against float64 GELU-tanh.)"
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-import ditkit
 from ditkit.checkpoints import check_finite, load_model
 from ditkit.errors import UserError
 from ditkit.io import safe_torch_load
 from ditkit.models import kernels
+from helpers.models import random_dit
+
+small = partial(random_dit, in_channels=4, num_heads=2)  # seed -> a tiny DiT, every weight N(0, 0.05²), eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def small(seed: int = 0) -> ditkit.DiT:
-    torch.manual_seed(seed)
-    model = ditkit.create_model("DiT-S/2", input_size=8, num_classes=10, depth=2, hidden_size=64, num_heads=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.05)  # every layer random: the official init zeroes the adaLN and output layers
-    return model.eval()
 
 
 def outputs(model: torch.nn.Module) -> torch.Tensor:

@@ -18,7 +18,10 @@ from ditkit.models import DiTConfig
 from ditkit.recipe import FlowProcess, LatentSpace, Recipe, SamplingDefaults
 from ditkit.train import train
 from ditkit.transport import create_transport
-from test_train import ENV, _train_script, _wait_for, options
+from helpers.processes import ENV
+from helpers.processes import train_script as _train_script
+from helpers.processes import wait_for as _wait_for
+from helpers.training import options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +105,7 @@ def knob_run(tmp_path_factory):
 
 def test_training_with_every_knob_records_them_and_sampling_uses_the_recorded_defaults(knob_run, tmp_path):
     from ditkit.sample.pipeline import load_for_sampling
-    from test_sample import parse
+    from helpers.cli import parse
 
     ckpt = knob_run.results_dir / "checkpoints" / "0000002"
     recipe = ditkit.load_model_with_recipe(ckpt)[1]
@@ -159,8 +162,9 @@ def test_latent_norm_uses_the_stores_channel_statistics_and_sampling_undoes_them
     from ditkit.data.extract import extract
     from ditkit.data.store import LatentStore
     from ditkit.sample.pipeline import load_for_sampling
-    from test_data_fixtures import make_image_folder, make_tiny_vae
-    from test_sample import parse
+    from helpers.cli import parse
+    from helpers.images import make_image_folder
+    from helpers.vae import make_tiny_vae
 
     folder, vae_dir = make_image_folder(tmp_path / "images", corrupt=False), make_tiny_vae(tmp_path / "vae")
     extract(folder, tmp_path / "latents", load_vae(str(vae_dir)), image_size=16, batch_size=4, shard_size=8,

@@ -15,15 +15,14 @@ import ditkit
 from ditkit.flops import count_macs, count_params
 from ditkit.models.config import CLASS_CONDITIONINGS, DiTConfig
 from ditkit.models.embeddings import sincos_2d, timestep_embedding
+from helpers.models import tiny_dit
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
 
 
 def tiny(conditioning: str = "adaln-zero", **kw) -> ditkit.DiT:
     """A 2-block, 64-wide DiT: fast enough for many tests on a 2-core CPU."""
-    cfg = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, conditioning=conditioning, **TINY)
-    cfg.update(kw)
-    return ditkit.DiT(DiTConfig(**cfg))
+    return tiny_dit(**{"conditioning": conditioning, **TINY, **kw})
 
 
 def test_registry_lists_the_twelve_paper_models():

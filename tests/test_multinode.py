@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import load_file
 
 from ditkit.cli import main as cli_main
+from helpers.models import TINY
+from helpers.processes import ENV
+from helpers.processes import free_port as _free_port
+from helpers.training import read_losses as _losses
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 # `ditkit train` with a 2-block, 64-wide DiT (the CLI offers only the paper's sizes); the rest is the real CLI.
 TRAIN_CLI = f"""
 import sys
@@ -45,12 +46,6 @@ sys.exit(main(sys.argv[1:]))
 """
 TRAIN_ARGS = ["train", "--data-path", "digits", "--model", "DiT-S/2", "--image-size", "8", "--global-batch-size",
               "16", "--lr", "1e-3", "--log-every", "1", "--num-workers", "0", "--no-progress"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_nodes(worker: list[str], cwds: tuple[Path, Path], rdzv: str, log_dir: Path | None = None,
@@ -183,11 +178,6 @@ def test_peer_failures_are_recognised_and_nothing_else(monkeypatch):
     assert describe_peer_failure(closed, "train") is None
 
 
-def _losses(results: Path) -> dict[int, float]:
-    lines = (results / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
 def _assert_same_tensors(a: Path, b: Path) -> None:
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys()
@@ -232,7 +222,7 @@ def test_two_nodes_train_checkpoint_and_resume_on_one_process_bit_exactly(tmp_pa
 @pytest.mark.slow
 def test_two_nodes_sample_npz_matches_one_process(tmp_path, one_thread_cli):
     import ditkit
-    from test_sample import tiny_model
+    from helpers.models import sampling_dit as tiny_model
 
     ckpt = tmp_path / "tiny.safetensors"
     ditkit.save_model(tiny_model(), ckpt)
@@ -250,7 +240,8 @@ def test_two_nodes_sample_npz_matches_one_process(tmp_path, one_thread_cli):
 
 @pytest.mark.slow
 def test_two_nodes_extract_matches_one_process(tmp_path, one_thread_cli):
-    from test_data_fixtures import IMAGES, make_image_folder, make_tiny_vae
+    from helpers.images import IMAGES, make_image_folder
+    from helpers.vae import make_tiny_vae
 
     folder = make_image_folder(tmp_path / "images")
     vae = make_tiny_vae(tmp_path / "vae")

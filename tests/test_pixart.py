@@ -4,6 +4,7 @@ masks by dropping tokens, the dropout rate by a binomial bound, flops by PyTorch
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,28 +12,13 @@ import torch.nn.functional as F
 
 import ditkit
 from ditkit.flops import count_macs, count_params
-from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.pixart import PixArtDiT
+from helpers.models import randomise
+from helpers.models import tiny_text_dit as tiny_text
 
 C, L = 24, 6  # caption features and tokens of the tiny model
-
-
-def tiny_text(**kw) -> PixArtDiT:
-    cfg = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=4,
-               conditioning="text", caption_channels=C, max_tokens=L)
-    cfg.update(kw)
-    return build_model(DiTConfig(**cfg))
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every trained weight random (a zero-initialised model hides most mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model.eval()
+randomised = partial(randomise, std=0.3)  # (model, seed=0): every trained weight random, eval
 
 
 def inputs(n: int = 3, seed: int = 1, tokens: int = L):

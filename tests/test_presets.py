@@ -115,7 +115,7 @@ def _tiny_sampler(**kw) -> sample_mod.Sampler:
 
 
 def test_the_protocol_round_trips_and_evaluate_prints_it(tmp_path, monkeypatch, capsys):
-    from test_metrics_evaluate import TinyInception
+    from helpers.inception import TinyInception
 
     monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "cache"))
     sampler = _tiny_sampler(cache="fora-2", preset="dit-xl-2-256", preset_overrides=("--num-samples 6",))

@@ -15,10 +15,11 @@ import torch
 
 from ditkit.cli import main
 from ditkit.recipe import METADATA_KEY, Recipe
-from test_data_fixtures import make_image_folder, make_tiny_vae
+from helpers.images import make_image_folder
+from helpers.models import TINY
+from helpers.vae import make_tiny_vae
 
 SIZE = 32  # pixels; the tiny VAE downsamples 8x -> 4x4 latents
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
 
 
 @pytest.fixture

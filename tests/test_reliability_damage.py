@@ -23,17 +23,10 @@ import ditkit
 from ditkit.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
-from test_data_fixtures import make_tiny_vae, smooth_image
-
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
-
-
-def _options(results: Path, **kw):
-    from ditkit.train import TrainOptions
-
-    settings = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1, lr=1e-3,
-                    num_workers=0, progress=False, model_overrides=TINY, results_dir=str(results))
-    return TrainOptions(**{**settings, **kw})
+from helpers.images import smooth_image
+from helpers.models import TINY
+from helpers.training import train_options as _options
+from helpers.vae import make_tiny_vae
 
 
 @pytest.mark.parametrize("damage", ["state.pt missing", "ema truncated"])

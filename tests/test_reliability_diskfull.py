@@ -24,17 +24,10 @@ from ditkit.checkpoints import load_model, save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
 from ditkit.io import atomic_write, disk_full
+from helpers.models import output_random_dit as tiny_model
+from helpers.training import TRAIN_TINY
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4)
-
-
-def tiny_model(seed: int = 0) -> ditkit.DiT:
-    torch.manual_seed(seed)
-    model = ditkit.create_model("DiT-S/2", **TINY)
-    for p in model.parameters():  # random output layers, so samples depend on the weights
-        if p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
 
 
 @pytest.fixture
@@ -208,9 +201,6 @@ def test_stand_in_full_disk_during_sample_shard_is_one_line(tmp_path, monkeypatc
 
 
 # ----------------------------------------------------------------------------------------------- logs (item 3)
-
-TRAIN_TINY = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1, lr=1e-3,
-                  num_workers=0, progress=False, model_overrides={"depth": 2, "hidden_size": 64, "num_heads": 4})
 
 
 def test_log_writes_that_fail_warn_once_and_training_goes_on(tmp_path, capsys, monkeypatch, one_thread):

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from ditkit.cli import main
-from test_data_fixtures import make_tiny_vae, smooth_image
-
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
+from helpers.images import smooth_image
+from helpers.models import TINY
+from helpers.vae import make_tiny_vae
 
 
 def _images(root: Path, count: int = 4) -> Path:

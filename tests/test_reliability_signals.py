@@ -16,10 +16,9 @@ import torch
 
 from ditkit.models import DiT, DiTConfig
 from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
+from helpers.models import TINY
+from helpers.models import tiny_dit as _tiny
+from helpers.processes import ENV
 
 # The CLI's own entry point, with the tiny model (the command line takes only the paper's model names).
 SCRIPT = textwrap.dedent(
@@ -35,10 +34,6 @@ SCRIPT = textwrap.dedent(
                    "--max-steps", sys.argv[2]]))
     """
 )
-
-
-def _tiny() -> DiT:
-    return DiT(DiTConfig.from_name("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY))
 
 
 def test_sigint_checkpoints_exits_zero_and_resumes_exactly(tmp_path):

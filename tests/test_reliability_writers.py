@@ -26,10 +26,8 @@ from ditkit.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
 from ditkit.folder_lock import FolderLock
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
+from helpers.models import TINY
+from helpers.processes import ENV
 
 TRAIN = textwrap.dedent(
     f"""

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import ditkit
 from ditkit.checkpoints import CONFIG_KEY, load_model, save_model
 from ditkit.cli import main
 from ditkit.errors import UserError
 from ditkit.io import read_safetensors
+from helpers.models import tiny_dit
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4)
 
@@ -31,8 +31,7 @@ def raw_file(path: Path, header: dict, data: bytes, header_len: int | None = Non
 
 
 def tiny_file(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = ditkit.create_model("DiT-S/2", **TINY)
+    model = tiny_dit(0)
     path = tmp_path / "tiny.safetensors"
     save_model(model, path)
     return path

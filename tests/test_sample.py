@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -11,27 +9,8 @@ from PIL import Image
 
 import ditkit
 from ditkit import sample as sample_mod
-from ditkit.cli import main
-
-
-def tiny_model(in_channels: int = 1, input_size: int = 8, dropout: float = 0.1, seed: int = 0) -> ditkit.DiT:
-    torch.manual_seed(seed)
-    model = ditkit.create_model(
-        "DiT-S/2",
-        input_size=input_size,
-        in_channels=in_channels,
-        num_classes=10,
-        depth=2,
-        hidden_size=64,
-        num_heads=2,
-        class_dropout_prob=dropout,
-    )
-    # Random output layers (the official init zeroes them), so that samples depend on the labels.
-    for p in model.parameters():
-        if p.requires_grad and p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
+from helpers.cli import parse, run_cli
+from helpers.models import sampling_dit as tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,17 +20,6 @@ def pixel_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     ditkit.save_model(tiny_model(), path)
     return path
-
-
-def parse(ckpt, *argv: str) -> argparse.Namespace:
-    """The `ditkit sample` arguments, defaults included, as the CLI parses them."""
-    parser = argparse.ArgumentParser()
-    sample_mod.add_arguments(parser)
-    return parser.parse_args(["--ckpt", str(ckpt), "--no-progress", *argv])
-
-
-def run_cli(*argv: str) -> int:
-    return main(["sample", *argv, "--no-progress"])
 
 
 def test_grid_png_deterministic(pixel_ckpt, tmp_path):

@@ -6,14 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import ditkit
 from ditkit.cli import main
-from ditkit.models import build_model
-from ditkit.models.config import DiTConfig
-from text_fixtures import save_t5
+from helpers.models import randomise, tiny_text_dit
+from helpers.text import save_t5
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +19,8 @@ def text_run(tmp_path_factory):
     """A tiny random pixel-space text model reading the tiny T5's 16 features, and that encoder."""
     root = tmp_path_factory.mktemp("text")
     save_t5(root / "t5")
-    model = build_model(DiTConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=8,
-                                  in_channels=3, conditioning="text", caption_channels=16, max_tokens=8))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model = randomise(tiny_text_dit(depth=1, hidden_size=32, num_heads=2, in_channels=3, caption_channels=16,
+                                    max_tokens=8), 0, std=0.1)
     ditkit.save_model(model, root / "text.safetensors")
     return root
 

@@ -13,7 +13,8 @@ import torch
 
 import ditkit
 from ditkit import sample as sample_mod
-from test_sample import parse, tiny_model
+from helpers.cli import parse
+from helpers.models import sampling_dit as tiny_model
 
 
 @pytest.mark.slow

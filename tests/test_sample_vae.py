@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import ditkit
-from test_sample import run_cli, tiny_model
+from helpers.cli import run_cli
+from helpers.models import sampling_dit as tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

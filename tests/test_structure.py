@@ -164,3 +164,54 @@ def test_no_forward_times_writes_or_prints():
                         if called.lstrip("_") in FORBIDDEN_IN_FORWARD:
                             found.append(f"{name}.{node.name} calls {called}")
     assert found == []
+
+
+# ----------------------------------------------------------------------------------------------- the tests' own shape
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The `test_*` modules that `path` imports anywhere (top level or inside functions)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0].startswith("test_")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0].startswith("test_"):
+                found.append(node.module)
+    return found
+
+
+def test_the_checker_finds_an_import_of_a_test_module(tmp_path):
+    path = tmp_path / "test_a.py"
+    path.write_text("import os\nfrom helpers.models import tiny_dit\n\ndef test_x():\n    from test_b import y\n"
+                    "    import test_c.d\n")
+    assert imported_test_modules(path) == ["test_b", "test_c.d"]
+
+
+def test_no_test_module_imports_another():
+    """Shared code lives in tests/helpers (fixtures in conftest.py): a test module imports no other test module."""
+    found = {path.name: imported_test_modules(path) for path in sorted(TESTS.glob("test_*.py"))}
+    assert len(found) > 40  # the walk saw the tests
+    assert {name: mods for name, mods in found.items() if mods} == {}
+
+
+def test_the_subprocess_marker_follows_helpers_and_fixtures(tmp_path):
+    from helpers.markers import spawning_functions
+
+    (tmp_path / "test_m.py").write_text(
+        "import subprocess, sys\nimport pytest\nfrom helpers.processes import train_script, "
+        "assert_sigkill_resume_matches_uninterrupted as kill_and_resume\n\n"
+        "def _run(args):\n    return subprocess.run([sys.executable, *args])\n\n"
+        "@pytest.fixture\ndef started():\n    return _run(['-c', 'pass'])\n\n"
+        "def test_direct():\n    _run(['-V'])\n\n"
+        "def test_fixture(started):\n    assert started\n\n"
+        "def test_imported(tmp_path):\n    kill_and_resume(tmp_path, train_script(), 4)\n\n"
+        "def test_mount():\n    subprocess.run(['mount'])\n\n"
+        "def test_script_text_only():\n    assert 'import sys' in train_script()\n")
+    tests = {n for n in spawning_functions(tmp_path / "test_m.py") if n.startswith("test_")}
+    assert tests == {"test_direct", "test_fixture", "test_imported"}
+    real = spawning_functions(TESTS / "test_train.py")
+    assert "test_sigkill_then_resume_auto_matches_uninterrupted_run" in real
+    assert "test_few_steps_write_checkpoints_and_logs" not in real

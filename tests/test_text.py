@@ -10,7 +10,7 @@ from PIL import Image
 
 from ditkit.data.captions import read_captions
 from ditkit.errors import UserError
-from text_fixtures import save_clip, save_t5, tiny_tokenizer
+from helpers.text import save_clip, save_t5, tiny_tokenizer
 
 
 def images(root, names):
@@ -126,7 +126,7 @@ def test_extract_encodes_captions_beside_the_latents_row_for_row(tmp_path):
     from ditkit.data.caption_store import StoredCaptions
     from ditkit.data.store import LatentStore
     from ditkit.text import load_text_encoder
-    from test_data_fixtures import make_tiny_vae
+    from helpers.vae import make_tiny_vae
 
     folder = tmp_path / "imgs"
     words = ["a red cube", "a blue seven", "red on blue", "a cube on a red background", "seven"]
@@ -162,7 +162,7 @@ def test_a_captioned_store_trains_a_text_model_that_samples_from_prompts(tmp_pat
 
     import ditkit
     from ditkit.train import TrainOptions, train
-    from test_data_fixtures import make_tiny_vae
+    from helpers.vae import make_tiny_vae
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -5,46 +5,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from ditkit.errors import UserError
-from ditkit.train import TrainOptions, train, validate
+from ditkit.train import train, validate
 from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
-
-TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4}
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def options(tmp_path: Path, **kw) -> TrainOptions:
-    base = dict(
-        data_path="digits",
-        model="DiT-S/2",
-        image_size=8,
-        global_batch_size=16,
-        max_steps=6,
-        log_every=1,
-        ckpt_every=3,
-        lr=1e-3,
-        results_dir=str(tmp_path / "run"),
-        num_workers=0,
-        progress=False,
-        model_overrides=dict(TINY),
-    )
-    base.update(kw)
-    return TrainOptions(**base)
-
-
-def read_losses(results: Path) -> dict[int, float]:
-    lines = (results / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+from helpers.models import TINY
+from helpers.models import tiny_dit as _tiny_model
+from helpers.processes import ENV, SRC, assert_sigkill_resume_matches_uninterrupted
+from helpers.processes import free_port as _free_port
+from helpers.processes import train_script as _train_script
+from helpers.processes import wait_for as _wait_for
+from helpers.training import TINY_FLAGS, options, read_losses
 
 
 def test_few_steps_write_checkpoints_and_logs(tmp_path):
@@ -95,69 +72,9 @@ def test_resume_continues_with_exactly_the_same_losses(tmp_path):
     assert torch.equal(rng_a, rng_b)
 
 
-TINY_FLAGS = ["--data-path", "digits", "--model", "DiT-S/2", "--image-size", "8", "--num-workers", "0", "--no-progress"]
-
-
-def _train_script(**kw) -> str:
-    """A python -c program that trains the tiny model into the folder given as its first argument."""
-    settings = dict(data_path="digits", model="DiT-S/2", image_size=8, global_batch_size=16, log_every=1, lr=1e-3,
-                    num_workers=0, progress=False, model_overrides=TINY, **kw)
-    return textwrap.dedent(
-        f"""
-        import sys
-        from ditkit.train import TrainOptions, train
-        result = train(TrainOptions(results_dir=sys.argv[1], **{settings!r}))
-        print("stopped by signal" if result.stopped_by_signal else "finished", result.step, flush=True)
-        """
-    )
-
-
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until `path` exists and, for a file, has content."""
-    deadline = time.time() + timeout
-    while not path.exists() or (path.is_file() and path.stat().st_size == 0):
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def assert_sigkill_resume_matches_uninterrupted(tmp_path: Path, script: str, final_step: int) -> None:
-    """Run `script` (a _train_script with resume="auto"), SIGKILL it after its step-4 checkpoint, run it again to
-    the end, and check its final EMA and model equal those of a run never interrupted."""
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], env=ENV, stderr=subprocess.DEVNULL)
-    _wait_for(run_dir / "checkpoints" / "0000004", proc)
-    proc.kill()
-    proc.wait()
-    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "clean")], env=ENV, check=True, capture_output=True)
-    last = f"{final_step:07d}"
-    killed = load_training_checkpoint(run_dir / "checkpoints" / last, _tiny_model())
-    clean = load_training_checkpoint(tmp_path / "clean" / "checkpoints" / last, _tiny_model())
-    for part in ("ema", "model"):
-        for k, v in getattr(clean, part).items():
-            assert torch.equal(v, getattr(killed, part)[k]), (part, k)
-
-
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL after its step-4 checkpoint resumes and ends with the uninterrupted weights."""
     assert_sigkill_resume_matches_uninterrupted(tmp_path, _train_script(max_steps=40, ckpt_every=2, resume="auto"), 40)
-
-
-def _tiny_model():
-    from ditkit.models import DiT, DiTConfig
-
-    return DiT(DiTConfig.from_name("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

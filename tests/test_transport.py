@@ -12,26 +12,11 @@ import torch
 from ditkit.errors import UserError
 from ditkit.transport import Sampler, create_transport, first_channels, shifted_grid
 from ditkit.transport.integrators import ode_euler, ode_heun, ode_torchdiffeq
+from helpers.references import S, closed_form, exact_flow, gaussian_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
 
 PATHS = ("Linear", "GVP", "VP")
-B_MIN, B_MAX = 0.1, 20.0
-
-
-def closed_form(path: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(α, σ, α', σ') of x_t = α·x1 + σ·x0 in float64, written from the SiT paper's definitions."""
-    if path == "Linear":
-        return t, 1 - t, np.ones_like(t), -np.ones_like(t)
-    if path == "GVP":
-        h = math.pi / 2
-        return np.sin(h * t), np.cos(h * t), h * np.cos(h * t), -h * np.sin(h * t)
-    s = 1 - t  # VP: ᾱ(s) = exp(−∫₀ˢ β), β(s) = β_min + s·(β_max − β_min); α = √ᾱ
-    log_alpha = -0.25 * s**2 * (B_MAX - B_MIN) - 0.5 * s * B_MIN
-    alpha = np.exp(log_alpha)
-    d_alpha = alpha * 0.5 * (B_MIN + s * (B_MAX - B_MIN))
-    sigma = np.sqrt(1 - alpha**2)
-    return alpha, sigma, d_alpha, -alpha * d_alpha / sigma
 
 
 T_INNER = np.linspace(0.02, 0.98, 25)
@@ -61,33 +46,6 @@ def test_path_coefficients_match_closed_forms_and_finite_differences(path):
 
 
 # ------------------------------------------------------------------ the linear-Gaussian case: data x1 ~ N(0, s²I)
-
-S = 0.5
-
-
-def gaussian_model(path: str, prediction: str, s: float = S):
-    """The exact minimiser of each loss for Gaussian data, from the closed forms (x_t ~ N(0, V), V = α²s² + σ²)."""
-
-    def model(x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
-        alpha, sigma, d_alpha, d_sigma = (
-            torch.as_tensor(c, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-            for c in closed_form(path, t.double().cpu().numpy())
-        )
-        var = alpha**2 * s**2 + sigma**2
-        if prediction == "velocity":  # α'·E[x1|x] + σ'·E[x0|x]
-            return (d_alpha * alpha * s**2 + d_sigma * sigma) / var * x
-        if prediction == "noise":  # E[x0|x]
-            return sigma / var * x
-        return -x / var  # the score of N(0, V)
-
-    return model
-
-
-def exact_flow(path: str, t_from: float, t_to: float, s: float = S) -> float:
-    """The probability-flow ODE is dx/dt = (V'/2V)·x, so x(t_to) = x(t_from)·√(V(t_to)/V(t_from))."""
-    a, sg, _, _ = closed_form(path, np.array([t_from, t_to]))
-    v = a**2 * s**2 + sg**2
-    return float(np.sqrt(v[1] / v[0]))
 
 
 def test_euler_on_linear_gaussian_is_the_exact_euler_recursion_and_converges():

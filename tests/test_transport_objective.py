@@ -9,7 +9,7 @@ from scipy import stats
 from ditkit.errors import UserError
 from ditkit.transport import create_transport
 from ditkit.transport.objective import FLOW_SAMPLERS, FlowTraining, evaluations, sample
-from test_transport import S, exact_flow, gaussian_model
+from helpers.references import S, exact_flow, gaussian_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,12 +11,9 @@ import torch
 import ditkit
 from ditkit.cli import main
 from ditkit.train import train, validate
-from test_train import (
-    _train_script,
-    assert_sigkill_resume_matches_uninterrupted,
-    options,
-    read_losses,
-)
+from helpers.processes import assert_sigkill_resume_matches_uninterrupted
+from helpers.processes import train_script as _train_script
+from helpers.training import options, read_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +88,8 @@ def test_a_diffusion_checkpoint_refuses_flow_samplers_and_the_time_shift(tmp_pat
 def test_a_sit_release_layout_loads_and_samples_as_flow(tmp_path, capsys):
     """SiT's released files are bare EMA state dicts with DiT's keys; a file named SiT-* is read as flow/velocity."""
     from ditkit.sample.pipeline import load_for_sampling
-    from test_sample import parse, tiny_model
+    from helpers.cli import parse
+    from helpers.models import sampling_dit as tiny_model
 
     model = tiny_model()
     path = tmp_path / "SiT-S-2-8px.pt"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -9,20 +11,12 @@ diffusers = pytest.importorskip("diffusers")
 
 from ditkit.autoencoder import load_vae  # noqa: E402
 from ditkit.vae_decoder import _RENAMED, load_decoder  # noqa: E402
+from helpers import vae as vae_helpers  # noqa: E402
+
+# 3 levels (8, 16, 16): 4× downsampling; every weight perturbed, the zero-initialised layers random too.
+tiny_vae = partial(vae_helpers.tiny_vae, perturb="all", block_out_channels=(8, 16, 16))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_vae(seed: int = 0, **config) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32, **config)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised layers random too
-    return vae.eval()
 
 
 @pytest.mark.parametrize("config", [{}, {"mid_block_add_attention": False}, {"use_post_quant_conv": False}])

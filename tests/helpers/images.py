@@ -1,4 +1,4 @@
-"""Shared helpers for the data/VAE tests (no tests here): a generated image folder and a tiny saved VAE."""
+"""Generated test images: smooth noisy gradients, and an ImageFolder of odd sizes, modes and formats."""
 
 from __future__ import annotations
 
@@ -58,30 +58,3 @@ def make_image_folder(root: Path, flat: bool = False, corrupt: bool = True) -> P
         (folder / name).write_bytes(data[: len(data) // 3])  # header intact, scan data cut off
     (root / ".hidden_notes.txt").write_text("not an image")
     return root
-
-
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 8, 8, 8),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=32,
-)
-
-
-def make_tiny_vae(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A randomly initialised AutoencoderKL (downsampling 8×, 4 latent channels) saved with save_pretrained."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    model = AutoencoderKL(**{**TINY_VAE, **overrides})
-    # Random init gives a near-constant log-variance; spread it so std differs per position and matters.
-    with torch.no_grad():
-        model.quant_conv.bias[4:] += torch.linspace(-2.0, 0.0, 4)
-    model.save_pretrained(folder)
-    return folder
