@@ -215,3 +215,44 @@ def test_the_subprocess_marker_follows_helpers_and_fixtures(tmp_path):
     real = spawning_functions(TESTS / "test_train.py")
     assert "test_sigkill_then_resume_auto_matches_uninterrupted_run" in real
     assert "test_few_steps_write_checkpoints_and_logs" not in real
+
+
+# The pipeline's layers, bottom up: a module imports only from its own layer and those below (issue 25). A new
+# module goes in the layer of what it does; the longest matching prefix decides.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundation", ("ditkit.errors", "ditkit.seeding", "ditkit.io", "ditkit.validate", "ditkit.folder_lock",
+                    "ditkit.path_guard", "ditkit.distributed", "ditkit.fast")),
+    ("recipe", ("ditkit.recipe", "ditkit.models.config", "ditkit.training_methods")),
+    ("models", ("ditkit.models",)),
+    ("processes", ("ditkit.diffusion", "ditkit.transport", "ditkit.objective", "ditkit.objectives")),
+    ("data and weights", ("ditkit.data", "ditkit.autoencoder", "ditkit.vae_decoder", "ditkit.text",
+                          "ditkit.checkpoints", "ditkit.pretrained", "ditkit.diffusers_folder", "ditkit.lightningdit",
+                          "ditkit.convert_pixart", "ditkit.align", "ditkit.feature_encoders", "ditkit.compat",
+                          "ditkit.flops", "ditkit.flag_checks", "ditkit.counts")),
+    ("stages", ("ditkit.train", "ditkit.sample", "ditkit.metrics", "ditkit.convert")),
+    ("apps", ("ditkit.demo", "ditkit.demo_text", "ditkit.demo_meanflow", "ditkit.scaling", "ditkit.serve",
+              "ditkit.cli", "ditkit.__main__", "ditkit")),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest prefix naming `module` (None: in no layer)."""
+    best: tuple[int, int] | None = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (index, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_every_module_is_in_a_layer_and_no_import_runs_back_up():
+    graph = import_graph(SRC)
+    assert [m for m in graph if layer_of(m) is None] == []
+    up = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+          for m, targets in sorted(graph.items()) for t in sorted(targets) if layer_of(t) > layer_of(m)]
+    assert up == []
+
+
+def test_the_layer_check_finds_an_import_that_runs_back_up():
+    assert layer_of("ditkit.models.dit") == 2 and layer_of("ditkit.models.config") == 1
+    assert layer_of("ditkit.sample.pipeline") > layer_of("ditkit.objectives") > layer_of("ditkit.models.dit")

@@ -121,7 +121,7 @@ def prompted_samples(model: EncodedTextModel, prompts: list[str], cfg_scale: flo
                      batch: int = 250) -> torch.Tensor:
     """RGB samples N×3×8×8 in [-1, 1] for `prompts` (DPM-Solver++ 20 steps, guided by the null caption)."""
     from ditkit.diffusion import samplers
-    from ditkit.diffusion.guidance import guided_captions
+    from ditkit.models.guidance import guided_captions
 
     denoiser = guided_captions(model, cfg_scale, channels="all")
     gen = torch.Generator().manual_seed(seed)

@@ -2,7 +2,7 @@
 
 Each takes a (usually respaced) `GaussianDiffusion`, which turns the raw model output (ε, x₀ or v, with or
 without learned variance channels, at the original timestep indices) into x̂₀ and p(x_{t-1} | x_t), and a
-`model(x, t, **model_kwargs)`, e.g. a DiT or a guided one from `ditkit.diffusion.guidance`.
+`model(x, t, **model_kwargs)`, e.g. a DiT or a guided one from `ditkit.models.guidance`.
 
 - `ddpm`: ancestral sampling, the learned σ used as the step noise (DiT's default: 250 respaced steps).
 - `ddim`: Song et al.'s DDIM; eta = 0 deterministic (the probability-flow ODE, first order).

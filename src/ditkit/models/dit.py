@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditkit.diffusion.guidance import cfg_halves
 from ditkit.errors import UserError
 from ditkit.models import forward_mode, kernels
 from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from ditkit.models.guidance import cfg_halves
 from ditkit.models.kernels.attention import attention as measured_attention
 from ditkit.models.kernels.attention import select_backend
 from ditkit.models.knobs import apply_knobs, prepare_qk

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditkit.diffusion.guidance import cfg_halves
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS, Attention, Mlp, TokenGrid, cross_attend
 from ditkit.models.embeddings import sincos_2d
+from ditkit.models.guidance import cfg_halves
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

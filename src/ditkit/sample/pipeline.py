@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ditkit import flag_checks
-from ditkit.diffusion.guidance import guided, guided_captions
 from ditkit.diffusion.objective import default_steps
 from ditkit.errors import UserError
+from ditkit.models.guidance import guided, guided_captions
 from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import Objective, entry_for, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe

@@ -1,7 +1,7 @@
 """SiT's `Sampler`: ODE, SDE and likelihood sampling functions built from a `Transport`.
 
 Each `sample_*` method returns a function `fn(z, model, **model_kwargs)`; `model` is called as
-`model(x, t, **model_kwargs)` (a DiT, its `forward_with_cfg`, or a `ditkit.diffusion.guidance.guided` wrapper:
+`model(x, t, **model_kwargs)` (a DiT, its `forward_with_cfg`, or a `ditkit.models.guidance.guided` wrapper:
 guidance on the velocity is the same formula as on ε). What the function returns is SiT's trajectory:
 
 - `sample_ode`: a tensor (num_steps, *z.shape), the solution at each of `num_steps` evenly spaced times, so
