@@ -24,6 +24,7 @@ from PIL import Image
 from ditkit.data.captions import read_captions
 from ditkit.data.images import find_images
 from ditkit.errors import UserError
+from helpers.cli import refusal_line
 
 
 def _png(path: Path, value: int = 100) -> Path:
@@ -127,16 +128,6 @@ def tiny(tmp_path) -> Path:
     return tmp_path / "tiny.safetensors"
 
 
-def _one_line(argv: list[str], capsys) -> str:
-    from ditkit.cli import main
-
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err[-2000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith("ditkit")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_a_checkpoint_folder_without_its_ema_file_is_named_as_such(tiny, tmp_path, capsys):
@@ -144,7 +135,7 @@ def test_a_checkpoint_folder_without_its_ema_file_is_named_as_such(tiny, tmp_pat
     folder.mkdir(parents=True)
     shutil.copy(tiny, folder / "model.safetensors")
     (folder / "state.pt").write_bytes(b"")
-    line = _one_line(["sample", "--ckpt", str(folder), "--num-steps", "2", "--out", str(tmp_path / "s")], capsys)
+    line = refusal_line(["sample", "--ckpt", str(folder), "--num-steps", "2", "--out", str(tmp_path / "s")], capsys)
     assert "training checkpoint folder without ema.safetensors" in line and "not a diffusers" not in line
     assert f"pass {folder / 'model.safetensors'} to use the raw (non-EMA) weights" in line
 
@@ -163,7 +154,7 @@ def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tiny, tmp_pat
     monkeypatch.setattr(convert, "_import_diffusers", lambda: object())
     monkeypatch.setattr(convert, "to_diffusers_transformer", lambda model: Filling())
     out = tmp_path / "out"
-    line = _one_line(["convert", "--to", "diffusers", str(tiny), str(out)], capsys)
+    line = refusal_line(["convert", "--to", "diffusers", str(tiny), str(out)], capsys)
     assert f"disk full while writing {out}" in line
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 

@@ -20,6 +20,7 @@ from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import DiffusionProcess, FlowProcess, LatentSpace, Recipe, infer_recipe
+from helpers.cli import refusal_line
 
 TINY = dict(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, in_channels=1, num_classes=10)
 
@@ -41,14 +42,6 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _refused(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err[-2000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith("ditkit")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("ckpt, extra, message", [
@@ -64,7 +57,7 @@ def _refused(argv: list[str], capsys) -> str:
     ("diffusion100", ["--guidance-interval", "10", "200"], r"diffusion timesteps in 0\.\.99 "),
 ])
 def test_flags_that_cannot_apply_are_refused_naming_the_flag(ckpts, tmp_path, capsys, ckpt, extra, message):
-    line = _refused(["sample", "--ckpt", str(ckpts[ckpt]), "--num-steps", "2", "--device", "cpu",
+    line = refusal_line(["sample", "--ckpt", str(ckpts[ckpt]), "--num-steps", "2", "--device", "cpu",
                      "--out", str(tmp_path / "s"), *extra], capsys)
     assert re.search(message, line), line
     assert not (tmp_path / "s" / "grid.png").exists()

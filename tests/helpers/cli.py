@@ -18,3 +18,14 @@ def parse(ckpt, *argv: str) -> argparse.Namespace:
 def run_cli(*argv: str) -> int:
     """`ditkit sample ARGV --no-progress` in this process; the exit code."""
     return main(["sample", *argv, "--no-progress"])
+
+
+def refusal_line(argv: list[str], capsys) -> str:
+    """Run `ditkit ARGV` in-process; assert it exits 2 with exactly one `ditkit` line and no traceback; return it."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("ditkit")]
+    assert len(lines) == 1, err
+    return lines[0]
