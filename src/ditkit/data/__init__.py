@@ -44,6 +44,8 @@ class TrainingData:
     `encoder` is None or a callable run on the training device on each batch of images in [-1, 1];
     `labels` holds the label of every item (int64), for class-balanced evaluation without reading the data;
     `classes` names label k (the image folder's sorted sub-folder names, empty ones included; [] when flat).
+    The one record of the data, from opening it (`open_training_data`) to the loop (`train.batches.open_data`
+    fills `captions`, labels as a tensor).
     """
 
     dataset: Dataset
@@ -52,9 +54,10 @@ class TrainingData:
     input_size: int
     encoder: Callable[[torch.Tensor], torch.Tensor] | None
     description: str
-    labels: np.ndarray | None = None
+    labels: np.ndarray | torch.Tensor | None = None
     classes: list[str] | None = None
     latents: LatentSpace = field(default_factory=LatentSpace)  # how the model's inputs decode to images
+    captions: dict | None = None  # a captioned latent store's text encoder, max_tokens, channels
 
     def describe(self) -> str:
         """One line for logs."""

@@ -6,36 +6,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
+from ditkit.data import TrainingData
 from ditkit.errors import UserError
-from ditkit.recipe import LatentSpace
 from ditkit.seeding import generator
 from ditkit.train.options import TrainOptions
 
 
-@dataclass
-class TrainData:
-    """The data set and what the recipe takes from it: the latent space and the label map."""
-
-    dataset: Dataset
-    num_classes: int
-    in_channels: int
-    input_size: int
-    encoder: Any
-    description: str
-    labels: torch.Tensor | None
-    classes: list[str] | None = None  # label k's name (class folder), when the data names its classes
-    captions: dict | None = None  # a captioned latent store's text encoder, max_tokens, channels
-    latents: LatentSpace = field(default_factory=LatentSpace)  # how the model's inputs decode to images
-
-
-def open_data(opts: TrainOptions, seed: int) -> TrainData:
+def open_data(opts: TrainOptions, seed: int) -> TrainingData:
     """The built-in digits, a latent store, or an image folder (encoded by a VAE on the fly when --vae)."""
     if opts.data_path == "digits":
         from ditkit.data.digits import NUM_CLASSES, load_digits_split
@@ -43,8 +26,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
         size = opts.image_size or 16
         check_patch(opts, size, size, latent_store=False)
         images, labels = load_digits_split(size, "train")
-        return TrainData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}", labels,
-                         classes=[str(k) for k in range(NUM_CLASSES)])
+        return TrainingData(TensorDataset(images, labels), NUM_CLASSES, 1, size, None, f"digits {size}x{size}",
+                            labels, classes=[str(k) for k in range(NUM_CLASSES)])
     from ditkit.data import open_training_data
 
     # The resolved path: `clean`, `./clean/` and `/abs/clean` are one data set, and the run's record says so.
@@ -62,18 +45,8 @@ def open_data(opts: TrainOptions, seed: int) -> TrainData:
 
         stored = StoredCaptions(opts.data_path)  # items become (latent, packed caption): a text model trains
         dataset, captions = CaptionedLatents(data.dataset, stored), stored.info
-    return TrainData(
-        dataset,
-        data.num_classes,
-        data.in_channels,
-        data.input_size,
-        data.encoder,
-        data.describe(),
-        torch.as_tensor(labels) if labels is not None else None,
-        data.classes or None,
-        captions,
-        data.latents,
-    )
+    return dataclasses.replace(data, dataset=dataset, description=data.describe(), classes=data.classes or None,
+                               labels=torch.as_tensor(labels) if labels is not None else None, captions=captions)
 
 
 def with_channel_norm(data: Any, where: str) -> Any:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit import distributed as dist_utils
+from ditkit.data import TrainingData
 from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.errors import UserError
@@ -35,7 +36,7 @@ from ditkit.objectives import entry_for, objective_for
 from ditkit.path_guard import refuse_overlap
 from ditkit.recipe import Conditioning, Recipe
 from ditkit.seeding import generator as seeded
-from ditkit.train.batches import GlobalBatches, TrainData, open_data
+from ditkit.train.batches import GlobalBatches, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
     gather_model_state,
@@ -71,7 +72,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainData) -> dict[str, Any]:
+def _run_config(opts: TrainOptions, config: DiTConfig, data: TrainingData) -> dict[str, Any]:
     """What identifies a run: a results folder holding another one is refused. `classes`, the label map
     (label k's class name), is there when the data names its classes."""
     run = {
@@ -178,7 +179,7 @@ def train(opts: TrainOptions) -> TrainResult:
             dist_utils.cleanup()
 
 
-def _text_overrides(data: TrainData, opts: TrainOptions) -> dict[str, Any]:
+def _text_overrides(data: TrainingData, opts: TrainOptions) -> dict[str, Any]:
     """A captioned latent store trains a text model (PixArt-α's block) reading its stored caption features."""
     if data.captions is None:
         if opts.conditioning == "text":
@@ -254,7 +255,7 @@ def _set_precision(opts: TrainOptions, device: torch.device) -> str:
     return precision.name
 
 
-def _model_config(opts: TrainOptions, data: TrainData) -> DiTConfig:
+def _model_config(opts: TrainOptions, data: TrainingData) -> DiTConfig:
     """The model config from the flags and the data (channels, side, classes), after checking the data fits."""
     num_classes = opts.num_classes or data.num_classes
     if data.labels is not None and len(data.labels) and int(data.labels.max()) >= num_classes:
@@ -353,7 +354,7 @@ class Run:
 
     opts: TrainOptions
     info: dist_utils.DistInfo
-    data: TrainData
+    data: TrainingData
     recipe: Recipe
     results: Path
     model: DiT
@@ -593,7 +594,7 @@ class Run:
                            stopped_by_signal=stopped_by is not None, recipe=self.recipe)
 
 
-def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainData) -> Recipe:
+def build_recipe(opts: TrainOptions, config: DiTConfig, data: TrainingData) -> Recipe:
     """The run's recipe, from the flags (model, process) and the data (its latent space and label map)."""
     if config.is_text:
         conditioning = Conditioning(kind="text", text_encoder=(data.captions or {}).get("text_encoder"),
