@@ -195,14 +195,24 @@ def _generate(browser, classes: list[str], sampler: str, steps: int, seed: int, 
     browser.find_element(By.ID, "generate").click()
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_page_equals_ditkit_sample(server, tmp_path):
-    url, proc, folder = server
-    requests: list[str] = []
+def _opened(url: str, requests: list[str]):
+    """A headless Chromium on the page, its Generate button loaded (the browser is closed if that fails)."""
     browser = _driver(requests)
     try:
         browser.get(url)
         WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, "generate"))
+    except BaseException:
+        browser.quit()
+        raise
+    return browser
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_page_equals_ditkit_sample(server, tmp_path):
+    url, proc, folder = server
+    requests: list[str] = []
+    browser = _opened(url, requests)
+    try:
         # An out-of-range seed: a message in the page, nothing sampled.
         _set(browser, "seed", "-3")
         browser.find_element(By.ID, "generate").click()
@@ -241,10 +251,8 @@ def test_page_equals_ditkit_sample(server, tmp_path):
 def test_server_survives_a_client_that_leaves(server):
     url, proc, folder = server
     requests: list[str] = []
-    browser = _driver(requests)
+    browser = _opened(url, requests)
     try:
-        browser.get(url)
-        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, "generate"))
         _generate(browser, ["class 1", "class 2"], "ddpm", LONG_STEPS, 11, 12)  # a few seconds of sampling
         # Leave once the page shows the request running (its progress), before any image arrives.
         WebDriverWait(browser, 20, poll_frequency=0.1).until(lambda b: _progress(b) is not None)
