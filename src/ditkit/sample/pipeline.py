@@ -204,7 +204,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     vae_dtype = Precision.resolve(args.precision, device).inference_dtype
     found = read_checkpoint(pretrained.resolve_checkpoint(args.ckpt, args.cache_dir, progress=not args.no_progress))
     stored = Recipe.from_json(found.recipe_json, where=str(found.path)) if found.recipe_json else None
-    presets.check_checkpoint(getattr(args, "preset", None), found, getattr(args, "objective", None))
+    presets.check_checkpoint(args.preset, found, args.objective)
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
     # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
@@ -224,7 +224,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         overrides["in_channels"] = int(weight.shape[1]) if weight is not None else 4
     model = build_checked(found, expected["model"], device=device, **overrides)
     flag_checks.conditioning_flags(args, model.config.is_text)  # a flag the model cannot use is refused
-    presets.check_image_size(getattr(args, "preset", None), model.config.input_size * factor)
+    presets.check_image_size(args.preset, model.config.input_size * factor)
     _check_model_and_vae(model, vae, expected["model"] is None)
     recipe = _with_objective(checkpoint_recipe(found, model.config), args.objective,
                              found.recipe_json is not None)
@@ -235,15 +235,13 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     flag_checks.guidance_interval(args.guidance_interval, objective.kind,
                                   getattr(recipe.process, "diffusion_steps", TRAINING_TIMESTEPS))
     # The recipe's sampling defaults (`Recipe.sampling`) where the flag is not given; a flag wins.
-    flag_shift = getattr(args, "time_shift", None)
-    time_shift = recipe.sampling.time_shift if flag_shift is None else float(flag_shift)
+    time_shift = recipe.sampling.time_shift if args.time_shift is None else float(args.time_shift)
     if time_shift != 1.0 and (objective.kind != "flow" or not time_shift > 0):
         raise UserError(f"--time-shift {time_shift:g} applies to flow models only and must be > 0; drop it")
     sampler = args.sampler or objective.default_sampler
     num_steps = args.num_steps or objective.default_steps.get(sampler, 0)
     flag_checks.sampler_flags(args, sampler)
     objective.check_sampler(sampler, num_steps)  # the one check of the sampler and its step count
-    # MeanFlow folds its guidance into training: unguided sampling unless asked.
     folds = entry_for(objective.kind).folds_guidance  # MeanFlow trains its guidance in: unguided unless asked
     cfg = float(args.cfg_scale) if args.cfg_scale is not None else (1.0 if folds else DEFAULT_CFG)
     if cfg != 1.0 and not model.config.is_text and \
@@ -255,14 +253,14 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         guide_channels="all" if args.guide_channels == "all" else int(args.guide_channels),
         interval=tuple(args.guidance_interval) if args.guidance_interval else recipe.sampling.guidance_interval,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
-        time_shift=time_shift, cache=_cache_name(args), preset=getattr(args, "preset", None),
-        preset_overrides=tuple(getattr(args, "preset_overrides", ())),
+        time_shift=time_shift, cache=_cache_name(args.cache), preset=args.preset,
+        preset_overrides=tuple(args.preset_overrides),
     )
 
 
-def _cache_name(args: argparse.Namespace) -> str | None:
+def _cache_name(cache: str | None) -> str | None:
     """--cache as the setting it stands for ("fast" → its measured choice); None for off."""
-    setting = parse_cache(getattr(args, "cache", None))
+    setting = parse_cache(cache)
     return None if setting is None else setting.name
 
 
