@@ -11,7 +11,7 @@ here. `register_objective` adds one from outside the package as well.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ditkit.diffusion import objective as diffusion
@@ -40,9 +40,9 @@ class ObjectiveEntry:
     samplers: Callable[[], Mapping[str, int]]
     preview: tuple[str, int]
     help: str
-    flags: Mapping[str, Any] = None  # type: ignore[assignment]
+    flags: Mapping[str, Any] = field(default_factory=dict)
     folds_guidance: bool = False  # guidance is trained into the model: its samplers run unguided by default
-    model_config: Mapping[str, Any] = None  # type: ignore[assignment]  # DiTConfig fields the objective needs
+    model_config: Mapping[str, Any] = field(default_factory=dict)  # DiTConfig fields the objective needs
 
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {}
@@ -88,10 +88,10 @@ def process_from_flags(opts: Any) -> Any:
     """The recipe's process from `ditkit train`'s flags: one line for a flag another objective owns."""
     entry = entry_for(opts.objective)
     for other in OBJECTIVES.values():
-        if other.name == entry.name or not other.flags:
+        if other.name == entry.name:
             continue
         for name, unset in other.flags.items():
-            if name not in (entry.flags or {}) and getattr(opts, name, unset) != unset:
+            if name not in entry.flags and getattr(opts, name, unset) != unset:
                 raise UserError(f"--{name.replace('_', '-')} is a {other.name} setting; add --objective {other.name} "
                                 f"(or drop it for --objective {entry.name})")
     return entry.process_from_flags(opts)

@@ -281,7 +281,7 @@ def _model_config(opts: TrainOptions, data: TrainingData) -> DiTConfig:
             "conditioning": opts.conditioning,
             **_text_overrides(data, opts),
             **model_knobs(opts),
-            **(entry_for(opts.objective).model_config or {}),  # e.g. MeanFlow's interval embedder
+            **entry_for(opts.objective).model_config,  # e.g. MeanFlow's interval embedder
             **opts.model_overrides,
         },
     )
