@@ -40,9 +40,9 @@ def make_inputs(work: Path, name: str, image: int) -> tuple[Path, Path]:
     blocks identities), and an SD-VAE-shaped decoder folder with random weights (no diffusers needed)."""
     from safetensors.torch import save_file
 
-    from ditkit.autoencoder import SD_VAE_CONFIG
+    from ditkit.encoders.autoencoder import SD_VAE_CONFIG
     from ditkit.models import create_model
-    from ditkit.vae_decoder import WEIGHTS, DecoderKL
+    from ditkit.encoders.vae_decoder import WEIGHTS, DecoderKL
 
     torch.manual_seed(0)
     model = create_model(name, input_size=image // 8, num_classes=1000)

@@ -13,7 +13,7 @@ GPU against one GPU, peak memory per GPU, and the time to save and to load a tra
 (torchrun needs ditkit importable: `pip install -e .` or PYTHONPATH=src.) Each process trains DiT-XL/2 at
 256×256 (32×32×4 synthetic latents, 1000 classes) in bf16 with train.py's own step (`ditkit.train.step.TrainStep`:
 the global-batch draws, fp32 loss, AdamW, EMA) at a per-GPU batch of 64, replicated under DDP and sharded with
-FSDP2 (`ditkit.distributed.shard_dit`, EMA sharded alike), each eager and with every block compiled (as
+FSDP2 (`ditkit.runtime.distributed.shard_dit`, EMA sharded alike), each eager and with every block compiled (as
 train.py on GPUs). Throughput is global images per second over the timed steps (after warm-up), between two
 barriers with the GPU synchronised. Peak memory is the largest `torch.cuda.max_memory_allocated` over the ranks.
 With --baseline (the 1-GPU run's JSON; --sweep does this itself), scaling efficiency = images/s on N GPUs /
@@ -52,9 +52,9 @@ import torch
 import torch.distributed as dist
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
-from ditkit import distributed as dist_utils
+from ditkit.runtime import distributed as dist_utils
 from ditkit.diffusion import create_diffusion
-from ditkit.io import atomic_write
+from ditkit.runtime.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train.step import TrainStep
@@ -81,7 +81,7 @@ def _build(strategy: str, config: DiTConfig, compiled: bool, precision: str, inf
     ema.to(device).eval()
     forward: torch.nn.Module = model
     if compiled:
-        from ditkit.fast import compile_blocks
+        from ditkit.runtime.fast import compile_blocks
 
         compile_blocks(model)  # in place; DDP's and FSDP's hooks stay outside the compiled graphs
     if strategy == "fsdp":

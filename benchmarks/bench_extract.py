@@ -21,7 +21,7 @@ import time
 import torch
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
-from ditkit.autoencoder import SD_VAE_CONFIG, VAE
+from ditkit.encoders.autoencoder import SD_VAE_CONFIG, VAE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

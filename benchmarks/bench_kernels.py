@@ -33,8 +33,8 @@ import torch
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 import harness
 from ditkit.diffusion import create_diffusion
-from ditkit.fast import compile_blocks
-from ditkit.flops import count_macs
+from ditkit.runtime.fast import compile_blocks
+from ditkit.models.flops import count_macs
 from ditkit.models import create_model, kernels
 from ditkit.models.kernels.fp8 import BLOCK_LINEARS, enable_fp8
 from ditkit.train.step import TrainStep
@@ -492,7 +492,7 @@ def section_cli(bench: Bench) -> None:
     torch.save(model.state_dict(), work / "dit.pt")
     from diffusers import AutoencoderKL
 
-    from ditkit.autoencoder import SD_VAE_CONFIG
+    from ditkit.encoders.autoencoder import SD_VAE_CONFIG
 
     AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(work / "vae")
     n = 16 if quick else 1024

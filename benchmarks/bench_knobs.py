@@ -26,8 +26,8 @@ import torch
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 import harness
-from ditkit.fast import compile_blocks
-from ditkit.io import atomic_write
+from ditkit.runtime.fast import compile_blocks
+from ditkit.runtime.io import atomic_write
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.objectives import objective_for

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Only what a ditkit tree before MeanFlow has too (the --baseline-src child imports this file); the MeanFlow
 # pieces are imported where they are used.
-from ditkit.checkpoints import save_model  # noqa: E402
+from ditkit.weights.checkpoints import save_model  # noqa: E402
 from ditkit.models.config import DiTConfig  # noqa: E402
 from ditkit.models.dit import DiT  # noqa: E402
 from ditkit.objectives import objective_for  # noqa: E402
@@ -81,7 +81,7 @@ def _random_dit(bench: Bench, meanflow: bool) -> DiT:
 
 def _train_row(bench: Bench, process: Any, label: str) -> dict[str, Any]:
     """img/s, ms and peak memory of the training step for `process` (compiled blocks on a GPU, bf16)."""
-    from ditkit.fast import compile_blocks
+    from ditkit.runtime.fast import compile_blocks
 
     bench.reset_peak()
     meanflow = process.kind == "meanflow"

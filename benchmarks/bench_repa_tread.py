@@ -5,7 +5,7 @@
 
 Every arm runs `ditkit train`'s own step (`ditkit.train.step.TrainStep`: the (seed, step) draws, fp32 loss,
 backward, fused AdamW, EMA) on synthetic 32×32×4 latents at batch 128, bf16 autocast, each block compiled
-(`ditkit.fast.compile_blocks`) with the fused kernels on; one model serves every arm (compiled once per token
+(`ditkit.runtime.fast.compile_blocks`) with the fused kernels on; one model serves every arm (compiled once per token
 count), the projector's parameters frozen in the arms without REPA. Arms:
 
 - plain: the step as `ditkit train` runs it;
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from ditkit.diffusion import create_diffusion
-from ditkit.fast import compile_blocks
-from ditkit.io import atomic_write
+from ditkit.runtime.fast import compile_blocks
+from ditkit.runtime.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train.methods import MethodHooks
@@ -47,7 +47,7 @@ def dinov2_base_shaped(quick: bool) -> torch.nn.Module:
     """A random transformers DINOv2 with DINOv2-B's shape (tiny with --quick), wrapped as ditkit's encoder."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from ditkit.feature_encoders import TransformersPatchEncoder
+    from ditkit.encoders.features import TransformersPatchEncoder
 
     if quick:
         config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

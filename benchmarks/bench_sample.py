@@ -122,7 +122,7 @@ def _variants() -> dict[str, dict[str, Any]]:
 
 
 def section_forward(bench: Bench) -> None:
-    from ditkit.fast import compile_blocks
+    from ditkit.runtime.fast import compile_blocks
     from ditkit.models.kernels.fp8 import enable_fp8
 
     out: dict[str, Any] = {"gelu_epilogue_check": gelu_check(bench) if bench.device.type == "cuda" else None}
@@ -246,7 +246,7 @@ def kernel_profile(bench: Bench, fn: Callable[[], Any], top: int = 30) -> dict[s
 def vae_folder(work: Path) -> Path:
     from diffusers import AutoencoderKL
 
-    from ditkit.autoencoder import SD_VAE_CONFIG
+    from ditkit.encoders.autoencoder import SD_VAE_CONFIG
 
     path = work / "vae"
     if not path.exists():
@@ -256,7 +256,7 @@ def vae_folder(work: Path) -> Path:
 
 
 def section_vae(bench: Bench) -> None:
-    from ditkit.autoencoder import load_vae
+    from ditkit.encoders.autoencoder import load_vae
 
     out: dict[str, Any] = {}
     bench.results["vae"] = out
@@ -284,7 +284,7 @@ def section_vae(bench: Bench) -> None:
         bench.save()
     # ditkit's own decoder (what `ditkit sample` loads: no diffusers import), bf16 weights, same latents
     mine = load_vae(str(vae_folder(bench.work)), device=bench.device, dtype=torch.bfloat16, decode_only=True)
-    name = "ditkit.vae_decoder, bf16 weights (ditkit sample's)"
+    name = "ditkit.encoders.vae_decoder, bf16 weights (ditkit sample's)"
     out[name] = _decode_row(bench, lambda k=n: mine.decode(z[:k]), ref)
     out[name]["class"] = type(mine.model).__name__  # DecoderKL: ditkit's, not diffusers' fallback
     print(f"vae {name}: {out[name]}", flush=True)
@@ -429,8 +429,8 @@ def child(argv: list[str], out: str) -> int:
     PROCESS_START = process_start()
     events: list = [("python start → bench imports done", 0.0, time.time() - PROCESS_START)]
     t0 = time.time()
-    import ditkit.autoencoder as ae
-    import ditkit.checkpoints as ck
+    import ditkit.encoders.autoencoder as ae
+    import ditkit.weights.checkpoints as ck
     import ditkit.cli as cli
     import ditkit.sample.npz as npz
     import ditkit.sample.pipeline as pipe

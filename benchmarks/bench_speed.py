@@ -23,7 +23,7 @@ What it does, in order of importance (a `--budget-s` cut drops the tail and stil
 
 The training step is train.py's, built from the same functions (the model, `training_losses` with the fp32
 loss, AdamW, `update_ema`, the per-step generator); only the data loader is left out. FLOPs are counted by
-`ditkit.flops.count_macs`: a training image costs 6×MACs (forward 2×, backward 4×), a guided sampling step
+`ditkit.models.flops.count_macs`: a training image costs 6×MACs (forward 2×, backward 4×), a guided sampling step
 costs 2 rows × 2×MACs per image. MFU = counted FLOPs / time / the measured bf16 matmul rate.
 """
 
@@ -49,8 +49,8 @@ import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkou
 import harness
 from ditkit.diffusion import create_diffusion, samplers
 from ditkit.diffusion.guidance import guided
-from ditkit.fast import compile_blocks
-from ditkit.flops import count_macs
+from ditkit.runtime.fast import compile_blocks
+from ditkit.models.flops import count_macs
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train.step import TrainStep, _autocast, update_ema

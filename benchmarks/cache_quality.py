@@ -57,7 +57,7 @@ def latest_ema(folder: Path) -> Path:
 def class_rows(folder: Path, kind: str, num: int, settings: tuple[str, ...], runs: tuple) -> list[dict]:
     """Rows for a class-conditional demo model (diffusion or flow) through `ditkit.sample.Sampler`."""
     import ditkit
-    from ditkit.demo import DEMO_CFG
+    from ditkit.apps.demo import DEMO_CFG
     from ditkit.metrics.digits_classifier import digits_metrics
     from ditkit.sample import Sampler
 
@@ -98,7 +98,7 @@ def text_rows(folder: Path, num: int, settings: tuple[str, ...], runs: tuple) ->
     """Rows for the text demo model (its word encoder in front; guidance through the null caption)."""
     from safetensors.torch import load_file
 
-    from ditkit import demo_text as dt
+    from ditkit.apps import demo_text as dt
     from ditkit.data import colour_digits as cd
     from ditkit.diffusion import samplers
     from ditkit.diffusion.guidance import guided_captions

@@ -141,7 +141,7 @@ class TrainJob(Job):
         self.script = textwrap.dedent(
             f"""
             import sys
-            from ditkit.errors import UserError
+            from ditkit.runtime.errors import UserError
             from ditkit.train import TrainOptions, train_as_command
             try:  # the tiny model is not a command-line flag; the rest is what `ditkit train` does
                 train_as_command(TrainOptions(results_dir=sys.argv[1], **{settings!r}))
@@ -188,7 +188,7 @@ class TrainJob(Job):
         return int(found[-1].name) if found else 0
 
     def check(self, work: Path, name: str) -> str | None:
-        from ditkit.errors import UserError
+        from ditkit.runtime.errors import UserError
         from ditkit.models import DiT, DiTConfig
         from ditkit.train.checkpoint import load_training_checkpoint
 
@@ -234,7 +234,7 @@ class ExtractJob(Job):
 
     def check(self, work: Path, name: str) -> str | None:
         from ditkit.data.store import open_shard, shard_metadata
-        from ditkit.errors import UserError
+        from ditkit.runtime.errors import UserError
 
         try:
             if shard_metadata(work / name) is None:
@@ -429,7 +429,7 @@ def make_inputs(base: Path, num_images: int = 30) -> dict[str, Path]:
     import torch
 
     import ditkit
-    from ditkit.checkpoints import save_model
+    from ditkit.weights.checkpoints import save_model
     from helpers.images import smooth_image
     from helpers.vae import make_tiny_vae
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ditkit.autoencoder import SD_SCALE, SD_VAE_CONFIG, load_vae
-from ditkit.errors import UserError
+from ditkit.encoders.autoencoder import SD_SCALE, SD_VAE_CONFIG, load_vae
+from ditkit.runtime.errors import UserError
 from helpers.vae import make_tiny_vae
 
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ditkit
-from ditkit.checkpoints import save_model
+from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
 from helpers.vae import make_tiny_vae
 

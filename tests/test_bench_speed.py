@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from ditkit.fast import compile_blocks
+from ditkit.runtime.fast import compile_blocks
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from helpers.gpu_machine import without_gpu_machine_missing_packages

@@ -44,11 +44,11 @@ def test_find_model_takes_a_released_name_from_the_cache(tmp_path, monkeypatch):
 
 
 def test_broadcast_object_alone_and_in_a_one_process_group(tmp_path):
-    """`ditkit.distributed.broadcast_object` (used by benchmarks/bench_ddp.py): the object itself without a
+    """`ditkit.runtime.distributed.broadcast_object` (used by benchmarks/bench_ddp.py): the object itself without a
     process group, and through `broadcast_object_list` in one."""
     import torch.distributed as dist
 
-    from ditkit.distributed import broadcast_object
+    from ditkit.runtime.distributed import broadcast_object
 
     payload = {"step": 3, "rows": [1, 2]}
     assert broadcast_object(payload) is payload

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ditkit
-from ditkit import convert
+from ditkit.weights import convert
 from ditkit.cli import main
 from ditkit.models.config import DiTConfig
 from helpers import models, vae

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import ditkit
-from ditkit import convert, convert_pixart
+from ditkit.weights import convert
+from ditkit.weights import convert_pixart
 from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ditkit.data.images import ImageFolderDataset, center_crop_arr, find_images, load_rgb, to_tensor
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from helpers.images import CORRUPT, GRAYSCALE, IMAGES, make_image_folder, smooth_image
 
 # ----------------------------------------------------------------------------------------------- reference

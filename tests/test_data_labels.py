@@ -41,7 +41,7 @@ def test_stray_empty_sub_folders_leave_a_flat_folder_flat(tmp_path, capsys):
 
 
 def test_training_data_and_the_store_manifest_carry_the_label_map(tmp_path):
-    from ditkit.autoencoder import load_vae
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
 
     root = _folder(tmp_path / "imgs", {"ant": 1, "bee": 0, "cat": 1})
@@ -70,7 +70,7 @@ def _train(data, results, **kw):
 def test_a_run_records_its_label_map_and_refuses_another(tmp_path, one_thread):
     import pytest
 
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
 
     root = _folder(tmp_path / "imgs", {"ant": 1, "bee": 0, "cat": 1})
     _train(root, tmp_path / "run")
@@ -84,9 +84,9 @@ def test_a_run_records_its_label_map_and_refuses_another(tmp_path, one_thread):
 def test_exif_transpose_reaches_training_and_the_store(tmp_path, one_thread):
     import pytest
 
-    from ditkit.autoencoder import load_vae
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
 
     root = _folder(tmp_path / "imgs", {"ant": 1, "cat": 1})
     result = _train(root, tmp_path / "run", exif_transpose=True)

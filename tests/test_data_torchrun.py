@@ -30,7 +30,7 @@ def test_torchrun_extract_matches_single_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     import torch
 
-    from ditkit.autoencoder import load_vae
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
 
     threads = torch.get_num_threads()

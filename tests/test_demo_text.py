@@ -38,7 +38,7 @@ def test_score_reads_real_painted_digits_as_the_classifier_reads_grey_ones():
     # scoring against the wrong digits (labels shifted by one) must fall to about nothing.
     import torch
 
-    from ditkit import demo_text
+    from ditkit.apps import demo_text
     from ditkit.data import colour_digits as cd
     from ditkit.data.digits import load_digits_split
     from ditkit.metrics.digits_classifier import accuracy, get_digits_classifier
@@ -64,7 +64,7 @@ def test_word_encoder_spreads_each_word_over_every_token():
     import torch
 
     from ditkit.data import colour_digits as cd
-    from ditkit.demo_text import WordEncoder
+    from ditkit.apps.demo_text import WordEncoder
 
     torch.manual_seed(0)
     encoder = WordEncoder(len(cd.VOCAB), cd.MAX_WORDS, 64).eval()

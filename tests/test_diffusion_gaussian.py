@@ -15,7 +15,7 @@ from scipy.stats import norm
 
 from ditkit.diffusion import create_diffusion, get_beta_schedule, space_timesteps
 from ditkit.diffusion.gaussian import GaussianDiffusion
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 F64 = torch.float64
 

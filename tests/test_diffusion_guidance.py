@@ -7,7 +7,7 @@ import torch
 
 import ditkit
 from ditkit.diffusion.guidance import guided
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 F64 = torch.float64
 NULL = 10

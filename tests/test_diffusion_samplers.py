@@ -10,7 +10,7 @@ import torch
 
 from ditkit.diffusion import create_diffusion, samplers
 from ditkit.diffusion.respace import respace
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from helpers.references import ALPHA_BAR, MU, SIGMA, gaussian_eps_model
 
 F64 = torch.float64

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ditkit.data.digits import load_digits_split
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.metrics import digits_classifier as dc
 
 

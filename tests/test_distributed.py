@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.train import train, validate
 from ditkit.train.checkpoint import load_training_checkpoint
 from ditkit.train.step import TrainStep

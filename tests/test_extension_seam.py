@@ -12,7 +12,7 @@ import torch
 
 from ditkit.cli import main
 from ditkit.diffusion import create_diffusion, samplers
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.objectives import OBJECTIVES, ObjectiveEntry, register_objective
 from ditkit.recipe import PROCESSES

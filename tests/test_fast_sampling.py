@@ -10,9 +10,9 @@ from functools import partial
 import pytest
 import torch
 
-from ditkit.checkpoints import check_finite, load_model
-from ditkit.errors import UserError
-from ditkit.io import safe_torch_load
+from ditkit.weights.checkpoints import check_finite, load_model
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import safe_torch_load
 from ditkit.models import kernels
 from helpers.models import random_dit
 

@@ -160,7 +160,7 @@ def test_cpu_tensors_take_the_plain_path():
 def test_fp8_needs_a_gpu_with_fp8_units():
     import argparse
 
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
     from ditkit.models.precision import Precision
     from ditkit.sample.pipeline import _fast_path
 
@@ -204,7 +204,7 @@ def test_the_measured_attention_backend_is_kept_across_runs(tmp_path, monkeypatc
     assert attention.select_backend(*shape) == "cudnn" and len(calls) == 3
     assert attention.disk_key(*shape) in json.loads((tmp_path / attention.CACHE_FILE).read_text())
 
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
 
     def disk_full(path, write):  # atomic_write's report of a full disk
         raise UserError(f"disk full while writing {path}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.checkpoints import infer_config
-from ditkit.errors import UserError
+from ditkit.weights.checkpoints import infer_config
+from ditkit.runtime.errors import UserError
 from ditkit.models import DiTConfig, build_model, create_model, kernels
 from ditkit.models.knobs import RMSNorm, Rope2D, SwiGLU, rope_tables, swiglu_hidden
 
@@ -137,8 +137,8 @@ def test_lightningdit_state_dicts_load_strictly_and_match_their_outputs(name):
 def test_a_lightningdit_training_checkpoint_loads_with_its_recipe(tmp_path):
     """LightningDiT's train.py writes {"model", "ema", "opt", "config": its YAML}: the EMA loads strictly and the
     YAML becomes the recipe (flow, logit-normal t, the cosine term, its time shift and guidance interval)."""
-    from ditkit.checkpoints import checkpoint_recipe, read_checkpoint
-    from ditkit.checkpoints import load_model as load
+    from ditkit.weights.checkpoints import checkpoint_recipe, read_checkpoint
+    from ditkit.weights.checkpoints import load_model as load
 
     state, tensors = _fixture_variant("released")
     yaml = {"model": {"model_type": "LightningDiT-XL/1", "use_swiglu": True, "use_rope": True, "use_rmsnorm": True},

@@ -80,7 +80,7 @@ def test_a_recipe_with_every_knob_round_trips_and_a_version_1_recipe_reads_with_
     (dict(sampling=SamplingDefaults(guidance_interval=(0.5, 0.1))), "lo <= hi"),
 ])
 def test_bad_recipe_values_get_one_line(bad, match):
-    with pytest.raises(ditkit.errors.UserError, match=match) as err:
+    with pytest.raises(ditkit.runtime.errors.UserError, match=match) as err:
         Recipe(model=DiTConfig.from_name("DiT-S/2"), **bad)
     assert "\n" not in str(err.value)
 
@@ -129,7 +129,7 @@ def test_resuming_with_another_knob_setting_is_refused_with_one_line(knob_run, c
     run = tmp_path / "run"
     shutil.copytree(knob_run.results_dir, run)
     settings = {**KNOBS, **FLOW, **change}
-    with pytest.raises(ditkit.errors.UserError) as err:
+    with pytest.raises(ditkit.runtime.errors.UserError) as err:
         train(options(tmp_path, max_steps=3, ckpt_every=1, resume="auto", results_dir=str(run), **settings))
     assert "\n" not in str(err.value) and ("another config" in str(err.value) or "trained with" in str(err.value))
 
@@ -158,7 +158,7 @@ def test_sigkill_then_resume_with_every_knob_matches_the_uninterrupted_run(tmp_p
 def test_latent_norm_uses_the_stores_channel_statistics_and_sampling_undoes_them(tmp_path):
     """--latent-norm: items are ((z − shift)·scale − mean_c)/std_c with the manifest's statistics (float64 check),
     the recipe records them, and the sampler maps the model's output back before the VAE decodes it."""
-    from ditkit.autoencoder import load_vae
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
     from ditkit.data.store import LatentStore
     from ditkit.sample.pipeline import load_for_sampling
@@ -186,5 +186,5 @@ def test_latent_norm_uses_the_stores_channel_statistics_and_sampling_undoes_them
     sampler = load_for_sampling(parse(run.results_dir / "checkpoints" / "0000001", "--class-labels", "0"),
                                 torch.device("cpu"))
     assert sampler.recipe.latents.mean == recipe.latents.mean  # kept when the VAE is loaded for decoding
-    with pytest.raises(ditkit.errors.UserError, match="needs a latent store"):
+    with pytest.raises(ditkit.runtime.errors.UserError, match="needs a latent store"):
         train(options(tmp_path / "digits", max_steps=1, latent_norm=True))

@@ -209,7 +209,7 @@ def test_recipe_checkpoint_keys_and_refusals():
         mf.process_from_flag("omega=1,bogus=2")
     with pytest.raises(ditkit.UserError, match="ratio_r_neq_t"):
         mf.process_from_flag("ratio_r_neq_t=1.5")
-    from ditkit.convert import diffusers_config
+    from ditkit.weights.convert import diffusers_config
 
     with pytest.raises(ditkit.UserError, match="no diffusers DiT equivalent"):
         diffusers_config(DiTConfig(**{**TINY, "learn_sigma": True}))
@@ -220,7 +220,7 @@ def test_recipe_checkpoint_keys_and_refusals():
 def test_sample_cli_and_train_flags(tmp_path, capsys):
     """`ditkit sample --sampler meanflow` on a MeanFlow file (unguided by default), another objective's sampler
     refused in one line with exit 2; `--meanflow` without `--objective meanflow` refused by the train checks."""
-    from ditkit.checkpoints import save_model
+    from ditkit.weights.checkpoints import save_model
     from ditkit.cli import main
     from ditkit.train.options import TrainOptions, validate
 

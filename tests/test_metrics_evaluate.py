@@ -15,7 +15,7 @@ from scipy.special import softmax
 from scipy.stats import entropy
 
 from ditkit.cli import main
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.metrics import evaluate as ev
 from ditkit.metrics import inception as inc
 from helpers.inception import TinyInception

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.flops import count_macs, count_params
+from ditkit.models.flops import count_macs, count_params
 from ditkit.models.config import CLASS_CONDITIONINGS, DiTConfig
 from ditkit.models.embeddings import sincos_2d, timestep_embedding
 from helpers.models import tiny_dit

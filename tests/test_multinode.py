@@ -127,7 +127,7 @@ def one_thread_cli(monkeypatch):
 def test_the_device_follows_the_local_rank_and_only_global_rank_0_is_main(monkeypatch):
     """Rank 9 of 16 on the second 8-GPU node uses its cuda:1 (not a cuda:9 that does not exist), and rank 8, the
     second node's local rank 0, is not the writer."""
-    from ditkit.distributed import env_info
+    from ditkit.runtime.distributed import env_info
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -145,8 +145,8 @@ def test_the_device_follows_the_local_rank_and_only_global_rank_0_is_main(monkey
 def test_dist_timeout_from_the_environment(monkeypatch):
     from datetime import timedelta
 
-    from ditkit.distributed import timeout_from_env
-    from ditkit.errors import UserError
+    from ditkit.runtime.distributed import timeout_from_env
+    from ditkit.runtime.errors import UserError
 
     default = timedelta(minutes=30)
     monkeypatch.delenv("DITKIT_DIST_TIMEOUT", raising=False)
@@ -160,7 +160,7 @@ def test_dist_timeout_from_the_environment(monkeypatch):
 
 
 def test_peer_failures_are_recognised_and_nothing_else(monkeypatch):
-    from ditkit.distributed import describe_peer_failure
+    from ditkit.runtime.distributed import describe_peer_failure
 
     closed = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                           "[127.0.0.1]:34978. This is typically caused by a remote worker crashing.")

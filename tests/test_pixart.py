@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ditkit
-from ditkit.flops import count_macs, count_params
+from ditkit.models.flops import count_macs, count_params
 from ditkit.models.config import DiTConfig
 from ditkit.models.pixart import PixArtDiT
 from helpers.models import randomise

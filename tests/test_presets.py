@@ -13,7 +13,7 @@ import torch
 import ditkit
 from ditkit import sample as sample_mod
 from ditkit.cli import main
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.metrics import inception as inc
 from ditkit.models.config import DiTConfig
 from ditkit.sample import presets

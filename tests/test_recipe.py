@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import (
     RECIPE_VERSION,

@@ -33,7 +33,7 @@ def tiny_cli(monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from ditkit.autoencoder import load_vae
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
 
     root = tmp_path_factory.mktemp("store")
@@ -46,7 +46,7 @@ def store(tmp_path_factory):
 
 
 def _stored_recipe(path) -> Recipe:
-    from ditkit.io import read_safetensors
+    from ditkit.runtime.io import read_safetensors
 
     return Recipe.from_json(read_safetensors(path)[1][METADATA_KEY])
 
@@ -109,7 +109,7 @@ def test_a_cosine_run_samples_with_cosine_betas_from_the_checkpoint_alone(tmp_pa
     assert _stored_recipe(ckpt / "model.safetensors").process.noise_schedule == schedule
     args = _sample_args(ckpt, sampler="ddim", num_steps=5, cfg_scale=1.0)
     before = vars(args).copy()
-    import ditkit.checkpoints as ck
+    import ditkit.weights.checkpoints as ck
 
     reads = []
     real_read = ck.read_safetensors
@@ -151,7 +151,7 @@ def test_old_files_load_with_an_inferred_recipe(tmp_path):
     from safetensors.torch import save_file
 
     import ditkit
-    from ditkit.checkpoints import CONFIG_KEY
+    from ditkit.weights.checkpoints import CONFIG_KEY
     from ditkit.recipe import DiffusionProcess, LatentSpace
 
     model = ditkit.create_model("DiT-S/8", input_size=8, num_classes=10)  # 4 channels: SD-VAE latents

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import ditkit
-from ditkit import counts
-from ditkit.checkpoints import save_model
+from ditkit.runtime import counts
+from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
 
 

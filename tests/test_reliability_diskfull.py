@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints import load_model, save_model
+from ditkit.weights.checkpoints import load_model, save_model
 from ditkit.cli import main
-from ditkit.errors import UserError
-from ditkit.io import atomic_write, disk_full
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write, disk_full
 from helpers.models import output_random_dit as tiny_model
 from helpers.training import TRAIN_TINY
 
@@ -237,7 +237,7 @@ def test_log_writes_that_fail_warn_once_and_training_goes_on(tmp_path, capsys, m
 def test_real_full_disk_while_training_warns_then_stops_naming_the_intact_checkpoint(small_fs, capsys, one_thread):
     """On a filesystem that fills up mid-run the logs fail first (warned once), training goes on, and the first
     checkpoint that no longer fits stops the run with one line naming the newest intact one (issue 17, item 3)."""
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
     from ditkit.train import TrainOptions, train
     from ditkit.train.checkpoint import list_checkpoints
 

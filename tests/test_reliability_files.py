@@ -23,7 +23,7 @@ from PIL import Image
 
 from ditkit.data.captions import read_captions
 from ditkit.data.images import find_images
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from helpers.cli import refusal_line
 
 
@@ -119,7 +119,7 @@ def tiny(tmp_path) -> Path:
     import torch
 
     import ditkit
-    from ditkit.checkpoints import save_model
+    from ditkit.weights.checkpoints import save_model
 
     torch.manual_seed(0)
     model = ditkit.create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32,
@@ -143,8 +143,7 @@ def test_a_checkpoint_folder_without_its_ema_file_is_named_as_such(tiny, tmp_pat
 def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
     """A stand-in for diffusers' writer that fills the disk halfway (the real tmpfs case is in
     test_reliability_diskfull.py for the other writers)."""
-    from ditkit import convert
-
+    from ditkit.weights import convert
     class Filling:
         def save_pretrained(self, folder, safe_serialization=True):
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -160,8 +159,7 @@ def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tiny, tmp_pat
 
 
 def test_an_unwritable_cache_falls_back_to_a_temporary_folder_once(tmp_path, capsys, monkeypatch):
-    from ditkit import io
-
+    from ditkit.runtime import io
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("DITKIT_CACHE", str(blocker / "cache"))
@@ -178,7 +176,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder_once(tmp_path, cap
 
 
 def test_a_refused_pickle_gets_ditkits_line_and_no_torch_warning(tmp_path):
-    from ditkit.io import safe_torch_load
+    from ditkit.runtime.io import safe_torch_load
 
     path = tmp_path / "plain.pt"
     with open(path, "wb") as f:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints import save_model
+from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig

@@ -37,7 +37,7 @@ def _train(data_path: str, results: Path, **kw):
 
 def test_resume_accepts_the_same_data_typed_differently_and_names_the_choice_when_it_changed(
         tmp_path, monkeypatch, capsys, one_thread):
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
 
     monkeypatch.chdir(tmp_path)
     _images(tmp_path / "imgs")

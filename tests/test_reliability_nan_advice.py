@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.errors import UserError
-from ditkit.io import read_safetensors, safe_torch_load
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import read_safetensors, safe_torch_load
 from ditkit.train.health import GoodCheckpoints, all_finite
 
 

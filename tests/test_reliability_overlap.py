@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints import checkpoint_metadata, save_model
+from ditkit.weights.checkpoints import checkpoint_metadata, save_model
 from ditkit.cli import main
-from ditkit.path_guard import relation
+from ditkit.runtime.path_guard import relation
 from ditkit.train.checkpoint import save_training_checkpoint
 
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints import save_model
+from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
-from ditkit.errors import UserError
-from ditkit.folder_lock import FolderLock
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.folder_lock import FolderLock
 from helpers.models import TINY
 from helpers.processes import ENV
 
@@ -44,7 +44,7 @@ TRAIN = textwrap.dedent(
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from ditkit.folder_lock import FolderLock
+    from ditkit.runtime.folder_lock import FolderLock
     lock = FolderLock(sys.argv[1], sys.argv[2], "--out")
     print("held", flush=True)
     time.sleep(120)

@@ -1,4 +1,4 @@
-"""REPA (ditkit.align, ditkit.feature_encoders, ditkit.train.methods): against REPA's own code (a fixture made by
+"""REPA (ditkit.train.align, ditkit.encoders.features, ditkit.train.methods): against REPA's own code (a fixture made by
 running their SILoss and SiT, see tests/fixtures/README.md), a float64 re-derivation, the recipe, the encoders."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ditkit.align import alignment_loss, attach_projector, build_projector, load_repa_checkpoint
-from ditkit.errors import UserError
+from ditkit.train.align import alignment_loss, attach_projector, build_projector, load_repa_checkpoint
+from ditkit.runtime.errors import UserError
 from ditkit.models import DiT, DiTConfig
 from ditkit.models.routing import TrainingPath
 from ditkit.recipe import Recipe
@@ -143,7 +143,7 @@ def test_resume_with_other_settings_is_refused_in_one_line():
 
 def test_sampling_a_repa_checkpoint_drops_the_projector(tmp_path):
     import ditkit
-    from ditkit.checkpoints import save_model
+    from ditkit.weights.checkpoints import save_model
 
     config = DiTConfig(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
     model = attach_projector(DiT(config), Alignment("digits-mae", 16, depth=1, projector_dim=8))
@@ -156,7 +156,7 @@ def test_sampling_a_repa_checkpoint_drops_the_projector(tmp_path):
 
 def test_transformers_encoder_from_a_local_folder_and_one_line_when_missing(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from ditkit.feature_encoders import load_encoder, to_grid
+    from ditkit.encoders.features import load_encoder, to_grid
 
     config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=32, image_size=28, patch_size=14)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.objectives import objective_for
 from ditkit.recipe import FlowProcess, infer_recipe

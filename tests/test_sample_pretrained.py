@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from ditkit import pretrained
+from ditkit.weights import pretrained
 from ditkit.cli import main
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 NAME = "DiT-XL-2-256x256.pt"
 

@@ -10,10 +10,10 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from ditkit import scaling
+from ditkit.apps import scaling
 from ditkit.cli import main
-from ditkit.errors import UserError
-from ditkit.flops import count_macs
+from ditkit.runtime.errors import UserError
+from ditkit.models.flops import count_macs
 from ditkit.models.config import DiTConfig
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import ditkit
-from ditkit import serve
+from ditkit.apps import serve
 from ditkit.cli import main
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.recipe import FlowProcess, LatentSpace, Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,7 +95,7 @@ def test_text_demo_equals_its_own_sampler(tmp_path, monkeypatch):
     """The page samples the text demo model as `ditkit demo --text` does (demo_text.prompted_samples)."""
     from safetensors.torch import save_file
 
-    from ditkit import demo_text
+    from ditkit.apps import demo_text
     from ditkit.data import colour_digits as cd
     from ditkit.models.config import DiTConfig
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ditkit.data.captions import read_captions
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from helpers.text import save_clip, save_t5, tiny_tokenizer
 
 
@@ -78,7 +78,7 @@ def test_missing_and_empty_captions_name_the_file(tmp_path):
 
 
 def test_t5_encoder_masks_padding_and_its_features_do_not_depend_on_it(tmp_path):
-    from ditkit.text import load_text_encoder
+    from ditkit.encoders.text import load_text_encoder
 
     save_t5(tmp_path / "t5")
     short = load_text_encoder(str(tmp_path / "t5"), max_tokens=8)
@@ -94,7 +94,7 @@ def test_t5_encoder_masks_padding_and_its_features_do_not_depend_on_it(tmp_path)
 
 
 def test_clip_text_encoder_and_a_pipeline_folder_layout(tmp_path):
-    from ditkit.text import load_text_encoder
+    from ditkit.encoders.text import load_text_encoder
 
     save_clip(tmp_path / "pipe" / "text_encoder")
     tiny_tokenizer(bos=True).save_pretrained(str(tmp_path / "pipe" / "tokenizer"))
@@ -106,7 +106,7 @@ def test_clip_text_encoder_and_a_pipeline_folder_layout(tmp_path):
 
 
 def test_missing_encoder_is_one_line(tmp_path):
-    from ditkit.text import load_text_encoder
+    from ditkit.encoders.text import load_text_encoder
 
     with pytest.raises(UserError, match="not in the Hugging Face cache") as err:
         load_text_encoder("nobody/no-such-t5-here")
@@ -125,7 +125,7 @@ def test_extract_encodes_captions_beside_the_latents_row_for_row(tmp_path):
 
     from ditkit.data.caption_store import StoredCaptions
     from ditkit.data.store import LatentStore
-    from ditkit.text import load_text_encoder
+    from ditkit.encoders.text import load_text_encoder
     from helpers.vae import make_tiny_vae
 
     folder = tmp_path / "imgs"

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.train import train, validate
 from ditkit.train.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from helpers.models import TINY

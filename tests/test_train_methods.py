@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.errors import UserError
-from ditkit.feature_encoders import DigitsPatchEncoder, digits_encoder_path
-from ditkit.io import save_safetensors
+from ditkit.runtime.errors import UserError
+from ditkit.encoders.features import DigitsPatchEncoder, digits_encoder_path
+from ditkit.runtime.io import save_safetensors
 from ditkit.train import TrainOptions, train
 from ditkit.train.checkpoint import read_safetensors
 

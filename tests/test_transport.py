@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.transport import Sampler, create_transport, first_channels, shifted_grid
 from ditkit.transport.integrators import ode_euler, ode_heun, ode_torchdiffeq
 from helpers.references import S, closed_form, exact_flow, gaussian_model

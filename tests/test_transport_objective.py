@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.transport import create_transport
 from ditkit.transport.objective import FLOW_SAMPLERS, FlowTraining, evaluations, sample
 from helpers.references import S, exact_flow, gaussian_model

@@ -42,7 +42,7 @@ def test_flow_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
 
 def test_resuming_a_flow_run_as_diffusion_is_refused(tmp_path):
     train(options(tmp_path, max_steps=1, ckpt_every=1, objective="flow"))
-    with pytest.raises(ditkit.errors.UserError, match="process") as err:
+    with pytest.raises(ditkit.runtime.errors.UserError, match="process") as err:
         train(options(tmp_path, max_steps=2, ckpt_every=1, resume="auto"))
     assert "\n" not in str(err.value)
 
@@ -54,7 +54,7 @@ def test_resuming_a_flow_run_as_diffusion_is_refused(tmp_path):
     (dict(objective="diffusion", path_type="GVP"), "--path-type"),
 ])
 def test_bad_flow_training_flags_get_one_line(tmp_path, kwargs, match):
-    with pytest.raises(ditkit.errors.UserError, match=match) as err:
+    with pytest.raises(ditkit.runtime.errors.UserError, match=match) as err:
         validate(options(tmp_path, **kwargs), 1)
     assert "\n" not in str(err.value)
 

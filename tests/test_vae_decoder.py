@@ -1,4 +1,4 @@
-"""`ditkit.vae_decoder` against diffusers' AutoencoderKL decode on the same (random, tiny) weights, in float64."""
+"""`ditkit.encoders.vae_decoder` against diffusers' AutoencoderKL decode on the same (random, tiny) weights, in float64."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from ditkit.autoencoder import load_vae  # noqa: E402
-from ditkit.vae_decoder import _RENAMED, load_decoder  # noqa: E402
+from ditkit.encoders.autoencoder import load_vae  # noqa: E402
+from ditkit.encoders.vae_decoder import _RENAMED, load_decoder  # noqa: E402
 from helpers import vae as vae_helpers  # noqa: E402
 
 # 3 levels (8, 16, 16): 4× downsampling; every weight perturbed, the zero-initialised layers random too.
@@ -59,7 +59,7 @@ def test_old_attention_names_load_and_unknown_layouts_fall_back(tmp_path):
 
 
 def test_decode_only_vae_through_the_wrapper_scales_and_refuses_to_encode(tmp_path):
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
 
     vae = tiny_vae(seed=2)
     vae.save_pretrained(tmp_path / "vae")

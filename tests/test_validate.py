@@ -1,6 +1,6 @@
 """A number or a path read from a file is checked before it is used (issue 30, classes 2 and 3).
 
-Every file format ditkit reads has one validator in `ditkit.validate`; these tests feed each of them the issue's
+Every file format ditkit reads has one validator in `ditkit.runtime.validate`; these tests feed each of them the issue's
 examples (a recipe with 10^12 diffusion steps, a diffusers config with sample_size 200000, a store manifest with a
 10^5×10^5 latent shape or 10^12 classes, wrong types, shard names that leave the store) through the command line,
 and a hypothesis fuzz of random JSON of wrong types and sizes through each reader: the result is either accepted
@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ditkit
-from ditkit import validate
-from ditkit.checkpoints import save_model
+from ditkit.runtime import validate
+from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
-from ditkit.convert import diffusers_config
+from ditkit.weights.convert import diffusers_config
 from ditkit.data.store import FORMAT, MANIFEST, read_manifest
-from ditkit.diffusers_folder import config_from_diffusers, read_diffusers_folder
-from ditkit.errors import UserError
+from ditkit.weights.diffusers_folder import config_from_diffusers, read_diffusers_folder
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import Recipe, infer_recipe
 

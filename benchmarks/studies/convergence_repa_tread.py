@@ -5,7 +5,7 @@ budget; only `--repa-*` / `--tread-*` and the objective differ. Checkpoints are 
 EMA is scored afterwards with the digits classifier (class accuracy and the digits Fréchet distance of guided
 samples, as `ditkit demo` scores them), so the training wall clock of a run is its own (no evaluation inside).
 
-REPA's frozen encoder is `digits-mae` (ditkit.feature_encoders): a conv encoder trained self-supervised (masked-
+REPA's frozen encoder is `digits-mae` (ditkit.encoders.features): a conv encoder trained self-supervised (masked-
 patch reconstruction, no labels) on the digits train split — not the classifier that scores the samples.
 
     flock /tmp/cpu-heavy.lock nice -n 5 env PYTHONPATH=src python benchmarks/studies/convergence_repa_tread.py \
@@ -26,7 +26,7 @@ from typing import Any
 import _paths  # noqa: F401, E402  (benchmarks/ and src/ on sys.path)
 import torch
 
-from ditkit.io import atomic_write  # noqa: E402
+from ditkit.runtime.io import atomic_write  # noqa: E402
 
 MODEL = "DiT-S/2"
 OVERRIDES = {"depth": 6, "hidden_size": 64, "num_heads": 2}  # 16 tokens (8×8 digits, 2×2 patches)
@@ -58,7 +58,7 @@ def train_run(arm: str, objective: str, seed: int, args: argparse.Namespace) -> 
 
 def score_run(folder: str, objective: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
     """Accuracy and Fréchet distance of the EMA at each checkpoint (guided, as the demo samples)."""
-    from ditkit.checkpoints import load_model_with_recipe
+    from ditkit.weights.checkpoints import load_model_with_recipe
     from ditkit.metrics.digits_classifier import score_sampler
     from ditkit.sample import Sampler
 
@@ -100,7 +100,7 @@ def draw(record: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     """Fréchet vs steps, one panel per objective, one line per recipe (seed mean), the seeds' range as a band."""
     from PIL import Image, ImageDraw
 
-    from ditkit.scaling import PALETTE, _font, _text, axis_ticks
+    from ditkit.apps.scaling import PALETTE, _font, _text, axis_ticks
 
     steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
     w, h, left, top, pw, ph = 1200, 520, 70, 50, 420, 380

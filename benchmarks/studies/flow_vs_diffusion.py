@@ -53,7 +53,7 @@ class RowCounter:
 
 def newest_ema(run: Path) -> tuple[torch.nn.Module, dict]:
     """The EMA model of the newest checkpoint of a run folder, and its stored recipe (or {})."""
-    from ditkit.checkpoints import load_model
+    from ditkit.weights.checkpoints import load_model
 
     steps = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir() and p.name.isdigit())
     if not steps:
@@ -101,7 +101,7 @@ def run_one(kind: str, model: torch.nn.Module, recipe: dict, sampler: str, n: fl
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from ditkit.scaling import LinePlot
+    from ditkit.apps.scaling import LinePlot
 
     # ASCII labels: the default bitmap font has no é.
     for metric, label, log_y in (("frechet", "digits Frechet distance (lower is better)", True),

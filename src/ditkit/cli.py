@@ -11,19 +11,19 @@ import importlib
 import os
 import sys
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 # verb -> (module, one-line help). Keep in pipeline order.
 VERBS: dict[str, tuple[str, str]] = {
-    "flops": ("ditkit.flops", "parameters and Gflops of the DiT configs (paper convention)"),
+    "flops": ("ditkit.models.flops", "parameters and Gflops of the DiT configs (paper convention)"),
     "extract": ("ditkit.data.extract", "encode an image folder once into a latent store (SD-VAE)"),
     "train": ("ditkit.train", "train a DiT (one CPU/GPU, or many GPUs under torchrun)"),
-    "demo": ("ditkit.demo", "train a small DiT on the built-in digits, sample a grid, print its quality"),
+    "demo": ("ditkit.apps.demo", "train a small DiT on the built-in digits, sample a grid, print its quality"),
     "sample": ("ditkit.sample", "sample images from a checkpoint: a labelled grid, or an ADM .npz over GPUs"),
-    "serve": ("ditkit.serve", "a local web page (Gradio) to try models: classes or prompts, sampler, guidance, seed"),
+    "serve": ("ditkit.apps.serve", "a local web page (Gradio) to try models: classes or prompts, sampler, guidance, seed"),
     "evaluate": ("ditkit.metrics.evaluate", "FID, sFID, IS, precision/recall of samples, or the digits yardstick"),
-    "convert": ("ditkit.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
-    "scaling": ("ditkit.scaling", "train several DiT configs on the digits; metric vs steps and vs Gflops (PNG)"),
+    "convert": ("ditkit.weights.convert", "convert checkpoints to and from Hugging Face diffusers folders"),
+    "scaling": ("ditkit.apps.scaling", "train several DiT configs on the digits; metric vs steps and vs Gflops (PNG)"),
 }
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ditkit {args.verb}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:  # under torchrun: another rank died or froze (one line, exit 1); else re-raised
-        from ditkit.distributed import describe_peer_failure
+        from ditkit.runtime.distributed import describe_peer_failure
 
         line = describe_peer_failure(err, args.verb)
         if line is None:

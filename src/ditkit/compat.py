@@ -7,7 +7,7 @@
 `DiT_models["DiT-XL/2"](input_size=32, num_classes=1000)` builds the same network (same state_dict keys and
 shapes) as the authors' factory of that name, and `find_model(name_or_path)` returns the state_dict their
 `download.find_model` returns: a released name is fetched into the cache, a training checkpoint gives its EMA
-weights. Files are read without unpickling code (`ditkit.io.safe_torch_load`).
+weights. Files are read without unpickling code (`ditkit.runtime.io.safe_torch_load`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import torch
 
-from ditkit.checkpoints import load_weights
+from ditkit.weights.checkpoints import load_weights
 from ditkit.models import create_model
 from ditkit.models.config import MODEL_NAMES
 from ditkit.models.dit import DiT
-from ditkit.pretrained import resolve_checkpoint
+from ditkit.weights.pretrained import resolve_checkpoint
 
 
 def _factory(name: str) -> Callable[..., DiT]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 SampleFn = Callable[..., torch.Tensor]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditkit.diffusion import objective as diffusion
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.recipe import PROCESSES, DiffusionProcess, FlowProcess, MeanFlowProcess, Recipe
 from ditkit.transport import meanflow

@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ditkit import validate
-from ditkit.errors import UserError
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.training_methods import TrainingMethods
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 REPA_DEPTH = 8  # REPA's defaults for SiT-XL/2 (their train.py: --encoder-depth 8, --proj-coeff 0.5)
 REPA_COEFF = 0.5

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ditkit.data.store import LatentStore, is_latent_store, store_recipe
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.recipe import LatentSpace
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
@@ -73,7 +73,7 @@ class OnTheFlyEncoder:
     """
 
     def __init__(self, vae_path_or_id: str) -> None:
-        from ditkit.autoencoder import load_vae
+        from ditkit.encoders.autoencoder import load_vae
 
         self.vae = load_vae(vae_path_or_id, device="cpu")
 

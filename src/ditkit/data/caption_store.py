@@ -26,8 +26,8 @@ import torch
 from ditkit.data.captions import read_captions
 from ditkit.data.images import find_images
 from ditkit.data.store import MANIFEST, SHARD_META_KEY, open_shard, read_manifest, shard_metadata
-from ditkit.errors import UserError
-from ditkit.io import atomic_write
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write
 
 
 def caption_file(k: int) -> str:

@@ -18,8 +18,8 @@ import json
 import os
 from pathlib import Path
 
-from ditkit import validate
-from ditkit.errors import UserError
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
 
 TABLES = ("metadata.jsonl", "captions.jsonl", "metadata.csv")
 TEXT_COLUMNS = ("text", "caption", "prompt")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 NUM_CLASSES = 10
 NATIVE_SIZE = 8  # sklearn's digits are 8×8 with values 0..16

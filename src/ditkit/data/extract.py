@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ditkit import counts
+from ditkit.runtime import counts
 from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
 from ditkit.data.store import (
     FORMAT,
@@ -36,10 +36,10 @@ from ditkit.data.store import (
     shard_name,
     shard_problem,
 )
-from ditkit.errors import UserError
-from ditkit.folder_lock import FolderLock
-from ditkit.io import atomic_write
-from ditkit.path_guard import refuse_overlap
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.folder_lock import FolderLock
+from ditkit.runtime.io import atomic_write
+from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.recipe import SD_VAE, Conditioning, LatentSpace, parts_to_dict
 
 
@@ -99,7 +99,7 @@ def extract(
 ) -> dict[str, Any] | None:
     """Encode every image of `folder` into the store `out` (resuming if shards exist); returns the manifest.
 
-    `vae` is a `ditkit.autoencoder.VAE` (already on its device). With `world_size` > 1 this rank encodes its
+    `vae` is a `ditkit.encoders.autoencoder.VAE` (already on its device). With `world_size` > 1 this rank encodes its
     share of the shards, `barrier()` waits for the others, and rank 0 writes the manifest (others return None).
     """
     folder, out = Path(folder), Path(out)
@@ -360,8 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditkit import distributed
-    from ditkit.autoencoder import load_vae
+    from ditkit.runtime import distributed
+    from ditkit.encoders.autoencoder import load_vae
 
     if not Path(args.folder).is_dir():  # before spending seconds on loading the VAE
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")
@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         encoder = None
         if args.text_encoder:  # captions and encoder checked before the VAE's long pass, not after it
             from ditkit.data.captions import read_captions
-            from ditkit.text import load_text_encoder
+            from ditkit.encoders.text import load_text_encoder
 
             read_captions(args.folder, find_images(args.folder)[0])
             encoder = load_text_encoder(args.text_encoder, max_tokens=args.max_tokens, device=info.device)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ditkit import validate
-from ditkit.errors import UserError
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
 from ditkit.recipe import Conditioning, LatentSpace, parts_from_dict
 
 MANIFEST = "manifest.json"

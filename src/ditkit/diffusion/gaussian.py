@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 Model = Callable[..., torch.Tensor]
 Shape = tuple[int, ...] | list[int]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.recipe import DiffusionProcess, Recipe
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from ditkit.diffusion.gaussian import GaussianDiffusion
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> set[int]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 if TYPE_CHECKING:
     from ditkit.diffusion.gaussian import GaussianDiffusion

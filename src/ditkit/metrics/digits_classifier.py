@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditkit.data.digits import NUM_CLASSES, load_digits_split, resize_images
-from ditkit.errors import UserError
-from ditkit.io import cache_file
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 
 VERSION = "v2"  # bump when the architecture or the training recipe changes: old cache files are then ignored
@@ -166,7 +166,7 @@ def get_digits_classifier(image_size: int, verbose: bool = True) -> DigitsCNN:
     Training takes up to a minute the first time; the result is written atomically to the cache folder
     (`$DITKIT_CACHE` or `~/.cache/ditkit`), so concurrent runs never read a partial file.
     """
-    from ditkit.io import atomic_write, read_safetensors, save_safetensors
+    from ditkit.runtime.io import atomic_write, read_safetensors, save_safetensors
 
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"digits classifier: image size must be a positive integer, got {image_size!r}")

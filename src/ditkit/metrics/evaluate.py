@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditkit.counts import MAX_BATCH, bounded
-from ditkit.errors import UserError
-from ditkit.io import cache_file
+from ditkit.runtime.counts import MAX_BATCH, bounded
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.metrics.inception_score import inception_score
 from ditkit.metrics.precision_recall import precision_recall
@@ -298,7 +298,7 @@ def reference_features(
     Precomputed statistics in an npz win over computed ones (as in ADM's evaluator); pool features exist only
     when the set has images.
     """
-    from ditkit.io import atomic_write
+    from ditkit.runtime.io import atomic_write
 
     path = _cache_path(images, network)
     if use_cache and images.count and path.exists():
@@ -523,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_results(result: dict[str, Any], args: argparse.Namespace) -> None:
     """The results as JSON (atomically): --results PATH, else beside the samples; a failed write is a note."""
-    from ditkit.io import atomic_write
+    from ditkit.runtime.io import atomic_write
 
     if args.results == "none":
         return

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 EPS = 1e-6  # the offset pytorch-fid and ADM add when the product's square root is singular
 IMAG_TOL = 1e-3  # largest imaginary diagonal component tolerated as round-off (pytorch-fid's bound)

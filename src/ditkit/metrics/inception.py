@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 WEIGHTS_FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels: 17·17·7 = 2023 features
@@ -109,7 +109,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from ditkit.io import read_safetensors, safe_torch_load
+    from ditkit.runtime.io import read_safetensors, safe_torch_load
 
     if path.suffix == ".safetensors":
         state, _ = read_safetensors(path)

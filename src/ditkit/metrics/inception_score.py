@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 SPLIT_SIZE = 5000
 

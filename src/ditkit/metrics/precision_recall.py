@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 K_NEAREST = 3
 ROW_BATCH = 10_000  # rows of the distance matrix held at once (memory vs speed), as ADM's evaluator

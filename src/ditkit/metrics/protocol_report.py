@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.sample.presets import PRESETS, Preset, for_settings
 
 

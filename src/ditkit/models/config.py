@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ditkit.errors import UserError
-from ditkit.validate import model_limits
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.validate import model_limits
 
 # The class-conditional blocks of the DiT paper's ablation, then PixArt-α's text block.
 CLASS_CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")

@@ -8,7 +8,7 @@ the ops ditkit's DiT uses on its fast paths have none:
   kernel) has a forward-mode formula in PyTorch 2.13;
 - the fused Triton adaLN kernels (`models/kernels`): custom ops with a backward but no forward-mode rule; on the
   no-gradient path they launch directly and would drop the tangent;
-- compiled blocks (`ditkit.fast.compile_blocks`): dynamo does not trace a `torch.func.jvp` transform it is
+- compiled blocks (`ditkit.runtime.fast.compile_blocks`): dynamo does not trace a `torch.func.jvp` transform it is
   called inside.
 
 `forward_mode()` is the plain path for the JVP pass: attention as explicit softmax(QKᵀ/√d)·V (every op of it has

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 Model = Callable[..., torch.Tensor]
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 RMS_EPS = 1e-6  # LightningDiT's RMSNorm default
 QK_LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which LightningDiT's LayerNorm QK-norm keeps

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp8")
 FP8_CAPABILITY = (8, 9)  # Ada / Hopper: FP8 tensor cores

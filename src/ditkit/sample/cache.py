@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 # The setting `--cache fast` stands for: chosen by measurement on the demo models (docs/protocols_and_caching.md).
 RECOMMENDED = "taylor2-3"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ditkit import counts
-from ditkit.errors import UserError
-from ditkit.folder_lock import FolderLock
-from ditkit.path_guard import refuse_overlap
+from ditkit.runtime import counts
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.folder_lock import FolderLock
+from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.sample.grid import sample_grid
 from ditkit.sample.npz import sample_npz
 from ditkit.sample.options import SampleOptions, add_arguments
@@ -55,8 +55,7 @@ def _device(text: str) -> torch.device:
 
 def run(args: argparse.Namespace | SampleOptions) -> int:
     """`ditkit sample` with parsed flags or options."""
-    from ditkit import distributed
-
+    from ditkit.runtime import distributed
     args = SampleOptions.of(args)
 
     info = distributed.env_info()

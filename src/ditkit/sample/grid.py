@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
-from ditkit.io import atomic_write
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write
 from ditkit.sample.pipeline import SamplingPipeline
 
 

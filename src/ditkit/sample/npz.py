@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditkit import validate
-from ditkit.errors import UserError
-from ditkit.io import atomic_write, commit_temporary, discard_temporary, new_temporary
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write, commit_temporary, discard_temporary, new_temporary
 from ditkit.sample.pipeline import SamplingPipeline
 from ditkit.sample.protocol import protocol as sample_protocol
-from ditkit.seeding import generator
+from ditkit.runtime.seeding import generator
 
 
 def shard_labels(seed: int, shard: int, size: int, num_classes: int) -> torch.Tensor:
@@ -138,8 +138,7 @@ def sample_npz(
 
     One process writes the final file as it goes (each shard appended after its own file is written), so it is
     complete moments after the last shard; with several, rank 0 assembles it from the shard files at the end."""
-    from ditkit import distributed
-
+    from ditkit.runtime import distributed
     num_shards = math.ceil(num_samples / batch_size)
     _check_settings(out, {**sampler.settings(), "seed": seed, "batch_size": batch_size}, write=rank == 0,
                     protocol=sample_protocol(sampler, num_samples, seed))

@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ditkit import flag_checks
+from ditkit.runtime import flag_checks
 from ditkit.diffusion.objective import default_steps
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.guidance import guided, guided_captions
 from ditkit.models.precision import Precision, prepare_fp8
 from ditkit.objectives import Objective, entry_for, objective_for
@@ -59,16 +58,16 @@ class SamplingPipeline:
                 vae=str(getattr(self.vae, "name", "vae")), scale=float(getattr(self.vae, "scale", 1.0)),
                 shift=float(getattr(self.vae, "shift", 0.0)), downsample=int(getattr(self.vae, "downsample", 8)))
             self.recipe = infer_recipe(self.model.config, latents)
+        if self.objective is None:
+            self.objective = objective_for(self.recipe)
 
-    @functools.cached_property
-    def objective(self) -> Objective:
-        """The recipe's objective, built once per pipeline (its process tables are built with it)."""
-        return objective_for(self.recipe)
     # Text models: the unconditional half's (features, mask), e.g. a negative prompt; None = the null caption.
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: str | None = None  # --cache: feature caching (ditkit.sample.cache); None = every block every step
     preset: str | None = None  # --preset: the paper protocol these settings came from (ditkit.sample.presets)
     preset_overrides: tuple[str, ...] = ()  # the preset's flags given other values
+    # The recipe's objective, built once per run: `load_for_sampling` passes the one it checked the flags with.
+    objective: Objective | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -188,8 +187,8 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     The recipe stored in the checkpoint (or inferred for older files) gives the process (schedule, steps,
     prediction) and the VAE; --model/--image-size/--num-classes/--vae state what is expected and override it.
     """
-    from ditkit import pretrained
-    from ditkit.checkpoints import build_checked, checkpoint_recipe, read_checkpoint
+    from ditkit.weights import pretrained
+    from ditkit.weights.checkpoints import build_checked, checkpoint_recipe, read_checkpoint
 
     args = SampleOptions.of(args)
     args.validate()
@@ -207,7 +206,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     presets.check_checkpoint(args.preset, found, args.objective)
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
-    # Only the decoder, through ditkit.vae_decoder where it can (no diffusers import), in this thread: loading the
+    # Only the decoder, through ditkit.encoders.vae_decoder where it can (no diffusers import), in this thread: loading the
     # VAE through diffusers in a thread gained nothing, its imports hold the GIL (benchmarks/RESULTS.md, issue 13).
     vae = _load_vae(vae_name, device, vae_dtype)
     factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
@@ -254,7 +253,7 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
         interval=tuple(args.guidance_interval) if args.guidance_interval else recipe.sampling.guidance_interval,
         eta=args.eta, device=device, progress=not args.no_progress, precision=precision, recipe=recipe,
         time_shift=time_shift, cache=_cache_name(args.cache), preset=args.preset,
-        preset_overrides=tuple(args.preset_overrides),
+        preset_overrides=tuple(args.preset_overrides), objective=objective,
     )
 
 
@@ -287,7 +286,7 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
     # fc1's GELU in the GEMM epilogue, the measured attention) took 241 ms per guided DiT-XL/2 step of 256
     # against 254 ms compiled, and a cold compile costs tens of seconds (benchmarks/RESULTS.md, issue 13).
     if getattr(args, "compile", None) and hasattr(model, "blocks"):
-        from ditkit.fast import compile_blocks
+        from ditkit.runtime.fast import compile_blocks
 
         compile_blocks(model)
     return precision.name
@@ -304,7 +303,7 @@ def _load_vae(name: str | None, device: torch.device, dtype: torch.dtype = torch
     """The VAE named by the flag or the recipe, loaded on `device`; None for a pixel-space model."""
     if name is None:
         return None
-    from ditkit.autoencoder import load_vae  # diffusers is imported only when a VAE is used
+    from ditkit.encoders.autoencoder import load_vae  # diffusers is imported only when a VAE is used
 
     return load_vae(name, device=device, dtype=dtype, decode_only=True)
 

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 DIT = "facebookresearch/DiT@ed81ce2"
 SIT = "willisma/SiT@947f95b"
@@ -257,7 +257,7 @@ def check_checkpoint(preset_name: str | None, found: Any, objective: str | None 
     inferred config, and its process (the recipe's; for a file that records none, --objective or the name's)."""
     if not preset_name:
         return
-    from ditkit.checkpoints import checkpoint_recipe, infer_config
+    from ditkit.weights.checkpoints import checkpoint_recipe, infer_config
 
     config = found.config or infer_config(found.state_dict)
     process = checkpoint_recipe(found, config).process.kind

@@ -3,7 +3,7 @@
     ditkit sample --ckpt pixart.safetensors --vae VAE --text-encoder T5 --prompt "a red cube" --prompt "a cat"
     ditkit sample --ckpt ... --prompt-file prompts.txt --num-samples 1000 --out eval     # prompts cycled
 
-The prompts are encoded once by the frozen text encoder (ditkit.text); guidance uses the model's null caption,
+The prompts are encoded once by the frozen text encoder (ditkit.encoders.text); guidance uses the model's null caption,
 or the features of `--negative-prompt`. Every sampler of ditkit.diffusion.samplers works, as for class models.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditkit.errors import UserError
-from ditkit.io import atomic_write
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write
 from ditkit.sample.pipeline import SamplingPipeline
 
 
@@ -139,7 +139,7 @@ def prompt_npz(sampler: SamplingPipeline, encoder: Any, prompts: list[str], num_
 
 def load_encoder_for(sampler: SamplingPipeline, args: argparse.Namespace) -> Any:
     """The frozen text encoder named by --text-encoder (default: T5-XXL for 4096-feature models, as PixArt-α)."""
-    from ditkit.text import DEFAULT_T5, load_text_encoder
+    from ditkit.encoders.text import DEFAULT_T5, load_text_encoder
 
     config = sampler.model.config
     name = args.text_encoder

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ditkit.data import TrainingData
-from ditkit.errors import UserError
-from ditkit.seeding import generator
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.seeding import generator
 from ditkit.train.options import TrainOptions
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 EXPLODING = 10.0  # a window mean this many times the run's lowest is "exploding"
 SUPERSEDED = ".superseded"

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ditkit.io import atomic_write
+from ditkit.runtime.io import atomic_write
 from ditkit.train.options import TrainOptions
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditkit.align import attach_projector, tapped_alignment_loss
-from ditkit.errors import UserError
-from ditkit.feature_encoders import load_encoder, to_grid
+from ditkit.train.align import attach_projector, tapped_alignment_loss
+from ditkit.runtime.errors import UserError
+from ditkit.encoders.features import load_encoder, to_grid
 from ditkit.models.routing import TrainingPath
 from ditkit.training_methods import Alignment, Routing, TrainingMethods
 

@@ -7,14 +7,14 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from ditkit import counts
-from ditkit import distributed as dist_utils
-from ditkit.errors import UserError
+from ditkit.runtime import counts
+from ditkit.runtime import distributed as dist_utils
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import CONDITIONINGS, KNOB_CHOICES, KNOB_DEFAULTS, MODEL_NAMES
 from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, process_from_flags
 from ditkit.recipe import DiffusionProcess, FlowProcess, SamplingDefaults
-from ditkit.seeding import MAX_SEED
+from ditkit.runtime.seeding import MAX_SEED
 
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already
 
@@ -37,7 +37,7 @@ class TrainOptions:
     lr: float = 1e-4
     ema_decay: float = 0.9999
     precision: str | None = None  # default: bf16 on GPU, fp32 on CPU
-    compile: bool | None = None  # default: on for GPUs (each block compiled, see ditkit.fast), off on CPU
+    compile: bool | None = None  # default: on for GPUs (each block compiled, see ditkit.runtime.fast), off on CPU
     grad_checkpointing: bool = False
     grad_clip: float = 0.0
     log_every: int = 100

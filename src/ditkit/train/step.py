@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.precision import Precision
-from ditkit.seeding import generator
+from ditkit.runtime.seeding import generator
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:

@@ -12,7 +12,7 @@ package (Ma et al. 2024, github.com/willisma/SiT), so its scripts port by changi
 
 from __future__ import annotations
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.transport.path import GVPCPlan, ICPlan, VPCPlan, expand_t_like_x
 from ditkit.transport.sampler import Sampler
 from ditkit.transport.transport import (

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 Drift = Callable[..., Any]
 FIXED_ODE = {"euler": "euler", "heun": "heun2", "heun2": "heun2"}

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models import forward_mode
 from ditkit.objective import Objective
 from ditkit.recipe import MeanFlowProcess, Recipe

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.transport import integrators
 from ditkit.transport.path import expand_t_like_x
 from ditkit.transport.transport import ModelType, PathType, Transport, shifted_grid

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.transport.path import GVPCPlan, ICPlan, VPCPlan, expand_t_like_x
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditkit.errors import UserError
-from ditkit.io import atomic_write, cache_dir
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write, cache_dir
 
 _CHOICE: dict[tuple, str] = {}
 CACHE_FILE = "attention-backends.json"

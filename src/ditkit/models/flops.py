@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditkit.errors import UserError
+    from ditkit.runtime.errors import UserError
 
     divisor = 1 if args.pixel_space else 8
     if args.image_size < 1 or args.image_size % divisor:

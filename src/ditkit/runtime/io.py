@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 
 def cache_dir() -> Path:

@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ditkit.errors import UserError
-from ditkit.io import atomic_write, cache_file
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write, cache_file
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 

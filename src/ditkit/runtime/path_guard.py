@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 PathLike = str | os.PathLike
 

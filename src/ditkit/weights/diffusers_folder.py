@@ -1,5 +1,5 @@
 """Reading diffusers DiT folders (a `DiTTransformer2DModel`, or a `DiTPipeline` with its `transformer/`) into the
-official key layout. Writing them, and the key table, are in `ditkit.convert`; this half is what
+official key layout. Writing them, and the key table, are in `ditkit.weights.convert`; this half is what
 `ditkit.load_model(folder)` needs, kept apart so that loading a checkpoint never imports the converter.
 """
 
@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from ditkit import convert_pixart, validate
-from ditkit.errors import UserError
-from ditkit.io import read_safetensors, safe_torch_load
+from ditkit.weights import convert_pixart
+
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import read_safetensors, safe_torch_load
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS
 from ditkit.models.embeddings import sincos_2d

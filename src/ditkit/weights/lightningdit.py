@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import FlowProcess, LatentSpace, Recipe, SamplingDefaults
 

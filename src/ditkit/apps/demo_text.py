@@ -3,7 +3,7 @@
 The data set (data/colour_digits.py) captions each digit with its colours ("a red seven on a blue
 background"); some digit-colour pairs are never shown in training. The model is PixArt-α's block (adaLN-single,
 cross-attention to the caption tokens) with a word encoder trained with it (no pretrained text encoder can be
-fetched here; the real path uses the frozen T5/CLIP of ditkit.text). After training it samples prompted images
+fetched here; the real path uses the frozen T5/CLIP of ditkit.encoders.text). After training it samples prompted images
 with DPM-Solver++ and classifier-free guidance through the null caption, and prints, for the training
 combinations and for the held-out ones, how often the digits classifier reads the prompted digit and how often
 the foreground and background colours are the prompted ones. RESULTS/grid.png shows one row per prompt.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ditkit.data import colour_digits as cd
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 
@@ -227,7 +227,7 @@ def run_text(args: argparse.Namespace) -> int:
               f"{DEMO_BATCH}) -> {results}", file=sys.stderr)
         model = train_text_model(steps, args.seed)
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        from ditkit.io import atomic_write
+        from ditkit.runtime.io import atomic_write
 
         atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
     trained = time.perf_counter()

@@ -8,7 +8,7 @@ per sample (REPA's `proj_loss` before its batch mean), and enters the training l
 The projector lives on the DiT as `model.projectors[0]`, REPA's own module path, so REPA's released SiT-XL/2
 checkpoint (`projectors.0.0.weight`, …) loads strictly into a DiT with it attached (`load_repa_checkpoint`), and
 ditkit's checkpoints keep it (and its EMA and AdamW state) with the rest. Sampling does not need it:
-`ditkit.checkpoints` drops `projectors.*` when it builds a network to sample.
+`ditkit.weights.checkpoints` drops `projectors.*` when it builds a network to sample.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.routing import gather_tokens
 from ditkit.training_methods import PROJECTOR_PREFIX, REPA_DEPTH, Alignment
 
@@ -79,8 +79,8 @@ def load_repa_checkpoint(path: str | os.PathLike, feature_dim: int = 768, projec
     `overrides` go to the config (e.g. `num_classes`). Sampling it needs REPA's time convention (t = 1 is
     noise), which ditkit's flow objective does not use; this loads the weights for inspection and fine-tuning.
     """
-    from ditkit.checkpoints import extract_state_dict, infer_config
-    from ditkit.io import safe_torch_load
+    from ditkit.weights.checkpoints import extract_state_dict, infer_config
+    from ditkit.runtime.io import safe_torch_load
     from ditkit.models import build_model
 
     obj = safe_torch_load(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 # What to sample, for text models. (--text-encoder and --max-tokens only say how to load one: `ditkit serve` passes
 # them for every checkpoint of a folder, class models included, so they are not refused.)

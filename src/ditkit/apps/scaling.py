@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ditkit import counts
-from ditkit.errors import UserError
+from ditkit.runtime import counts
+from ditkit.runtime.errors import UserError
 from ditkit.models.precision import PRECISIONS
 
 DEFAULT_MODELS = ("DiT-S/8", "DiT-S/4", "DiT-S/2", "DiT-B/8", "DiT-B/4", "DiT-B/2")
@@ -127,7 +127,7 @@ def load_record(path: Path, opts: ScalingOptions) -> dict[str, Any]:
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    from ditkit.io import atomic_write
+    from ditkit.runtime.io import atomic_write
 
     text = json.dumps(record, indent=2)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -262,7 +262,7 @@ class LinePlot:
     def save(self, path: Path) -> Path:
         from PIL import Image, ImageDraw
 
-        from ditkit.io import atomic_write
+        from ditkit.runtime.io import atomic_write
 
         # A diverged run can leave NaN/inf scores: leave those points out rather than fail to draw the rest.
         self.series = [(name, [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)],
@@ -358,7 +358,7 @@ def draw_pictures(record: dict[str, Any], models: list[str], metric: str, out: P
 
 def report(record: dict[str, Any], models: list[str], metric: str, out: Path) -> dict[str, Any]:
     """Write OUT/table.md and the pictures; return the summary (also stored in results.json)."""
-    from ditkit.io import atomic_write
+    from ditkit.runtime.io import atomic_write
 
     step, rows = final_points(record, models)
     table = format_table(rows, step)
@@ -402,7 +402,7 @@ def _train_options(opts: ScalingOptions, name: str, step: int) -> Any:
 
 
 def _gflops(name: str, opts: ScalingOptions) -> float:
-    from ditkit.flops import count_macs
+    from ditkit.models.flops import count_macs
     from ditkit.models.config import DiTConfig
 
     config = DiTConfig.from_name(name, input_size=opts.image_size, in_channels=1, num_classes=10,
@@ -436,7 +436,7 @@ def run_scaling(opts: ScalingOptions, log: Any = None) -> dict[str, Any]:
     Returns the summary: final common step, table text, correlations, picture paths, and `stopped_early`
     when the budget ran out.
     """
-    from ditkit.flops import count_macs, count_params
+    from ditkit.models.flops import count_macs, count_params
     from ditkit.train import train
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))

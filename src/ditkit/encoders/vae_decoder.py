@@ -4,7 +4,7 @@
 seconds of its start-up. This module is the same network in plain PyTorch, the same operations in the same
 order, with diffusers' parameter names, so the folder's `diffusion_pytorch_model.safetensors` loads as it is.
 Folders it does not cover (another decoder type, another activation, no safetensors file) go through diffusers
-(`ditkit.autoencoder.load_vae` decides); `tests/test_vae_decoder.py` checks it against diffusers.
+(`ditkit.encoders.autoencoder.load_vae` decides); `tests/test_vae_decoder.py` checks it against diffusers.
 
     post_quant_conv (1×1) → conv_in → mid block (resnet, single-head attention, resnet) →
     up blocks (layers_per_block + 1 resnets, then nearest ×2 + conv, except the last) → GroupNorm → SiLU → conv_out

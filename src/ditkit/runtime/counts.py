@@ -13,7 +13,7 @@ range and, for space, what it needs and what is free.
 | a batch                                  | `MAX_BATCH` (65,536)                          |
 | sampling steps                           | `MAX_SAMPLE_STEPS` (10,000)                   |
 | extract / evaluate batches, shard size   | `MAX_BATCH`, 10^6 images a shard                |
-| model sizes (overrides, `--image-size`)  | `ditkit.validate.LIMITS` and the model size bound, via `DiTConfig` |
+| model sizes (overrides, `--image-size`)  | `ditkit.runtime.validate.LIMITS` and the model size bound, via `DiTConfig` |
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 MAX_TRAIN_STEPS = 10**8
 MAX_SAMPLES = 10**7

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.recipe import SD_VAE, SD_VAE_SCALE
 
 DEFAULT_VAE = SD_VAE  # the names this module has always exported; the values live in the recipe
@@ -180,10 +180,10 @@ def load_vae(
 ) -> VAE:
     """Load an `AutoencoderKL` offline from a folder or the Hugging Face cache; a one-line UserError if absent.
 
-    decode_only=True (sampling) loads only the decoder through `ditkit.vae_decoder`, without importing diffusers,
+    decode_only=True (sampling) loads only the decoder through `ditkit.encoders.vae_decoder`, without importing diffusers,
     when the folder's layout is one it reproduces; otherwise, and for encoding, diffusers loads the whole VAE."""
     if decode_only:
-        from ditkit.vae_decoder import load_decoder
+        from ditkit.encoders.vae_decoder import load_decoder
 
         folder = _local_folder(path_or_id)
         decoder = load_decoder(folder, dtype) if folder is not None else None

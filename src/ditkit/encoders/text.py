@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ditkit.autoencoder import hub_cache_dir
-from ditkit.errors import UserError
+from ditkit.encoders.autoencoder import hub_cache_dir
+from ditkit.runtime.errors import UserError
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"  # the T5 encoder PixArt-α uses (4096 features)
 DEFAULT_TOKENS = {"t5": 120, "clip": 77}  # PixArt-α's caption length; CLIP's position table

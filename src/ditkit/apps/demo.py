@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from ditkit import counts
-from ditkit.errors import UserError
+from ditkit.runtime import counts
+from ditkit.runtime.errors import UserError
 from ditkit.objectives import OBJECTIVES, entry_for
 
 # Chosen with benchmarks/studies/demo_sweep.py (figures in RESULTS.md there, "Demo settings"): the digits at their
@@ -44,8 +44,7 @@ DEMO_RECIPES: dict[str, dict] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ditkit import demo_text
-
+    from ditkit.apps import demo_text
     parser.add_argument("--text", action="store_true",
                         help="the text-to-image demo instead: prompts on the colour digits (demo_text.py)")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="diffusion",
@@ -75,13 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     counts.demo_flags(args)  # before minutes of training
     if args.text:
-        from ditkit import demo_text
-
+        from ditkit.apps import demo_text
         return demo_text.run_text(args)
     objective = getattr(args, "objective", "diffusion")
     if objective == "meanflow":  # issue 27: scored at 1 and 2 steps, in its own module
-        from ditkit import demo_meanflow
-
+        from ditkit.apps import demo_meanflow
         return demo_meanflow.run_meanflow(args, dict(model=DEMO_MODEL, image_size=DEMO_IMAGE_SIZE, lr=DEMO_LR,
                                                      global_batch_size=DEMO_BATCH, ema_decay=DEMO_EMA,
                                                      model_overrides=DEMO_OVERRIDES))

@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
-from ditkit import convert_pixart
-from ditkit.checkpoints import load_model_with_recipe, save_model
-from ditkit.diffusers_folder import (
+from ditkit.weights import convert_pixart
+from ditkit.weights.checkpoints import load_model_with_recipe, save_model
+from ditkit.weights.diffusers_folder import (
     SIDECAR,
     WEIGHTS,
     _emb_prefix,
@@ -62,15 +62,15 @@ from ditkit.diffusers_folder import (
     read_diffusers_folder,
     transformer_folder,
 )
-from ditkit.errors import UserError
-from ditkit.folder_lock import check_writable
-from ditkit.io import apply_umask, atomic_write, disk_full
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.folder_lock import check_writable
+from ditkit.runtime.io import apply_umask, atomic_write, disk_full
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.embeddings import sincos_2d
 from ditkit.models.pixart import PixArtDiT
-from ditkit.path_guard import refuse_overlap
+from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.recipe import Recipe
 
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
@@ -78,7 +78,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_s
 
 DIFFERENCES_NOTE = (
     "diffusers' DiT port uses timestep frequencies 10000^(-i/127) where DiT uses 10000^(-i/128) "
-    "(call ditkit.convert.match_dit_timesteps(pipe) after loading to compute exactly what ditkit "
+    "(call ditkit.weights.convert.match_dit_timesteps(pipe) after loading to compute exactly what ditkit "
     "computes)"
 )
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.errors import UserError
-from ditkit.io import cache_dir
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import cache_dir
 
 DIGITS_ENCODER = "digits-mae"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -149,7 +149,7 @@ def digits_encoder_path(folder: Path | None = None) -> Path:
 def load_digits_encoder(verbose: bool = False) -> DigitsPatchEncoder:
     """The digits encoder from the cache, else trained now and cached atomically (1,500 steps: 6.5 minutes of
     CPU time once on a busy 2-core machine, 2026-12-06)."""
-    from ditkit.io import atomic_write, read_safetensors, save_safetensors
+    from ditkit.runtime.io import atomic_write, read_safetensors, save_safetensors
 
     path = digits_encoder_path()
     model = DigitsPatchEncoder()

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.objectives import entry_for
 from ditkit.sample.options import TRAINING_TIMESTEPS
 from ditkit.sample.pipeline import SamplingPipeline
-from ditkit.seeding import MAX_SEED
+from ditkit.runtime.seeding import MAX_SEED
 
 DEMO_RUNS = ("results/demo", "results/demo-flow", "results/demo_text")
 MAKE_DEMOS = ("no models to serve: pass --ckpt PATH, or make the demo models first: `make demo` (results/demo), "
@@ -104,8 +104,7 @@ def newest_checkpoint(path: Path) -> Path:
 
 def demo_paths(root: Path = Path(".")) -> list[Path]:
     """The demo models present under `root` (class, flow, text), in that order."""
-    from ditkit import demo_text
-
+    from ditkit.apps import demo_text
     found = []
     for run in DEMO_RUNS:
         folder = root / run
@@ -176,8 +175,8 @@ def _cheapest(objective: Any) -> tuple[str, int]:
 
 def load_served(path: Path, args: argparse.Namespace, device: torch.device, demo: bool) -> Served:
     """Load one checkpoint as `ditkit sample` would (the text demo's weights as `ditkit demo --text` does)."""
-    from ditkit import demo_text
-    from ditkit.demo import DEMO_CFG
+    from ditkit.apps import demo_text
+    from ditkit.apps.demo import DEMO_CFG
     from ditkit.sample.pipeline import load_for_sampling
 
     if path.name == demo_text.WEIGHTS:
@@ -219,7 +218,7 @@ def load_text_demo(path: Path, device: torch.device) -> Served:
     """The text demo model (its word encoder inside), sampled as `ditkit demo --text` samples it."""
     from safetensors.torch import load_file
 
-    from ditkit import demo_text
+    from ditkit.apps import demo_text
     from ditkit.data import colour_digits as cd
     from ditkit.models.config import DiTConfig
     from ditkit.recipe import LatentSpace, infer_recipe

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 LOCK_NAME = ".ditkit.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # filesystems without flock

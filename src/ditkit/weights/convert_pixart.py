@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS
 from ditkit.models.embeddings import sincos_2d

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from ditkit import lightningdit
-from ditkit.diffusers_folder import folder_recipe, read_diffusers_folder
-from ditkit.errors import UserError
-from ditkit.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
+from ditkit.weights import lightningdit
+from ditkit.weights.diffusers_folder import folder_recipe, read_diffusers_folder
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
@@ -31,7 +31,7 @@ from ditkit.models.knobs import knobs_from_state_dict
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
 from ditkit.training_methods import PROJECTOR_PREFIX
-from ditkit.validate import naming
+from ditkit.runtime.validate import naming
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -269,7 +269,7 @@ def build_checked(
     """The network of a read checkpoint, its weights loaded (on `device`, default the CPU; eval mode); see
     `load_model`."""
     state_dict, stored, path = found.state_dict, found.config, found.path
-    # REPA's projector is a training-only head: a network built to sample has none (ditkit.align)
+    # REPA's projector is a training-only head: a network built to sample has none (ditkit.train.align)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTOR_PREFIX)}
     if model is not None:
         config = DiTConfig.from_name(model, **overrides)

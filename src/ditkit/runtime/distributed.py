@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 TIMEOUT_ENV = "DITKIT_DIST_TIMEOUT"
 _timeout_s: float | None = None  # the running group's timeout, for the message when a peer is lost

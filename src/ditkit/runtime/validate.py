@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841
 MAX_DIFFUSION_STEPS = 100_000  # ADM's largest is 4000; the process tables are float64 arrays of this length

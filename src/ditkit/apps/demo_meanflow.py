@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ditkit.errors import UserError
+from ditkit.runtime.errors import UserError
 
 # The diffusion demo's network and optimiser (demo.py) and the paper's MeanFlow settings; DEMO_OMEGA is the
 # target's folded guidance scale ω (κ 0, the model's 10 % class dropout), set before the one CPU run measured
