@@ -26,6 +26,7 @@ import numpy as np
 
 from ditkit.runtime import counts
 from ditkit.runtime.errors import UserError
+from ditkit.models.config import DiTConfig
 from ditkit.models.precision import PRECISIONS
 
 DEFAULT_MODELS = ("DiT-S/8", "DiT-S/4", "DiT-S/2", "DiT-B/8", "DiT-B/4", "DiT-B/2")
@@ -97,7 +98,21 @@ def validate(opts: ScalingOptions) -> None:
         if opts.image_size % patch:
             raise UserError(f"--image-size {opts.image_size} is not divisible by the patch size of {name}; "
                             "use a multiple of 8 such as 32")
-    counts.scaling_options(opts)  # absurd counts and model sizes, before anything is trained
+    counts.scaling_options(opts)  # absurd counts, before anything is trained
+    check_models(opts)
+
+
+def check_models(opts: ScalingOptions) -> None:
+    """Every model the overrides describe is a valid, bounded config (one line naming the flag otherwise)."""
+    if not isinstance(opts.model_overrides, dict):
+        raise UserError("--model-overrides must be a JSON object of model config fields")
+    for name in opts.models:
+        try:
+            DiTConfig.from_name(name, **{"input_size": opts.image_size, **opts.model_overrides})
+        except UserError as err:
+            raise UserError(f"--models {name} with --model-overrides: {err}") from None
+        except TypeError as err:
+            raise UserError(f"--model-overrides: {err}") from None
 
 
 def eval_points(opts: ScalingOptions) -> list[int]:
@@ -403,7 +418,6 @@ def _train_options(opts: ScalingOptions, name: str, step: int) -> Any:
 
 def _gflops(name: str, opts: ScalingOptions) -> float:
     from ditkit.models.flops import count_macs
-    from ditkit.models.config import DiTConfig
 
     config = DiTConfig.from_name(name, input_size=opts.image_size, in_channels=1, num_classes=10,
                                  **opts.model_overrides)

@@ -13,7 +13,7 @@ range and, for space, what it needs and what is free.
 | a batch                                  | `MAX_BATCH` (65,536)                          |
 | sampling steps                           | `MAX_SAMPLE_STEPS` (10,000)                   |
 | extract / evaluate batches, shard size   | `MAX_BATCH`, 10^6 images a shard                |
-| model sizes (overrides, `--image-size`)  | `ditkit.runtime.validate.LIMITS` and the model size bound, via `DiTConfig` |
+| model sizes (overrides, `--image-size`)  | `ditkit.runtime.validate.LIMITS` and the model size bound, checked by `DiTConfig` where the models are built (`ditkit scaling`: `apps.scaling.check_models`) |
 """
 
 from __future__ import annotations
@@ -118,21 +118,11 @@ def demo_flags(args: Any) -> None:
 
 
 def scaling_options(opts: Any) -> None:
-    """`ditkit scaling`: steps, samples, batch, sampling steps, and every model the overrides describe."""
-    from ditkit.models.config import DiTConfig
-
+    """`ditkit scaling`: steps, samples, batch, sampling steps and image size (its models are checked by the
+    scaling app itself, which knows the configs)."""
     run_counts([("--steps", opts.steps, 1, MAX_TRAIN_STEPS), ("--num-samples", opts.num_samples, 20, MAX_SAMPLES),
                 ("--batch-size", opts.batch_size, 1, MAX_BATCH),
                 ("--sample-steps", opts.sample_steps, 1, MAX_SAMPLE_STEPS), ("--image-size", opts.image_size, 1, 4096)])
-    if not isinstance(opts.model_overrides, dict):
-        raise UserError("--model-overrides must be a JSON object of model config fields")
-    for name in opts.models:
-        try:
-            DiTConfig.from_name(name, **{"input_size": opts.image_size, **opts.model_overrides})
-        except UserError as err:
-            raise UserError(f"--models {name} with --model-overrides: {err}") from None
-        except TypeError as err:
-            raise UserError(f"--model-overrides: {err}") from None
 
 
 def train_options(opts: Any) -> None:
