@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditkit.errors import UserError
 from ditkit.models.config import KNOB_DEFAULTS
 from ditkit.models.dit import DiT, DiTBlock, Mlp
 
@@ -58,8 +59,6 @@ def unsupported(network: Any, kwargs: dict[str, Any]) -> str | None:
     knobs = [k for k, default in KNOB_DEFAULTS.items() if getattr(config, k) != default]
     if knobs:
         return f"LightningDiT knobs {', '.join(knobs)}"
-    if network.r_embedder is None:
-        return "no interval embedder (not a MeanFlow model)"
     if network.training and getattr(network, "training_path", None) is not None:
         return "TREAD routing / REPA tap (models/routing.py)"
     if network.block_cache is not None:
@@ -248,19 +247,35 @@ def timestep_embedder(embedder: nn.Module, t: torch.Tensor, dt: torch.Tensor) ->
     return linear(h, dh, last.weight, last.bias)
 
 
-def forward(network: DiT, x: torch.Tensor, dx: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, r: torch.Tensor,
-            dr: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None, *,
-            compiled: bool = False) -> Pair:
-    """(u, du): `network(x, t, y, force_drop_ids, r=r)` and its derivative along (dx, dt, dr), no autograd.
+def time_embedding(network: DiT, t: torch.Tensor, dt: torch.Tensor, r: torch.Tensor | None,
+                   dr: torch.Tensor | None) -> Pair:
+    """`DiT._time_embedding` on (t, dt) and (r, dr): t's embedding plus, on a model with an interval input, the
+    embedding of t − r (r None: r = t, an interval of 0 whatever dt)."""
+    c, dc = timestep_embedder(network.t_embedder, t, dt)
+    if network.r_embedder is None:
+        if r is not None:
+            raise UserError("this model has no second time input r; it was not trained with --objective meanflow")
+        return c, dc
+    if r is None:
+        ci, dci = timestep_embedder(network.r_embedder, torch.zeros_like(t), torch.zeros_like(dt))
+    else:
+        ci, dci = timestep_embedder(network.r_embedder, t - r, dt - (torch.zeros_like(dt) if dr is None else dr))
+    return c + ci, dc + dci
+
+
+def forward(network: DiT, x: torch.Tensor, dx: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, y: torch.Tensor,
+            force_drop_ids: torch.Tensor | None = None, *, r: torch.Tensor | None = None,
+            dr: torch.Tensor | None = None, compiled: bool = False) -> Pair:
+    """(u, du): `network(x, t, y, force_drop_ids, r=r)` and its derivative along (dx, dt, dr) (dr None: 0),
+    without autograd.
 
     `network` must be covered (`unsupported(network, kwargs) is None`); labels are dropped as its forward drops
     them (training mode: at random unless force_drop_ids). compiled: each block through `compiled_block()`."""
     proj = network.x_embedder.proj
     tokens = network.x_embedder(x) + network.pos_embed
     dtokens = F.conv2d(dx, proj.weight, None, proj.stride, proj.padding).flatten(2).transpose(1, 2)
-    c, dc = timestep_embedder(network.t_embedder, t, dt)
-    ci, dci = timestep_embedder(network.r_embedder, t - r, dt - dr)
-    c, dc = c + ci + network.y_embedder(y, network.training, force_drop_ids), dc + dci
+    c, dc = time_embedding(network, t, dt, r, dr)
+    c = c + network.y_embedder(y, network.training, force_drop_ids)
     cond = silu(c, dc)  # every block's adaLN regression starts with SiLU(c)
     run = compiled_block() if compiled else dual_block
     for block in network.blocks:

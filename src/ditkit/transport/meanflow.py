@@ -141,8 +141,8 @@ def meanflow_target(model: Callable[..., torch.Tensor], z: torch.Tensor, r: torc
     network = dual.network_of(model)
     with torch.no_grad():
         if network is not None and dual.covers(network, sub):
-            _, dudt = dual.forward(network, z_in, v_in, t_in, torch.ones_like(t_in), r_in, torch.zeros_like(r_in),
-                                   **sub, compiled=z.is_cuda)
+            _, dudt = dual.forward(network, z_in, v_in, t_in, torch.ones_like(t_in), **sub, r=r_in,
+                                   compiled=z.is_cuda)
             dudt = dudt[:, :channels]
         else:
             def u(z_: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
