@@ -269,3 +269,30 @@ def test_bf16_autocast_matches_the_plain_path_to_bf16_accuracy():
     assert tangent.dtype == ref.dtype
     scale = float(ref.float().abs().max())
     torch.testing.assert_close(tangent.float(), ref.float(), rtol=0.05, atol=0.03 * scale)
+
+
+def test_the_training_step_takes_the_dual_path_and_reports_the_same_loss(monkeypatch):
+    """One `TrainStep` (its fp32 wrapper carries the module) runs the dual JVP, and its loss equals the step's
+    with torch.func.jvp from the same weights and draws."""
+    import copy
+
+    from ditkit.objectives import objective_for
+    from ditkit.recipe import Recipe
+    from ditkit.train.step import TrainStep
+
+    model = _model(class_dropout_prob=0.1).float().train()
+    recipe = Recipe(model=model.config, process=MeanFlowProcess(omega=1.5, ratio_r_neq_t=0.75))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+    def loss(net, target, name, value):
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        step = TrainStep(net, net, copy.deepcopy(net), opt, objective_for(recipe).training,
+                         device=torch.device("cpu"), precision="fp32", global_batch=4)
+        with monkeypatch.context() as m:
+            m.setattr(target, name, value)
+            return float(step(x, y, 0).terms[0])
+
+    new = loss(copy.deepcopy(model), forward_mode, "jvp", lambda *a, **k: pytest.fail("took torch.func.jvp"))
+    old = loss(copy.deepcopy(model), dual, "covers", lambda *a: False)
+    assert new == pytest.approx(old, rel=1e-5)
