@@ -5,11 +5,14 @@ Sections (each saved to `--out` as it finishes; the section runner of bench_samp
   train    `ditkit.train.step.TrainStep` (the loop's own step: draws, loss, backward, AdamW, EMA) on DiT-XL/2,
            batch 128, bf16, blocks compiled (the GPU default), synthetic latents: flow matching (the baseline,
            in the same process and call), MeanFlow without guidance, MeanFlow with folded guidance
-           (ω 2, κ 0: one extra no-gradient forward of 2N rows); img/s, ms per step and peak memory each
+           (ω 2, κ 0: one extra no-gradient forward of 2N rows), both with the dual JVP (models.dual), and
+           MeanFlow with the JVP by torch.func.jvp (the path before); img/s, ms per step and peak memory each
   jvp      where a MeanFlow step goes (batch 128, every row's JVP: the training step takes only r ≠ t rows,
            25 %): a no-gradient forward on the fast path (fused kernels, measured attention), the same forward
            on the forward-differentiable path (explicit attention, plain LayerNorm), the JVP pass
-           (`models.forward_mode.jvp`), forward + backward, and the JVP call compiled whole (a candidate)
+           (`models.forward_mode.jvp`), the dual-number JVP (`models.dual`: eager, blocks compiled, and
+           compiled on a quarter of the rows), forward + backward, the JVP call compiled whole (a candidate),
+           and how far the dual path's du is from torch.func.jvp's
   cli      `ditkit sample --sampler meanflow --num-steps 1` for 1,024 images at batch 256, DiT-XL/2 (random
            weights, MeanFlow recipe) with the SD-VAE architecture (random weights), instrumented by
            bench_sample.py's child (start-up, checkpoint, VAE, each shard's sampling and decoding, the .npz)
@@ -79,8 +82,25 @@ def _random_dit(bench: Bench, meanflow: bool) -> DiT:
     return model
 
 
+PLAIN_JVP = "meanflow, JVP by torch.func.jvp (the path before models.dual)"
+
+
 def _train_row(bench: Bench, process: Any, label: str) -> dict[str, Any]:
-    """img/s, ms and peak memory of the training step for `process` (compiled blocks on a GPU, bf16)."""
+    """img/s, ms and peak memory of the training step for `process` (compiled blocks on a GPU, bf16); the
+    MeanFlow rows take the dual JVP path (models.dual), except the PLAIN_JVP row."""
+    if label != PLAIN_JVP:
+        return _time_train(bench, process, label)
+    from ditkit.models import dual
+
+    covers = dual.covers
+    dual.covers = lambda *a: False  # the fallback decision, made for every model: torch.func.jvp
+    try:
+        return _time_train(bench, process, label)
+    finally:
+        dual.covers = covers
+
+
+def _time_train(bench: Bench, process: Any, label: str) -> dict[str, Any]:
     from ditkit.runtime.fast import compile_blocks
 
     bench.reset_peak()
@@ -137,7 +157,8 @@ def section_train(bench: Bench) -> None:
     if not bench.args.flow_only:
         from ditkit.recipe import MeanFlowProcess
 
-        jobs += [(MeanFlowProcess(), "meanflow"), (MeanFlowProcess(omega=2.0), "meanflow, guidance folded (omega 2)")]
+        jobs += [(MeanFlowProcess(), "meanflow"), (MeanFlowProcess(omega=2.0), "meanflow, guidance folded (omega 2)"),
+                 (MeanFlowProcess(), PLAIN_JVP)]
     for process, label in jobs:
         rows.append(_train_row(bench, process, label))
         bench.save()
@@ -151,9 +172,22 @@ def section_train(bench: Bench) -> None:
             row["vs_flow"] = round(row["img_per_s"] / base, 3)
 
 
+def _dual_agreement(model: Any, args: tuple, autocast: Any) -> float:
+    """max |du_dual − du_jvp| / max |du_jvp| in the benchmark's precision: the two JVP paths' agreement."""
+    from ditkit.models import dual, forward_mode
+
+    z, v, r, t, y, drop = args
+    with torch.no_grad(), autocast:
+        _, ref = forward_mode.jvp(lambda zz, rr, tt: model(zz, tt, y, force_drop_ids=drop, r=rr), (z, r, t),
+                                  (v, torch.zeros_like(r), torch.ones_like(t)))
+        _, got = dual.forward(model, z, v, t, torch.ones_like(t), y, drop, r=r, compiled=z.is_cuda)
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
 def section_jvp(bench: Bench) -> None:
-    """The pieces of a MeanFlow step, each timed alone (bf16 autocast on a GPU, no compile)."""
-    from ditkit.models import forward_mode
+    """The pieces of a MeanFlow step, each timed alone (bf16 autocast on a GPU; the dual path's blocks compiled
+    on a GPU as in training, the rest uncompiled)."""
+    from ditkit.models import dual, forward_mode
 
     out: dict[str, Any] = {}
     bench.results["jvp"] = out
@@ -166,6 +200,7 @@ def section_jvp(bench: Bench) -> None:
     r, y = t * 0.5, torch.randint(0, 1000, (n,), generator=g).to(bench.device)
     drop = torch.zeros(n, dtype=torch.long, device=bench.device)
     autocast = torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.device.type == "cuda")
+    cuda = bench.device.type == "cuda"
 
     def u(zz: torch.Tensor, rr: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         return model(zz, tt, y, force_drop_ids=drop, r=rr)
@@ -182,6 +217,11 @@ def section_jvp(bench: Bench) -> None:
         with torch.no_grad(), autocast:
             forward_mode.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
+    def dual_pass(compiled: bool, rows: int = n) -> None:
+        with torch.no_grad(), autocast:
+            dual.forward(model, z[:rows], v[:rows], t[:rows], torch.ones_like(t[:rows]), y[:rows], drop[:rows],
+                         r=r[:rows], compiled=compiled)
+
     compiled = torch.compile(lambda zz, rr, tt, vv: torch.func.jvp(u, (zz, rr, tt), (vv, torch.zeros_like(rr),
                                                                                    torch.ones_like(tt)))[1])
 
@@ -193,12 +233,25 @@ def section_jvp(bench: Bench) -> None:
         with autocast:
             u(z, r, t).float().square().mean().backward()
 
-    for name, fn in (("forward, fast path (no grad)", fast_forward),
-                     ("forward, forward-mode path (no grad)", plain_forward),
-                     ("JVP pass (forward-mode path, no grad)", jvp_pass),
-                     ("forward + backward, fast path", forward_backward),
-                     *([("JVP pass, whole call compiled (not used in training)", jvp_compiled)]
-                       if bench.args.compiled_jvp else [])):
+    quarter = max(1, n // 4)
+    rows = [("forward, fast path (no grad)", fast_forward),
+            ("forward, forward-mode path (no grad)", plain_forward),
+            ("JVP pass (forward-mode path, no grad)", jvp_pass),
+            ("JVP pass, dual path (models.dual, eager)", lambda: dual_pass(False)),
+            *([("JVP pass, dual path (models.dual, blocks compiled: the training step's)", lambda: dual_pass(True)),
+               (f"JVP pass, dual path compiled, {quarter} rows (a step's r != t share)",
+                lambda: dual_pass(True, quarter))] if cuda else []),
+            ("forward + backward, fast path", forward_backward),
+            *([("JVP pass, whole call compiled (not used in training)", jvp_compiled)]
+              if bench.args.compiled_jvp else [])]
+    _time_rows(bench, out, rows)
+    out["dual vs torch.func.jvp, max |diff| / max |du|"] = _dual_agreement(model, (z, v, r, t, y, drop), autocast)
+    print(f"jvp dual vs torch.func.jvp: {out['dual vs torch.func.jvp, max |diff| / max |du|']:.2e}", flush=True)
+
+
+def _time_rows(bench: Bench, out: dict[str, Any], rows: list[tuple[str, Any]]) -> None:
+    """ms and peak memory of each (name, fn), an error recorded instead where one fails."""
+    for name, fn in rows:
         bench.reset_peak()
         try:
             ms = bench.time_ms(fn, warmup=2, repeats=3 if bench.args.quick else 5)

@@ -147,6 +147,8 @@ class TrainStep:
             # The loss is computed in fp32 even when the network runs in bf16.
             return self.forward(*args, **kwargs).float()
 
+        fp32_output.network = self.model  # type: ignore[attr-defined]  # the module, for MeanFlow's dual JVP pass
+
         self.opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=self.device)
         losses = []

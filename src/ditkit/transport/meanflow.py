@@ -14,9 +14,10 @@ over k equal steps from t = 1; one step is x = ε − u(ε, 0, 1).
 
 The recipe's `MeanFlowProcess` holds the settings; `ditkit train --objective meanflow --meanflow KEY=VALUE,...`
 sets them (`process_from_flag`); the model gets a second timestep embedder of t − r (`DiTConfig.interval_time`).
-The JVP runs through `models.forward_mode` (plain attention, fused kernels off), without gradient and on the
-rows with r ≠ t only; the loss's own forward is a separate ordinary pass (fast kernels, autograd), so the JVP
-costs no activation memory.
+The JVP runs without gradient and on the rows with r ≠ t only, through `models.dual` (a hand-written
+dual-number forward of the adaLN DiT, its blocks compiled on a GPU) where that covers the model, else through
+`models.forward_mode` (`torch.func.jvp`: plain attention, fused kernels off); the loss's own forward is a
+separate ordinary pass (fast kernels, autograd), so the JVP costs no activation memory.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from ditkit.runtime.errors import UserError
-from ditkit.models import forward_mode
+from ditkit.models import dual, forward_mode
 from ditkit.objective import Objective
 from ditkit.recipe import MeanFlowProcess, Recipe
 
@@ -125,24 +126,31 @@ def _guided_velocity(model: Callable[..., torch.Tensor], z: torch.Tensor, t: tor
 
 def meanflow_target(model: Callable[..., torch.Tensor], z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                     v: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """v − (t − r)·du/dt with du/dt = J_u·(v, 0, 1) in (z, r, t) by `torch.func.jvp` (no gradient).
+    """v − (t − r)·du/dt with du/dt = J_u·(v, 0, 1) in (z, r, t) (no gradient).
 
     The JVP runs on the rows with r ≠ t only (the sampler's `ratio_r_neq_t`, 25 % by default): elsewhere
-    (t − r)·du/dt is 0 and the target is v. The network treats rows independently, so this is the same target."""
+    (t − r)·du/dt is 0 and the target is v. The network treats rows independently, so this is the same target.
+    It is the dual-number forward (`models.dual`, blocks compiled on a GPU) where that covers the network
+    behind `model`, else `torch.func.jvp` on the forward-differentiable path."""
     channels, n = z.shape[1], z.shape[0]
     rows = (t != r).nonzero().squeeze(1)
     if rows.numel() == 0:
         return v
     sub = {k: a[rows] if torch.is_tensor(a) and a.shape[:1] == (n,) else a for k, a in kwargs.items()}
-
-    def u(z_: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
-        return model(z_, t_, r=r_, **sub)[:, :channels]
-
-    r_in, t_in = r[rows], t[rows]
+    z_in, r_in, t_in, v_in = z[rows], r[rows], t[rows], v[rows]
+    network = dual.network_of(model)
     with torch.no_grad():
-        _, dudt = forward_mode.jvp(u, (z[rows], r_in, t_in), (v[rows], torch.zeros_like(r_in), torch.ones_like(t_in)))
+        if network is not None and dual.covers(network, sub):
+            _, dudt = dual.forward(network, z_in, v_in, t_in, torch.ones_like(t_in), **sub, r=r_in,
+                                   compiled=z.is_cuda)
+            dudt = dudt[:, :channels]
+        else:
+            def u(z_: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+                return model(z_, t_, r=r_, **sub)[:, :channels]
+
+            _, dudt = forward_mode.jvp(u, (z_in, r_in, t_in), (v_in, torch.zeros_like(r_in), torch.ones_like(t_in)))
     target = v.clone()
-    target[rows] = v[rows] - _col(t_in - r_in, dudt) * dudt.to(v.dtype)
+    target[rows] = v_in - _col(t_in - r_in, dudt) * dudt.to(v.dtype)
     return target
 
 
