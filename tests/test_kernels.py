@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 from ditkit.models import create_model, kernels  # noqa: E402
-from ditkit.models.kernels import fp8, fp8_rows  # noqa: E402
+from ditkit.models.kernels import fp8  # noqa: E402
 
 CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_check.py"
 
@@ -111,7 +111,7 @@ def test_a_no_grad_fused_forward_does_not_import_dynamo(custom_ops):
 def test_fp8_row_path_is_inference_only_and_keeps_the_state_dict():
     model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    assert fp8_rows.prepare(model) == 8
+    assert fp8.enable_fp8(model, rowwise=True) == 8
     assert model.state_dict().keys() == keys.keys()
     assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
     x = torch.zeros(1, 384)

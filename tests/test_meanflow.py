@@ -77,7 +77,7 @@ def test_model_jvp_matches_finite_differences_in_every_input(overrides):
     def u(zz, rr, tt):
         return model(zz, tt, y, r=rr, **kwargs)
 
-    out, tangent = forward_mode.jvp(u, (z, r, t), (dz, dr, dt))
+    out, tangent = forward_mode.jvp(model, u, (z, r, t), (dz, dr, dt))
     h = 1e-6
     fd = (u(z + h * dz, r + h * dr, t + h * dt) - u(z - h * dz, r - h * dr, t - h * dt)) / (2 * h)
     torch.testing.assert_close(out, u(z, r, t), rtol=1e-12, atol=1e-12)

@@ -140,7 +140,8 @@ def meanflow_target(model: Callable[..., torch.Tensor], z: torch.Tensor, r: torc
 
     r_in, t_in = r[rows], t[rows]
     with torch.no_grad():
-        _, dudt = forward_mode.jvp(u, (z[rows], r_in, t_in), (v[rows], torch.zeros_like(r_in), torch.ones_like(t_in)))
+        _, dudt = forward_mode.jvp(model, u, (z[rows], r_in, t_in),
+                                   (v[rows], torch.zeros_like(r_in), torch.ones_like(t_in)))
     target = v.clone()
     target[rows] = v[rows] - _col(t_in - r_in, dudt) * dudt.to(v.dtype)
     return target
