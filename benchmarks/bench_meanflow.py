@@ -81,6 +81,7 @@ def _random_dit(bench: Bench, meanflow: bool) -> DiT:
 
 def _train_row(bench: Bench, process: Any, label: str) -> dict[str, Any]:
     """img/s, ms and peak memory of the training step for `process` (compiled blocks on a GPU, bf16)."""
+    # compile_blocks, not `precision.prepare`: the --baseline-src child runs this function on older trees
     from ditkit.fast import compile_blocks
 
     bench.reset_peak()
@@ -175,18 +176,18 @@ def section_jvp(bench: Bench) -> None:
             u(z, r, t)
 
     def plain_forward() -> None:
-        with torch.no_grad(), autocast, forward_mode.forward_mode():
+        with torch.no_grad(), autocast, forward_mode.plain(model):
             u(z, r, t)
 
     def jvp_pass() -> None:
         with torch.no_grad(), autocast:
-            forward_mode.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+            forward_mode.jvp(model, u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
     compiled = torch.compile(lambda zz, rr, tt, vv: torch.func.jvp(u, (zz, rr, tt), (vv, torch.zeros_like(rr),
                                                                                    torch.ones_like(tt)))[1])
 
     def jvp_compiled() -> None:  # the whole jvp call compiled (dynamo traces torch.func.jvp), not used in training
-        with torch.no_grad(), autocast, forward_mode.forward_mode(eager=False):
+        with torch.no_grad(), autocast, forward_mode.plain(model, eager=False):
             compiled(z, r, t, v)
 
     def forward_backward() -> None:

@@ -16,7 +16,9 @@ by the code that knows the batch (`DiT.choose_attention`), and stored on the att
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,8 +87,8 @@ class Precision:
         return Precision("bf16", self.device_type) if self.fp8 else self
 
 
-def prepare(model: torch.nn.Module, precision: Precision, *, training: bool, compile: bool = False,
-            fused: bool = True) -> torch.nn.Module:
+def prepare(model: torch.nn.Module, precision: Precision, *, training: bool,
+            compile: bool | Mapping[str, Any] = False, fused: bool = True) -> torch.nn.Module:
     """Ready `model` (already on its device) for training or sampling at `precision`, in place; returns it.
 
     - `fused`: every layer with a kernel path (`fused` attribute: DiT blocks, final layer, MLPs, the DiT's
@@ -96,7 +98,8 @@ def prepare(model: torch.nn.Module, precision: Precision, *, training: bool, com
       Sampling: weights quantised once by rows, the activations' row scales made inside the LayerNorm kernels
       (the tensorwise path quantised every operand on every call and sampled 2× slower, benchmarks/RESULTS.md,
       issue 13);
-    - `compile`: each block compiled (`ditkit.fast.compile_blocks`), after FP8 so the graphs hold its products.
+    - `compile`: each block compiled (`ditkit.fast.compile_blocks`), after FP8 so the graphs hold its products;
+      a mapping gives compile_blocks' keyword arguments (the benchmarks' backends and modes).
     """
     for module in model.modules():
         if isinstance(getattr(module, "fused", None), bool):
@@ -105,8 +108,8 @@ def prepare(model: torch.nn.Module, precision: Precision, *, training: bool, com
         from ditkit.models.kernels.fp8 import enable_fp8
 
         enable_fp8(model, rowwise=not training)
-    if compile:
+    if compile is not False:
         from ditkit.fast import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, **({} if compile is True else compile))
     return model
