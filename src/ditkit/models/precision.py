@@ -108,8 +108,8 @@ def prepare(model: torch.nn.Module, precision: Precision, *, training: bool,
         from ditkit.models.kernels.fp8 import enable_fp8
 
         enable_fp8(model, rowwise=not training)
-    if compile is not False:
+    if compile:
         from ditkit.fast import compile_blocks
 
-        compile_blocks(model, **({} if compile is True else compile))
+        compile_blocks(model, **(compile if isinstance(compile, Mapping) else {}))
     return model
