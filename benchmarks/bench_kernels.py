@@ -33,10 +33,10 @@ import torch
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 import harness
 from ditkit.diffusion import create_diffusion
-from ditkit.runtime.fast import compile_blocks
 from ditkit.models.flops import count_macs
-from ditkit.models import create_model, kernels
-from ditkit.models.kernels.fp8 import BLOCK_LINEARS, enable_fp8
+from ditkit.models import create_model
+from ditkit.models.kernels.fp8 import BLOCK_LINEARS
+from ditkit.models.precision import Precision, prepare
 from ditkit.train.step import TrainStep
 from harness import run_sections
 
@@ -173,7 +173,6 @@ def section_micro(bench: Bench) -> None:
 
 def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int = 32) -> tuple[Callable, Any]:
     """A TrainStep for `mode` (plain | fast | fp8) on fixed synthetic latents; returns (run(step), model)."""
-    kernels.set_fused(mode != "plain")
     torch._dynamo.reset()
     torch.manual_seed(0)
     overrides = {"depth": 2, "hidden_size": 64, "num_heads": 4} if bench.args.quick else {}
@@ -184,17 +183,16 @@ def build_step(name: str, batch: int, mode: str, bench: Bench, input_size: int =
         p_ema.requires_grad_(p.requires_grad)
     model.to(bench.device).train()
     ema.to(bench.device).eval()
-    if mode == "fp8":
-        enable_fp8(model)
+    cuda = bench.device.type == "cuda"
+    precision = "fp8" if mode == "fp8" else ("bf16" if cuda or not bench.args.quick else "fp32")
     if mode.startswith("torchao-"):
         torchao_fp8(model, mode.removeprefix("torchao-"))
-    compile_blocks(model, backend="inductor" if bench.device.type == "cuda" else "eager",
-                   mode="max-autotune-no-cudagraphs" if mode == "autotune" else None)
-    cuda = bench.device.type == "cuda"
+    prepare(model, Precision(precision, bench.device.type), training=True, fused=mode != "plain",
+            compile={"backend": "inductor" if cuda else "eager",
+                     "mode": "max-autotune-no-cudagraphs" if mode == "autotune" else None})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             **({"fused": True} if cuda else {}))
     diffusion = create_diffusion("", learn_sigma=model.config.learn_sigma)
-    precision = "fp8" if mode == "fp8" else ("bf16" if cuda or not bench.args.quick else "fp32")
     step = TrainStep(model, model, ema, opt, diffusion, device=bench.device, precision=precision,
                      global_batch=batch)
     cfg = model.config

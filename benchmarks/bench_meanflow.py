@@ -178,8 +178,8 @@ def _dual_agreement(model: Any, args: tuple, autocast: Any) -> float:
 
     z, v, r, t, y, drop = args
     with torch.no_grad(), autocast:
-        _, ref = forward_mode.jvp(lambda zz, rr, tt: model(zz, tt, y, force_drop_ids=drop, r=rr), (z, r, t),
-                                  (v, torch.zeros_like(r), torch.ones_like(t)))
+        _, ref = forward_mode.jvp(model, lambda zz, rr, tt: model(zz, tt, y, force_drop_ids=drop, r=rr),
+                                  (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
         _, got = dual.forward(model, z, v, t, torch.ones_like(t), y, drop, r=r, compiled=z.is_cuda)
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
@@ -210,12 +210,12 @@ def section_jvp(bench: Bench) -> None:
             u(z, r, t)
 
     def plain_forward() -> None:
-        with torch.no_grad(), autocast, forward_mode.forward_mode():
+        with torch.no_grad(), autocast, forward_mode.plain(model):
             u(z, r, t)
 
     def jvp_pass() -> None:
         with torch.no_grad(), autocast:
-            forward_mode.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+            forward_mode.jvp(model, u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
     def dual_pass(compiled: bool, rows: int = n) -> None:
         with torch.no_grad(), autocast:
@@ -226,7 +226,7 @@ def section_jvp(bench: Bench) -> None:
                                                                                    torch.ones_like(tt)))[1])
 
     def jvp_compiled() -> None:  # the whole jvp call compiled (dynamo traces torch.func.jvp), not used in training
-        with torch.no_grad(), autocast, forward_mode.forward_mode(eager=False):
+        with torch.no_grad(), autocast, forward_mode.plain(model, eager=False):
             compiled(z, r, t, v)
 
     def forward_backward() -> None:

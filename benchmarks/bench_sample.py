@@ -36,7 +36,9 @@ import torch
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 import harness
-from ditkit.models import create_model, kernels
+from ditkit.models import create_model
+from ditkit.models.dit import Mlp
+from ditkit.models.precision import Precision, prepare
 from harness import run_sections
 
 ROOT = harness.ROOT
@@ -68,10 +70,7 @@ def random_model(bench: Bench, fp8: bool = False) -> torch.nn.Module:
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.02, generator=gen)
-    if fp8:
-        from ditkit.models.kernels import fp8_rows
-
-        fp8_rows.prepare(model)
+    prepare(model, Precision("fp8" if fp8 else "bf16", bench.device.type), training=False)
     model.choose_attention(2 * bench.batch, torch.bfloat16, bench.device, training=False)  # as the pipeline does
     return model.eval()
 
@@ -122,9 +121,6 @@ def _variants() -> dict[str, dict[str, Any]]:
 
 
 def section_forward(bench: Bench) -> None:
-    from ditkit.runtime.fast import compile_blocks
-    from ditkit.models.kernels.fp8 import enable_fp8
-
     out: dict[str, Any] = {"gelu_epilogue_check": gelu_check(bench) if bench.device.type == "cuda" else None}
     bench.results["forward"] = out
     names = bench.args.variants or list(_variants())
@@ -137,12 +133,11 @@ def section_forward(bench: Bench) -> None:
     y = torch.randint(0, 1001, (rows,), device=bench.device, generator=gen)
     base = random_model(bench)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    kernels.set_fused(False)
+    prepare(base, Precision("fp32", bench.device.type), training=False, fused=False)
     with torch.no_grad():
         ref = base(x, t, y).float()  # fp32 eager plain (TF32 as the CLI sets it for bf16 runs: off here)
     del base
     torch.backends.cuda.matmul.allow_tf32 = True
-    gelu_on = kernels.use_gelu_epilogue
     for name, v in _variants().items():
         if not any(name.startswith(n) for n in names):
             continue
@@ -150,12 +145,10 @@ def section_forward(bench: Bench) -> None:
             out[name] = {"skipped": "time budget"}
             continue
         try:
-            out[name] = _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu_on)
+            out[name] = _forward_row(bench, state, v, x, t, y, ref)
         except Exception as exc:  # keep the other rows
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         finally:
-            kernels.use_gelu_epilogue = gelu_on
-            kernels.set_fused(True)
             _reset_stream()
             torch.cuda.empty_cache() if bench.device.type == "cuda" else None
         print(f"forward {name}: {out[name]}", flush=True)
@@ -170,24 +163,22 @@ def _reset_stream() -> None:
     fp8_rows.STREAM = torch.float32
 
 
-def _forward_row(bench, state, v, x, t, y, ref, compile_blocks, enable_fp8, gelu_on) -> dict[str, Any]:
-    kernels.set_fused(v["fused"])
-    if not v["gelu"]:
-        kernels.use_gelu_epilogue = lambda _x: False
+def _forward_row(bench, state, v, x, t, y, ref) -> dict[str, Any]:
     with torch.device("meta"):
         model = create_model(bench.name, input_size=bench.image // 8, num_classes=1000)
     model.load_state_dict(state, assign=True)
     model.eval()
-    model.choose_attention(len(x), torch.bfloat16, bench.device, training=False)  # as the pipeline does
-    if v["fp8"] == "tensorwise":
-        enable_fp8(model)
-    elif v["fp8"] == "rows":
+    # fp8 "tensorwise": the block linears as training prepares them; "rows": as `ditkit sample` prepares them
+    precision = Precision("fp8" if v["fp8"] else "bf16", bench.device.type)
+    prepare(model, precision, training=v["fp8"] == "tensorwise", compile=v["compile"], fused=v["fused"])
+    if not v["gelu"]:  # the MLPs' one fused path is fc1's GELU epilogue
+        for mlp in (m for m in model.modules() if isinstance(m, Mlp)):
+            mlp.fused = False
+    if v["fp8"] == "rows":
         from ditkit.models.kernels import fp8_rows
 
-        fp8_rows.prepare(model)
         fp8_rows.STREAM = v.get("stream", torch.float32)  # section_forward restores the default
-    if v["compile"]:
-        compile_blocks(model)
+    model.choose_attention(len(x), torch.bfloat16, bench.device, training=False)  # as the pipeline does
 
     def fwd() -> torch.Tensor:
         with torch.no_grad(), torch.autocast(bench.device.type, dtype=torch.bfloat16):

@@ -217,7 +217,7 @@ def check_fp8_block(device: str = "cpu") -> dict[str, float]:
     import ditkit.models.kernels as kernels
     from ditkit.models.config import DiTConfig
     from ditkit.models.dit import DiT
-    from ditkit.models.kernels import fp8_rows
+    from ditkit.models.kernels import fp8, fp8_rows
 
     torch.manual_seed(1)  # head dim 16: CUDA's attention kernels need multiples of 8
     cfg = DiTConfig.from_name("DiT-S/2", input_size=8, num_classes=10, depth=2, hidden_size=64, num_heads=4)
@@ -230,7 +230,7 @@ def check_fp8_block(device: str = "cpu") -> dict[str, float]:
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 50.0, 999.0]), torch.tensor([0, 3, 10])
     with torch.no_grad():
         plain = ref(x.double(), t.double(), y)
-        assert fp8_rows.prepare(model) == 8
+        assert fp8.enable_fp8(model, rowwise=True) == 8
         saved = fp8_rows.ACTIVATIONS, fp8_rows.linear, kernels.use_fp8_rows
         if device == "cpu":
             gemm = fp8_rows.linear
@@ -250,9 +250,7 @@ def check_fp8_block(device: str = "cpu") -> dict[str, float]:
                 fp8_rows.STREAM = stream
         finally:
             fp8_rows.ACTIVATIONS, fp8_rows.linear, kernels.use_fp8_rows = saved
-        for block in model.blocks:  # the same weights with no FP8 rows: shows the path above was taken
-            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-                del lin.fp8_rowwise
+        assert fp8.disable_fp8(model) == 8  # the same weights with no FP8 rows: shows the path above was taken
         use_fused, kernels.use_fused = kernels.use_fused, lambda tensor: True
         try:
             fused = model(x.to(device), t.to(device), y.to(device))

@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("triton")
 
 from ditkit.models import create_model, kernels  # noqa: E402
-from ditkit.models.kernels import fp8, fp8_rows  # noqa: E402
+from ditkit.models.kernels import fp8  # noqa: E402
+from ditkit.models.precision import Precision, prepare  # noqa: E402
 
 CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_check.py"
 
@@ -111,7 +112,7 @@ def test_a_no_grad_fused_forward_does_not_import_dynamo(custom_ops):
 def test_fp8_row_path_is_inference_only_and_keeps_the_state_dict():
     model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    assert fp8_rows.prepare(model) == 8
+    assert fp8.enable_fp8(model, rowwise=True) == 8
     assert model.state_dict().keys() == keys.keys()
     assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
     x = torch.zeros(1, 384)
@@ -151,6 +152,35 @@ def test_fp8_falls_back_for_odd_shapes_and_keeps_state_dict():
     x = torch.randn(5, 48)
     w, b = torch.randn(24, 48), torch.randn(24)
     torch.testing.assert_close(fp8.fp8_linear(x, w, b), torch.nn.functional.linear(x, w, b))  # 5 rows: plain
+
+
+def test_prepare_sets_the_kernel_path_and_one_float8_linear_for_training_and_sampling():
+    """`precision.prepare`: `fused` on every layer that has a kernel path; FP8 as one class, Float8Linear, whose
+    training form is the tensorwise FP8 product and whose sampling form keeps the row-wise weights for the
+    block's FP8 path and is exactly F.linear when called directly; `disable_fp8` gives nn.Linear back."""
+    fp8_prec = Precision("fp8", "cuda")  # built directly: resolve would refuse it without an FP8 GPU
+    model = create_model("DiT-S/2", input_size=8, num_classes=10, depth=2)
+    prepare(model, Precision("fp32"), training=False, fused=False)
+    layers = [m for m in model.modules() if hasattr(m, "fused")]
+    assert len(layers) == 1 + 2 * 2 + 1 and not any(m.fused for m in layers)  # DiT, 2×(block, MLP), final layer
+    assert model.choose_attention(4, torch.float32, torch.device("cpu"), training=False) == "default"
+    x = torch.randn(32, 384, generator=torch.Generator().manual_seed(0))
+    fc1 = model.blocks[0].mlp.fc1
+    plain = torch.nn.functional.linear(x, fc1.weight, fc1.bias).detach()
+    prepare(model, fp8_prec, training=True)
+    assert type(fc1) is fp8.Float8Linear and fc1.rows is None and not kernels.plain_linear(fc1)
+    assert all(m.fused for m in layers)
+    assert 1e-4 < float((fc1(x).detach() - plain).norm() / plain.norm()) < 0.05  # e4m3 rounding, as in the test above
+    assert fp8.disable_fp8(model) == 8 and type(fc1) is torch.nn.Linear
+    prepare(model, fp8_prec, training=False)
+    assert type(fc1) is fp8.Float8Linear and fc1.rows is not None and kernels.plain_linear(fc1)
+    assert torch.equal(fc1(x), plain)
+    # The stored rows: each row's largest magnitude at e4m3's largest (448), every element within e4m3's
+    # rounding (half a step: 2^-4 relative for normals, 2^-10 of the scale below the smallest normal, 2^-6).
+    data, scale = fc1.rows.data.float(), fc1.rows.scale[:, None]
+    assert torch.equal(data.abs().amax(dim=1), torch.full((1536,), 448.0))
+    w = fc1.weight.detach()
+    assert bool(((data * scale - w).abs() <= w.abs() * 2**-4 + scale * 2**-10).all())
 
 
 def test_cpu_tensors_take_the_plain_path():

@@ -13,6 +13,7 @@ from ditkit.models import build_model, forward_mode
 from ditkit.models.config import DiTConfig
 from ditkit.objectives import objective_for
 from ditkit.recipe import DiffusionProcess, MeanFlowProcess, Recipe
+from ditkit.train.step import Float32Output
 from ditkit.transport import create_transport
 from ditkit.transport import meanflow as mf
 
@@ -77,7 +78,7 @@ def test_model_jvp_matches_finite_differences_in_every_input(overrides):
     def u(zz, rr, tt):
         return model(zz, tt, y, r=rr, **kwargs)
 
-    out, tangent = forward_mode.jvp(u, (z, r, t), (dz, dr, dt))
+    out, tangent = forward_mode.jvp(model, u, (z, r, t), (dz, dr, dt))
     h = 1e-6
     fd = (u(z + h * dz, r + h * dr, t + h * dt) - u(z - h * dz, r - h * dr, t - h * dt)) / (2 * h)
     torch.testing.assert_close(out, u(z, r, t), rtol=1e-12, atol=1e-12)
@@ -263,3 +264,24 @@ def test_a_text_model_trains_a_meanflow_step():
     out = step(torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 4, 16, generator=g), 0, mask=mask)
     assert bool(out.finite) and out.stepped
     assert not torch.equal(model.r_embedder.mlp[0].weight, before)
+
+
+def test_plain_sets_the_forward_differentiable_path_and_gives_each_layer_its_own_back():
+    """Inside `forward_mode.plain` every attention module computes explicit math attention and no layer takes
+    the fused kernels, also through the training step's fp32 wrapper; afterwards each layer has its own setting
+    again (an instance value, or its class's default), even when the body raised."""
+    model = _model()
+    model.blocks[0].attn.backend = "cudnn"  # as a measured choice would be stored
+    model.blocks[1].fused = False
+    z, r, t, _ = _inputs()
+    y = torch.tensor([0, 2, 3])
+    fast = model(z, t, y, r=r)
+    with pytest.raises(RuntimeError, match="inside"), forward_mode.plain(Float32Output(model)):
+        assert {b.attn.backend for b in model.blocks} == {"math"}
+        assert not any(m.fused for m in model.modules() if hasattr(m, "fused"))
+        # float64 on the CPU: explicit attention against SDPA's to rounding
+        torch.testing.assert_close(model(z, t, y, r=r), fast, rtol=1e-12, atol=1e-12)
+        raise RuntimeError("inside")
+    assert [b.attn.backend for b in model.blocks] == ["cudnn", "default"]
+    assert "fused" not in vars(model.blocks[0]) and model.blocks[0].fused is True
+    assert vars(model.blocks[1])["fused"] is False and model.final_layer.fused is True

@@ -61,7 +61,7 @@ def _reference(model, d):
     def u(z, r, t):
         return model(z, t, d["y"], r=r if interval else None)
 
-    return forward_mode.jvp(u, (d["z"], d["r"], d["t"]), (d["dz"], d["dr"], d["dt"]))
+    return forward_mode.jvp(model, u, (d["z"], d["r"], d["t"]), (d["dz"], d["dr"], d["dt"]))
 
 
 def _dual(model, d, **kwargs):
@@ -88,7 +88,7 @@ def test_dual_forward_in_training_mode_drops_the_labels_it_is_told_to():
     d = _draws(model, n=4)
     drop = torch.tensor([1, 0, 1, 0])
     out, tangent = dual.forward(model, d["z"], d["dz"], d["t"], d["dt"], d["y"], drop, r=d["r"], dr=d["dr"])
-    ref = forward_mode.jvp(lambda z, r, t: model(z, t, d["y"], drop, r=r), (d["z"], d["r"], d["t"]),
+    ref = forward_mode.jvp(model, lambda z, r, t: model(z, t, d["y"], drop, r=r), (d["z"], d["r"], d["t"]),
                            (d["dz"], d["dr"], d["dt"]))
     torch.testing.assert_close(out, ref[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(tangent, ref[1], rtol=1e-10, atol=1e-10)
@@ -172,7 +172,7 @@ def test_one_block_rule():
         return dual.dual_block(x, dx, *dual.silu(c, dc), dual.BlockWeights.of(block), block.attn.num_heads, True,
                                LN_EPS)
 
-    with forward_mode.forward_mode():
+    with forward_mode.plain(block):
         _check_rule(rule, block, (x, c))
 
 
@@ -230,7 +230,9 @@ def test_covered_model_takes_the_dual_path_through_the_training_wrapper(monkeypa
     d = _draws(model, n=4)
     d["r"][1] = d["t"][1]
     kwargs = {"y": d["y"]}
-    old = mf.meanflow_target(lambda *a, **k: model(*a, **k), d["z"], d["r"], d["t"], d["dz"], kwargs)
+    with monkeypatch.context() as m:  # the reference: torch.func.jvp on the forward-differentiable path
+        m.setattr(dual, "covers", lambda *a: False)
+        old = mf.meanflow_target(model, d["z"], d["r"], d["t"], d["dz"], kwargs)
 
     def wrapper(*a, **k):
         return model(*a, **k)

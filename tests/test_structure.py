@@ -147,7 +147,7 @@ def test_benchmarks_import_no_test_module():
 
 
 FORBIDDEN_IN_FORWARD = {"print", "open", "atomic_write", "select_backend", "choose_attention", "write_text",
-                        "write_bytes", "measure_backends"}
+                        "write_bytes", "measure_backends", "dump", "dumps"}
 
 
 def test_no_forward_times_writes_or_prints():
@@ -164,6 +164,57 @@ def test_no_forward_times_writes_or_prints():
                         if called.lstrip("_") in FORBIDDEN_IN_FORWARD:
                             found.append(f"{name}.{node.name} calls {called}")
     assert found == []
+
+
+# Module-level containers in models/ that a function writes, each a cache of a fact that decides no path by itself.
+MODULE_CACHES = {
+    "kernels._IMPORTED": "the Triton kernel modules once imported (or nothing, without Triton)",
+    "kernels.attention._CHOICE": "the measured attention backends by shape, as on disk",
+    "kernels.fp8_rows._BIAS_IN_GEMM": "whether this torch build's row-wise FP8 GEMM takes a bias",
+    "dual._COMPILED": "the dual block compiled once per inductor backend (which path runs is the caller's choice)",
+}
+MUTATORS = {"append", "extend", "update", "clear", "pop", "popitem", "setdefault", "insert", "remove", "add"}
+
+
+def module_state_writes(source: str) -> list[str]:
+    """Module-level names that a function of `source` rebinds (`global`) or writes into (item assignment or a
+    mutating method): the shape of a process-wide switch."""
+    tree = ast.parse(source)
+    top = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+           for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    found = set()
+    for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        for node in ast.walk(func):
+            if isinstance(node, ast.Global):
+                found.update(node.names)
+            elif isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found.update(t.value.id for t in targets
+                             if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in MUTATORS and isinstance(node.func.value, ast.Name)):
+                found.add(node.func.value.id)
+    return sorted(found & top)
+
+
+def test_the_switch_checker_finds_module_state_a_function_writes():
+    source = ("_STATE = {'on': True}\nFLAGS = []\nLOCAL = 1\n\ndef set_on(v):\n    _STATE['on'] = v\n"
+              "\ndef add(f):\n    FLAGS.append(f)\n    d = {}\n    d['x'] = 1\n\ndef g():\n    global LOCAL\n")
+    assert module_state_writes(source) == ["FLAGS", "LOCAL", "_STATE"]
+
+
+def test_no_process_wide_switch_decides_the_kernel_path():
+    """The kernel path (fused kernels, attention backend, FP8) is the layers' own state, set by
+    `precision.prepare` and `forward_mode.plain`: no module in models/ keeps state that a function writes,
+    beyond the caches listed above, and none reads an environment variable (issue 25)."""
+    root = SRC / "ditkit" / "models"
+    found, environ = [], []
+    for name, path in modules(root).items():
+        text = path.read_text()
+        found += [f"{name}.{n}".lstrip(".") for n in module_state_writes(text)]
+        environ += [name] if "environ" in text or "getenv" in text else []
+    assert sorted(found) == sorted(MODULE_CACHES)
+    assert environ == []
 
 
 # ----------------------------------------------------------------------------------------------- the tests' own shape

@@ -23,6 +23,7 @@ import torch
 
 from ditkit.cli import build_parser
 from ditkit.metrics.digits_classifier import score_sampler
+from ditkit.models.kernels.fp8 import Float8Linear
 from ditkit.sample.pipeline import load_for_sampling
 
 
@@ -34,7 +35,7 @@ def sampler_for(ckpt: str, precision: str, device: torch.device):
 
 
 def fp8_linears(model: torch.nn.Module) -> int:
-    return sum(getattr(m, "fp8_rowwise", None) is not None for m in model.modules())
+    return sum(getattr(m, "rows", None) is not None for m in model.modules() if isinstance(m, Float8Linear))
 
 
 def main(argv: list[str] | None = None) -> int:

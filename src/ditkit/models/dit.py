@@ -38,7 +38,8 @@ class Attention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`.
 
     `backend` is PyTorch's own choice ("default") unless the DiT has measured a faster one on the GPU
-    (`kernels.attention.select_backend`: "cudnn", "flash" or "efficient").
+    (`kernels.attention.select_backend`: "cudnn", "flash" or "efficient"), or "math" (explicit softmax(QKᵀ/√d)·V,
+    which forward mode can differentiate) inside `forward_mode.plain`.
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -52,12 +53,12 @@ class Attention(nn.Module):
         return self.proj(self._attend(self.qkv(x)))
 
     def forward_fp8(self, h: Any) -> torch.Tensor:
-        """The same from FP8 rows (`kernels.fp8_rows.Rows`; inference, after `fp8_rows.prepare`): qkv and proj
-        as FP8 GEMMs."""
+        """The same from FP8 rows (`kernels.fp8_rows.Rows`; inference, after `fp8.enable_fp8(rowwise=True)`):
+        qkv and proj as FP8 GEMMs."""
         from ditkit.models.kernels import fp8_rows  # Triton: only where a GPU path runs
 
-        out = self._attend(fp8_rows.linear(h, fp8_rows.prepared(self.qkv)))
-        return fp8_rows.linear(fp8_rows.quantize_rows(out), fp8_rows.prepared(self.proj))
+        out = self._attend(fp8_rows.linear(h, self.qkv.rows))
+        return fp8_rows.linear(fp8_rows.quantize_rows(out), self.proj.rows)
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """N×T×3D projections → N×T×D attention output (heads concatenated), before the output projection."""
@@ -65,7 +66,7 @@ class Attention(nn.Module):
         d = d3 // 3
         q, k, v = qkv.view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = prepare_qk(self, q, k)  # QK-norm and RoPE where the config switches them on (models/knobs.py)
-        if forward_mode.active():  # a JVP pass (MeanFlow's target): SDPA's kernels have no forward-mode rule
+        if self.backend == "math":  # a JVP pass (MeanFlow's target): SDPA's kernels have no forward-mode rule
             out = forward_mode.math_attention(q, k, v)
         elif self.backend == "default" or not q.is_cuda:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -77,6 +78,8 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention from the image tokens (queries) to the conditioning tokens (keys, values)."""
 
+    backend = "default"  # SDPA; "math" inside `forward_mode.plain` (see `cross_attend`)
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -85,24 +88,28 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return cross_attend(self.q, self.kv, self.proj, self.num_heads, x, context)
+        return cross_attend(self.q, self.kv, self.proj, self.num_heads, x, context, backend=self.backend)
 
 
 def cross_attend(q_proj: nn.Module, kv_proj: nn.Module, out_proj: nn.Module, num_heads: int, x: torch.Tensor,
-                 context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 context: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "default") -> torch.Tensor:
     """Attention from tokens x (N×T×D, queries) to `context` (N×L×D, keys and values), with an optional boolean
-    mask N×1×1×L (True = attend); the projections are the caller's (their names follow each paper's keys)."""
+    mask N×1×1×L (True = attend); the projections are the caller's (their names follow each paper's keys).
+    `backend`: "default" (SDPA) or "math" (explicit, forward-differentiable: the caller's module inside
+    `forward_mode.plain`)."""
     n, t, d = x.shape
     h = num_heads
     q = q_proj(x).view(n, t, h, d // h).transpose(1, 2)
     k, v = kv_proj(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-    attend = forward_mode.math_attention if forward_mode.active() else F.scaled_dot_product_attention
+    attend = forward_mode.math_attention if backend == "math" else F.scaled_dot_product_attention
     out = attend(q, k, v, mask)
     return out_proj(out.transpose(1, 2).reshape(n, t, d))
 
 
 class Mlp(nn.Module):
     """Pointwise feed-forward: Linear → GELU (tanh approximation, as the official code) → Linear."""
+
+    fused = True  # the kernel path (fc1's GELU epilogue on a GPU without gradient); set by `precision.prepare`
 
     def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
@@ -111,18 +118,19 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fc1 + GELU as one GEMM when sampling on a GPU (not when fc1 was switched to FP8: --precision fp8)
-        if (kernels.use_gelu_epilogue(x) and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
-                and self.act.approximate == "tanh"):
+        # fc1 + GELU as one GEMM when sampling on a GPU (not when fc1 is a tensorwise FP8 product: training's fp8)
+        if (self.fused and kernels.use_gelu_epilogue(x) and kernels.plain_linear(self.fc1)
+                and isinstance(self.act, nn.GELU) and self.act.approximate == "tanh"):
             return self.fc2(kernels.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
     def forward_fp8(self, h: Any) -> torch.Tensor:
-        """The same from FP8 rows (inference, after `fp8_rows.prepare`; GELU-tanh inside fc2's quantisation)."""
+        """The same from FP8 rows (inference, after `fp8.enable_fp8(rowwise=True)`; GELU-tanh inside fc2's
+        quantisation)."""
         from ditkit.models.kernels import fp8_rows
 
-        hidden = fp8_rows.linear(h, fp8_rows.prepared(self.fc1))
-        return fp8_rows.linear(fp8_rows.quantize_rows(hidden, gelu=True), fp8_rows.prepared(self.fc2))
+        hidden = fp8_rows.linear(h, self.fc1.rows)
+        return fp8_rows.linear(fp8_rows.quantize_rows(hidden, gelu=True), self.fc2.rows)
 
 
 class DiTBlock(nn.Module):
@@ -133,6 +141,7 @@ class DiTBlock(nn.Module):
     as the identity. adaLN (`gated=False`): shift and scale only (4·D values).
     """
 
+    fused = True  # the kernel path chosen for this block (`precision.prepare`, `forward_mode.plain`)
     fused_ok = True  # False when models/knobs.py swapped in a layer the fused kernels do not cover (RMSNorm)
     fp8_ok = True  # False with any knob on: the FP8 row path assumes LayerNorm and the GELU MLP
 
@@ -146,9 +155,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.gated and self.fp8_ok and kernels.use_fp8_rows(x, self.mlp.fc2):
+        if self.gated and self.fused and self.fp8_ok and kernels.use_fp8_rows(x, self.mlp.fc2):
             return self._forward_fp8(x, c)
-        if self.gated and self.fused_ok and kernels.use_fused(x):
+        if self.gated and self.fused and self.fused_ok and kernels.use_fused(x):
             return self._forward_fused(x, c)
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -211,6 +220,7 @@ class PlainBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Final norm (adaptive for the adaLN variants, plain otherwise) and per-token linear decoder to p·p·C_out."""
 
+    fused = True  # the kernel path chosen for this layer (`precision.prepare`, `forward_mode.plain`)
     fused_ok = True  # False when the norm is RMSNorm (models/knobs.py)
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
@@ -224,7 +234,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if self.adaptive:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            if self.fused_ok and kernels.use_fused(x):
+            if self.fused and self.fused_ok and kernels.use_fused(x):
                 return self.linear(kernels.ln_modulate(x, shift, scale, LN_EPS))
             return self.linear(modulate(self.norm_final(x), shift, scale))
         return self.linear(self.norm_final(x))
@@ -279,6 +289,8 @@ class TokenGrid:
 
 class DiT(TokenGrid, nn.Module):
     """Diffusion model with a Transformer backbone. Build one with `ditkit.create_model(name, **overrides)`."""
+
+    fused = True  # whether `choose_attention` measures a backend (off: PyTorch's own); set by `precision.prepare`
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -345,8 +357,8 @@ class DiT(TokenGrid, nn.Module):
 
         The code that runs the model calls this before its first batch (the training step, the sampling
         pipeline), never `forward`: a forward neither times, writes nor prints. CPU tensors and adaLN models
-        with the fused path off keep PyTorch's own choice ("default")."""
-        if device.type != "cuda" or not kernels.fused_enabled() or self.config.conditioning not in (
+        prepared without the fused path keep PyTorch's own choice ("default")."""
+        if device.type != "cuda" or not self.fused or self.config.conditioning not in (
                 "adaln-zero", "adaln"):
             return "default"
         heads, d = self.num_heads, self.config.hidden_size

@@ -80,9 +80,11 @@ def covers(network: Any, kwargs: dict[str, Any]) -> bool:
 
 
 def network_of(model: Any) -> nn.Module | None:
-    """The nn.Module behind `model`: itself, a DDP wrapper's module, or a callable's `network` attribute (the
-    training step's fp32 wrapper); None for a bare function."""
-    net = model if isinstance(model, nn.Module) else getattr(model, "network", None)
+    """The nn.Module behind `model`: itself, a DDP wrapper's module, or what a wrapper's `network` attribute holds
+    (the training step's fp32 wrapper); None for a bare function."""
+    net = model
+    while getattr(net, "network", None) is not None:  # the training step's fp32 wrapper (train.step.Float32Output)
+        net = net.network
     if isinstance(net, nn.parallel.DistributedDataParallel):
         net = net.module
     return net if isinstance(net, nn.Module) else None

@@ -11,9 +11,11 @@ the ops ditkit's DiT uses on its fast paths have none:
 - compiled blocks (`ditkit.runtime.fast.compile_blocks`): dynamo does not trace a `torch.func.jvp` transform it is
   called inside.
 
-`forward_mode()` is the plain path for the JVP pass: attention as explicit softmax(QKᵀ/√d)·V (every op of it has
-a forward-mode rule; the N×H×T×T probabilities are materialised, 256 tokens for DiT-XL/2 at 256 px), the fused
-kernels off and compiled blocks run eagerly. `jvp(fn, primals, tangents)` is `torch.func.jvp` inside it.
+`plain(model)` is the plain path for the JVP pass, set on the model's own layers for the time of the `with`:
+every attention module's `backend` is "math" (explicit softmax(QKᵀ/√d)·V: every op of it has a forward-mode
+rule; the N×H×T×T probabilities are materialised, 256 tokens for DiT-XL/2 at 256 px), every layer's `fused`
+kernel path is off, and compiled blocks run eagerly. `jvp(model, fn, primals, tangents)` is `torch.func.jvp`
+inside it.
 """
 
 from __future__ import annotations
@@ -24,32 +26,36 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
-from ditkit.models import kernels
-
-_STATE = {"depth": 0}
-
-
-def active() -> bool:
-    """True inside `forward_mode()`: the model's layers take their forward-differentiable path."""
-    return _STATE["depth"] > 0
+# What `plain` sets on a layer that has the attribute: the forward-differentiable choice of each.
+PLAIN_PATH = {"fused": False, "backend": "math"}
+_CLASS_DEFAULT = object()  # marks a layer that read the attribute from its class before `plain`
 
 
 @contextlib.contextmanager
-def forward_mode(eager: bool = True) -> Iterator[None]:
-    """Within it, ditkit's networks run only ops with forward-mode rules (see the module doc). `eager=False`
-    leaves torch.compile on, for a caller that compiles the whole `torch.func.jvp` call itself (measured in
-    benchmarks/bench_meanflow.py; the training step keeps it eager)."""
-    fused = kernels.fused_enabled()
-    kernels.set_fused(False)
-    _STATE["depth"] += 1
+def plain(model: Any, eager: bool = True) -> Iterator[None]:
+    """Within it, `model`'s layers run only ops with forward-mode rules (see the module doc); their own
+    settings come back afterwards. `model` that is not an nn.Module (a plain function) has no layers to set.
+    `eager=False` leaves torch.compile on, for a caller that compiles the whole `torch.func.jvp` call itself
+    (measured in benchmarks/bench_meanflow.py; the training step keeps it eager)."""
+    saved = []  # (module, name, its own value, or _CLASS_DEFAULT where it read the class's)
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    for module in modules:
+        for name, value in PLAIN_PATH.items():
+            if isinstance(getattr(module, name, None), type(value)):  # ditkit's layers: a bool / a str
+                saved.append((module, name, module.__dict__.get(name, _CLASS_DEFAULT)))
+                setattr(module, name, value)
     stance = torch.compiler.set_stance("force_eager") if eager and hasattr(torch.compiler, "set_stance") else None
     try:
         with stance if stance is not None else contextlib.nullcontext():
             yield
     finally:
-        _STATE["depth"] -= 1
-        kernels.set_fused(fused)
+        for module, name, value in reversed(saved):
+            if value is _CLASS_DEFAULT:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -62,8 +68,9 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-def jvp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...],
+def jvp(model: Any, fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...],
         tangents: tuple[torch.Tensor, ...]) -> tuple[Any, Any]:
-    """(fn(*primals), J_fn(primals)·tangents) through `torch.func.jvp` on the forward-differentiable path."""
-    with forward_mode():
+    """(fn(*primals), J_fn(primals)·tangents) through `torch.func.jvp`, with `model` (the network `fn` calls)
+    on its forward-differentiable path (`plain`)."""
+    with plain(model):
         return torch.func.jvp(fn, primals, tangents)

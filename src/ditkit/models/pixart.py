@@ -79,6 +79,8 @@ class CaptionEmbedder(nn.Module):
 class MultiHeadCrossAttention(nn.Module):
     """Attention from the image tokens (queries) to the projected caption tokens; masked tokens are ignored."""
 
+    backend = "default"  # SDPA; "math" inside `forward_mode.plain` (see `cross_attend`)
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -88,7 +90,8 @@ class MultiHeadCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: N×T×D, cond: N×L×D, mask: N×1×1×L boolean (True = attend) or None (every token)."""
-        return cross_attend(self.q_linear, self.kv_linear, self.proj, self.num_heads, x, cond, mask)
+        return cross_attend(self.q_linear, self.kv_linear, self.proj, self.num_heads, x, cond, mask,
+                            backend=self.backend)
 
 
 class PixArtBlock(nn.Module):

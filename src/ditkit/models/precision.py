@@ -7,13 +7,18 @@
 
 `Precision.resolve(flag, device)` gives the value (default bf16 on a GPU, fp32 elsewhere) and checks it once;
 the value gives the autocast context, the TF32 switches and the dtype of inference-only weights (the VAE).
-`prepare_fp8(model, training=...)` applies FP8 to a model for training or for sampling.
+`prepare(model, precision, training=..., compile=..., fused=...)` readies a model for a run in one step: the
+kernel path of its layers (fused GPU kernels or the plain PyTorch code), FP8 for the block linears and compiled
+blocks. The path is the layers' own state, not a process-wide switch; the attention backend is measured later,
+by the code that knows the batch (`DiT.choose_attention`), and stored on the attention modules.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,16 +87,29 @@ class Precision:
         return Precision("bf16", self.device_type) if self.fp8 else self
 
 
-def prepare_fp8(model: torch.nn.Module, *, training: bool) -> None:
-    """The blocks' linears as FP8 GEMMs. Training: tensorwise scales with autograd (`kernels.fp8`, a class swap
-    that keeps parameters and state_dict keys). Sampling: row-wise scales made inside the LayerNorm kernels and
-    weights quantised once (`kernels.fp8_rows`; the tensorwise path quantised every operand on every call and
-    sampled 2× slower, benchmarks/RESULTS.md, issue 13)."""
-    if training:
+def prepare(model: torch.nn.Module, precision: Precision, *, training: bool,
+            compile: bool | Mapping[str, Any] = False, fused: bool = True) -> torch.nn.Module:
+    """Ready `model` (already on its device) for training or sampling at `precision`, in place; returns it.
+
+    - `fused`: every layer with a kernel path (`fused` attribute: DiT blocks, final layer, MLPs, the DiT's
+      attention choice) takes the fused GPU kernels where the tensor suits them (off: the plain PyTorch code,
+      for comparisons);
+    - fp8: the block linears as `kernels.fp8.Float8Linear`. Training: tensorwise scales with autograd.
+      Sampling: weights quantised once by rows, the activations' row scales made inside the LayerNorm kernels
+      (the tensorwise path quantised every operand on every call and sampled 2× slower, benchmarks/RESULTS.md,
+      issue 13);
+    - `compile`: each block compiled (`ditkit.runtime.fast.compile_blocks`), after FP8 so the graphs hold its products;
+      a mapping gives compile_blocks' keyword arguments (the benchmarks' backends and modes).
+    """
+    for module in model.modules():
+        if isinstance(getattr(module, "fused", None), bool):
+            module.fused = fused
+    if precision.fp8:
         from ditkit.models.kernels.fp8 import enable_fp8
 
-        enable_fp8(model)
-    else:
-        from ditkit.models.kernels import fp8_rows
+        enable_fp8(model, rowwise=not training)
+    if compile:
+        from ditkit.runtime.fast import compile_blocks
 
-        fp8_rows.prepare(model)
+        compile_blocks(model, **(compile if isinstance(compile, Mapping) else {}))
+    return model

@@ -19,7 +19,7 @@ from ditkit.runtime import flag_checks
 from ditkit.diffusion.objective import default_steps
 from ditkit.runtime.errors import UserError
 from ditkit.models.guidance import guided, guided_captions
-from ditkit.models.precision import Precision, prepare_fp8
+from ditkit.models.precision import Precision, prepare
 from ditkit.objectives import Objective, entry_for, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
 from ditkit.sample import presets
@@ -280,15 +280,11 @@ def _fast_path(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
     precision = Precision.resolve(getattr(args, "precision", None), device)
     precision.set_tf32()
     model.to(device)
-    if precision.fp8:
-        prepare_fp8(model, training=False)
     # Not compiled unless asked: on an H200 the eager fused path (Triton LayerNorm/modulate/residual kernels,
     # fc1's GELU in the GEMM epilogue, the measured attention) took 241 ms per guided DiT-XL/2 step of 256
     # against 254 ms compiled, and a cold compile costs tens of seconds (benchmarks/RESULTS.md, issue 13).
-    if getattr(args, "compile", None) and hasattr(model, "blocks"):
-        from ditkit.runtime.fast import compile_blocks
-
-        compile_blocks(model)
+    compile_on = bool(getattr(args, "compile", None)) and hasattr(model, "blocks")
+    prepare(model, precision, training=False, compile=compile_on)
     return precision.name
 
 

@@ -25,13 +25,12 @@ from ditkit.data import TrainingData
 from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
 from ditkit.runtime.errors import UserError
-from ditkit.runtime.fast import compile_blocks
 from ditkit.runtime.flag_checks import resumed_lr
 from ditkit.runtime.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
-from ditkit.models.precision import Precision, prepare_fp8
+from ditkit.models.precision import Precision, prepare
 from ditkit.objectives import entry_for, objective_for
 from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.recipe import Conditioning, Recipe
@@ -321,20 +320,17 @@ def _parallelize(model: DiT, ema: DiT, opts: TrainOptions, info: dist_utils.Dist
     """(what runs the batch, whether sharded): DDP-wrapped or FSDP2-sharded over the processes, blocks compiled
     on GPUs by default."""
     compile_on = opts.compile if opts.compile is not None else info.device.type == "cuda"
-    if precision == "fp8":  # the EMA copy stays plain
-        prepare_fp8(model, training=True)
+    # FP8 and compiled blocks first, then sharded or wrapped: FSDP's and DDP's hooks stay outside the compiled
+    # graphs. The EMA copy stays plain (it is only read, in float32).
+    prepare(model, Precision(precision, info.device.type), training=True, compile=compile_on)
     fsdp = opts.strategy == "fsdp" and info.distributed  # one process: nothing to shard, train as is
     forward: torch.nn.Module = model
     if fsdp:
-        if compile_on:  # compiled blocks first, then sharded: FSDP's hooks stay outside the compiled graphs
-            compile_blocks(model)
         dist_utils.shard_dit(model, bf16=Precision(precision).low)
         dist_utils.shard_dit(ema, bf16=False)  # the same layout, so update_ema lerps local shards
         return forward, True
     if info.distributed:
         forward = dist_utils.wrap_ddp(model, info.device)
-    if compile_on:
-        compile_blocks(model)  # in place, before any step; DDP's hooks are unaffected
     return forward, False
 
 

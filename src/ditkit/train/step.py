@@ -30,6 +30,18 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
+class Float32Output(torch.nn.Module):
+    """The network with its output in float32. An nn.Module (not a closure), so that a loss that switches the
+    network's layers, MeanFlow's forward-mode pass (`forward_mode.plain`), finds them through it."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.network(*args, **kwargs).float()
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2 parameter); a plain tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -143,12 +155,7 @@ class TrainStep:
             self.class_dropout_prob, self.device, getattr(self.loss, "time_draws", 1),
         )
 
-        def fp32_output(*args: Any, **kwargs: Any) -> torch.Tensor:
-            # The loss is computed in fp32 even when the network runs in bf16.
-            return self.forward(*args, **kwargs).float()
-
-        fp32_output.network = self.model  # type: ignore[attr-defined]  # the module, for MeanFlow's dual JVP pass
-
+        fp32_output = Float32Output(self.forward)  # the loss is computed in fp32 even when the network runs in bf16
         self.opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=self.device)
         losses = []

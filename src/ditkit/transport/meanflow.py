@@ -148,7 +148,8 @@ def meanflow_target(model: Callable[..., torch.Tensor], z: torch.Tensor, r: torc
             def u(z_: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
                 return model(z_, t_, r=r_, **sub)[:, :channels]
 
-            _, dudt = forward_mode.jvp(u, (z_in, r_in, t_in), (v_in, torch.zeros_like(r_in), torch.ones_like(t_in)))
+            tangents = (v_in, torch.zeros_like(r_in), torch.ones_like(t_in))
+            _, dudt = forward_mode.jvp(model, u, (z_in, r_in, t_in), tangents)
     target = v.clone()
     target[rows] = v_in - _col(t_in - r_in, dudt) * dudt.to(v.dtype)
     return target

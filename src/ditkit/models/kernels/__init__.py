@@ -3,46 +3,41 @@
 - `adaln`: LayerNorm (no affine) + adaLN modulate, alone or after the gated residual, forward and backward.
 - `residual`: the adaLN-Zero gated residual x + gate·y, forward and backward.
 - `attention`: the SDPA backend (cuDNN / flash / memory-efficient) chosen by measurement.
-- `fp8`: FP8 GEMMs for the block linears in training (`--precision fp8`; tensorwise scales, autograd).
-- `fp8_rows`: FP8 GEMMs for the block linears in sampling (`--precision fp8`; row-wise scales made by the
-  LayerNorm kernels, weights quantised once).
+- `fp8`: the block linears as `Float8Linear` (`--precision fp8`, training and sampling): tensorwise FP8 GEMMs
+  with autograd for training; for sampling the weights quantised once, by rows, for `fp8_rows`.
+- `fp8_rows`: the sampling FP8 GEMMs (row-wise scales made by the LayerNorm kernels).
 - `linear_gelu_tanh`: fc1 with its bias and GELU in the GEMM's epilogue (cuBLASLt), for inference.
 
-The Triton kernels are used on CUDA tensors of models at least MIN_WIDTH wide when Triton imports and
-`set_fused(False)` (or the environment variable DITKIT_FUSED=0) has not turned them off; the attention backend
-is measured for every width. CPU tensors always take the plain path.
+Which path a layer takes is the layer's own state, set once by `models.precision.prepare` (its `fused`
+attribute: on by default, off for a plain run and inside `forward_mode.plain`); the checks here add what the
+tensor decides: the Triton kernels run on CUDA tensors of models at least MIN_WIDTH wide when Triton imports.
+The attention backend is measured for every width. CPU tensors always take the plain path. Nothing in this
+package is a process-wide switch.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
-_STATE: dict[str, object] = {"enabled": os.environ.get("DITKIT_FUSED", "1") != "0", "modules": None}
+from ditkit.models.kernels.fp8 import Float8Linear
 
-
-def set_fused(enabled: bool) -> None:
-    """Turn the fused Triton kernels (and the measured attention backend) on or off for CUDA tensors."""
-    _STATE["enabled"] = bool(enabled)
-
-
-def fused_enabled() -> bool:
-    """Whether the fused path is switched on (it still applies to CUDA tensors only)."""
-    return bool(_STATE["enabled"])
+# The Triton kernel modules once imported (a tuple, empty when Triton is missing): a cache of an import, which
+# decides no path by itself.
+_IMPORTED: list[tuple[ModuleType, ...]] = []
 
 
 def _load() -> tuple[ModuleType, ModuleType] | None:
-    """The kernel modules, imported on first use (Triton is only needed where a GPU is)."""
-    if _STATE["modules"] is None:
+    """The kernel modules, imported on first use (Triton is only needed where a GPU is); None without Triton."""
+    if not _IMPORTED:
         try:
             from ditkit.models.kernels import adaln, residual
 
-            _STATE["modules"] = (adaln, residual)
+            _IMPORTED.append((adaln, residual))
         except ImportError:  # no Triton: the plain path serves
-            _STATE["modules"] = ()
-    return _STATE["modules"] or None  # type: ignore[return-value]
+            _IMPORTED.append(())
+    return _IMPORTED[0] or None  # type: ignore[return-value]
 
 
 # Below this width the fused kernels lost to inductor's own fusion on an H200 (DiT-S/2, D=384: 0.87× the plain
@@ -52,9 +47,9 @@ MIN_WIDTH = 768
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    """True when x's block should run through the fused kernels (a CUDA tensor at least MIN_WIDTH wide,
-    switched on, Triton present)."""
-    return x.is_cuda and x.shape[-1] >= MIN_WIDTH and fused_enabled() and _load() is not None
+    """True when x suits the fused kernels (a CUDA tensor at least MIN_WIDTH wide, Triton present); the layer
+    asks only when its own `fused` attribute is on."""
+    return x.is_cuda and x.shape[-1] >= MIN_WIDTH and _load() is not None
 
 
 def out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -95,14 +90,20 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 
 
 def _gpu_inference(x: torch.Tensor) -> bool:
-    """x on CUDA, the fused path switched on, and no gradient wanted: where the forward-only paths apply."""
-    return x.is_cuda and fused_enabled() and not torch.is_grad_enabled()
+    """x on CUDA and no gradient wanted: where the forward-only paths apply."""
+    return x.is_cuda and not torch.is_grad_enabled()
 
 
 def use_gelu_epilogue(x: torch.Tensor) -> bool:
-    """True when the MLP's fc1 + GELU should run as one GEMM with a GELU epilogue: CUDA, fused path on, and no
-    gradient (cuBLASLt's epilogue has no backward in PyTorch; training keeps fc1 and GELU apart)."""
+    """True when x suits the MLP's fc1 + GELU as one GEMM with a GELU epilogue: CUDA and no gradient (cuBLASLt's
+    epilogue has no backward in PyTorch; training keeps fc1 and GELU apart). The MLP asks when its `fused` is on."""
     return _gpu_inference(x)
+
+
+def plain_linear(module: torch.nn.Module) -> bool:
+    """True when module(x) is exactly F.linear(x, W, b): an nn.Linear, or a Float8Linear prepared for sampling
+    (its row-wise weights serve the block's FP8 path; called directly it is the plain product)."""
+    return type(module) is torch.nn.Linear or (type(module) is Float8Linear and module.rows is not None)
 
 
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -117,9 +118,10 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def use_fp8_rows(x: torch.Tensor, linear: torch.nn.Module) -> bool:
-    """True when a block should run its linears as row-wise FP8 GEMMs: `fp8_rows.prepare` quantised them, x is
-    on CUDA, the fused path is on and no gradient is needed (the row-wise path has no backward)."""
-    return getattr(linear, "fp8_rowwise", None) is not None and _gpu_inference(x) and _load() is not None
+    """True when a block may run its linears as row-wise FP8 GEMMs: `fp8.enable_fp8(rowwise=True)` quantised
+    them, x is on CUDA and no gradient is needed (the row-wise path has no backward). The block asks only when
+    its `fused` is on."""
+    return isinstance(linear, Float8Linear) and linear.rows is not None and _gpu_inference(x) and _load() is not None
 
 
 def ln_modulate_rows(

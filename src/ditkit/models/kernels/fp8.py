@@ -6,11 +6,17 @@ Forward: activations and weights in e4m3 (more mantissa); backward: the output g
 dgrad = dy·W and wgrad = dyᵀ·x, both with one e4m3 operand (Hopper has no e5m2×e5m2 product). Weight
 gradients come out in fp32 for the fp32 master weights; the activation is saved in fp8 (half of bf16's memory).
 
+`Float8Linear` is the one FP8 form of a block linear: `enable_fp8` swaps it in for training (this tensorwise
+product) and for sampling (the weights quantised once by rows for `fp8_rows`; `models.precision.prepare`
+chooses which).
+
 torchao's float8 training would do the same with more options, but it needs wheels carried to the GPU machine
 and gains nothing at these shapes over this short path; `torch._scaled_mm` ships with torch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,17 +82,63 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 class Float8Linear(nn.Linear):
-    """nn.Linear whose product runs in FP8 (same parameters and state_dict keys; the class is swapped in place)."""
+    """nn.Linear whose product runs in FP8 (same parameters and state_dict keys; the class is swapped in place by
+    `enable_fp8`), the one FP8 form of a block linear for training and sampling.
+
+    `rows` None (prepared for training): every call is the tensorwise FP8 GEMM with autograd (`fp8_linear`).
+    `rows` set (prepared for sampling): the weight quantised once by rows (`fp8_rows.RowwiseWeight`), which the
+    block's no-gradient FP8 path reads; a direct call (a block without that path) is the plain product, as an
+    unprepared layer computes it."""
+
+    rows: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return F.linear(x, self.weight, self.bias)
         return fp8_linear(x, self.weight, self.bias)
 
 
-def enable_fp8(model: nn.Module) -> int:
-    """Switch the block linears (qkv, proj, fc1, fc2) of every DiT block to FP8 in place; returns how many."""
+def enable_fp8(model: nn.Module, *, rowwise: bool = False) -> int:
+    """Make the block linears (qkv, proj, fc1, fc2) of every DiT block Float8Linear in place; returns how many.
+
+    Training (`rowwise=False`): every such nn.Linear, any size (`fp8_linear` falls back where a size is not a
+    multiple of 16). Sampling (`rowwise=True`): the four linears of each block whose sizes are all multiples of
+    16, with their weights quantised by rows in bf16 out (the FP8 GEMMs' rule; other blocks keep bf16). Call it
+    for sampling after the model is on its device, and again if the weights change."""
+    if rowwise:
+        return _enable_rows(model)
     count = 0
     for name, module in model.named_modules():
         if type(module) is nn.Linear and any(name.endswith(s) for s in BLOCK_LINEARS) and ".blocks." in f".{name}":
             module.__class__ = Float8Linear
+            count += 1
+    return count
+
+
+def _enable_rows(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
+    from ditkit.models.kernels.fp8_rows import quantize_weight  # Triton: only where FP8 sampling runs
+
+    count = 0
+    for block in getattr(model, "blocks", ()):
+        linears = [getattr(getattr(block, part, None), name, None)
+                   for part, name in (path.split(".") for path in BLOCK_LINEARS)]
+        if not all(isinstance(lin, nn.Linear) for lin in linears):
+            continue  # not a block with these four linears (e.g. PixArt's block)
+        if any(size % 16 for lin in linears for size in lin.weight.shape):
+            continue
+        for lin in linears:
+            lin.__class__ = Float8Linear
+            lin.rows = quantize_weight(lin.weight, lin.bias, out_dtype)
+        count += len(linears)
+    return count
+
+
+def disable_fp8(model: nn.Module) -> int:
+    """Undo `enable_fp8`: every Float8Linear back to nn.Linear (parameters untouched); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is Float8Linear:
+            module.__dict__.pop("rows", None)
+            module.__class__ = nn.Linear
             count += 1
     return count

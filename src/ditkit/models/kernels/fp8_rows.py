@@ -9,8 +9,9 @@ Where the row scales come from (no separate amax pass over any activation):
 - qkv and fc1: the LayerNorm + modulate kernels write their output as FP8 rows (`adaln.forward_only`);
 - proj and fc2: `quantize_rows` below reads the attention output / fc1's output once (fc2's input takes the
   GELU on the way) and writes FP8 rows.
-The weights are quantised once, when the model is prepared (`prepare`); the fp32 parameters and the
-state_dict are unchanged. Forward only: training's `--precision fp8` is `kernels.fp8` (tensorwise, autograd).
+The weights are quantised once, when the model is prepared (`fp8.enable_fp8(model, rowwise=True)`, which
+stores them as `rows` on each block linear, a `fp8.Float8Linear`); the fp32 parameters and the state_dict are
+unchanged. Forward only: training's `--precision fp8` is `Float8Linear`'s tensorwise product (autograd).
 
 Triton's interpreter (the CPU tests) rounds float32 → float8 wrongly just below a power of two (125.5 → 64),
 so the CPU tests let the kernels write the scaled rows in float32 and cast them with PyTorch; on the GPU the
@@ -24,9 +25,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch import nn
-
-from ditkit.models.kernels.fp8 import BLOCK_LINEARS
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -160,27 +158,3 @@ def linear(x: Rows, weight: RowwiseWeight, out_dtype: torch.dtype = torch.bfloat
         out = torch._scaled_mm(a, b, **scales)
         out = out if weight.bias is None else out + weight.bias
     return out.view(*x.data.shape[:-1], weight.data.shape[0])
-
-
-def prepare(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Quantise the four linears (qkv, proj, fc1, fc2) of every DiT block once, as `fp8_rowwise` on each
-    nn.Linear (parameters and state_dict untouched); returns how many. A block whose sizes are not multiples of
-    16 (the FP8 GEMMs' rule) keeps its bf16 path. Call it after the model is on its device, and again if the
-    weights change."""
-    count = 0
-    for block in getattr(model, "blocks", ()):
-        linears = [getattr(getattr(block, part, None), name, None)
-                   for part, name in (path.split(".") for path in BLOCK_LINEARS)]
-        if not all(isinstance(lin, nn.Linear) for lin in linears):
-            continue  # not a self-attention DiT block (e.g. a cross-attention block)
-        if any(size % 16 for lin in linears for size in lin.weight.shape):
-            continue
-        for lin in linears:
-            lin.fp8_rowwise = quantize_weight(lin.weight, lin.bias, out_dtype)
-        count += len(linears)
-    return count
-
-
-def prepared(module: nn.Module) -> RowwiseWeight | None:
-    """The FP8 weight `prepare` stored on a linear layer, or None."""
-    return getattr(module, "fp8_rowwise", None)
