@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ditkit import counts
-from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
+from ditkit.data.images import CropDataset, check_image_size, find_images
 from ditkit.data.store import (
     FORMAT,
     MANIFEST,
@@ -48,22 +48,6 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
     blob = {SHARD_META_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=blob))
-
-
-class CropDataset(Dataset):
-    """Item i: (i, center-cropped uint8 H×W×3 tensor of file i, or an empty tensor if it is unreadable)."""
-
-    def __init__(self, paths: list[Path], image_size: int, exif_transpose: bool = False) -> None:
-        self.paths, self.image_size, self.exif_transpose = paths, image_size, exif_transpose
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        img = load_rgb(self.paths[i], self.exif_transpose)
-        if img is None:
-            return i, torch.empty(0, dtype=torch.uint8)
-        return i, torch.from_numpy(np.array(center_crop_arr(img, self.image_size), dtype=np.uint8))
 
 
 def _collate(items: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[int], torch.Tensor | None]:

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ditkit.data.images import find_images
 from ditkit.data.store import (
     MANIFEST,
     SHARD_META_KEY,
@@ -83,6 +82,8 @@ def extract_features(folder: str | Path, out: str | Path, encoder: nn.Module, na
 
     Rank r of `world_size` encodes feature shards r, r+W, ...; after `barrier()` rank 0 records them in the
     manifest and returns it (other ranks return None). The encoder is already on its device."""
+    from ditkit.data.images import find_images  # Pillow: needed to extract, not to train on the features
+
     folder, out = Path(folder), Path(out)
     manifest = read_manifest(out)
     paths, _, _ = find_images(folder)
@@ -126,7 +127,7 @@ def _feature_shard_done(path: Path, fingerprint: str) -> bool:
 def _encode_rows(paths: list[Path], index: torch.Tensor, manifest: dict[str, Any], encoder: nn.Module,
                  device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
     """The features N×2×T×F of the images at positions `index`, cropped as the store's latents were."""
-    from ditkit.data.extract import CropDataset
+    from ditkit.data.images import CropDataset
 
     rows = index.tolist()
     batches = [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]
