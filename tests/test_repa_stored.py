@@ -113,11 +113,11 @@ def test_each_item_reads_the_features_of_the_flip_its_latent_drew(setup):
 def test_step_loss_with_stored_targets_equals_targets_computed_on_the_fly(setup):
     """One TrainStep on the same latents and draws: targets from the store vs the encoder run on the drawn flips
     of the crops. REPA's cosine moves by at most the targets' relative round-off (2^-11), times coeff."""
+    from ditkit.diffusion import create_diffusion
     from ditkit.models import DiT, DiTConfig
     from ditkit.train.methods import MethodHooks
     from ditkit.train.step import TrainStep
     from ditkit.training_methods import Alignment, TrainingMethods
-    from ditkit.diffusion import create_diffusion
 
     store = setup["store"]
     latents = LatentStore(store, seed=1, random_flip=True, resample=True)
