@@ -252,3 +252,21 @@ def test_another_encoder_or_a_store_without_features_is_refused_in_one_line(tmp_
     with pytest.raises(UserError, match="ditkit extract --repa-encoder") as err:
         train(_train_opts(setup, cli_store, tmp_path / "d", max_steps=1, data_path=str(bare)))
     assert "\n" not in str(err.value)
+
+
+def test_fast_encoder_matches_the_float32_encoder_to_bfloat16_roundoff(setup):
+    """bf16 weights and input, channels-last: each feature within a few bf16 roundings (2^-8 relative, through
+    one block's ~6 rounded steps) of the float32 encoder's, and REPA's cosine to it within 1e-3 of 1."""
+    from ditkit.feature_encoders import fast_encoder
+
+    images = _crops(setup["folder"], [0, 1, 2, 5])
+    plain = _encoder(setup["dino"])
+    want = plain(images).double()
+    fast = fast_encoder(_encoder(setup["dino"]))
+    got = fast(images)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=6 * 2.0**-8 * scale)
+    cos = torch.nn.functional.cosine_similarity(got.double(), want, dim=-1)
+    assert float(cos.min()) > 1 - 1e-3
+    assert float((got.double() - want).abs().max()) > 0  # it did run in bf16

@@ -18,7 +18,7 @@ from torch import nn
 
 from ditkit.align import attach_projector, tapped_alignment_loss
 from ditkit.errors import UserError
-from ditkit.feature_encoders import load_encoder, to_grid
+from ditkit.feature_encoders import fast_encoder, load_encoder, to_grid
 from ditkit.models.routing import TrainingPath
 from ditkit.training_methods import Alignment, Routing, TrainingMethods
 
@@ -117,6 +117,8 @@ def method_hooks(opts: Any, config: Any, data: Any, device: torch.device) -> Met
             feature_dim = int(stored["channels"])
         else:
             encoder = load_encoder(opts.repa_encoder).to(device)
+            if device.type == "cuda" and opts.precision in (None, "bf16", "fp8"):  # its matmuls run in bf16 anyway
+                encoder = fast_encoder(encoder)
             feature_dim = encoder.feature_dim
     elif opts.tread_rate and config.conditioning not in ("adaln-zero", "adaln"):
         raise UserError(f"--tread-rate runs on the adaLN blocks, not --conditioning {config.conditioning}")
