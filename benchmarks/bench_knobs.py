@@ -118,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=170.0, help="stop starting rows after this many seconds")
     parser.add_argument("--no-compile", action="store_true", help="eager blocks (default: compiled, as ditkit train)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--rows", default=None,
+                        help="only these rows, comma-separated names (e.g. 'plain (diffusion),rope,swiglu': the rows "
+                        "a budget cut skipped before); default all")
     args = parser.parse_args(argv)
+    chosen = _chosen_rows(args.rows)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     batch = args.batch or (4 if args.quick else 128)
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     start, rows = time.perf_counter(), []
-    for name, knobs, process in ROWS:
+    for name, knobs, process in chosen:
         if time.perf_counter() - start > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: skipped {name}")
             continue
@@ -137,6 +141,18 @@ def main(argv: list[str] | None = None) -> int:
               f"warm-up {rows[-1]['warmup_s']:.0f} s)", flush=True)
     _report(rows, args, device, batch)
     return 0
+
+
+def _chosen_rows(names: str | None) -> list[tuple[str, dict[str, Any], Any]]:
+    """The rows of `--rows` in ROWS' order (all without it); one line naming an unknown row and the known ones."""
+    if names is None:
+        return ROWS
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [name for name, _, _ in ROWS]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"--rows: no row named {unknown[0]!r}; the rows are: {', '.join(known)}")
+    return [row for row in ROWS if row[0] in wanted]
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, batch: int) -> None:

@@ -13,6 +13,11 @@ count), the projector's parameters frozen in the arms without REPA. Arms:
   (reading 256×768 bf16 features per image from disk, 393 kB, is not counted);
 - repa-onthefly: the same plus a DINOv2-B-shaped encoder (transformers `Dinov2Model` from its config, random
   weights, no download) run on 256×256 images each step (resized to 224, bf16) — the on-the-fly choice;
+- repa-store-read: REPA with its targets read through the real path: a synthetic latent store with random
+  float16 features of the encoder's shape (benchmarks/synthetic_store.py), `AlignedLatents` in a DataLoader
+  (workers, pinned memory), copied to the GPU each step — the stored-features choice with its reading counted;
+- repa-onthefly-fast: on the fly through `fast_encoder` (bf16 weights and input, channels-last, SDPA;
+  compiled on a GPU), what `ditkit train` runs on a GPU (there without the compile);
 - tread: TREAD's routing at the paper's setting (half the tokens skip blocks 2…24 of 28);
 - repa+tread: both, on the fly.
 
@@ -22,10 +27,15 @@ Printed: a table (img/s, ms/step, ratio to plain) and a JSON file at --out.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,14 +43,16 @@ import torch
 
 from ditkit.diffusion import create_diffusion
 from ditkit.runtime.fast import compile_blocks
+from ditkit.encoders.features import fast_encoder
 from ditkit.runtime.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.train.methods import MethodHooks
 from ditkit.train.step import TrainStep, autocast_for
 from ditkit.training_methods import Alignment, Routing, TrainingMethods
+from synthetic_store import make_store
 
-ARMS = ("plain", "repa-stored", "repa-onthefly", "tread", "repa+tread")
+ARMS = ("plain", "repa-stored", "repa-store-read", "repa-onthefly", "repa-onthefly-fast", "tread", "repa+tread")
 
 
 def dinov2_base_shaped(quick: bool) -> torch.nn.Module:
@@ -76,6 +88,8 @@ class Setup:
             "plain": TrainingMethods(),
             "repa-stored": TrainingMethods(Alignment("dinov2-b", feature_dim, depth=depth)),
             "repa-onthefly": TrainingMethods(Alignment("dinov2-b", feature_dim, depth=depth)),
+            "repa-store-read": TrainingMethods(Alignment("dinov2-b", feature_dim, depth=depth)),
+            "repa-onthefly-fast": TrainingMethods(Alignment("dinov2-b", feature_dim, depth=depth)),
             "tread": TrainingMethods(routing=routing),
             "repa+tread": TrainingMethods(Alignment("dinov2-b", feature_dim, depth=depth), routing),
         }
@@ -97,6 +111,12 @@ class Setup:
         image_side = 32 if quick else 256
         self.images = (torch.rand(batch, 3, image_side, image_side, generator=g) * 2 - 1).to(device)
         self.stored = torch.randn(batch, config.num_patches, feature_dim, generator=g).to(device)
+        self.fast = fast_encoder(copy.deepcopy(self.encoder), compile=device.type == "cuda")
+        self.store_dir = tempfile.mkdtemp(prefix="ditkit-repa-store-")
+        self.batches = store_batches(self.store_dir, config, feature_dim, batch, quick)
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "store_dir", ""), ignore_errors=True)
 
     def step_fn(self, arm: str) -> Any:
         """A callable running one optimizer step of `arm` (targets on the fly where the arm says so)."""
@@ -115,16 +135,44 @@ class Setup:
         grid = self.config.grid_size
         counter = iter(range(10**9))
 
+        fast = MethodHooks(methods, self.fast)
+
         def run() -> torch.Tensor:
-            targets = None
+            targets, x, y = None, self.x, self.y
             if arm in ("repa-onthefly", "repa+tread"):
                 with autocast_for(self.device, precision):
                     targets = hooks.targets(self.images, grid)
+            elif arm == "repa-onthefly-fast":
+                with autocast_for(self.device, precision):
+                    targets = fast.targets(self.images, grid)
+            elif arm == "repa-store-read":
+                x, y, stored = (t.to(self.device, non_blocking=True) for t in next(self.batches))
+                targets = MethodHooks.stored_targets(stored, grid)
             elif repa:
                 targets = self.stored
-            return step(self.x, self.y, next(counter), targets=targets).terms[0]
+            return step(x, y, next(counter), targets=targets).terms[0]
 
         return run
+
+
+def store_batches(root: str, config: DiTConfig, feature_dim: int, batch: int, quick: bool) -> Iterator[Any]:
+    """Endless (latents, labels, float16 features) batches from a synthetic store through ditkit's reader:
+    `AlignedLatents` (the latent store's drawn flips, the features of the same flip) in a DataLoader."""
+    from torch.utils.data import DataLoader
+
+    from ditkit.data.feature_store import AlignedLatents, StoredFeatures
+    from ditkit.data.store import LatentStore
+
+    make_store(root, count=4 * batch, side=config.input_size, channels=config.in_channels,
+               num_classes=config.num_classes, features=(config.num_patches, feature_dim))
+    store = LatentStore(root, seed=0)
+    data = AlignedLatents(store, StoredFeatures(root, store.manifest))
+    cuda = torch.cuda.is_available() and not quick
+    for epoch in itertools.count():
+        data.set_epoch(epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch)).tolist()
+        sampler = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+        yield from DataLoader(data, batch_sampler=sampler, num_workers=6 if cuda else 0, pin_memory=cuda)
 
 
 def time_arm(setup: Setup, arm: str, warmup: int, repeats: int) -> dict[str, Any]:
@@ -163,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 15)
     rows = [time_arm(setup, arm, warmup=1 if args.quick else 4, repeats=repeats) for arm in ARMS]
     base = rows[0]["img_per_s"]
-    print(f"{'arm':<15}{'img/s':>10}{'ms/step':>10}{'vs plain':>10}{'warm-up s':>11}")
+    print(f"{'arm':<20}{'img/s':>10}{'ms/step':>10}{'vs plain':>10}{'warm-up s':>11}")
     for row in rows:
         row["ratio_to_plain"] = row["img_per_s"] / base
-        print(f"{row['arm']:<15}{row['img_per_s']:>10.1f}{row['ms_per_step']:>10.1f}{row['ratio_to_plain']:>10.3f}"
+        print(f"{row['arm']:<20}{row['img_per_s']:>10.1f}{row['ms_per_step']:>10.1f}{row['ratio_to_plain']:>10.3f}"
               f"{row['warmup_s']:>11.1f}")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     record = {"device": device_name, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(),

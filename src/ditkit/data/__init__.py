@@ -58,6 +58,7 @@ class TrainingData:
     classes: list[str] | None = None
     latents: LatentSpace = field(default_factory=LatentSpace)  # how the model's inputs decode to images
     captions: dict | None = None  # a captioned latent store's text encoder, max_tokens, channels
+    features: dict | None = None  # a latent store's stored REPA features: encoder, tokens, channels (feature_store)
 
     def describe(self) -> str:
         """One line for logs."""

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ditkit.runtime import counts
-from ditkit.data.images import center_crop_arr, check_image_size, find_images, load_rgb
+from ditkit.data.images import CropDataset, check_image_size, find_images
 from ditkit.data.store import (
     FORMAT,
     MANIFEST,
@@ -48,22 +48,6 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
     blob = {SHARD_META_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=blob))
-
-
-class _CropDataset(Dataset):
-    """Item i: (i, center-cropped uint8 H×W×3 tensor of file i, or an empty tensor if it is unreadable)."""
-
-    def __init__(self, paths: list[Path], image_size: int, exif_transpose: bool = False) -> None:
-        self.paths, self.image_size, self.exif_transpose = paths, image_size, exif_transpose
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        img = load_rgb(self.paths[i], self.exif_transpose)
-        if img is None:
-            return i, torch.empty(0, dtype=torch.uint8)
-        return i, torch.from_numpy(np.array(center_crop_arr(img, self.image_size), dtype=np.uint8))
 
 
 def _collate(items: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[int], torch.Tensor | None]:
@@ -129,7 +113,7 @@ def extract(
         print(f"ditkit extract: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done", file=sys.stderr)
 
     loader = DataLoader(
-        _CropDataset(paths, image_size, exif_transpose),
+        CropDataset(paths, image_size, exif_transpose),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
@@ -357,6 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", help="also encode each image's caption (NAME.txt or metadata.jsonl/.csv) "
                         "with this T5/CLIP folder or cached Hugging Face id, for text models")
     parser.add_argument("--max-tokens", type=int, help="caption tokens with --text-encoder (default T5 120, CLIP 77)")
+    parser.add_argument("--repa-encoder", help="also store this frozen encoder's patch features of each image and "
+                        "its flip (float16), for ditkit train --repa-encoder on the store: 'digits-mae' or a "
+                        "transformers folder / cached Hugging Face id, e.g. facebook/dinov2-base")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -396,6 +383,11 @@ def run(args: argparse.Namespace) -> int:
 
             read_captions(args.folder, find_images(args.folder)[0])
             encoder = load_text_encoder(args.text_encoder, max_tokens=args.max_tokens, device=info.device)
+        repa = None
+        if args.repa_encoder:  # a missing encoder is named before the VAE's long pass, not after it
+            from ditkit.encoders.features import load_encoder
+
+            repa = load_encoder(args.repa_encoder).to(info.device)
         vae = load_vae(args.vae, device=info.device, dtype=getattr(torch, args.vae_dtype))
         manifest = extract(
             args.folder, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
@@ -407,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
             from ditkit.data.caption_store import extract_captions
 
             manifest = extract_captions(args.folder, args.out, encoder, batch_size=args.batch_size)
+        if repa is not None:
+            manifest = _store_features(args, repa, info, barrier) or manifest
     finally:
         if lock is not None:
             lock.release()
@@ -415,3 +409,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"latent store {args.out}: {manifest['count']} images, {manifest['num_classes']} classes, "
               f"latents {'x'.join(map(str, manifest['latent_shape']))}, {manifest['skipped']} skipped")
     return 0
+
+
+def _store_features(args: argparse.Namespace, encoder: Any, info: Any, barrier: Any) -> dict[str, Any] | None:
+    """REPA's encoder features beside the latents (data/feature_store.py), shared over the ranks like the shards."""
+    from ditkit.data.feature_store import extract_features
+
+    if barrier is not None:
+        barrier()  # every rank reads the manifest that rank 0 has just written
+    return extract_features(args.folder, args.out, encoder, args.repa_encoder, batch_size=args.batch_size,
+                            workers=args.workers, rank=info.rank, world_size=info.world_size, barrier=barrier,
+                            progress=not args.no_progress)

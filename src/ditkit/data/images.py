@@ -319,3 +319,18 @@ def check_image_size(image_size: int, factor: int = 8) -> None:
     if image_size <= 0 or image_size % factor:
         raise UserError(f"--image-size {image_size} must be a positive multiple of {factor} for the VAE")
 
+
+class CropDataset(Dataset):
+    """Item i: (i, center-cropped uint8 H×W×3 tensor of file i, or an empty tensor if it is unreadable)."""
+
+    def __init__(self, paths: list[Path], image_size: int, exif_transpose: bool = False) -> None:
+        self.paths, self.image_size, self.exif_transpose = paths, image_size, exif_transpose
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        img = load_rgb(self.paths[i], self.exif_transpose)
+        if img is None:
+            return i, torch.empty(0, dtype=torch.uint8)
+        return i, torch.from_numpy(np.array(center_crop_arr(img, self.image_size), dtype=np.uint8))

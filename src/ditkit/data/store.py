@@ -206,6 +206,13 @@ class LatentStore(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """A whole batch at once (the DataLoader calls this when present): one gather per shard, not per item."""
+        x, _ = self.latents_and_flips(indices)
+        labels = self.labels[np.asarray(indices, dtype=np.int64).reshape(-1)].tolist()
+        return [(x[j], labels[j]) for j in range(len(labels))]
+
+    def latents_and_flips(self, indices: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """The batch's float32 N×C×h×w latents and which of them are the flipped image (N int64, 1 = flipped),
+        so that what is stored beside the latents (REPA's features) can be read for the same flip."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for a store of {len(self)} items")
@@ -237,8 +244,7 @@ class LatentStore(Dataset):
         x.sub_(self.shift).mul_(self.scale)
         if self.channel_norm is not None:  # --latent-norm: per-channel statistics (a LatentSpace with mean/std)
             x = self.channel_norm.normalize(x)
-        labels = self.labels[idx].tolist()
-        return [(x[j], labels[j]) for j in range(n)]
+        return x, flips
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ class TransformersPatchEncoder(nn.Module):
         self.skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)  # class (+ register) tokens
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.compute_dtype: torch.dtype | None = None  # set by `fast_encoder`: the weights' and input's dtype
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,30 @@ class TransformersPatchEncoder(nn.Module):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
+        if self.compute_dtype is not None:  # the patch convolution reads NHWC without a transpose of its own
+            x = x.to(self.compute_dtype).contiguous(memory_format=torch.channels_last)
         return self.model(pixel_values=x).last_hidden_state[:, self.skip:]
+
+
+def fast_encoder(encoder: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = False,
+                 **compile_kwargs: Any) -> nn.Module:
+    """A transformers encoder made cheaper for REPA's on-the-fly targets: weights and input in `dtype` (no
+    per-call weight casts under autocast), a channels-last input, SDPA attention where the model offers it, and
+    with `compile` the transformer compiled (`compile_kwargs` go to torch.compile). Outputs equal the float32
+    encoder's to `dtype`'s round-off (tests/test_repa_stored.py). Other encoders are returned as they are."""
+    if not isinstance(encoder, TransformersPatchEncoder):
+        return encoder
+    config = encoder.model.config
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        try:  # transformers' switch, where the model has an SDPA path; else it keeps its own attention
+            encoder.model.set_attn_implementation("sdpa")
+        except (AttributeError, ValueError):
+            pass
+    encoder.model.to(dtype=dtype)
+    encoder.compute_dtype = dtype
+    if compile:
+        encoder.model = torch.compile(encoder.model, **compile_kwargs)
+    return encoder
 
 
 def load_transformers_encoder(name: str, image_size: int = 224) -> TransformersPatchEncoder:

@@ -312,9 +312,26 @@ def store_manifest(m: Any, root: str | os.PathLike, where: str) -> Mapping[str, 
         integer(shard.get("count"), f"shards[{k}].count", where, 0, MAX_STORE_ITEMS)
     if m.get("captions") is not None:
         _captions(m["captions"], len(m["shards"]), root, where)
+    if m.get("features") is not None:
+        _features(m["features"], len(m["shards"]), root, where)
     if m.get("recipe") is not None:
         recipe_dict({"model": {}, **mapping(m["recipe"], "recipe", where)}, where)
     return m
+
+
+def _features(info: Any, shards: int, root: str | os.PathLike, where: str) -> None:
+    """REPA's stored encoder features (data/feature_store.py): encoder, patch count and width, one file a shard."""
+    info = mapping(info, "features", where)
+    text(info.get("encoder"), "features.encoder", where)
+    integer(info.get("tokens"), "features.tokens", where, 1, 65_536)
+    integer(info.get("channels"), "features.channels", where, 1, 65_536)
+    if info.get("dtype") != "float16":
+        raise UserError(f"{where}: features.dtype must be float16, got {_shown(info.get('dtype'))}")
+    files = listing(info.get("files"), "features.files", where)
+    if len(files) != shards:
+        raise UserError(f"{where}: features.files lists {len(files)} files for {shards} latent shards")
+    for k, name in enumerate(files):
+        inside(name, root, f"features.files[{k}]", where)
 
 
 def _captions(info: Any, shards: int, root: str | os.PathLike, where: str) -> None:

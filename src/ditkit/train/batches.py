@@ -45,8 +45,16 @@ def open_data(opts: TrainOptions, seed: int) -> TrainingData:
 
         stored = StoredCaptions(opts.data_path)  # items become (latent, packed caption): a text model trains
         dataset, captions = CaptionedLatents(data.dataset, stored), stored.info
-    return dataclasses.replace(data, dataset=dataset, description=data.describe(), classes=data.classes or None,
-                               labels=torch.as_tensor(labels) if labels is not None else None, captions=captions)
+    description, features = data.describe(), None
+    if store and opts.repa_encoder:  # REPA's targets read beside the latents, of each item's drawn flip
+        from ditkit.data.feature_store import AlignedLatents, StoredFeatures, check_stored_features
+
+        features = check_stored_features(data.dataset.manifest, opts.repa_encoder, opts.data_path)
+        dataset = AlignedLatents(dataset, StoredFeatures(path, data.dataset.manifest))
+        description += f", REPA targets stored beside the latents ({features['encoder']}, float16)"
+    return dataclasses.replace(data, dataset=dataset, description=description, classes=data.classes or None,
+                               labels=torch.as_tensor(labels) if labels is not None else None, captions=captions,
+                               features=features)
 
 
 def with_channel_norm(data: Any, where: str) -> Any:

@@ -430,8 +430,8 @@ class Run:
     def train_epoch(self, stop: _StopFlag) -> int | None:
         """The rest of the current epoch, step by step; the stop signal if one came, else None."""
         epoch, position = divmod(self.step, self.steps_per_epoch)
-        for x, y in self.loader(epoch, position):
-            self.train_one(x, y, epoch)
+        for x, y, *stored in self.loader(epoch, position):  # stored: REPA's features from the store, if any
+            self.train_one(x, y, epoch, stored[0] if stored else None)
             self.monitor()
             # Every rank votes after every step: a signal that reached some ranks only, or reached them in
             # different steps, stops all of them after this same step (a vote by the signalled ranks alone
@@ -446,8 +446,9 @@ class Run:
                 break
         return None
 
-    def train_one(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
-        """One optimizer step on this rank's rows, the non-finite bookkeeping, and the logging window."""
+    def train_one(self, x: torch.Tensor, y: torch.Tensor, epoch: int, stored: torch.Tensor | None = None) -> None:
+        """One optimizer step on this rank's rows, the non-finite bookkeeping, and the logging window. `stored`:
+        REPA's targets read from a latent store with the batch (float16 N×T×F), else computed here."""
         num_classes, device, opts = self.recipe.model.num_classes, self.info.device, self.opts
         mask = None
         if self.recipe.model.is_text:  # packed captions (features + mask), not labels
@@ -457,7 +458,10 @@ class Run:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         targets = None
-        if self.step_fn.methods is not None:  # REPA's encoder sees the images, before any VAE
+        if stored is not None:
+            targets = self.step_fn.methods.stored_targets(stored.to(device, non_blocking=True),
+                                                          self.recipe.model.grid_size)
+        elif self.step_fn.methods is not None:  # REPA's encoder sees the images, before any VAE
             with Precision(self.precision, device.type).autocast():
                 targets = self.step_fn.methods.targets(x, self.recipe.model.grid_size)
         if self.data.encoder is not None:

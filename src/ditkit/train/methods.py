@@ -4,8 +4,9 @@
 `before_forward` for each micro-batch (TREAD's routing scores for its rows, drawn from the (seed, step) generator,
 so a resumed run routes the same tokens) and `alignment_loss` after it (REPA's term, already weighted). The
 encoder's targets are computed from the images (`targets`) where the batch still holds them: the digits and
-image folders (before the VAE). A latent store holds no images: REPA there would need features stored beside the
-latents at extract time, which ditkit does not write yet (docs/repa_tread.md gives the storage cost).
+image folders (before the VAE). A latent store holds no images: there the targets are the features that `ditkit
+extract --repa-encoder` stored beside the latents (data/feature_store.py), read with each batch
+(`stored_targets`); docs/repa_tread.md gives the storage cost.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from ditkit.train.align import attach_projector, tapped_alignment_loss
 from ditkit.runtime.errors import UserError
-from ditkit.encoders.features import load_encoder, to_grid
+from ditkit.encoders.features import fast_encoder, load_encoder, to_grid
 from ditkit.models.routing import TrainingPath
 from ditkit.training_methods import Alignment, Routing, TrainingMethods
 
@@ -61,6 +62,11 @@ class MethodHooks:
             raise RuntimeError("REPA needs the frozen encoder: MethodHooks(methods, encoder)")
         return to_grid(self.encoder(images), grid)
 
+    @staticmethod
+    def stored_targets(features: torch.Tensor, grid: int) -> torch.Tensor:
+        """Stored features (N×T×F, float16, from the batch) on the model's grid×grid tokens, in float32."""
+        return to_grid(features.float(), grid)
+
     def before_forward(self, seed: int, step: int, global_batch: int, rows: slice, num_tokens: int,
                        device: torch.device) -> None:
         """TREAD's per-token scores for this micro-batch's rows of the global batch of step `step`."""
@@ -97,16 +103,23 @@ def methods_from_flags(opts: Any, model_depth: int, feature_dim: int | None) -> 
 
 def method_hooks(opts: Any, config: Any, data: Any, device: torch.device) -> MethodHooks:
     """The run's hooks: the frozen encoder loaded once (REPA), on `device`; one line where REPA cannot run."""
-    encoder = None
+    encoder, feature_dim = None, None
+    stored = getattr(data, "features", None)  # a latent store with the encoder's features (data/feature_store)
     if opts.repa_encoder:
-        if not data.latents.is_pixels and data.encoder is None:
-            raise UserError("--repa-encoder needs the images, and a latent store holds latents only; train on the "
-                            "image folder with --vae (features computed on the fly) or drop --repa-encoder")
+        if not data.latents.is_pixels and data.encoder is None and stored is None:
+            raise UserError("--repa-encoder needs the images, and a latent store holds latents only; run ditkit "
+                            "extract --repa-encoder to store the features beside the latents, or train on the "
+                            "image folder with --vae (features computed on the fly), or drop --repa-encoder")
         if config.conditioning not in ("adaln-zero", "adaln"):
             raise UserError(f"--repa-encoder / --tread-rate run on the adaLN blocks, not --conditioning "
                             f"{config.conditioning}")
-        encoder = load_encoder(opts.repa_encoder).to(device)
+        if stored is not None:  # the targets come with the batches: no encoder on the GPU
+            feature_dim = int(stored["channels"])
+        else:
+            encoder = load_encoder(opts.repa_encoder).to(device)
+            if device.type == "cuda" and opts.precision in (None, "bf16", "fp8"):  # its matmuls run in bf16 anyway
+                encoder = fast_encoder(encoder)
+            feature_dim = encoder.feature_dim
     elif opts.tread_rate and config.conditioning not in ("adaln-zero", "adaln"):
         raise UserError(f"--tread-rate runs on the adaLN blocks, not --conditioning {config.conditioning}")
-    feature_dim = getattr(encoder, "feature_dim", None)
     return MethodHooks(methods_from_flags(opts, config.depth, feature_dim), encoder)
