@@ -11,7 +11,19 @@ patch reconstruction, no labels) on the digits train split — not the classifie
     flock /tmp/cpu-heavy.lock nice -n 5 env PYTHONPATH=src python benchmarks/studies/convergence_repa_tread.py \
         --out results/convergence_repa_tread.json --plot docs/convergence_repa_tread.png
 
-Runs already in --out are skipped, so an interrupted study continues where it stopped.
+Runs already in --out are skipped, so an interrupted study continues where it stopped (a run cut short resumes
+from its last checkpoint). On a many-core host, `--jobs N` runs N at once, each a process pinned to its own
+`--threads` cores (1 is best for this 0.5M-parameter model: on a busy 2-core machine a 2-thread run was 6× slower
+per step than a 1-thread one); the parent trains or loads the cached digits-mae encoder and digits classifier
+first (`--cache DIR` sets DITKIT_CACHE: carry the two cached files there to skip minutes of training on a fresh
+machine), and writes --out alone. `--device cuda` trains and samples on the GPU (all jobs share it; fp32, eager).
+
+    PYTHONPATH=src python benchmarks/studies/convergence_repa_tread.py --steps 2500 --eval-every 250 \
+        --jobs 12 --threads 1 --cache results/ditkit-cache --out results/conv/conv.json --plot results/conv/conv.png \
+        --runs results/conv/runs
+
+The summary compares the arms at equal step budgets and at an equal training wall clock (the step loop's time
+from metrics.jsonl: the fastest arm's time to the last step, each seed read at its last checkpoint within it).
 """
 
 from __future__ import annotations
