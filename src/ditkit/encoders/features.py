@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditkit.runtime.errors import UserError
-from ditkit.runtime.io import cache_dir
+from ditkit.runtime.io import cache_file
 
 DIGITS_ENCODER = "digits-mae"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -168,7 +168,11 @@ def train_digits_encoder(steps: int = 1500, batch: int = 64, mask_rate: float = 
 
 
 def digits_encoder_path(folder: Path | None = None) -> Path:
-    return (folder or cache_dir()) / "digits-mae-encoder-v1.safetensors"
+    """Where the digits encoder is cached: in `folder`, else ditkit's cache folder (`$DITKIT_CACHE` or
+    ~/.cache/ditkit), or a temporary one when that cannot be written (a fresh machine's read-only home), as the
+    digits classifier is."""
+    name = "digits-mae-encoder-v1.safetensors"
+    return folder / name if folder is not None else cache_file(name)
 
 
 def load_digits_encoder(verbose: bool = False) -> DigitsPatchEncoder:
