@@ -41,8 +41,8 @@ def make_inputs(work: Path, name: str, image: int) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     from ditkit.encoders.autoencoder import SD_VAE_CONFIG
-    from ditkit.models import create_model
     from ditkit.encoders.vae_decoder import WEIGHTS, DecoderKL
+    from ditkit.models import create_model
 
     torch.manual_seed(0)
     model = create_model(name, input_size=image // 8, num_classes=1000)

@@ -52,11 +52,11 @@ import torch
 import torch.distributed as dist
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
-from ditkit.runtime import distributed as dist_utils
 from ditkit.diffusion import create_diffusion
-from ditkit.runtime.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.runtime import distributed as dist_utils
+from ditkit.runtime.io import atomic_write
 from ditkit.train.step import TrainStep
 
 

@@ -33,8 +33,8 @@ import torch
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 import harness
 from ditkit.diffusion import create_diffusion
-from ditkit.models.flops import count_macs
 from ditkit.models import create_model
+from ditkit.models.flops import count_macs
 from ditkit.models.kernels.fp8 import BLOCK_LINEARS
 from ditkit.models.precision import Precision, prepare
 from ditkit.train.step import TrainStep

@@ -26,12 +26,12 @@ import torch
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
 import harness
-from ditkit.runtime.fast import compile_blocks
-from ditkit.runtime.io import atomic_write
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.objectives import objective_for
 from ditkit.recipe import DiffusionProcess, FlowProcess, Recipe
+from ditkit.runtime.fast import compile_blocks
+from ditkit.runtime.io import atomic_write
 from ditkit.train.step import TrainStep
 
 MODEL_ALL = {"norm": "rmsnorm", "qk_norm": "rmsnorm", "rope": True, "mlp": "swiglu"}

@@ -43,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Only what a ditkit tree before MeanFlow has too (the --baseline-src child imports this file); the MeanFlow
 # pieces are imported where they are used.
-from ditkit.weights.checkpoints import save_model  # noqa: E402
 from ditkit.models.config import DiTConfig  # noqa: E402
 from ditkit.models.dit import DiT  # noqa: E402
 from ditkit.objectives import objective_for  # noqa: E402
 from ditkit.recipe import FlowProcess, LatentSpace, Recipe  # noqa: E402
 from ditkit.train.step import TrainStep  # noqa: E402
+from ditkit.weights.checkpoints import save_model  # noqa: E402
 from sections import run_sections  # noqa: E402
 
 

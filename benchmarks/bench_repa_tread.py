@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 from ditkit.diffusion import create_diffusion
-from ditkit.runtime.fast import compile_blocks
 from ditkit.encoders.features import fast_encoder
-from ditkit.runtime.io import atomic_write
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.runtime.fast import compile_blocks
+from ditkit.runtime.io import atomic_write
 from ditkit.train.methods import MethodHooks
 from ditkit.train.step import TrainStep, autocast_for
 from ditkit.training_methods import Alignment, Routing, TrainingMethods

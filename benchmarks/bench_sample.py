@@ -420,11 +420,11 @@ def child(argv: list[str], out: str) -> int:
     PROCESS_START = process_start()
     events: list = [("python start → bench imports done", 0.0, time.time() - PROCESS_START)]
     t0 = time.time()
-    import ditkit.encoders.autoencoder as ae
-    import ditkit.weights.checkpoints as ck
     import ditkit.cli as cli
+    import ditkit.encoders.autoencoder as ae
     import ditkit.sample.npz as npz
     import ditkit.sample.pipeline as pipe
+    import ditkit.weights.checkpoints as ck
 
     events.append(("import ditkit (cli, sample, checkpoints)", t0 - PROCESS_START, time.time() - PROCESS_START))
     ck.read_checkpoint = _timed(events, "read checkpoint", ck.read_checkpoint)

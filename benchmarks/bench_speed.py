@@ -49,10 +49,10 @@ import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkou
 import harness
 from ditkit.diffusion import create_diffusion, samplers
 from ditkit.diffusion.guidance import guided
-from ditkit.runtime.fast import compile_blocks
-from ditkit.models.flops import count_macs
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.models.flops import count_macs
+from ditkit.runtime.fast import compile_blocks
 from ditkit.train.step import TrainStep, _autocast, update_ema
 
 CFG_SCALE = 4.0  # the sample.py default of the official code; the cost does not depend on it

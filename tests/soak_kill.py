@@ -188,8 +188,8 @@ class TrainJob(Job):
         return int(found[-1].name) if found else 0
 
     def check(self, work: Path, name: str) -> str | None:
-        from ditkit.runtime.errors import UserError
         from ditkit.models import DiT, DiTConfig
+        from ditkit.runtime.errors import UserError
         from ditkit.train.checkpoint import load_training_checkpoint
 
         model = DiT(DiTConfig.from_name("DiT-S/2", input_size=8, **self.model_config, **TINY))

@@ -184,8 +184,8 @@ def test_a_sample_py_style_script_ports_and_matches_ditkits_own_sampler(tmp_path
     same uint8 images, bit for bit, as ditkit's sampler function (`samplers.ddpm`) fed the same noise stream
     and then decoded by the same VAE."""
     import ditkit
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.diffusion import create_diffusion, samplers
+    from ditkit.encoders.autoencoder import load_vae
 
     torch.manual_seed(0)
     model = ditkit.create_model("DiT-S/8", input_size=8, num_classes=4)

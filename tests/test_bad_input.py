@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ditkit
-from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
+from ditkit.weights.checkpoints import save_model
 from helpers.vae import make_tiny_vae
 
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from ditkit.runtime.fast import compile_blocks
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
+from ditkit.runtime.fast import compile_blocks
 from helpers.gpu_machine import without_gpu_machine_missing_packages
 
 ROOT = Path(__file__).resolve().parents[1]

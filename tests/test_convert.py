@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.weights import convert
 from ditkit.cli import main
 from ditkit.models.config import DiTConfig
+from ditkit.weights import convert
 from helpers import models, vae
 
 # A tiny DiT with every trained weight random (the official init zeroes the output, hiding mistakes).

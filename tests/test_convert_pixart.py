@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.weights import convert
-from ditkit.weights import convert_pixart
 from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
+from ditkit.weights import convert, convert_pixart
 from helpers import models
 
 diffusers = pytest.importorskip("diffusers")

@@ -41,8 +41,8 @@ def test_stray_empty_sub_folders_leave_a_flat_folder_flat(tmp_path, capsys):
 
 
 def test_training_data_and_the_store_manifest_carry_the_label_map(tmp_path):
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
+    from ditkit.encoders.autoencoder import load_vae
 
     root = _folder(tmp_path / "imgs", {"ant": 1, "bee": 0, "cat": 1})
     folder_data = open_training_data(str(root), 32, None, seed=0)
@@ -84,8 +84,8 @@ def test_a_run_records_its_label_map_and_refuses_another(tmp_path, one_thread):
 def test_exif_transpose_reaches_training_and_the_store(tmp_path, one_thread):
     import pytest
 
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.runtime.errors import UserError
 
     root = _folder(tmp_path / "imgs", {"ant": 1, "cat": 1})

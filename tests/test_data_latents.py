@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ditkit.encoders.autoencoder import SD_SCALE, load_vae
 from ditkit.data import extract as extract_mod
 from ditkit.data import open_training_data
 from ditkit.data.extract import extract
 from ditkit.data.images import center_crop_arr, load_rgb
 from ditkit.data.store import LatentStore, open_shard, read_manifest, shard_name
+from ditkit.encoders.autoencoder import SD_SCALE, load_vae
 from ditkit.runtime.errors import UserError
 from helpers.images import CORRUPT, IMAGES, make_image_folder, smooth_image
 from helpers.vae import make_tiny_vae

@@ -30,8 +30,8 @@ def test_torchrun_extract_matches_single_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     import torch
 
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
+    from ditkit.encoders.autoencoder import load_vae
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): CPU convolutions vary with thread count

@@ -63,8 +63,8 @@ def test_word_encoder_spreads_each_word_over_every_token():
     # not only its own; a bag of words (the encoder without its self-attention layer) changes one.
     import torch
 
-    from ditkit.data import colour_digits as cd
     from ditkit.apps.demo_text import WordEncoder
+    from ditkit.data import colour_digits as cd
 
     torch.manual_seed(0)
     encoder = WordEncoder(len(cd.VOCAB), cd.MAX_WORDS, 64).eval()

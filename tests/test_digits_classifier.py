@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ditkit.data.digits import load_digits_split
-from ditkit.runtime.errors import UserError
 from ditkit.metrics import digits_classifier as dc
+from ditkit.runtime.errors import UserError
 
 
 def _bilinear_reference(img: np.ndarray, out: int) -> np.ndarray:

@@ -12,10 +12,10 @@ import torch
 
 from ditkit.cli import main
 from ditkit.diffusion import create_diffusion, samplers
-from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.objectives import OBJECTIVES, ObjectiveEntry, register_objective
 from ditkit.recipe import PROCESSES
+from ditkit.runtime.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--data-path", "digits", "--model", "DiT-S/2", "--image-size", "8", "--num-workers", "0", "--no-progress",

@@ -10,10 +10,10 @@ from functools import partial
 import pytest
 import torch
 
-from ditkit.weights.checkpoints import check_finite, load_model
+from ditkit.models import kernels
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import safe_torch_load
-from ditkit.models import kernels
+from ditkit.weights.checkpoints import check_finite, load_model
 from helpers.models import random_dit
 
 small = partial(random_dit, in_channels=4, num_heads=2)  # seed -> a tiny DiT, every weight N(0, 0.05²), eval

@@ -190,8 +190,8 @@ def test_cpu_tensors_take_the_plain_path():
 def test_fp8_needs_a_gpu_with_fp8_units():
     import argparse
 
-    from ditkit.runtime.errors import UserError
     from ditkit.models.precision import Precision
+    from ditkit.runtime.errors import UserError
     from ditkit.sample.pipeline import _fast_path
 
     with pytest.raises(UserError, match="--precision fp8 needs a CUDA GPU"):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.weights.checkpoints import infer_config
-from ditkit.runtime.errors import UserError
 from ditkit.models import DiTConfig, build_model, create_model, kernels
 from ditkit.models.knobs import RMSNorm, Rope2D, SwiGLU, rope_tables, swiglu_hidden
+from ditkit.runtime.errors import UserError
+from ditkit.weights.checkpoints import infer_config
 
 FIXTURE = Path(__file__).with_name("fixtures") / "lightningdit_tiny.safetensors"
 ALL = dict(norm="rmsnorm", qk_norm="rmsnorm", rope=True, mlp="swiglu")

@@ -158,9 +158,9 @@ def test_sigkill_then_resume_with_every_knob_matches_the_uninterrupted_run(tmp_p
 def test_latent_norm_uses_the_stores_channel_statistics_and_sampling_undoes_them(tmp_path):
     """--latent-norm: items are ((z − shift)·scale − mean_c)/std_c with the manifest's statistics (float64 check),
     the recipe records them, and the sampler maps the model's output back before the VAE decodes it."""
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
     from ditkit.data.store import LatentStore
+    from ditkit.encoders.autoencoder import load_vae
     from ditkit.sample.pipeline import load_for_sampling
     from helpers.cli import parse
     from helpers.images import make_image_folder

@@ -16,21 +16,12 @@ from ditkit.recipe import DiffusionProcess, MeanFlowProcess, Recipe
 from ditkit.train.step import Float32Output
 from ditkit.transport import create_transport
 from ditkit.transport import meanflow as mf
+from helpers.models import MEANFLOW_TINY, float64_meanflow_dit
 
-TINY = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1, num_classes=3,
-            learn_sigma=False, interval_time=True)
+TINY = MEANFLOW_TINY
 
 
-def _model(seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny float64 DiT with every weight random (the zero-initialised adaLN and output layers included, so
-    the derivatives checked are not trivially zero)."""
-    torch.manual_seed(seed)
-    model = build_model(DiTConfig(**{**TINY, **overrides})).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.15 if p.ndim > 1 else 0.05)
-    return model.eval()
+_model = float64_meanflow_dit
 
 
 def _inputs(n: int = 3, seed: int = 1, channels: int = 1):
@@ -221,9 +212,9 @@ def test_recipe_checkpoint_keys_and_refusals():
 def test_sample_cli_and_train_flags(tmp_path, capsys):
     """`ditkit sample --sampler meanflow` on a MeanFlow file (unguided by default), another objective's sampler
     refused in one line with exit 2; `--meanflow` without `--objective meanflow` refused by the train checks."""
-    from ditkit.weights.checkpoints import save_model
     from ditkit.cli import main
     from ditkit.train.options import TrainOptions, validate
+    from ditkit.weights.checkpoints import save_model
 
     torch.manual_seed(0)
     model = build_model(DiTConfig(**TINY))

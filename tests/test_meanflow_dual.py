@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditkit.models import build_model, dual, forward_mode
-from ditkit.models.config import DiTConfig
+from ditkit.models import dual, forward_mode
 from ditkit.models.dit import LN_EPS
 from ditkit.recipe import MeanFlowProcess
 from ditkit.transport import meanflow as mf
+from helpers.models import MEANFLOW_TINY, float64_meanflow_dit
 
-TINY = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1, num_classes=3,
-            learn_sigma=False, interval_time=True)
+TINY = MEANFLOW_TINY
 ODD = dict(depth=3, hidden_size=24, num_heads=3, patch_size=3, input_size=9, in_channels=3, num_classes=5,
            learn_sigma=True, interval_time=True, mlp_ratio=2.5)  # 3 heads of 8, 3×3 patches, 9 tokens
 CONFIGS = {
@@ -28,15 +27,7 @@ CONFIGS = {
 }
 
 
-def _model(seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny float64 DiT with every weight random (the zero-initialised adaLN and output layers included)."""
-    torch.manual_seed(seed)
-    model = build_model(DiTConfig(**{**TINY, **overrides})).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.15 if p.ndim > 1 else 0.05)
-    return model.eval()
+_model = float64_meanflow_dit
 
 
 def _draws(model: torch.nn.Module, n: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -15,9 +15,9 @@ from scipy.special import softmax
 from scipy.stats import entropy
 
 from ditkit.cli import main
-from ditkit.runtime.errors import UserError
 from ditkit.metrics import evaluate as ev
 from ditkit.metrics import inception as inc
+from ditkit.runtime.errors import UserError
 from helpers.inception import TinyInception
 
 

@@ -9,10 +9,10 @@ from scipy.spatial.distance import cdist
 from scipy.special import softmax
 from scipy.stats import entropy
 
-from ditkit.runtime.errors import UserError
 from ditkit.metrics import precision_recall as pr
 from ditkit.metrics.frechet import feature_statistics, frechet_distance, frechet_distance_from_features
 from ditkit.metrics.inception_score import inception_score
+from ditkit.runtime.errors import UserError
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.models.flops import count_macs, count_params
 from ditkit.models.config import CLASS_CONDITIONINGS, DiTConfig
 from ditkit.models.embeddings import sincos_2d, timestep_embedding
+from ditkit.models.flops import count_macs, count_params
 from helpers.models import tiny_dit
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import ditkit
-from ditkit.models.flops import count_macs, count_params
 from ditkit.models.config import DiTConfig
+from ditkit.models.flops import count_macs, count_params
 from ditkit.models.pixart import PixArtDiT
 from helpers.models import randomise
 from helpers.models import tiny_text_dit as tiny_text

@@ -13,9 +13,9 @@ import torch
 import ditkit
 from ditkit import sample as sample_mod
 from ditkit.cli import main
-from ditkit.runtime.errors import UserError
 from ditkit.metrics import inception as inc
 from ditkit.models.config import DiTConfig
+from ditkit.runtime.errors import UserError
 from ditkit.sample import presets
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import (
     RECIPE_VERSION,
@@ -15,6 +14,7 @@ from ditkit.recipe import (
     Recipe,
     infer_recipe,
 )
+from ditkit.runtime.errors import UserError
 
 
 def _recipe(**parts) -> Recipe:

@@ -33,8 +33,8 @@ def tiny_cli(monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
+    from ditkit.encoders.autoencoder import load_vae
 
     root = tmp_path_factory.mktemp("store")
     folder = make_image_folder(root / "images", corrupt=False)
@@ -151,8 +151,8 @@ def test_old_files_load_with_an_inferred_recipe(tmp_path):
     from safetensors.torch import save_file
 
     import ditkit
-    from ditkit.weights.checkpoints import CONFIG_KEY
     from ditkit.recipe import DiffusionProcess, LatentSpace
+    from ditkit.weights.checkpoints import CONFIG_KEY
 
     model = ditkit.create_model("DiT-S/8", input_size=8, num_classes=10)  # 4 channels: SD-VAE latents
     torch.save(model.state_dict(), tmp_path / "official.pt")

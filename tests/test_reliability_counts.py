@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import ditkit
+from ditkit.cli import main
 from ditkit.runtime import counts
 from ditkit.weights.checkpoints import save_model
-from ditkit.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 import ditkit
-from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.runtime.errors import UserError
+from ditkit.weights.checkpoints import save_model
 from helpers.images import smooth_image
 from helpers.models import TINY
 from helpers.training import train_options as _options

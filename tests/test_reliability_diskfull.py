@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.weights.checkpoints import load_model, save_model
 from ditkit.cli import main
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import atomic_write, disk_full
+from ditkit.weights.checkpoints import load_model, save_model
 from helpers.models import output_random_dit as tiny_model
 from helpers.training import TRAIN_TINY
 

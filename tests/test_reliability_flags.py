@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import DiffusionProcess, FlowProcess, LatentSpace, Recipe, infer_recipe
+from ditkit.weights.checkpoints import save_model
 from helpers.cli import refusal_line
 
 TINY = dict(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, in_channels=1, num_classes=10)

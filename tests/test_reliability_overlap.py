@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.weights.checkpoints import checkpoint_metadata, save_model
 from ditkit.cli import main
 from ditkit.runtime.path_guard import relation
 from ditkit.train.checkpoint import save_training_checkpoint
+from ditkit.weights.checkpoints import checkpoint_metadata, save_model
 
 
 def _digest(folder: Path) -> dict[str, str]:

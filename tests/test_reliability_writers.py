@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.folder_lock import FolderLock
+from ditkit.weights.checkpoints import save_model
 from helpers.models import TINY
 from helpers.processes import ENV
 

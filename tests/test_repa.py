@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ditkit.train.align import alignment_loss, attach_projector, build_projector, load_repa_checkpoint
-from ditkit.runtime.errors import UserError
 from ditkit.models import DiT, DiTConfig
 from ditkit.models.routing import TrainingPath
 from ditkit.recipe import Recipe
+from ditkit.runtime.errors import UserError
+from ditkit.train.align import alignment_loss, attach_projector, build_projector, load_repa_checkpoint
 from ditkit.training_methods import Alignment, Routing, TrainingMethods
 
 FIXTURE = Path(__file__).parent / "fixtures" / "repa_siloss.safetensors"

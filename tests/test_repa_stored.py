@@ -46,8 +46,8 @@ def _encoder(folder):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from ditkit.encoders.autoencoder import load_vae
     from ditkit.data.extract import extract
+    from ditkit.encoders.autoencoder import load_vae
     from helpers.images import make_image_folder
     from helpers.vae import make_tiny_vae
 

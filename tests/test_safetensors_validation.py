@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.weights.checkpoints import CONFIG_KEY, load_model, save_model
 from ditkit.cli import main
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import read_safetensors
+from ditkit.weights.checkpoints import CONFIG_KEY, load_model, save_model
 from helpers.models import tiny_dit
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4)

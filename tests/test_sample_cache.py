@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.objectives import objective_for
 from ditkit.recipe import FlowProcess, infer_recipe
+from ditkit.runtime.errors import UserError
 from ditkit.sample import Sampler
 from ditkit.sample import cache as sc
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from ditkit.weights import pretrained
 from ditkit.cli import main
 from ditkit.runtime.errors import UserError
+from ditkit.weights import pretrained
 
 NAME = "DiT-XL-2-256x256.pt"
 

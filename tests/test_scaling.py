@@ -12,9 +12,9 @@ from PIL import Image
 
 from ditkit.apps import scaling
 from ditkit.cli import main
-from ditkit.runtime.errors import UserError
-from ditkit.models.flops import count_macs
 from ditkit.models.config import DiTConfig
+from ditkit.models.flops import count_macs
+from ditkit.runtime.errors import UserError
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
 MODELS = ("DiT-S/4", "DiT-S/2")

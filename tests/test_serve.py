@@ -14,8 +14,8 @@ from PIL import Image
 import ditkit
 from ditkit.apps import serve
 from ditkit.cli import main
-from ditkit.runtime.errors import UserError
 from ditkit.recipe import FlowProcess, LatentSpace, Recipe
+from ditkit.runtime.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

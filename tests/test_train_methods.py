@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.encoders.features import DigitsPatchEncoder, digits_encoder_path
+from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import save_safetensors
 from ditkit.train import TrainOptions, train
 from ditkit.train.checkpoint import read_safetensors

@@ -1,4 +1,5 @@
-"""`ditkit.encoders.vae_decoder` against diffusers' AutoencoderKL decode on the same (random, tiny) weights, in float64."""
+"""`ditkit.encoders.vae_decoder` against diffusers' AutoencoderKL decode on the same (random, tiny) weights, in
+float64."""
 
 from __future__ import annotations
 

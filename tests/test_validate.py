@@ -20,15 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ditkit
-from ditkit.runtime import validate
-from ditkit.weights.checkpoints import save_model
 from ditkit.cli import main
-from ditkit.weights.convert import diffusers_config
 from ditkit.data.store import FORMAT, MANIFEST, read_manifest
-from ditkit.weights.diffusers_folder import config_from_diffusers, read_diffusers_folder
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import Recipe, infer_recipe
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
+from ditkit.weights.checkpoints import save_model
+from ditkit.weights.convert import diffusers_config
+from ditkit.weights.diffusers_folder import config_from_diffusers, read_diffusers_folder
 
 TINY = dict(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, in_channels=1, num_classes=10)
 

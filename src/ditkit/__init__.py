@@ -6,10 +6,10 @@
     model, recipe = ditkit.load_model_with_recipe(path)  # and how it was made (schedule, VAE, classes)
 """
 
-from ditkit.weights.checkpoints import load_model, load_model_with_recipe, save_model
-from ditkit.runtime.errors import UserError
 from ditkit.models import CONDITIONINGS, MODEL_NAMES, DiT, DiTConfig, create_model
 from ditkit.recipe import Recipe
+from ditkit.runtime.errors import UserError
+from ditkit.weights.checkpoints import load_model, load_model_with_recipe, save_model
 
 __version__ = "0.1.0"
 

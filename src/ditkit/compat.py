@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from ditkit.weights.checkpoints import load_weights
 from ditkit.models import create_model
 from ditkit.models.config import MODEL_NAMES
 from ditkit.models.dit import DiT
+from ditkit.weights.checkpoints import load_weights
 from ditkit.weights.pretrained import resolve_checkpoint
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditkit.diffusion import objective as diffusion
-from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.recipe import PROCESSES, DiffusionProcess, FlowProcess, MeanFlowProcess, Recipe
+from ditkit.runtime.errors import UserError
 from ditkit.transport import meanflow
 from ditkit.transport import objective as flow
 

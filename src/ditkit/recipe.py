@@ -25,9 +25,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ditkit.models.config import DiTConfig
 from ditkit.runtime import validate
 from ditkit.runtime.errors import UserError
-from ditkit.models.config import DiTConfig
 from ditkit.training_methods import TrainingMethods
 
 RECIPE_VERSION = 2  # 2: flow t_mean/t_std/cosine_weight, latents mean/std, the sampling part, model knobs

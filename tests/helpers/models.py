@@ -93,3 +93,20 @@ def randomise(module: torch.nn.Module, seed: int = 0, *, std: float) -> torch.nn
             if name != "pos_embed":
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return module.eval()
+
+
+# MeanFlow's tests: a two-time-input DiT small enough for float64 forward-mode checks.
+MEANFLOW_TINY = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1, num_classes=3,
+                     learn_sigma=False, interval_time=True)
+
+
+def float64_meanflow_dit(seed: int = 0, **overrides) -> DiT:
+    """A tiny float64 MeanFlow DiT (MEANFLOW_TINY + `overrides`) in eval mode with every trained weight random, the
+    zero-initialised adaLN and output layers included, so that the derivatives checked are not trivially zero."""
+    torch.manual_seed(seed)
+    model = build_model(DiTConfig(**{**MEANFLOW_TINY, **overrides})).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.15 if p.ndim > 1 else 0.05)
+    return model.eval()

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from ditkit.objectives import OBJECTIVES, entry_for
 from ditkit.runtime import counts
 from ditkit.runtime.errors import UserError
-from ditkit.objectives import OBJECTIVES, entry_for
 
 # Chosen with benchmarks/studies/demo_sweep.py (figures in RESULTS.md there, "Demo settings"): the digits at their
 # native 8×8 with 2×2 patches (16 tokens), a 4-block, 128-wide DiT (1.3M parameters), batch 64. On the GPU sweep

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ditkit.data import colour_digits as cd
-from ditkit.runtime.errors import UserError
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
+from ditkit.runtime.errors import UserError
 
 # Chosen on this 2-core CPU by short runs scored every 250-500 steps (benchmarks/RESULTS.md, "Text demo"): the
 # 8×8 digits with 2×2 patches (16 image tokens), 7 caption tokens of 64 features from WordEncoder (its

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ditkit.runtime import counts
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.models.precision import PRECISIONS
+from ditkit.runtime import counts
+from ditkit.runtime.errors import UserError
 
 DEFAULT_MODELS = ("DiT-S/8", "DiT-S/4", "DiT-S/2", "DiT-B/8", "DiT-B/4", "DiT-B/2")
 METRICS = ("frechet", "accuracy")

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.objectives import entry_for
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.seeding import MAX_SEED
 from ditkit.sample.options import TRAINING_TIMESTEPS
 from ditkit.sample.pipeline import SamplingPipeline
-from ditkit.runtime.seeding import MAX_SEED
 
 DEMO_RUNS = ("results/demo", "results/demo-flow", "results/demo_text")
 MAKE_DEMOS = ("no models to serve: pass --ckpt PATH, or make the demo models first: `make demo` (results/demo), "

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ditkit.data.store import LatentStore, is_latent_store, store_recipe
-from ditkit.runtime.errors import UserError
 from ditkit.recipe import LatentSpace
+from ditkit.runtime.errors import UserError
 
 __all__ = ["ImageFolderDataset", "LatentStore", "OnTheFlyEncoder", "TrainingData", "open_training_data"]
 

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ditkit.runtime import counts
 from ditkit.data.images import CropDataset, check_image_size, find_images
 from ditkit.data.store import (
     FORMAT,
@@ -36,11 +35,12 @@ from ditkit.data.store import (
     shard_name,
     shard_problem,
 )
+from ditkit.recipe import SD_VAE, Conditioning, LatentSpace, parts_to_dict
+from ditkit.runtime import counts
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.folder_lock import FolderLock
 from ditkit.runtime.io import atomic_write
 from ditkit.runtime.path_guard import refuse_overlap
-from ditkit.recipe import SD_VAE, Conditioning, LatentSpace, parts_to_dict
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -347,8 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditkit.runtime import distributed
     from ditkit.encoders.autoencoder import load_vae
+    from ditkit.runtime import distributed
 
     if not Path(args.folder).is_dir():  # before spending seconds on loading the VAE
         raise UserError(f"image folder not found: {args.folder}; give a folder of images (one sub-folder per class)")

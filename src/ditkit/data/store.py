@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ditkit.recipe import Conditioning, LatentSpace, parts_from_dict
 from ditkit.runtime import validate
 from ditkit.runtime.errors import UserError
-from ditkit.recipe import Conditioning, LatentSpace, parts_from_dict
 
 MANIFEST = "manifest.json"
 FORMAT = "ditkit-latents"

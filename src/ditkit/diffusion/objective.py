@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.recipe import DiffusionProcess, Recipe
+from ditkit.runtime.errors import UserError
 
 
 def default_steps() -> dict[str, int]:

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.recipe import SD_VAE, SD_VAE_SCALE
+from ditkit.runtime.errors import UserError
 
 DEFAULT_VAE = SD_VAE  # the names this module has always exported; the values live in the recipe
 SD_SCALE = SD_VAE_SCALE  # used when the VAE's config does not state a scaling factor
@@ -180,8 +180,9 @@ def load_vae(
 ) -> VAE:
     """Load an `AutoencoderKL` offline from a folder or the Hugging Face cache; a one-line UserError if absent.
 
-    decode_only=True (sampling) loads only the decoder through `ditkit.encoders.vae_decoder`, without importing diffusers,
-    when the folder's layout is one it reproduces; otherwise, and for encoding, diffusers loads the whole VAE."""
+    decode_only=True (sampling) loads only the decoder through `ditkit.encoders.vae_decoder`, without importing
+    diffusers, when the folder's layout is one it reproduces; otherwise, and for encoding, diffusers loads the
+    whole VAE."""
     if decode_only:
         from ditkit.encoders.vae_decoder import load_decoder
 

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditkit.data.digits import NUM_CLASSES, load_digits_split, resize_images
+from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import cache_file
-from ditkit.metrics.frechet import feature_statistics, frechet_distance
 
 VERSION = "v2"  # bump when the architecture or the training recipe changes: old cache files are then ignored
 INTERNAL_SIZE = 16  # every input is resized to this side, so one architecture serves any image size

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditkit.runtime.counts import MAX_BATCH, bounded
-from ditkit.runtime.errors import UserError
-from ditkit.runtime.io import cache_file
 from ditkit.metrics.frechet import feature_statistics, frechet_distance
 from ditkit.metrics.inception_score import inception_score
 from ditkit.metrics.precision_recall import precision_recall
 from ditkit.metrics.protocol_report import check_resolutions, print_report, report
+from ditkit.runtime.counts import MAX_BATCH, bounded
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import cache_file
 
 METRICS = ("inception", "digits")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

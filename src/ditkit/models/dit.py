@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditkit.runtime.errors import UserError
 from ditkit.models import forward_mode, kernels
 from ditkit.models.config import DiTConfig
 from ditkit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
@@ -25,6 +24,7 @@ from ditkit.models.guidance import cfg_halves
 from ditkit.models.kernels.attention import attention as measured_attention
 from ditkit.models.kernels.attention import select_backend
 from ditkit.models.knobs import apply_knobs, prepare_qk
+from ditkit.runtime.errors import UserError
 
 LN_EPS = 1e-6  # the official code's LayerNorm epsilon; diffusers' port must be told this value
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import KNOB_DEFAULTS
 from ditkit.models.dit import DiT, DiTBlock, Mlp
+from ditkit.runtime.errors import UserError
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (primal, tangent)
 GELU_K = math.sqrt(2.0 / math.pi)  # GELU-tanh: 0.5·x·(1 + tanh(k·(x + 0.044715·x³)))

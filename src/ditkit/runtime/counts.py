@@ -13,7 +13,7 @@ range and, for space, what it needs and what is free.
 | a batch                                  | `MAX_BATCH` (65,536)                          |
 | sampling steps                           | `MAX_SAMPLE_STEPS` (10,000)                   |
 | extract / evaluate batches, shard size   | `MAX_BATCH`, 10^6 images a shard                |
-| model sizes (overrides, `--image-size`)  | `ditkit.runtime.validate.LIMITS` and the model size bound, checked by `DiTConfig` where the models are built (`ditkit scaling`: `apps.scaling.check_models`) |
+| model sizes (overrides, `--image-size`)  | `validate.LIMITS`, checked by `DiTConfig` where models are built |
 """
 
 from __future__ import annotations

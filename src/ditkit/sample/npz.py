@@ -19,9 +19,9 @@ import torch
 from ditkit.runtime import validate
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import atomic_write, commit_temporary, discard_temporary, new_temporary
+from ditkit.runtime.seeding import generator
 from ditkit.sample.pipeline import SamplingPipeline
 from ditkit.sample.protocol import protocol as sample_protocol
-from ditkit.runtime.seeding import generator
 
 
 def shard_labels(seed: int, shard: int, size: int, num_classes: int) -> torch.Tensor:

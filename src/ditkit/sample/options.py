@@ -10,16 +10,16 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import MODEL_NAMES
 from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, sampler_help, sampler_names
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.seeding import MAX_SEED
+from ditkit.runtime.validate import MAX_CLASSES
 from ditkit.sample.cache import NAMED as CACHE_NAMES
 from ditkit.sample.cache import RECOMMENDED as CACHE_FAST
 from ditkit.sample.cache import parse as parse_cache
 from ditkit.sample.presets import add_preset_arguments
-from ditkit.runtime.seeding import MAX_SEED
-from ditkit.runtime.validate import MAX_CLASSES
 
 TRAINING_TIMESTEPS = 1000  # T of the schedule that every diffusion sampler respaces (create_diffusion's default)
 DEFAULT_CFG = 4.0  # the authors' sample.py default

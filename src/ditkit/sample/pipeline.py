@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime import flag_checks
 from ditkit.diffusion.objective import default_steps
-from ditkit.runtime.errors import UserError
 from ditkit.models.guidance import guided, guided_captions
 from ditkit.models.precision import Precision, prepare
 from ditkit.objectives import Objective, entry_for, objective_for
 from ditkit.recipe import PROCESSES, SD_VAE, LatentSpace, Recipe, infer_recipe
+from ditkit.runtime import flag_checks
+from ditkit.runtime.errors import UserError
 from ditkit.sample import presets
 from ditkit.sample.cache import caching
 from ditkit.sample.cache import parse as parse_cache
@@ -206,8 +206,9 @@ def load_for_sampling(args: SampleOptions | argparse.Namespace, device: torch.de
     presets.check_checkpoint(args.preset, found, args.objective)
     if vae_name is None and stored is not None and not stored.latents.is_pixels:
         vae_name = stored.latents.vae
-    # Only the decoder, through ditkit.encoders.vae_decoder where it can (no diffusers import), in this thread: loading the
-    # VAE through diffusers in a thread gained nothing, its imports hold the GIL (benchmarks/RESULTS.md, issue 13).
+    # Only the decoder, through ditkit.encoders.vae_decoder where it can (no diffusers import), in this thread:
+    # loading the VAE through diffusers in a thread gained nothing, its imports hold the GIL (benchmarks/RESULTS.md,
+    # issue 13).
     vae = _load_vae(vae_name, device, vae_dtype)
     factor = vae.downsample if vae is not None else 1  # the latent side is the image side over its own factor
     _check_image_size(expected["image_size"], expected["model"], factor)

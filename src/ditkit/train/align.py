@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.routing import gather_tokens
+from ditkit.runtime.errors import UserError
 from ditkit.training_methods import PROJECTOR_PREFIX, REPA_DEPTH, Alignment
 
 
@@ -79,9 +79,9 @@ def load_repa_checkpoint(path: str | os.PathLike, feature_dim: int = 768, projec
     `overrides` go to the config (e.g. `num_classes`). Sampling it needs REPA's time convention (t = 1 is
     noise), which ditkit's flow objective does not use; this loads the weights for inspection and fine-tuning.
     """
-    from ditkit.weights.checkpoints import extract_state_dict, infer_config
-    from ditkit.runtime.io import safe_torch_load
     from ditkit.models import build_model
+    from ditkit.runtime.io import safe_torch_load
+    from ditkit.weights.checkpoints import extract_state_dict, infer_config
 
     obj = safe_torch_load(path)
     weights = obj[key] if isinstance(obj, dict) and isinstance(obj.get(key), dict) else obj

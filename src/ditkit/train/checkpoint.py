@@ -23,10 +23,18 @@ from typing import Any
 
 import torch
 
-from ditkit.weights.checkpoints import CONFIG_KEY, check_shapes
-from ditkit.runtime.errors import UserError
-from ditkit.runtime.io import apply_umask, disk_full, fsync_dir, fsync_file, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.recipe import METADATA_KEY
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import (
+    apply_umask,
+    disk_full,
+    fsync_dir,
+    fsync_file,
+    read_safetensors,
+    safe_torch_load,
+    save_safetensors,
+)
+from ditkit.weights.checkpoints import CONFIG_KEY, check_shapes
 
 STEP_DIR = re.compile(r"^\d{7,}$")
 

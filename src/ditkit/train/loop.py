@@ -20,21 +20,22 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ditkit.runtime import distributed as dist_utils
 from ditkit.data import TrainingData
 from ditkit.data.caption_store import unpack
 from ditkit.data.workers import ignore_stop_signals, stop_signals_held
-from ditkit.runtime.errors import UserError
-from ditkit.runtime.flag_checks import resumed_lr
-from ditkit.runtime.folder_lock import FolderLock
 from ditkit.models import build_model
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.precision import Precision, prepare
 from ditkit.objectives import entry_for, objective_for
-from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.recipe import Conditioning, Recipe
+from ditkit.runtime import distributed as dist_utils
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.flag_checks import resumed_lr
+from ditkit.runtime.folder_lock import FolderLock
+from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.runtime.seeding import generator as seeded
+from ditkit.runtime.validate import mapping
 from ditkit.train.batches import GlobalBatches, open_data
 from ditkit.train.checkpoint import (
     OPTIMIZER_FORMAT,
@@ -53,7 +54,6 @@ from ditkit.train.logging import RunLogger, progress_bar
 from ditkit.train.methods import method_hooks
 from ditkit.train.options import TrainOptions, model_knobs, process_of, sampling_of, validate
 from ditkit.train.step import TrainStep
-from ditkit.runtime.validate import mapping
 
 
 @dataclass

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditkit.train.align import attach_projector, tapped_alignment_loss
-from ditkit.runtime.errors import UserError
 from ditkit.encoders.features import fast_encoder, load_encoder, to_grid
 from ditkit.models.routing import TrainingPath
+from ditkit.runtime.errors import UserError
+from ditkit.train.align import attach_projector, tapped_alignment_loss
 from ditkit.training_methods import Alignment, Routing, TrainingMethods
 
 ROUTING_STREAM = 0x7EAD  # the routing generator's offset from the step's own (t, noise, label-drop) generator

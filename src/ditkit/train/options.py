@@ -7,13 +7,13 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from ditkit.runtime import counts
-from ditkit.runtime import distributed as dist_utils
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import CONDITIONINGS, KNOB_CHOICES, KNOB_DEFAULTS, MODEL_NAMES
 from ditkit.models.precision import PRECISIONS
 from ditkit.objectives import OBJECTIVES, process_from_flags
 from ditkit.recipe import DiffusionProcess, FlowProcess, SamplingDefaults
+from ditkit.runtime import counts
+from ditkit.runtime import distributed as dist_utils
+from ditkit.runtime.errors import UserError
 from ditkit.runtime.seeding import MAX_SEED
 
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a million label embeddings of XL width is 4.6 GB already

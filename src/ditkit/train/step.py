@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.precision import Precision
+from ditkit.runtime.errors import UserError
 from ditkit.runtime.seeding import generator
 
 

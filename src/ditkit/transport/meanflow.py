@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.models import dual, forward_mode
 from ditkit.objective import Objective
 from ditkit.recipe import MeanFlowProcess, Recipe
+from ditkit.runtime.errors import UserError
 
 MEANFLOW_SAMPLERS: dict[str, int] = {"meanflow": 1}  # sampler name -> default --num-steps
 FLAG_KEYS = {f.name for f in dataclasses.fields(MeanFlowProcess)}

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.objective import Objective
 from ditkit.recipe import FlowProcess, Recipe
+from ditkit.runtime.errors import UserError
 from ditkit.transport.sampler import Sampler
 from ditkit.transport.transport import Transport
 

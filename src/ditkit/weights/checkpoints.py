@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from ditkit.weights import lightningdit
-from ditkit.weights.diffusers_folder import folder_recipe, read_diffusers_folder
-from ditkit.runtime.errors import UserError
-from ditkit.runtime.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.models import build_model
 from ditkit.models.config import SIZES, DiTConfig
 from ditkit.models.dit import DiT
 from ditkit.models.knobs import knobs_from_state_dict
 from ditkit.models.pixart import PixArtDiT
 from ditkit.recipe import METADATA_KEY, FlowProcess, LatentSpace, Recipe, infer_recipe
-from ditkit.training_methods import PROJECTOR_PREFIX
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import atomic_write, read_safetensors, safe_torch_load, save_safetensors
 from ditkit.runtime.validate import naming
+from ditkit.training_methods import PROJECTOR_PREFIX
+from ditkit.weights import lightningdit
+from ditkit.weights.diffusers_folder import folder_recipe, read_diffusers_folder
 
 CONFIG_KEY = "ditkit_config"  # safetensors metadata key holding the model config as JSON
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers

@@ -48,6 +48,16 @@ from typing import Any
 
 import torch
 
+from ditkit.models import build_model
+from ditkit.models.config import DiTConfig
+from ditkit.models.dit import DiT
+from ditkit.models.embeddings import sincos_2d
+from ditkit.models.pixart import PixArtDiT
+from ditkit.recipe import Recipe
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.folder_lock import check_writable
+from ditkit.runtime.io import apply_umask, atomic_write, disk_full
+from ditkit.runtime.path_guard import refuse_overlap
 from ditkit.weights import convert_pixart
 from ditkit.weights.checkpoints import load_model_with_recipe, save_model
 from ditkit.weights.diffusers_folder import (
@@ -62,16 +72,6 @@ from ditkit.weights.diffusers_folder import (
     read_diffusers_folder,
     transformer_folder,
 )
-from ditkit.runtime.errors import UserError
-from ditkit.runtime.folder_lock import check_writable
-from ditkit.runtime.io import apply_umask, atomic_write, disk_full
-from ditkit.models import build_model
-from ditkit.models.config import DiTConfig
-from ditkit.models.dit import DiT
-from ditkit.models.embeddings import sincos_2d
-from ditkit.models.pixart import PixArtDiT
-from ditkit.runtime.path_guard import refuse_overlap
-from ditkit.recipe import Recipe
 
 # Beta schedule of the DiT paper (and ADM): linear from 1e-4 to 0.02 over 1000 steps.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")

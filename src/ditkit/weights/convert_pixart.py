@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS
 from ditkit.models.embeddings import sincos_2d
+from ditkit.runtime.errors import UserError
 
 CLASS_NAME = "PixArtTransformer2DModel"
 NULL_CAPTION_FILE = "ditkit_null_caption.safetensors"

@@ -14,15 +14,14 @@ from typing import Any
 
 import torch
 
-from ditkit.weights import convert_pixart
-
-from ditkit.runtime import validate
-from ditkit.runtime.errors import UserError
-from ditkit.runtime.io import read_safetensors, safe_torch_load
 from ditkit.models.config import DiTConfig
 from ditkit.models.dit import LN_EPS
 from ditkit.models.embeddings import sincos_2d
 from ditkit.recipe import LatentSpace, Recipe, infer_recipe
+from ditkit.runtime import validate
+from ditkit.runtime.errors import UserError
+from ditkit.runtime.io import read_safetensors, safe_torch_load
+from ditkit.weights import convert_pixart
 
 SIDECAR = "ditkit_config.json"  # written next to config.json: the settings diffusers' config cannot express
 WEIGHTS = "diffusion_pytorch_model"

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ditkit.runtime.errors import UserError
 from ditkit.models.config import DiTConfig
 from ditkit.recipe import FlowProcess, LatentSpace, Recipe, SamplingDefaults
+from ditkit.runtime.errors import UserError
 
 # The released LightningDiT-XL/1's settings (configs/lightningdit_xl_vavae_f16d32.yaml).
 RELEASED = {"timestep_shift": 0.3, "cfg_interval_start": 0.11, "use_lognorm": True, "use_cosine_loss": True}
