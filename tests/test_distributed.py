@@ -169,3 +169,16 @@ def test_ddp_two_processes_with_accumulation_match_one(tmp_path):
     assert_losses_close(a, b, [1, 2, 3])
     got = load_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "0000003", tiny_model())
     assert_weights_close(one.model.state_dict(), got.model)
+
+
+@pytest.mark.slow
+def test_meanflow_ddp_two_processes_match_one(tmp_path):
+    """MeanFlow under DDP: the dual JVP pass reads the weights through the DDP wrapper (models.dual.network_of)
+    without a collective of its own, so 2 processes with 2 micro-steps give the losses and weights of 1."""
+    one = train(options(tmp_path / "one", max_steps=3, ckpt_every=3, objective="meanflow"))
+    _torchrun(tmp_path, tmp_path / "ddp", grad_accum_steps=2, max_steps=3, ckpt_every=3, objective="meanflow")
+    a, b = read_losses(one.results_dir), read_losses(tmp_path / "ddp")
+    assert sorted(b) == [1, 2, 3]
+    assert_losses_close(a, b, [1, 2, 3])
+    got = load_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "0000003", tiny_model(interval_time=True))
+    assert_weights_close(one.model.state_dict(), got.model)
