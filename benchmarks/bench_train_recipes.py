@@ -10,7 +10,8 @@ compile, `--steps` steps logged every `--log-every`. An arm's figure is the medi
 metrics.jsonl records after the first (the first window holds the compile warm-up). Arms:
 
 - plain; repa-stored (REPA's targets read from the store through the DataLoader); tread (the paper's 0.5);
-  repa-stored+tread; knobs (RMSNorm, QK-norm, RoPE, SwiGLU).
+  repa-stored+tread; knobs (RMSNorm, QK-norm, RoPE, SwiGLU); flow and meanflow (`--objective`; compare them
+  with each other: MeanFlow's cost over the flow objective it extends).
 
 REPA on the fly cannot run on a latent store (no images there): its cost is bench_repa_tread.py's
 repa-onthefly arms (the same TrainStep, the encoder run each step). Arms stop starting after `--budget-s`.
@@ -40,6 +41,8 @@ ARMS: list[tuple[str, list[str]]] = [
     ("tread", ["--tread-rate", "0.5"]),
     ("repa-stored+tread", ["--repa-encoder", "{dino}", "--tread-rate", "0.5"]),
     ("knobs", ["--norm", "rmsnorm", "--qk-norm", "rmsnorm", "--rope", "--mlp", "swiglu"]),
+    ("flow", ["--objective", "flow"]),
+    ("meanflow", ["--objective", "meanflow"]),  # the dual JVP pass on the rows with r != t
 ]
 
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=None, help="default 10 (2 with --quick)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 6; 0 with --quick)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting arms after this many seconds")
+    parser.add_argument("--arms", nargs="+", choices=[name for name, _ in ARMS], default=None,
+                        help="only these arms (default: all), e.g. --arms flow meanflow")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     args.batch = args.batch or (4 if args.quick else 128)
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         make_store(work / "store", count=16 if args.quick else 1024, side=side, features=features,
                    encoder=str(work / "dino"), num_classes=10 if args.quick else 1000)
         for name, extra in ARMS:
+            if args.arms and name not in args.arms:
+                continue
             if time.perf_counter() - start > args.budget_s:
                 print(f"budget of {args.budget_s:.0f} s spent: skipped {name}", flush=True)
                 continue
@@ -114,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    base = next((r.get("img_per_s") for r in rows if r["arm"] == "plain"), None)
+    first = "plain" if any(r["arm"] == "plain" for r in rows) else (rows[0]["arm"] if rows else "plain")
+    base = next((r.get("img_per_s") for r in rows if r["arm"] == first), None)
     device = harness.pick_device(None if not args.quick else "cpu")
     print(f"\n`ditkit train` {'DiT-S/2 (quick)' if args.quick else 'DiT-XL/2'}, batch {args.batch}, "
           f"{args.steps} steps an arm")
-    print("| arm | img/s (logged) | × plain | wall s |\n| --- | ---: | ---: | ---: |")
+    print(f"| arm | img/s (logged) | × {first} | wall s |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         rate = r.get("img_per_s")
         ratio = f"{rate / base:.3f}" if rate and base else "-"
