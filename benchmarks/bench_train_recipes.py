@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps an arm (default 40; 4 with --quick)")
     parser.add_argument("--log-every", type=int, default=None, help="default 10 (2 with --quick)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 6; 0 with --quick)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="items in the synthetic store (default 1024: a new epoch, so fresh DataLoader workers, "
+                             "every 1024/batch steps, which REPA's 50 MB batches pay more for; 16 with --quick)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting arms after this many seconds")
     parser.add_argument("--arms", nargs="+", choices=[name for name, _ in ARMS], default=None,
                         help="only these arms (default: all), e.g. --arms flow meanflow")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         features = write_dino(work / "dino", args.quick)
         side = 8 if args.quick else 32
-        make_store(work / "store", count=16 if args.quick else 1024, side=side, features=features,
+        make_store(work / "store", count=args.count or (16 if args.quick else 1024), side=side, features=features,
                    encoder=str(work / "dino"), num_classes=10 if args.quick else 1000)
         for name, extra in ARMS:
             if args.arms and name not in args.arms:

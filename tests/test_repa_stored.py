@@ -110,6 +110,28 @@ def test_each_item_reads_the_features_of_the_flip_its_latent_drew(setup):
     assert seen == {0, 1}  # both flips drawn, so a pairing that ignored the flip would have failed
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_batches_from_the_stacked_collate_equal_the_default_collate(setup, workers):
+    """`ditkit train`'s loader takes AlignedLatents' batch whole (`collate`, no split and re-stack); its batches
+    equal torch's default collate of the same items: values, dtypes, shapes, in a worker and in the process."""
+    from torch.utils.data import DataLoader
+
+    store = setup["store"]
+    latents = LatentStore(store, seed=3, random_flip=True, resample=True)
+    data = AlignedLatents(latents, StoredFeatures(store, latents.manifest))
+    batches = [[5, 0, 7], [2, 6], [1]]
+    made = {}
+    for name, collate in (("stacked", data.collate), ("default", None)):
+        loader = DataLoader(data, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+        made[name] = list(loader)
+    assert len(made["stacked"]) == len(batches)
+    for got, want in zip(made["stacked"], made["default"]):
+        assert isinstance(got, list) and len(got) == len(want) == 3
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert data.collate([(torch.ones(2), 1)])[1].tolist() == [1]  # other items: torch's default collate
+
+
 def test_step_loss_with_stored_targets_equals_targets_computed_on_the_fly(setup):
     """One TrainStep on the same latents and draws: targets from the store vs the encoder run on the drawn flips
     of the crops. REPA's cosine moves by at most the targets' relative round-off (2^-11), times coeff."""

@@ -418,6 +418,7 @@ class Run:
             num_workers=opts.num_workers if not tensors else 0,
             pin_memory=self.info.device.type == "cuda",
             prefetch_factor=4 if opts.num_workers and not tensors else None,
+            collate_fn=getattr(self.data.dataset, "collate", None),  # None: torch's default; REPA's stored batch
             worker_init_fn=ignore_stop_signals,  # a SIGTERM to the whole job must reach only this process
             # Each DataLoader iterator draws its workers' base seed from this generator, not from the global RNG:
             # a resumed run starts one more iterator than an uninterrupted one, which would otherwise leave a
