@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import _src  # noqa: F401  (puts src/ on sys.path when run from a checkout)
-from synthetic_store import make_store
 from ditkit.data.feature_store import AlignedLatents, StoredFeatures
 from ditkit.data.store import LatentStore
 from ditkit.runtime.seeding import generator as seeded
 from ditkit.train.batches import GlobalBatches
+from synthetic_store import make_store
 
 
 def open_arm(root: Path, arm: str) -> Any:
