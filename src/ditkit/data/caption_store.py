@@ -25,7 +25,7 @@ import torch
 
 from ditkit.data.captions import read_captions
 from ditkit.data.images import find_images
-from ditkit.data.store import MANIFEST, SHARD_META_KEY, open_shard, read_manifest, shard_metadata
+from ditkit.data.store import MANIFEST, SHARD_META_KEY, SidecarShards, open_shard, read_manifest, shard_metadata
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import atomic_write
 
@@ -73,31 +73,15 @@ def extract_captions(folder: str | Path, out: str | Path, encoder: Any, batch_si
     return manifest
 
 
-class StoredCaptions:
+class StoredCaptions(SidecarShards):
     """The encoded captions of a latent store: `batch(indices)` → (float32 N×L×C features, bool N×L mask)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
         manifest = read_manifest(root)
         info = manifest.get("captions")
         if not info:
             raise UserError(f"{root} has no encoded captions; run ditkit extract with --text-encoder")
-        self.info = info
-        self.offsets = np.concatenate([[0], np.cumsum([int(s["count"]) for s in manifest["shards"]])]).tolist()
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}
-        for k, name in enumerate(info["files"]):
-            arrays = self._shard(k)
-            if len(arrays["index"]) != self.offsets[k + 1] - self.offsets[k]:
-                raise UserError(f"{self.root / name} does not match its latent shard; rerun ditkit extract")
-        self._arrays.clear()  # reopened lazily in each DataLoader worker
-
-    def _shard(self, k: int) -> dict[str, np.ndarray]:
-        if k not in self._arrays:
-            self._arrays[k] = open_shard(self.root / self.info["files"][k])
-        return self._arrays[k]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": {}}
+        super().__init__(root, manifest, info, "caption file", "rerun ditkit extract --text-encoder")
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

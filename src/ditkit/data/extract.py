@@ -29,6 +29,7 @@ from ditkit.data.store import (
     SHARD_META_KEY,
     STORE_DTYPES,
     VERSION,
+    finished_shard_metadata,
     is_latent_store,
     read_manifest,
     shard_metadata,
@@ -222,13 +223,7 @@ def _intact(out: Path, manifest: dict[str, Any], num_shards: int) -> bool:
 
 
 def _shard_is_done(path: Path, fingerprint: str) -> bool:
-    if not path.exists():
-        return False
-    problem = shard_problem(path)
-    if problem is not None:
-        print(f"ditkit extract: {path} is damaged ({problem}); encoding it again", file=sys.stderr)
-        return False
-    meta = shard_metadata(path)
+    meta = finished_shard_metadata(path)
     if meta is None:
         return False
     if meta.get("fingerprint") != fingerprint:

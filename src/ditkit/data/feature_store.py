@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader
 from ditkit.data.store import (
     MANIFEST,
     SHARD_META_KEY,
+    SidecarShards,
+    finished_shard_metadata,
     open_shard,
     read_manifest,
-    shard_metadata,
     shard_name,
-    shard_problem,
 )
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import atomic_write
@@ -115,13 +115,7 @@ def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str])
 
 
 def _feature_shard_done(path: Path, fingerprint: str) -> bool:
-    if not path.exists():
-        return False
-    problem = shard_problem(path)
-    if problem is not None:
-        print(f"ditkit extract: {path} is damaged ({problem}); encoding it again", file=sys.stderr)
-        return False
-    meta = shard_metadata(path)
+    meta = finished_shard_metadata(path)
     return meta is not None and meta.get("fingerprint") == fingerprint
 
 
@@ -180,32 +174,13 @@ def check_stored_features(manifest: dict[str, Any], encoder: str, where: str) ->
     return info
 
 
-class StoredFeatures:
+class StoredFeatures(SidecarShards):
     """The stored features of a latent store: `batch(indices, flips)` → float16 N×T×F, each row of its flip."""
 
     def __init__(self, root: str | Path, manifest: dict[str, Any]):
-        self.root = Path(root)
-        self.info = manifest["features"]
-        self.offsets = np.concatenate([[0], np.cumsum([int(s["count"]) for s in manifest["shards"]])]).tolist()
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}
-        for k, name in enumerate(self.info["files"]):
-            problem = shard_problem(self.root / name)
-            if problem is not None:
-                raise UserError(f"REPA feature file {self.root / name} is damaged ({problem}); rerun ditkit extract "
-                                f"--repa-encoder {self.info['encoder']} (same arguments) to encode it again")
-            arrays = self._shard(k)
-            if len(arrays["index"]) != self.offsets[k + 1] - self.offsets[k]:
-                raise UserError(f"{self.root / name} does not match its latent shard; rerun ditkit extract "
-                                f"--repa-encoder {self.info['encoder']}")
-        self._arrays.clear()  # reopened lazily in each DataLoader worker
-
-    def _shard(self, k: int) -> dict[str, np.ndarray]:
-        if k not in self._arrays:
-            self._arrays[k] = open_shard(self.root / self.info["files"][k])
-        return self._arrays[k]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": {}}  # paths to worker processes, not copies of the maps
+        info = manifest["features"]
+        super().__init__(root, manifest, info, "REPA feature file",
+                         f"rerun ditkit extract --repa-encoder {info['encoder']}")
 
     def batch(self, indices: list[int], flips: np.ndarray) -> torch.Tensor:
         """float16 N×T×F features of items `indices`, row j of flip `flips[j]`; in a DataLoader worker gathered

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,45 @@ def shard_problem(path: Path) -> str | None:
     if size != start + end:
         return f"it is {size:,} bytes where its header describes {start + end:,}"
     return None
+
+
+def finished_shard_metadata(path: Path, verb: str = "ditkit extract") -> dict[str, Any] | None:
+    """The metadata of a shard an earlier run finished, or None when it must be written (again): absent, not a
+    ditkit shard, or damaged (said on stderr, so that a resumed extract shows what it redoes)."""
+    if not path.exists():
+        return None
+    problem = shard_problem(path)
+    if problem is not None:
+        print(f"{verb}: {path} is damaged ({problem}); encoding it again", file=sys.stderr)
+        return None
+    return shard_metadata(path)
+
+
+class SidecarShards:
+    """Files written beside a latent store's shards, one per shard, row for row (the encoded captions, REPA's
+    features): checked whole and matched to their latent shard on opening, then memory-mapped lazily in each
+    process (a DataLoader worker is handed the paths, not the maps). `rerun` is the command that rewrites them."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any], info: dict[str, Any], what: str, rerun: str):
+        self.root, self.info = Path(root), info
+        self.offsets = np.concatenate([[0], np.cumsum([int(s["count"]) for s in manifest["shards"]])]).tolist()
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        for k, name in enumerate(info["files"]):
+            problem = shard_problem(self.root / name)
+            if problem is not None:
+                raise UserError(f"{what} {self.root / name} is damaged ({problem}); {rerun} (same arguments) to "
+                                "encode it again")
+            if len(self._shard(k)["index"]) != self.offsets[k + 1] - self.offsets[k]:
+                raise UserError(f"{self.root / name} does not match its latent shard; {rerun}")
+        self._arrays.clear()  # reopened lazily in each DataLoader worker
+
+    def _shard(self, k: int) -> dict[str, np.ndarray]:
+        if k not in self._arrays:
+            self._arrays[k] = open_shard(self.root / self.info["files"][k])
+        return self._arrays[k]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": {}}  # paths to worker processes, not copies of the maps
 
 
 def open_shard(path: Path) -> dict[str, np.ndarray]:
