@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 import torch
 
 import _src  # first: puts src/ on sys.path when run from a checkout
+import harness
 
 ROOT = _src.ROOT
 
@@ -75,23 +73,15 @@ def run_job(args: argparse.Namespace, work: Path, k: int, sampler: str, cache: s
             "--vae", str(vae), "--num-samples", str(args.num_samples), "--batch-size", str(args.batch),
             "--sampler", sampler, "--num-steps", str(steps), "--cfg-scale", "1.5", "--cache", cache,
             "--out", str(work / f"samples_{k}"), "--no-progress", *(["--device", args.device] if args.device else [])]
-    events = work / f"events_{k}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sample.py"), "--child", str(events), "--", *argv]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1200:]
-    except subprocess.TimeoutExpired as exc:
-        rc, tail = "timeout", str(exc.stderr or "")[-1200:]
-    row = {"sampler": sampler, "steps": steps, "cache": cache, "rc": rc, "wall_s": round(time.monotonic() - t0, 2),
-           "cmd": "ditkit sample " + " ".join(argv)}
-    if events.exists():
-        ev = json.loads(events.read_text())
+    child = harness.sample_in_child(argv, work / f"events_{k}.json", timeout, tail_chars=1200)
+    row = {"sampler": sampler, "steps": steps, "cache": cache, "rc": child["rc"], "wall_s": child["wall_s"],
+           "cmd": child["cmd"]}
+    if "events" in child:
+        ev = child["events"]
         shard, decode = _phase(ev, "shard: sample + decode + to host"), _phase(ev, "VAE decode")
         row.update(shard_s=round(shard, 2), decode_s=round(decode, 2), sampling_s=round(shard - decode, 2))
-    if rc != 0:
-        row["tail"] = tail
+    if child["rc"] != 0:
+        row["tail"] = child["tail"]
     return row
 
 

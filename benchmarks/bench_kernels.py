@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -450,16 +449,9 @@ def section_profile(bench: Bench) -> None:
 # ------------------------------------------------------------------------------------------------ cli
 
 
-def _run_cli(cmd: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
-    import subprocess
-
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
-    except subprocess.TimeoutExpired as exc:
-        rc, tail = "timeout", str(exc.stderr or "")[-1500:]
-    return {"cmd": " ".join(cmd[3:]), "rc": rc, "wall_s": time.monotonic() - t0, "tail": tail}
+def _run_cli(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """`python -m ditkit VERB ...` timed whole: {"cmd" (from the verb on), "rc", "wall_s", "tail"}."""
+    return {"cmd": " ".join(cmd[3:]), **harness.run_command(cmd, timeout)}
 
 
 def section_cli(bench: Bench) -> None:
@@ -471,7 +463,6 @@ def section_cli(bench: Bench) -> None:
 
     quick = bench.args.quick
     work = Path(tempfile.mkdtemp(prefix="ditkit_cli_"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     py = [sys.executable, "-m", "ditkit"]
     name = "DiT-S/2" if quick else "DiT-XL/2"
     out: dict[str, Any] = {}
@@ -481,7 +472,7 @@ def section_cli(bench: Bench) -> None:
     write_synthetic_store(store, 64 if quick else 8192, 32 if quick else 1024, side=8 if quick else 32)
     batch, steps = (8, 4) if quick else (128, 80)
     if "train" in bench.args.cli_jobs:
-        out["train"] = _train_cli(py, store, name, batch, steps, work, bench, env)
+        out["train"] = _train_cli(py, store, name, batch, steps, work, bench)
         bench.save()
     # a random DiT-XL/2 (official state_dict layout) and a random SD-VAE folder
     torch.manual_seed(0)
@@ -505,18 +496,18 @@ def section_cli(bench: Bench) -> None:
                     "--batch-size", str(8 if quick else 256), "--sampler", sampler,
                     "--num-steps", str(4 if quick else {"ddpm": 250, "dpm-solver": 20}[sampler]), "--cfg-scale",
                     "4.0", "--out", str(work / f"samples_{k}"), "--no-progress"] + (["--no-compile"] if flag else [])
-        row = _run_cli(cmd, max(bench.left() - bench.args.reserve_s, 20), env)
+        row = _run_cli(cmd, max(bench.left() - bench.args.reserve_s, 20))
         row["images_per_s"] = n / row["wall_s"] if row["rc"] == 0 else None
         row["npz"] = [p.name for p in (work / f"samples_{k}").glob("samples_*.npz")]
         out[key] = row
         bench.save()
 
 
-def _train_cli(py, store, name, batch, steps, work, bench, env) -> dict[str, Any]:
+def _train_cli(py, store, name, batch, steps, work, bench) -> dict[str, Any]:
     cmd = py + ["train", "--data-path", str(store), "--model", name, "--global-batch-size", str(batch),
                 "--max-steps", str(steps), "--log-every", str(steps // 4), "--ckpt-every", "100000",
                 "--results-dir", str(work / "run"), "--num-workers", "4", "--no-progress"]
-    row = _run_cli(cmd, min(240.0, max(bench.left() - 200, 30)), env)
+    row = _run_cli(cmd, min(240.0, max(bench.left() - 200, 30)))
     metrics = work / "run" / "metrics.jsonl"
     if metrics.exists():
         recs = [json.loads(line) for line in metrics.read_text().splitlines() if "images_per_sec" in line]

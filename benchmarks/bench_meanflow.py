@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 import _src  # noqa: F401  (first: src/, or --baseline-src's tree in its child, on sys.path)
+import harness
 from bench_sample import Bench as SampleBench
 from bench_sample import vae_folder
 
@@ -277,26 +278,17 @@ def section_cli(bench: Bench) -> None:
     del model
     vae = vae_folder(bench.work)
     n = 16 if bench.args.quick else 1024
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     for steps in bench.args.cli_steps:
         args = ["--ckpt", str(ckpt), "--vae", str(vae), "--num-samples", str(n), "--batch-size", str(bench.batch),
                 "--sampler", "meanflow", "--num-steps", str(steps), "--out", str(bench.work / f"samples_{steps}"),
                 "--no-progress"]
-        events = bench.work / f"events_{steps}.json"
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sample.py"), "--child", str(events), "--", *args]
-        t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=max(bench.left() - bench.args.reserve_s, 20))
-        wall = time.monotonic() - t0
-        row = {"cmd": "ditkit sample " + " ".join(args), "rc": proc.returncode, "wall_s": round(wall, 2),
-               "images_per_s": round(n / wall, 1) if proc.returncode == 0 else None,
-               "tail": (proc.stdout + proc.stderr)[-1500:]}
-        if events.exists():
-            row["events"] = [(e[0], round(e[1], 2), round(e[2], 2)) for e in json.loads(events.read_text())]
-            decode = [e[2] - e[1] for e in row["events"] if e[0] == "VAE decode"]
-            row["vae_decode_s"] = round(sum(decode), 2)
+        row = harness.sample_in_child(args, bench.work / f"events_{steps}.json",
+                                      timeout=max(bench.left() - bench.args.reserve_s, 20))
+        row["images_per_s"] = round(n / row["wall_s"], 1) if row["rc"] == 0 else None
+        if "events" in row:
+            row["vae_decode_s"] = round(sum(e[2] - e[1] for e in row["events"] if e[0] == "VAE decode"), 2)
         out[f"{steps} step"] = row
-        print(f"cli meanflow {steps} step: rc {proc.returncode} wall {wall:.1f} s", flush=True)
+        print(f"cli meanflow {steps} step: rc {row['rc']} wall {row['wall_s']:.1f} s", flush=True)
         bench.save()
 
 

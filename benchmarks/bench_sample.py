@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -468,7 +467,6 @@ def section_cli(bench: Bench) -> None:
         torch.save(make(bench.name, input_size=bench.image // 8, num_classes=1000).state_dict(), ckpt)
     vae = vae_folder(bench.work)
     n = 16 if bench.args.quick else 1024
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     for k, job in enumerate(bench.args.cli_jobs):
         sampler, _, flag = job.partition("+")
         if bench.left() < bench.args.reserve_s + 20:
@@ -481,22 +479,11 @@ def section_cli(bench: Bench) -> None:
                 "--out", str(bench.work / f"samples_{k}"), "--no-progress"]
         if flag:  # FLAG or FLAG=VALUE
             args.append(f"--{flag}")
-        events = bench.work / f"events_{k}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(events), "--", *args]
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                  timeout=max(bench.left() - bench.args.reserve_s, 20))
-            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
-        except subprocess.TimeoutExpired as exc:
-            rc, tail = "timeout", str(exc.stderr or "")[-1500:]
-        wall = time.monotonic() - t0
-        row = {"cmd": "ditkit sample " + " ".join(args), "rc": rc, "wall_s": round(wall, 2),
-               "images_per_s": round(n / wall, 2) if rc == 0 else None, "tail": tail}
-        if events.exists():
-            row["events"] = [(e[0], round(e[1], 2), round(e[2], 2)) for e in json.loads(events.read_text())]
+        row = harness.sample_in_child(args, bench.work / f"events_{k}.json",
+                                      timeout=max(bench.left() - bench.args.reserve_s, 20))
+        row["images_per_s"] = round(n / row["wall_s"], 2) if row["rc"] == 0 else None
         out[f"{k}:{job}"] = row
-        print(f"cli {job}: rc {rc} wall {wall:.1f} s", flush=True)
+        print(f"cli {job}: rc {row['rc']} wall {row['wall_s']:.1f} s", flush=True)
         bench.save()
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -71,9 +70,8 @@ def run_arm(name: str, extra: list[str], args: argparse.Namespace, work: Path, d
            "--global-batch-size", str(args.batch), "--max-steps", str(args.steps), "--log-every",
            str(args.log_every), "--ckpt-every", str(10**6), "--results-dir", str(results), "--no-progress",
            "--num-workers", str(args.workers), *[a.format(dino=dino) for a in extra]]
-    env = {**os.environ, "PYTHONPATH": str(harness.ROOT / "src")}
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=harness.child_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         return {"arm": name, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr else "failed",

@@ -162,6 +162,37 @@ def hard_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def child_env() -> dict[str, str]:
+    """This environment with the ditkit tree the benchmark imports (`_src.SRC`) first on a child's PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(_src.SRC), os.environ.get("PYTHONPATH", "")])}
+
+
+def run_command(cmd: list[str], timeout: float | None, tail_chars: int = 1500) -> dict[str, Any]:
+    """Run `cmd` in a child with `child_env()`: {"rc" (or "timeout"), "wall_s", "tail" of its output}."""
+    import subprocess
+
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-tail_chars:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stderr or "")[-tail_chars:]
+    return {"rc": rc, "wall_s": time.monotonic() - t0, "tail": tail}
+
+
+def sample_in_child(argv: list[str], events: Path, timeout: float | None, tail_chars: int = 1500) -> dict[str, Any]:
+    """`ditkit sample ARGV` timed as a user runs it, in a child (bench_sample.py --child) that also writes its
+    phases to `events`: {"cmd", "rc", "wall_s", "tail", and "events": [(phase, start s, end s)] when written}."""
+    import sys
+
+    child = [sys.executable, str(ROOT / "benchmarks" / "bench_sample.py"), "--child", str(events), "--", *argv]
+    row = {"cmd": "ditkit sample " + " ".join(argv), **run_command(child, timeout, tail_chars)}
+    row["wall_s"] = round(row["wall_s"], 2)
+    if events.exists():
+        row["events"] = [(e[0], round(e[1], 2), round(e[2], 2)) for e in json.loads(events.read_text())]
+    return row
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """`data` as indented JSON, written to a temporary file beside `path` and renamed over it."""
     path = Path(path)
