@@ -25,7 +25,15 @@ import torch
 
 from ditkit.data.captions import read_captions
 from ditkit.data.images import find_images
-from ditkit.data.store import MANIFEST, SHARD_META_KEY, SidecarShards, open_shard, read_manifest, shard_metadata
+from ditkit.data.store import (
+    MANIFEST,
+    SHARD_META_KEY,
+    SidecarShards,
+    by_shard,
+    open_shard,
+    read_manifest,
+    shard_metadata,
+)
 from ditkit.runtime.errors import UserError
 from ditkit.runtime.io import atomic_write
 
@@ -88,10 +96,7 @@ class StoredCaptions(SidecarShards):
         n, tokens, channels = idx.size, int(self.info["max_tokens"]), int(self.info["channels"])
         feats = np.empty((n, tokens, channels), dtype=np.float32)
         mask = np.empty((n, tokens), dtype=bool)
-        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
-        for k in np.unique(shard_of).tolist():
-            sel = np.nonzero(shard_of == k)[0]
-            rows = idx[sel] - self.offsets[k]
+        for k, sel, rows in by_shard(self.offsets, idx):
             arrays = self._shard(k)
             feats[sel] = arrays["caption"][rows]
             mask[sel] = arrays["caption_mask"][rows] != 0

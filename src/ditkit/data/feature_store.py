@@ -38,6 +38,7 @@ from ditkit.data.store import (
     MANIFEST,
     SHARD_META_KEY,
     SidecarShards,
+    by_shard,
     finished_shard_metadata,
     open_shard,
     read_manifest,
@@ -189,10 +190,8 @@ class StoredFeatures(SidecarShards):
         shape = (idx.size, int(self.info["tokens"]), int(self.info["channels"]))
         feats = _empty_batch(shape, torch.float16)
         out = feats.numpy()
-        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
-        for k in np.unique(shard_of).tolist():
-            sel = np.nonzero(shard_of == k)[0]
-            out[sel] = self._shard(k)["features"][idx[sel] - self.offsets[k], flips[sel]]
+        for k, sel, rows in by_shard(self.offsets, idx):
+            out[sel] = self._shard(k)["features"][rows, flips[sel]]
         return feats
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,15 @@ def finished_shard_metadata(path: Path, verb: str = "ditkit extract") -> dict[st
         print(f"{verb}: {path} is damaged ({problem}); encoding it again", file=sys.stderr)
         return None
     return shard_metadata(path)
+
+
+def by_shard(offsets: list[int], idx: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """For global item positions `idx` of shards starting at `offsets` (with the total last): (k, sel, rows)
+    per shard k holding any of them, `sel` the positions in `idx` that it holds, `rows` their rows in shard k."""
+    shard_of = np.searchsorted(offsets, idx, side="right") - 1
+    for k in np.unique(shard_of).tolist():
+        sel = np.nonzero(shard_of == k)[0]
+        yield k, sel, idx[sel] - offsets[k]
 
 
 class SidecarShards:
@@ -270,10 +280,7 @@ class LatentStore(Dataset):
                 noise[j].normal_(generator=gen)
         mean = np.empty((n, *shape), dtype=np.float32)
         std = np.empty((n, *shape), dtype=np.float32) if noise is not None else None
-        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
-        for k in np.unique(shard_of).tolist():
-            sel = np.nonzero(shard_of == k)[0]
-            rows = idx[sel] - self.offsets[k]
+        for k, sel, rows in by_shard(self.offsets, idx):
             arrays = self._shard(k)
             mean[sel] = arrays["mean"][rows, flips[sel]]
             if std is not None:
