@@ -51,7 +51,7 @@ def open_data(opts: TrainOptions, seed: int) -> TrainingData:
 
         features = check_stored_features(data.dataset.manifest, opts.repa_encoder, opts.data_path)
         dataset = AlignedLatents(dataset, StoredFeatures(path, data.dataset.manifest))
-        description += f", REPA targets stored beside the latents ({features['encoder']}, float16)"
+        description += f", REPA targets stored beside the latents ({features['encoder']}, {features['dtype']})"
     return dataclasses.replace(data, dataset=dataset, description=description, classes=data.classes or None,
                                labels=torch.as_tensor(labels) if labels is not None else None, captions=captions,
                                features=features)

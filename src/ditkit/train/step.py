@@ -113,6 +113,7 @@ class TrainStep:
                 f"({world} × {accum}); use a multiple of {world * accum}"
             )
         self.model, self.forward, self.ema, self.opt, self.loss = model, forward, ema, opt, loss
+        self.fp32_output = Float32Output(forward)  # the loss is computed in fp32 even when the network runs in bf16
         self.device, self.precision = device, precision
         self.attention_chosen = False
         self.global_batch, self.rank, self.world, self.accum = global_batch, rank, world, accum
@@ -155,7 +156,6 @@ class TrainStep:
             self.class_dropout_prob, self.device, getattr(self.loss, "time_draws", 1),
         )
 
-        fp32_output = Float32Output(self.forward)  # the loss is computed in fp32 even when the network runs in bf16
         self.opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=self.device)
         losses = []
@@ -167,7 +167,7 @@ class TrainStep:
                                             self.model.config.num_patches, self.device)
             with self._sync_context(k == self.accum - 1), _autocast(self.device, self.precision):
                 terms = self.loss.training_losses(
-                    fp32_output, x[mine], t_all[rows],
+                    self.fp32_output, x[mine], t_all[rows],
                     model_kwargs={"y": y[mine], "force_drop_ids": drop_all[rows],
                                   **({} if mask is None else {"mask": mask[mine]})},
                     noise=noise_all[rows],
