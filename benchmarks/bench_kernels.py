@@ -459,7 +459,7 @@ def section_cli(bench: Bench) -> None:
     VAE decoding and the .npz included) with DiT-XL/2 and the SD-VAE architecture, random weights."""
     import tempfile
 
-    from bench_loader import write_synthetic_store
+    from synthetic_store import make_store
 
     quick = bench.args.quick
     work = Path(tempfile.mkdtemp(prefix="ditkit_cli_"))
@@ -469,7 +469,7 @@ def section_cli(bench: Bench) -> None:
     bench.results["cli"] = out
     store = work / "store"
     store.mkdir()
-    write_synthetic_store(store, 64 if quick else 8192, 32 if quick else 1024, side=8 if quick else 32)
+    make_store(store, 64 if quick else 8192, side=8 if quick else 32, shard_size=32 if quick else 1024)
     batch, steps = (8, 4) if quick else (128, 80)
     if "train" in bench.args.cli_jobs:
         out["train"] = _train_cli(py, store, name, batch, steps, work, bench)

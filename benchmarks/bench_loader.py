@@ -18,38 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 import _src  # noqa: F401  (first: puts src/ on sys.path when run from a checkout)
-from ditkit.data.store import MANIFEST, LatentStore, shard_name
-
-
-def write_synthetic_store(root: Path, count: int, shard_size: int, channels: int = 4, side: int = 32) -> None:
-    """Random mean/std shards plus a minimal manifest: everything LatentStore reads, nothing it does not."""
-    from safetensors.torch import save_file
-
-    rng = np.random.default_rng(0)
-    shards = []
-    for k, start in enumerate(range(0, count, shard_size)):
-        n = min(shard_size, count - start)
-        mean = torch.from_numpy(rng.standard_normal((n, 2, channels, side, side), dtype=np.float32) * 5)
-        std = torch.from_numpy(rng.uniform(0.01, 0.1, (n, 2, channels, side, side)).astype(np.float32))
-        tensors = {
-            "mean": mean.half(),
-            "std": std.half(),
-            "label": torch.from_numpy(rng.integers(0, 1000, n)),
-            "index": torch.arange(start, start + n),
-        }
-        save_file(tensors, str(root / shard_name(k)))
-        shards.append({"file": shard_name(k), "count": n})
-    manifest = {
-        "format": "ditkit-latents", "version": 1, "vae": "synthetic", "scale": 0.18215, "shift": 0.0,
-        "image_size": side * 8, "latent_shape": [channels, side, side], "dtype": "float16", "count": count,
-        "num_classes": 1000, "classes": [], "shard_size": shard_size, "shards": shards,
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest))
+from ditkit.data.store import LatentStore
+from synthetic_store import make_store
 
 
 def time_loader(store: Path, workers: int, batch_size: int, passes: int) -> float:
@@ -84,7 +58,7 @@ def main() -> None:
         store = Path(args.store) if args.store else Path(tmp)
         if not args.store:
             t0 = time.perf_counter()
-            write_synthetic_store(store, args.count, args.shard_size)
+            make_store(store, args.count, shard_size=args.shard_size)
             size = sum(f.stat().st_size for f in store.iterdir()) / 2**20
             print(f"synthetic store: {args.count} latents 4x32x32 float16 (+flip, mean+std), {size:.0f} MiB, "
                   f"written in {time.perf_counter() - t0:.1f} s")
